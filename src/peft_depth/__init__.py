@@ -1,0 +1,34 @@
+"""peft-depth: depth-aware fine-tuning methods (MoLA, MoLEx, MoD, DLO) as first-class PEFT methods.
+
+``import peft_depth`` registers every method with peft, so ``get_peft_model``, ``PeftModel.from_pretrained``,
+``PeftConfig.from_pretrained`` and the ``AutoPeftModel*`` classes handle them exactly as they handle LoRA.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .core.aux import aux_losses, routing_stats
+from .tuners.mola import MoLAConfig, MoLAModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MoLAConfig",
+    "MoLAModel",
+    "aux_losses",
+    "routing_stats",
+    "__version__",
+]
+
+# The trainer pulls in TRL; load it only when asked for, so `import peft_depth` stays light.
+_LAZY = {"DepthSFTConfig": "trainer", "DepthSFTTrainer": "trainer"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,133 @@
+"""Config fields and validation shared by the peft-depth methods.
+
+Every validation error names the field and the allowed values, and is raised from ``__post_init__`` so that bad
+input fails before any model is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from peft.config import PeftConfig
+
+__all__ = [
+    "CONFIG_FORMAT_VERSION",
+    "DepthPeftConfig",
+    "LoraFieldsConfig",
+    "check_choice",
+    "check_positive_int",
+    "check_non_negative_number",
+    "check_probability",
+]
+
+#: Version of the adapter_config.json layout written by this release; bumped when a field changes meaning.
+CONFIG_FORMAT_VERSION = 1
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def check_non_negative_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+
+
+def check_probability(name: str, value: Any, *, allow_zero: bool = True, allow_one: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (0 <= value if allow_zero else 0 < value) and (value <= 1 if allow_one else value < 1)
+    if not ok:
+        low = "[0" if allow_zero else "(0"
+        high = "1]" if allow_one else "1)"
+        raise ValueError(f"`{name}` must be a number in {low}, {high}, got {value!r}.")
+
+
+def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}.")
+
+
+@dataclass
+class DepthPeftConfig(PeftConfig):
+    """Fields every peft-depth config has, including the ones TRL's SFTTrainer writes into a PEFT config."""
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Names (suffix match) or a regex (full match) of the modules to adapt. `None` uses the method's "
+            "default for the architecture; 'all-linear' targets every linear layer except the output head."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Names or a regex of modules not to adapt, as in LoRA."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Extra modules to train fully and save with the adapter (e.g. a new classification head). "
+            "SFTTrainer sets this when it adds chat-template tokens."
+        },
+    )
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None,
+        metadata={
+            "help": "Token indices whose embeddings train (peft's TrainableTokens). SFTTrainer sets this when a chat "
+            "template adds tokens."
+        },
+    )
+    peft_depth_version: int = field(
+        default=CONFIG_FORMAT_VERSION,
+        metadata={"help": "Layout version of this config as written by peft-depth; filled in automatically."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if not isinstance(self.peft_depth_version, int) or not 1 <= self.peft_depth_version <= CONFIG_FORMAT_VERSION:
+            raise ValueError(
+                f"`peft_depth_version` must be an integer in [1, {CONFIG_FORMAT_VERSION}] (this release reads those "
+                f"config layouts); got {self.peft_depth_version!r}. Upgrade peft-depth to load newer adapters."
+            )
+
+
+@dataclass
+class LoraFieldsConfig(DepthPeftConfig):
+    """LoRA's familiar fields, for methods that carry low-rank adapters."""
+
+    r: int = field(default=8, metadata={"help": "Rank of each low-rank adapter (each expert, for MoLA)."})
+    lora_alpha: float = field(default=16, metadata={"help": "Scaling numerator: the update is scaled by lora_alpha / r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter input, in [0, 1)."})
+    bias: str = field(default="none", metadata={"help": "Which biases train: 'none', 'all' or '<method>_only'."})
+    init_lora_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: B starts at zero so a fresh adapter equals the base model. False: B starts random "
+            "(for tests that need a non-trivial adapter)."
+        },
+    )
+    fan_in_fan_out: bool = field(
+        default=False,
+        metadata={"help": "Set automatically for GPT-2 style Conv1D layers, which store weights as (in, out)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_lora_fields(allow_zero_rank=False)
+
+    def _check_lora_fields(self, *, allow_zero_rank: bool) -> None:
+        if allow_zero_rank and self.r == 0:
+            pass
+        else:
+            check_positive_int("r", self.r)
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
+            raise ValueError(f"`lora_alpha` must be a number, got {self.lora_alpha!r}.")
+        check_probability("lora_dropout", self.lora_dropout, allow_one=False)
+        if not isinstance(self.init_lora_weights, bool):
+            raise ValueError(f"`init_lora_weights` must be True or False, got {self.init_lora_weights!r}.")

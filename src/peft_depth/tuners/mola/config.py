@@ -1,0 +1,141 @@
+"""Configuration of MoLA: MoE-LoRA with layer-wise expert allocation ("Higher Layers Need More LoRA Experts")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from ...core.config import LoraFieldsConfig, check_choice, check_non_negative_number, check_positive_int
+from ...core.peft_registration import add_peft_type
+
+__all__ = ["MoLAConfig", "expand_expert_pattern"]
+
+MOLA = add_peft_type("MOLA")
+DEFAULT_NUM_EXPERTS = 8
+
+
+def expand_expert_pattern(pattern: list[int], num_layers: int) -> list[int]:
+    """Spread a per-group pattern over ``num_layers`` contiguous layers, earlier groups one layer larger if needed.
+
+    ``[2, 4, 6, 8]`` over 30 layers gives groups of 8, 8, 7 and 7 layers.
+    """
+    if len(pattern) > num_layers:
+        raise ValueError(
+            f"`expert_pattern` has {len(pattern)} groups but the model has only {num_layers} layers; use at most "
+            f"{num_layers} groups."
+        )
+    base, extra = divmod(num_layers, len(pattern))
+    allocation: list[int] = []
+    for group, experts in enumerate(pattern):
+        allocation.extend([experts] * (base + (1 if group < extra else 0)))
+    return allocation
+
+
+@dataclass
+class MoLAConfig(LoraFieldsConfig):
+    """Configuration for MoLA.
+
+    Each targeted linear layer gets ``E_l`` LoRA experts of rank ``r`` and its own router ``Linear(in, E_l)`` over the
+    per-token input; the top-``k_l`` experts (softmax in fp32, renormalised) are mixed and added to the frozen output.
+    ``E_l`` and ``k_l`` may differ per layer of the block stack: give ``num_experts`` / ``top_k`` as one int, as a list
+    with one entry per layer, or give ``expert_pattern`` (e.g. ``[2, 4, 6, 8]``, the paper's best allocation) to
+    split the stack into equal contiguous groups.
+    """
+
+    num_experts: Optional[Union[int, list[int]]] = field(
+        default=None,
+        metadata={
+            "help": "LoRA experts per target linear: one int for every layer, or a list with one entry per layer of "
+            f"the block stack. Default {DEFAULT_NUM_EXPERTS} when `expert_pattern` is not set either."
+        },
+    )
+    top_k: Union[int, list[int]] = field(
+        default=2, metadata={"help": "Experts mixed per token: one int, or a list with one entry per layer."}
+    )
+    expert_pattern: Optional[list[int]] = field(
+        default=None,
+        metadata={
+            "help": "Experts per contiguous group of layers, e.g. [2, 4, 6, 8] (the paper's ▽), [8, 6, 4, 2] (△), "
+            "[8, 2, 2, 8] (▷◁), [5, 5, 5, 5] (□). Earlier groups get one layer more when the depth does not divide. "
+            "Mutually exclusive with `num_experts`."
+        },
+    )
+    balance_loss_coef: float = field(
+        default=0.001,
+        metadata={
+            "help": "Weight of the Switch-style load-balancing loss E_l·Σ f·P, per layer over all its target modules "
+            "and summed over layers (the paper's 0.001). 0 turns it off. Read through `peft_depth.aux_losses`."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = MOLA
+        check_choice("bias", self.bias, ("none", "all", "mola_only"))
+        check_non_negative_number("balance_loss_coef", self.balance_loss_coef)
+        if self.expert_pattern is not None:
+            if self.num_experts is not None:
+                raise ValueError("Set either `num_experts` or `expert_pattern`, not both.")
+            if not isinstance(self.expert_pattern, (list, tuple)) or not self.expert_pattern:
+                raise ValueError(f"`expert_pattern` must be a non-empty list of positive ints, got {self.expert_pattern!r}.")
+            self.expert_pattern = list(self.expert_pattern)
+            for i, experts in enumerate(self.expert_pattern):
+                check_positive_int(f"expert_pattern[{i}]", experts)
+        for name in ("num_experts", "top_k"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, (list, tuple)):
+                if not value:
+                    raise ValueError(f"`{name}` must be a positive int or a non-empty list of positive ints, got [].")
+                setattr(self, name, list(value))
+                for i, entry in enumerate(value):
+                    check_positive_int(f"{name}[{i}]", entry)
+            else:
+                check_positive_int(name, value)
+        if isinstance(self.num_experts, int) and isinstance(self.top_k, int) and self.top_k > self.num_experts:
+            raise ValueError(f"`top_k` ({self.top_k}) must be <= `num_experts` ({self.num_experts}).")
+        if self.expert_pattern is not None and isinstance(self.top_k, int):
+            smallest = min(self.expert_pattern)
+            if self.top_k > smallest:
+                raise ValueError(
+                    f"`top_k` ({self.top_k}) must be <= the smallest entry of `expert_pattern` ({smallest})."
+                )
+
+    @property
+    def is_per_layer(self) -> bool:
+        """Whether the allocation differs by layer (and so needs targets inside the block stack)."""
+        return (
+            self.expert_pattern is not None or isinstance(self.num_experts, list) or isinstance(self.top_k, list)
+        )
+
+    def allocation(self, num_layers: Optional[int]) -> tuple[list[int], list[int]] | tuple[int, int]:
+        """Resolve ``(experts, top_k)``: per-layer lists for a stack of ``num_layers``, or two ints.
+
+        Raises ValueError when a list does not have one entry per layer, or top_k exceeds a layer's experts.
+        """
+        experts = DEFAULT_NUM_EXPERTS if self.num_experts is None and self.expert_pattern is None else self.num_experts
+        if not self.is_per_layer:
+            return experts, self.top_k
+        if num_layers is None:
+            raise ValueError(
+                "A per-layer allocation (`num_experts`/`top_k` lists or `expert_pattern`) needs a model with a block "
+                "stack; this model has none, so give `num_experts` and `top_k` as ints."
+            )
+        if self.expert_pattern is not None:
+            experts = expand_expert_pattern(self.expert_pattern, num_layers)
+        per_layer = {}
+        for name, value in (("num_experts", experts), ("top_k", self.top_k)):
+            if isinstance(value, list):
+                if len(value) != num_layers:
+                    raise ValueError(
+                        f"`{name}` has {len(value)} entries but the model has {num_layers} layers: give exactly one "
+                        "entry per layer, or one int."
+                    )
+                per_layer[name] = value
+            else:
+                per_layer[name] = [value] * num_layers
+        for layer, (e, k) in enumerate(zip(per_layer["num_experts"], per_layer["top_k"])):
+            if k > e:
+                raise ValueError(f"`top_k` ({k}) must be <= `num_experts` ({e}) at layer {layer}.")
+        return per_layer["num_experts"], per_layer["top_k"]

@@ -1,0 +1,133 @@
+"""MoLA tuner: injects routed LoRA experts and turns their routing records into the balance loss and statistics."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...core.aux import AuxLossTerm
+from ...core.routing import RoutingStatistics, switch_balance_loss, usage_entropy
+from ...core.targets import ALL_PROJECTIONS_TARGET_MODULES_MAPPING
+from ...core.tuner import DepthTuner
+from .config import MoLAConfig
+from .layer import MoLALayer, MoLALinear
+
+__all__ = ["MoLAModel"]
+
+
+class MoLAModel(DepthTuner):
+    """Creates a MoLA model from a pretrained transformers model (https://arxiv.org/abs/2402.08562).
+
+    Use through ``peft.get_peft_model(model, MoLAConfig(...))`` after ``import peft_depth``.
+    """
+
+    prefix: str = "mola_"
+    tuner_layer_cls = MoLALayer
+    target_module_mapping = ALL_PROJECTIONS_TARGET_MODULES_MAPPING
+    merge_refusal_reason = (
+        "the experts applied to each token are chosen by a router from that token's input, so the adapter is not a "
+        "fixed weight delta. Keep it unmerged (inference runs the same routing as training)."
+    )
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        config: MoLAConfig = self.peft_config[adapter_name]
+        stack = self.layer_stack
+        # Validate the allocation against the real depth before any module is created.
+        config.allocation(stack.num_layers if stack is not None else None)
+        super().inject_adapter(model, adapter_name, **kwargs)
+
+    def _create_and_replace(
+        self,
+        config: MoLAConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        stack = self.layer_stack
+        layer_index = stack.layer_index(current_key) if stack is not None else None
+        allocation = config.allocation(stack.num_layers if stack is not None else None)
+        if config.is_per_layer:
+            if layer_index is None:
+                raise ValueError(
+                    f"Target `{current_key}` lies outside the block stack `{stack.path}`, but `num_experts`/`top_k`/"
+                    "`expert_pattern` allocate experts per layer. Exclude it from `target_modules` or give "
+                    "`num_experts` and `top_k` as ints."
+                )
+            num_experts, top_k = allocation[0][layer_index], allocation[1][layer_index]
+        else:
+            num_experts, top_k = allocation
+        update_kwargs = dict(
+            r=config.r,
+            num_experts=num_experts,
+            top_k=top_k,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            init_lora_weights=config.init_lora_weights,
+            inference_mode=config.inference_mode,
+        )
+        if isinstance(target, MoLALayer):
+            target.update_layer(adapter_name, **update_kwargs)
+            return
+        new_module = MoLALinear(
+            target,
+            adapter_name,
+            layer_index=layer_index,
+            token_mask_fn=self.token_mask.flat_mask,
+            **update_kwargs,
+        )
+        if adapter_name not in self.active_adapters:
+            # an additional adapter is not trainable until it is activated
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    # ------------------------------------------------------------------ routing records -> losses and statistics
+
+    def _routing_by_layer(self) -> dict[str, dict[Any, RoutingStatistics]]:
+        """Last-forward routing statistics per adapter, combined over the target modules of each block."""
+        grouped: dict[str, dict[Any, RoutingStatistics]] = defaultdict(dict)
+        for name, module in self.model.named_modules():
+            if not isinstance(module, MoLALayer):
+                continue
+            group = module.mola_layer_index if module.mola_layer_index is not None else name
+            for adapter_name, stats in module.last_routing().items():
+                previous = grouped[adapter_name].get(group)
+                grouped[adapter_name][group] = stats if previous is None else previous + stats
+        return grouped
+
+    def depth_aux_terms(self) -> dict[str, AuxLossTerm]:
+        terms: dict[str, AuxLossTerm] = {}
+        by_adapter = self._routing_by_layer()
+        for adapter_name, layers in by_adapter.items():
+            if not layers:
+                continue
+            loss = torch.stack([switch_balance_loss(stats) for stats in layers.values()]).sum()
+            key = "routing" if len(by_adapter) == 1 else f"routing.{adapter_name}"
+            terms[key] = AuxLossTerm(loss, float(self.peft_config[adapter_name].balance_loss_coef))
+        return terms
+
+    def depth_routing_stats(self) -> dict[str, Any]:
+        report: dict[str, Any] = {}
+        for adapter_name, layers in self._routing_by_layer().items():
+            rows = []
+            for group, stats in layers.items():
+                fraction = stats.expert_fraction.detach().float()
+                rows.append(
+                    {
+                        "layer": group,
+                        "num_experts": int(fraction.numel()),
+                        "top_k": stats.top_k,
+                        "num_tokens": int(stats.num_tokens.item()),
+                        "expert_fraction": fraction.tolist(),
+                        "mean_prob": stats.mean_probs.detach().float().tolist(),
+                        "usage_entropy": float(usage_entropy(fraction)),
+                        "balance_loss": float(switch_balance_loss(stats).detach()),
+                    }
+                )
+            report[adapter_name] = rows
+        return {"mola": report} if report else {}
