@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 from peft.config import PeftConfig
 
@@ -55,24 +55,24 @@ def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
 class DepthPeftConfig(PeftConfig):
     """Fields every peft-depth config has, including the ones TRL's SFTTrainer writes into a PEFT config."""
 
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": "Names (suffix match) or a regex (full match) of the modules to adapt. `None` uses the method's "
             "default for the architecture; 'all-linear' targets every linear layer except the output head."
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Names or a regex of modules not to adapt, as in LoRA."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None,
         metadata={
             "help": "Extra modules to train fully and save with the adapter (e.g. a new classification head). "
             "SFTTrainer sets this when it adds chat-template tokens."
         },
     )
-    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
         default=None,
         metadata={
             "help": "Token indices whose embeddings train (peft's TrainableTokens). SFTTrainer sets this when a chat "
@@ -102,7 +102,9 @@ class LoraFieldsConfig(DepthPeftConfig):
     """LoRA's familiar fields, for methods that carry low-rank adapters."""
 
     r: int = field(default=8, metadata={"help": "Rank of each low-rank adapter (each expert, for MoLA)."})
-    lora_alpha: float = field(default=16, metadata={"help": "Scaling numerator: the update is scaled by lora_alpha / r."})
+    lora_alpha: float = field(
+        default=16, metadata={"help": "Scaling numerator: the update is scaled by lora_alpha / r."}
+    )
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter input, in [0, 1)."})
     bias: str = field(default="none", metadata={"help": "Which biases train: 'none', 'all' or '<method>_only'."})
     init_lora_weights: bool = field(

@@ -62,7 +62,5 @@ def low_rank_delta(
     hidden = F.linear(dropout(x), lora_A)
     if gates is not None:
         num_experts = gates.shape[-1]
-        hidden = (hidden.view(x.shape[0], num_experts, -1) * gates.to(hidden.dtype).unsqueeze(-1)).view(
-            x.shape[0], -1
-        )
+        hidden = (hidden.view(x.shape[0], num_experts, -1) * gates.to(hidden.dtype).unsqueeze(-1)).view(x.shape[0], -1)
     return F.linear(hidden, lora_B) * scaling

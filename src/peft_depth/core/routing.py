@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "RoutingDecision",
@@ -124,4 +123,3 @@ def usage_entropy(fractions: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of an expert-usage distribution; log(E) is perfectly balanced, 0 is collapsed."""
     p = fractions / fractions.sum().clamp(min=1e-12)
     return -(p * torch.log(p.clamp(min=1e-12))).sum()
-

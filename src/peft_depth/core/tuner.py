@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
 
 from .aux import DepthAuxSource
+from .context import RoutingContext
 from .layer_stack import LayerStack, find_layer_stack
-from .token_mask import TokenMaskTracker
 
 __all__ = ["DepthTuner"]
 
@@ -16,20 +20,115 @@ __all__ = ["DepthTuner"]
 class DepthTuner(BaseTuner, DepthAuxSource):
     """Base class of the peft-depth tuners.
 
-    Gives each tuner the model's block stack, a tracker of the current padding mask, and a clear refusal to merge
-    when the adapted function depends on the input (set ``merge_refusal_reason`` to allow nothing to merge).
+    Adds to ``BaseTuner``:
+
+    - ``layer_stack``: the model's block stack, found once;
+    - ``routing_context``: the padding mask of the current forward and cross-process syncing, shared with layers;
+    - tuner-level modules: block-level methods keep gates, routers and norms on the tuner as ``nn.ModuleDict``s keyed
+      by adapter name, listed in ``tuner_module_names``. peft's machinery only sees per-layer adapter weights, so this
+      class keeps those modules' trainability in step with ``set_adapter``, ``disable_adapter``, ``delete_adapter``
+      and dtype autocasting, and strips the adapter name from their state-dict keys (``<name>.<adapter>.x`` becomes
+      ``<name>.x``) symmetrically on save and load;
+    - a clear refusal to merge when the adapted function depends on the input (``merge_refusal_reason``).
     """
 
     #: Why this method cannot be merged into the base weights; ``None`` means merging is allowed.
     merge_refusal_reason: str | None = None
+    #: Names of tuner-level ``nn.ModuleDict`` attributes keyed by adapter name (each must start with ``prefix``).
+    tuner_module_names: tuple[str, ...] = ()
 
     @cached_property
     def layer_stack(self) -> LayerStack | None:
         return find_layer_stack(self.model)
 
     @cached_property
-    def token_mask(self) -> TokenMaskTracker:
-        return TokenMaskTracker(self.model)
+    def routing_context(self) -> RoutingContext:
+        """Padding mask of the current forward and cross-process syncing, shared with every adapter layer."""
+        return RoutingContext(self.model)
+
+    @property
+    def depth_adapters_enabled(self) -> bool:
+        """False inside ``disable_adapter()``: block-level methods must then compute the base model exactly."""
+        return not self.__dict__.get("_depth_adapters_disabled", False)
+
+    # ------------------------------------------------------------------ tuner-level modules
+
+    def tuner_modules(self) -> Iterator[tuple[str, nn.ModuleDict]]:
+        for name in self.tuner_module_names:
+            container = getattr(self, name, None)
+            if isinstance(container, nn.ModuleDict):
+                yield name, container
+
+    def ensure_tuner_module_dict(self, name: str) -> nn.ModuleDict:
+        """Return the tuner-level ``ModuleDict`` called ``name``, creating it on first use."""
+        if name not in self.tuner_module_names:
+            raise KeyError(f"{name!r} is not listed in {type(self).__name__}.tuner_module_names")
+        if name not in self._modules:
+            self.add_module(name, nn.ModuleDict())
+        return self._modules[name]
+
+    def _sync_tuner_module_trainability(self) -> None:
+        active = set(self.active_adapters)
+        for _, container in self.tuner_modules():
+            for adapter_name, module in container.items():
+                config = self.peft_config.get(adapter_name)
+                trainable = (
+                    adapter_name in active
+                    and self.depth_adapters_enabled
+                    and not (config is not None and config.inference_mode)
+                )
+                module.requires_grad_(trainable)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        self._sync_tuner_module_trainability()
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        self._sync_tuner_module_trainability()
+        if inference_mode:
+            for _, container in self.tuner_modules():
+                container.requires_grad_(False)
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        self.__dict__["_depth_adapters_disabled"] = not enabled
+        self._sync_tuner_module_trainability()
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for _, container in self.tuner_modules():
+            for name in names & set(container.keys()):
+                container[name].requires_grad_(requires_grad)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for _, container in self.tuner_modules():
+            if adapter_name in container:
+                del container[adapter_name]
+        self._sync_tuner_module_trainability()
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        if not autocast_adapter_dtype:
+            return
+        # as peft does for layer adapters: keep half-precision adapter weights in float32 for stable training
+        for _, container in self.tuner_modules():
+            if adapter_name in container:
+                for param in container[adapter_name].parameters():
+                    if param.dtype in (torch.float16, torch.bfloat16):
+                        param.data = param.data.float()
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        for name in cls.tuner_module_names:
+            pattern = rf"(^|\.){re.escape(name)}\.{re.escape(adapter_name)}(\.|$)"
+            if re.search(pattern, key):
+                return re.sub(pattern, lambda m: f"{m.group(1)}{name}{m.group(2)}", key, count=1).rstrip(".")
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    # ------------------------------------------------------------------ merging
 
     def _check_merge_allowed(self) -> None:
         if self.merge_refusal_reason is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from ...core.config import LoraFieldsConfig, check_choice, check_non_negative_number, check_positive_int
 from ...core.peft_registration import add_peft_type
@@ -42,17 +41,17 @@ class MoLAConfig(LoraFieldsConfig):
     split the stack into equal contiguous groups.
     """
 
-    num_experts: Optional[Union[int, list[int]]] = field(
+    num_experts: int | list[int] | None = field(
         default=None,
         metadata={
             "help": "LoRA experts per target linear: one int for every layer, or a list with one entry per layer of "
             f"the block stack. Default {DEFAULT_NUM_EXPERTS} when `expert_pattern` is not set either."
         },
     )
-    top_k: Union[int, list[int]] = field(
+    top_k: int | list[int] = field(
         default=2, metadata={"help": "Experts mixed per token: one int, or a list with one entry per layer."}
     )
-    expert_pattern: Optional[list[int]] = field(
+    expert_pattern: list[int] | None = field(
         default=None,
         metadata={
             "help": "Experts per contiguous group of layers, e.g. [2, 4, 6, 8] (the paper's ▽), [8, 6, 4, 2] (△), "
@@ -77,7 +76,9 @@ class MoLAConfig(LoraFieldsConfig):
             if self.num_experts is not None:
                 raise ValueError("Set either `num_experts` or `expert_pattern`, not both.")
             if not isinstance(self.expert_pattern, (list, tuple)) or not self.expert_pattern:
-                raise ValueError(f"`expert_pattern` must be a non-empty list of positive ints, got {self.expert_pattern!r}.")
+                raise ValueError(
+                    f"`expert_pattern` must be a non-empty list of positive ints, got {self.expert_pattern!r}."
+                )
             self.expert_pattern = list(self.expert_pattern)
             for i, experts in enumerate(self.expert_pattern):
                 check_positive_int(f"expert_pattern[{i}]", experts)
@@ -105,11 +106,9 @@ class MoLAConfig(LoraFieldsConfig):
     @property
     def is_per_layer(self) -> bool:
         """Whether the allocation differs by layer (and so needs targets inside the block stack)."""
-        return (
-            self.expert_pattern is not None or isinstance(self.num_experts, list) or isinstance(self.top_k, list)
-        )
+        return self.expert_pattern is not None or isinstance(self.num_experts, list) or isinstance(self.top_k, list)
 
-    def allocation(self, num_layers: Optional[int]) -> tuple[list[int], list[int]] | tuple[int, int]:
+    def allocation(self, num_layers: int | None) -> tuple[list[int], list[int]] | tuple[int, int]:
         """Resolve ``(experts, top_k)``: per-layer lists for a stack of ``num_layers``, or two ints.
 
         Raises ValueError when a list does not have one entry per layer, or top_k exceeds a layer's experts.

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peft.tuners.tuners_utils import BaseTunerLayer
-
+from ...core.context import RoutingContext
 from ...core.low_rank import init_low_rank, linear_features, low_rank_delta
 from ...core.routing import RoutingStatistics, masked_routing_statistics, route_top_k
 
 __all__ = ["MoLALayer", "MoLALinear"]
-
-TokenMaskFn = Callable[[torch.Size], Optional[torch.Tensor]]
 
 
 class MoLALayer(BaseTunerLayer):
@@ -25,7 +22,7 @@ class MoLALayer(BaseTunerLayer):
     adapter_layer_names = ("mola_A", "mola_B", "mola_router")
     other_param_names = ("mola_r", "mola_num_experts", "mola_top_k", "mola_scaling", "mola_dropout")
 
-    def __init__(self, base_layer: nn.Module, layer_index: Optional[int], token_mask_fn: TokenMaskFn) -> None:
+    def __init__(self, base_layer: nn.Module, layer_index: int | None, context: RoutingContext) -> None:
         self.base_layer = base_layer
         self.in_features, self.out_features = linear_features(base_layer)
         #: index of the block this linear sits in (None outside the block stack); groups the balance loss
@@ -40,7 +37,7 @@ class MoLALayer(BaseTunerLayer):
         self.mola_scaling: dict[str, float] = {}
         self._disable_adapters = False
         self.merged_adapters = []
-        self._token_mask_fn = token_mask_fn
+        self._routing_context = context
         # Routing statistics of the last forward per adapter; overwritten each call (gradient checkpointing re-runs
         # this layer during backward, and must not double count).
         self._mola_last_routing: dict[str, RoutingStatistics] = {}
@@ -85,17 +82,17 @@ class MoLALinear(nn.Module, MoLALayer):
         base_layer: nn.Module,
         adapter_name: str,
         *,
-        layer_index: Optional[int],
-        token_mask_fn: TokenMaskFn,
+        layer_index: int | None,
+        context: RoutingContext,
         **update_kwargs: Any,
     ) -> None:
         super().__init__()
-        MoLALayer.__init__(self, base_layer, layer_index, token_mask_fn)
+        MoLALayer.__init__(self, base_layer, layer_index, context)
         self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, **update_kwargs)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(
             "MoLA adapters cannot be merged into the base weights: which experts apply depends on each token's input "
             "(the router), so there is no single weight delta. Keep the adapter unmerged for inference."
@@ -110,7 +107,7 @@ class MoLALinear(nn.Module, MoLALayer):
         self._mola_last_routing = {}
         if self.disable_adapters:
             return result
-        token_mask: Optional[torch.Tensor] = None
+        token_mask: torch.Tensor | None = None
         mask_known = False
         for adapter_name in self.active_adapters:
             if adapter_name not in self.mola_A:
@@ -128,7 +125,7 @@ class MoLALinear(nn.Module, MoLALayer):
             )
             result = result + delta.view(result.shape).to(result.dtype)
             if not mask_known:
-                token_mask, mask_known = self._token_mask_fn(x.shape), True
+                token_mask, mask_known = self._routing_context.flat_mask(x.shape), True
             self._mola_last_routing[adapter_name] = masked_routing_statistics(decision, token_mask)
         return result
 

@@ -78,7 +78,7 @@ class MoLAModel(DepthTuner):
             target,
             adapter_name,
             layer_index=layer_index,
-            token_mask_fn=self.token_mask.flat_mask,
+            context=self.routing_context,
             **update_kwargs,
         )
         if adapter_name not in self.active_adapters:
