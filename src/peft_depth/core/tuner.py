@@ -125,7 +125,7 @@ class DepthTuner(BaseTuner, DepthAuxSource):
         for name in cls.tuner_module_names:
             pattern = rf"(^|\.){re.escape(name)}\.{re.escape(adapter_name)}(\.|$)"
             if re.search(pattern, key):
-                return re.sub(pattern, lambda m: f"{m.group(1)}{name}{m.group(2)}", key, count=1).rstrip(".")
+                return re.sub(pattern, rf"\g<1>{name}\g<2>", key, count=1).rstrip(".")
         return super()._remove_adapter_name_from_key(key, adapter_name)
 
     # ------------------------------------------------------------------ merging
