@@ -130,7 +130,7 @@ def multiple_choice_accuracy(model, tokenizer, examples: list[ChoiceExample], ba
             attention_mask[row, : len(ids)] = 1
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
         log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
-        for row, (i, ids, prompt_len, choices) in enumerate(chunk):
+        for row, (i, _ids, prompt_len, choices) in enumerate(chunk):
             for j, choice_ids in choices:
                 positions = torch.arange(prompt_len - 1, prompt_len - 1 + len(choice_ids))
                 scores[i, j] = log_probs[row, positions, torch.tensor(choice_ids)].sum()
