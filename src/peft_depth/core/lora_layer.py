@@ -46,6 +46,7 @@ class DepthLoraLayer(BaseTunerLayer):
         self.lora_r[adapter_name] = r
         self.lora_scaling[adapter_name] = lora_alpha / r
         self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_dropout[adapter_name].train(self.training)
         lora_A = torch.empty(r, self.in_features)
         lora_B = torch.empty(self.out_features, r)
         init_low_rank(lora_A, lora_B, r, zero_B=init_lora_weights)

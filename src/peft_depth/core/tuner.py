@@ -128,6 +128,12 @@ class DepthTuner(BaseTuner, DepthAuxSource):
                 return re.sub(pattern, rf"\g<1>{name}\g<2>", key, count=1).rstrip(".")
         return super()._remove_adapter_name_from_key(key, adapter_name)
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        super()._replace_module(parent, child_name, new_module, child)
+        # New adapter modules are born in training mode; a model wrapped while in eval() must stay in eval (else
+        # adapter dropout silently runs at inference).
+        new_module.train(child.training)
+
     # ------------------------------------------------------------------ merging
 
     def _check_merge_allowed(self) -> None:

@@ -59,6 +59,7 @@ class MoLALayer(BaseTunerLayer):
         self.mola_top_k[adapter_name] = top_k
         self.mola_scaling[adapter_name] = lora_alpha / r
         self.mola_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.mola_dropout[adapter_name].train(self.training)
         lora_A = torch.empty(num_experts * r, self.in_features)
         lora_B = torch.empty(self.out_features, num_experts * r)
         init_low_rank(lora_A, lora_B, r, zero_B=init_lora_weights)

@@ -88,16 +88,22 @@ class MoLAModel(DepthTuner):
 
     # ------------------------------------------------------------------ routing records -> losses and statistics
 
-    def _routing_by_layer(self) -> dict[str, dict[Any, RoutingStatistics]]:
-        """Last-forward routing statistics per adapter, combined over the target modules of each block."""
-        grouped: dict[str, dict[Any, RoutingStatistics]] = defaultdict(dict)
+    def _routing_by_layer(self) -> dict[str, dict[Any, tuple[RoutingStatistics, int]]]:
+        """Last-forward routing statistics per adapter and block, combined over the block's target modules.
+
+        Adding the statistics of a block's routers is the official concatenation of their tokens. Each value is
+        ``(statistics, number of routers combined)``.
+        """
+        grouped: dict[str, dict[Any, tuple[RoutingStatistics, int]]] = defaultdict(dict)
         for name, module in self.model.named_modules():
             if not isinstance(module, MoLALayer):
                 continue
             group = module.mola_layer_index if module.mola_layer_index is not None else name
             for adapter_name, stats in module.last_routing().items():
                 previous = grouped[adapter_name].get(group)
-                grouped[adapter_name][group] = stats if previous is None else previous + stats
+                grouped[adapter_name][group] = (
+                    (stats, 1) if previous is None else (previous[0] + stats, previous[1] + 1)
+                )
         return grouped
 
     def depth_aux_terms(self) -> dict[str, AuxLossTerm]:
@@ -106,7 +112,7 @@ class MoLAModel(DepthTuner):
         for adapter_name, layers in by_adapter.items():
             if not layers:
                 continue
-            loss = torch.stack([switch_balance_loss(stats) for stats in layers.values()]).sum()
+            loss = torch.stack([switch_balance_loss(stats) for stats, _ in layers.values()]).sum()
             key = "routing" if len(by_adapter) == 1 else f"routing.{adapter_name}"
             terms[key] = AuxLossTerm(loss, float(self.peft_config[adapter_name].balance_loss_coef))
         return terms
@@ -115,14 +121,14 @@ class MoLAModel(DepthTuner):
         report: dict[str, Any] = {}
         for adapter_name, layers in self._routing_by_layer().items():
             rows = []
-            for group, stats in layers.items():
+            for group, (stats, num_routers) in layers.items():
                 fraction = stats.expert_fraction.detach().float()
                 rows.append(
                     {
                         "layer": group,
                         "num_experts": int(fraction.numel()),
                         "top_k": stats.top_k,
-                        "num_tokens": int(stats.num_tokens.item()),
+                        "num_tokens": int(stats.num_tokens.item()) // num_routers,
                         "expert_fraction": fraction.tolist(),
                         "mean_prob": stats.mean_probs.detach().float().tolist(),
                         "usage_entropy": float(usage_entropy(fraction)),
