@@ -105,9 +105,12 @@ class MoLALinear(nn.Module, MoLALayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        self._mola_last_routing = {}
         if self.disable_adapters:
+            self._mola_last_routing = {}
             return result
+        # Build the records aside and publish them at the end: torch's non-reentrant checkpointing may stop a
+        # recomputation part-way through this forward once it has what backward needs.
+        records: dict[str, RoutingStatistics] = {}
         token_mask: torch.Tensor | None = None
         mask_known = False
         for adapter_name in self.active_adapters:
@@ -127,7 +130,8 @@ class MoLALinear(nn.Module, MoLALayer):
             result = result + delta.view(result.shape).to(result.dtype)
             if not mask_known:
                 token_mask, mask_known = self._routing_context.flat_mask(x.shape), True
-            self._mola_last_routing[adapter_name] = masked_routing_statistics(decision, token_mask)
+            records[adapter_name] = masked_routing_statistics(decision, token_mask)
+        self._mola_last_routing = records
         return result
 
     def __repr__(self) -> str:
