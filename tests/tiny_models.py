@@ -55,7 +55,16 @@ def tiny_qwen3(num_layers: int = 4, seed: int = 0, **overrides) -> Qwen3ForCausa
 
 def tiny_gpt2(num_layers: int = 4, seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=num_layers, n_head=4, n_positions=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=num_layers,
+        n_head=4,
+        n_positions=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return GPT2LMHeadModel(config).eval()
 
 
