@@ -10,12 +10,15 @@ from typing import Any
 
 from .core.aux import aux_losses, routing_stats
 from .tuners.mola import MoLAConfig, MoLAModel
+from .tuners.molex import MoLExConfig, MoLExModel
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MoLAConfig",
     "MoLAModel",
+    "MoLExConfig",
+    "MoLExModel",
     "aux_losses",
     "routing_stats",
     "__version__",

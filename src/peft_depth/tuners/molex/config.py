@@ -1,0 +1,185 @@
+"""Configuration of MoLEx: mixture of layer experts ("MoLEx: Mixture of Layer Experts for Finetuning with Sparse
+Upcycling", Teo & Nguyen, ICLR 2025, arXiv 2503.11144)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ...core.config import (
+    LoraFieldsConfig,
+    check_choice,
+    check_non_negative_number,
+    check_positive_int,
+    check_probability,
+)
+from ...core.peft_registration import add_peft_type
+
+__all__ = ["MoLExConfig", "ROUTING_MODES", "GATE_TYPES"]
+
+MOLEX = add_peft_type("MOLEX")
+
+ROUTING_MODES = ("batch_vote", "sequence", "token")
+GATE_TYPES = ("linear", "cosine")
+#: The paper's fixed mixing weights: 0.5 on GLUE (encoders), 0.95 for GPT-2 on E2E (a pretrained decoder mixed at
+#: 0.5 in every layer starts far from the base model).
+DEFAULT_ALPHA_ENCODER = 0.5
+DEFAULT_ALPHA_DECODER = 0.95
+
+
+def _check_layer_list(name: str, value) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"`{name}` must be None or a non-empty list of layer indices, got {value!r}.")
+    for i, index in enumerate(value):
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ValueError(f"`{name}[{i}]` must be a layer index >= 0, got {index!r}.")
+    if len(set(value)) != len(value):
+        raise ValueError(f"`{name}` lists a layer twice: {list(value)!r}.")
+    return sorted(value)
+
+
+@dataclass
+class MoLExConfig(LoraFieldsConfig):
+    """Configuration for MoLEx.
+
+    LoRA (rank ``r``) is put on ``target_modules`` of every block, as plain LoRA. On top, each MoLEx layer i (the
+    blocks in ``molex_layers``) gets a gate that reads the block's per-token input z and scores the candidate layers
+    (``expert_layers``) as experts. With j the chosen layer, the block's output becomes
+
+        α · u_i(z) + (1 − α) · u_j(z)
+
+    where u_i and u_j are the pretrained blocks i and j *with their LoRA*, both applied to the same z with block i's
+    position embeddings and mask. No expert weights are added: the experts are the model's own layers. Where the model
+    has ``config.layer_types`` (sliding vs full attention), only layers of block i's type are candidates.
+
+    Generation: ``"batch_vote"`` and ``"sequence"`` choose j from all tokens of the input, later tokens included, so
+    they are not causal and a KV cache would freeze a choice that later tokens should change; ``generate`` therefore
+    runs without cache for them (forced, with one warning). ``"token"`` routing is causal and keeps the KV cache: each
+    expert pass gets its own cache, so layer j's real cache slot is never written by layer i's expert call.
+    """
+
+    molex_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Block indices whose output is mixed with a routed layer expert. None: every block for encoders "
+            "(the paper's GLUE setting), the first half for decoders (the paper's GPT-2 setting, 12 of 24)."
+        },
+    )
+    expert_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Block indices the gates may choose as experts (None: all layers, as in the paper). Layers of a "
+            "different `layer_types` entry than the MoLEx layer are never candidates."
+        },
+    )
+    routing: str = field(
+        default="batch_vote",
+        metadata={
+            "help": "'batch_vote' (official): top-1 per token over the non-padding tokens, the majority vote gives "
+            "one expert j per batch (outputs then depend on the batch's composition). 'sequence': one j per "
+            "sequence, by majority over its tokens. 'token': top-1 per token; each distinct j costs a full-sequence "
+            "pass of block j (attention mixes tokens), and only this mode is causal (KV cache in generate)."
+        },
+    )
+    alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of the layer's own output, α in (0, 1). None: 0.5 for encoders and 0.95 for decoders "
+            "(the paper's values). With `learn_alpha` it is the starting value."
+        },
+    )
+    learn_alpha: bool = field(
+        default=False,
+        metadata={
+            "help": "Learn α per MoLEx layer as softmax(w_own, w_other), initialised to give `alpha` (the official "
+            "`use_learn_weight`)."
+        },
+    )
+    gate_type: str = field(
+        default="linear",
+        metadata={
+            "help": "'linear': Linear(hidden, L) with bias (official default). 'cosine': project to `gate_proj_dim`, "
+            "cosine similarity with L learned expert embeddings times a learnable scale exp(t), t0 = log 2, scale "
+            "clamped at 100 (the official CosineTopKGate)."
+        },
+    )
+    gate_proj_dim: int = field(
+        default=256, metadata={"help": "Projection size of the cosine gate (official default 256)."}
+    )
+    shared_gate: bool = field(
+        default=True,
+        metadata={
+            "help": "One gate shared by all MoLEx layers (official default) or one gate per layer (the official "
+            "`use_indv_gate`, used for RTE and STS-B)."
+        },
+    )
+    balance_loss_coef: float = field(
+        default=0.01,
+        metadata={
+            "help": "Weight of the load-balancing loss E·Σ f·P, per MoLEx layer, summed over layers (E: the layer's "
+            "number of candidates; f: fraction of real tokens routed to each expert, for 'batch_vote' the one-hot "
+            "of the voted j; P: mean gate probability). Official range 1e-3 to 1e-2; 0 turns it off, and then the "
+            "official gate receives no gradient at all. Read through `peft_depth.aux_losses`."
+        },
+    )
+    straight_through_gate: bool = field(
+        default=False,
+        metadata={
+            "help": "Deviation from the paper, off by default. Scale the expert term (1−α)·u_j by p_j / stop_grad(p_j) "
+            "per token (p_j: gate probability of the chosen j). Outputs are unchanged, but the gate also learns from "
+            "the task loss, not only from the balance loss."
+        },
+    )
+    gate_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the gates and learned α, reported by `MoLExModel.depth_optimizer_groups` "
+            "(None: the trainer's learning rate). The paper's GLUE scripts use 0.1."
+        },
+    )
+    gate_weight_decay: float | None = field(
+        default=None,
+        metadata={"help": "Weight decay of the gates and learned α (None: the trainer's). The paper uses 0.1."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = MOLEX
+        check_choice("bias", self.bias, ("none", "all"))
+        check_choice("routing", self.routing, ROUTING_MODES)
+        check_choice("gate_type", self.gate_type, GATE_TYPES)
+        check_positive_int("gate_proj_dim", self.gate_proj_dim)
+        check_non_negative_number("balance_loss_coef", self.balance_loss_coef)
+        if self.alpha is not None:
+            check_probability("alpha", self.alpha, allow_zero=False, allow_one=False)
+        for name in ("learn_alpha", "shared_gate", "straight_through_gate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        if self.gate_lr is not None:
+            check_non_negative_number("gate_lr", self.gate_lr)
+        if self.gate_weight_decay is not None:
+            check_non_negative_number("gate_weight_decay", self.gate_weight_decay)
+        self.molex_layers = _check_layer_list("molex_layers", self.molex_layers)
+        self.expert_layers = _check_layer_list("expert_layers", self.expert_layers)
+
+    def resolve_layers(self, num_layers: int, *, causal: bool) -> tuple[list[int], list[int]]:
+        """``(molex_layers, expert_layers)`` for a stack of ``num_layers`` blocks; ValueError if out of range."""
+        molex = self.molex_layers
+        if molex is None:
+            molex = list(range(max(1, num_layers // 2))) if causal else list(range(num_layers))
+        experts = self.expert_layers if self.expert_layers is not None else list(range(num_layers))
+        for name, indices in (("molex_layers", molex), ("expert_layers", experts)):
+            bad = [index for index in indices if index >= num_layers]
+            if bad:
+                raise ValueError(
+                    f"`{name}` contains {bad} but the model has {num_layers} layers (valid indices 0..{num_layers - 1})."
+                )
+        return list(molex), list(experts)
+
+    def resolve_alpha(self, *, causal: bool) -> float:
+        if self.alpha is not None:
+            return float(self.alpha)
+        return DEFAULT_ALPHA_DECODER if causal else DEFAULT_ALPHA_ENCODER

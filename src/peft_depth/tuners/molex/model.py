@@ -1,0 +1,559 @@
+"""MoLEx tuner: LoRA on every block plus a routed mixture of each MoLEx layer with another layer of the model."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+
+from ...core.aux import AuxLossTerm
+from ...core.lora_layer import DepthLoraLayer, DepthLoraLinear
+from ...core.routing import usage_entropy
+from ...core.tuner import DepthTuner
+from .config import MoLExConfig
+from .expert_cache import expert_cache_state
+from .layer import SHARED_GATE_KEY, MoLExAlpha, build_gate, layer_key
+from .routing import LayerRecord, decide, layer_statistics
+
+__all__ = ["MoLExModel"]
+
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+
+
+@dataclass
+class _AdapterPlan:
+    """Resolved per-adapter layout: which blocks mix, their candidate experts, α."""
+
+    molex_layers: list[int]
+    candidates: dict[int, list[int]]  # MoLEx layer -> candidate expert layers
+    candidate_masks: dict[int, torch.Tensor]  # MoLEx layer -> [L] bool
+    alpha: float
+    causal: bool
+
+
+def _is_causal(stack_layers: nn.ModuleList) -> bool:
+    """Whether the blocks attend causally (decoder), read from the attention modules' ``is_causal`` flags."""
+    return any(getattr(module, "is_causal", False) is True for module in stack_layers[0].modules())
+
+
+def _text_config(model: nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        return config.get_text_config()
+    return config
+
+
+class _BlockForward:
+    """Installed as ``block.forward`` of every MoLEx layer: runs the mixture, or the plain block when not routing.
+
+    Replacing the instance's ``forward`` (rather than the module in the stack) keeps the model tree, state-dict keys,
+    ``layer_types`` lookups and transformers' ``output_hidden_states`` hooks (which see the mixed output once) as they
+    are. The expert block is called through its original ``forward``, so its own hooks do not record it as a layer.
+    """
+
+    def __init__(self, tuner: MoLExModel, index: int) -> None:
+        self.tuner = tuner
+        self.index = index
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.tuner._block_forward(self.index, args, kwargs)
+
+
+class MoLExModel(DepthTuner):
+    """Creates a MoLEx model from a pretrained transformers model (https://arxiv.org/abs/2503.11144).
+
+    Use through ``peft.get_peft_model(model, MoLExConfig(...))`` after ``import peft_depth``.
+
+    Routing statistics of the last forward (``peft_depth.routing_stats``) are under ``"molex"``: per adapter, one row
+    per MoLEx layer with the chosen expert(s), expert fractions, mean gate probabilities, α and the balance loss.
+    Gates and α have their own optimizer group (``depth_optimizer_groups``; lr ``gate_lr``, ``gate_weight_decay``).
+    """
+
+    prefix: str = "molex_"
+    tuner_layer_cls = DepthLoraLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    tuner_module_names = ("molex_gate", "molex_alpha")
+    merge_refusal_reason = (
+        "each MoLEx layer mixes its output with another layer chosen by a gate from the input, so the adapted model "
+        "is not the base model plus a fixed weight delta. Keep the adapter unmerged."
+    )
+
+    # ------------------------------------------------------------------ injection
+
+    @property
+    def _plans(self) -> dict[str, _AdapterPlan]:
+        return self.__dict__.setdefault("_molex_plans", {})
+
+    @property
+    def _records(self) -> dict[str, dict[int, LayerRecord]]:
+        return self.__dict__.setdefault("_molex_records", {})
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        config: MoLExConfig = self.peft_config[adapter_name]
+        stack = self.layer_stack
+        if stack is None:
+            raise ValueError(
+                "MoLEx mixes transformer blocks, but no block stack (e.g. `model.layers`, `transformer.h`, "
+                "`encoder.layer`) was found in this model."
+            )
+        plan = self._build_plan(config, stack.layers)
+        super().inject_adapter(model, adapter_name, **kwargs)
+        self._create_tuner_modules(adapter_name, config, plan)
+        self._plans[adapter_name] = plan
+        self._install_block_forwards()
+        if "_molex_reset_hook" not in self.__dict__:
+            # A new top-level forward starts with no records: layers that do not mix this time leave none behind.
+            self.__dict__["_molex_reset_hook"] = self.model.register_forward_pre_hook(self._reset_records)
+
+    def _build_plan(self, config: MoLExConfig, layers: nn.ModuleList) -> _AdapterPlan:
+        num_layers = len(layers)
+        causal = _is_causal(layers)
+        molex_layers, expert_layers = config.resolve_layers(num_layers, causal=causal)
+        text_config = _text_config(self.model)
+        layer_types = getattr(text_config, "layer_types", None)
+        if layer_types is not None and len(layer_types) != num_layers:
+            layer_types = None
+        candidates, masks = {}, {}
+        device = next(layers[0].parameters()).device
+        for i in molex_layers:
+            allowed = [j for j in expert_layers if layer_types is None or layer_types[j] == layer_types[i]]
+            if not allowed:
+                raise ValueError(
+                    f"MoLEx layer {i} has no candidate experts: `expert_layers` {expert_layers} holds no layer of its "
+                    f"type {layer_types[i]!r} (only layers of the same `layer_types` entry can be mixed)."
+                )
+            candidates[i] = allowed
+            mask = torch.zeros(num_layers, dtype=torch.bool, device=device)
+            mask[allowed] = True
+            masks[i] = mask
+        return _AdapterPlan(
+            molex_layers=molex_layers,
+            candidates=candidates,
+            candidate_masks=masks,
+            alpha=config.resolve_alpha(causal=causal),
+            causal=causal,
+        )
+
+    def _create_tuner_modules(self, adapter_name: str, config: MoLExConfig, plan: _AdapterPlan) -> None:
+        layers = self.layer_stack.layers
+        reference = next(layers[0].parameters())
+        hidden_size = getattr(_text_config(self.model), "hidden_size", None)
+        if hidden_size is None:
+            raise ValueError("MoLEx needs `config.hidden_size` to size its gates.")
+        keys = [SHARED_GATE_KEY] if config.shared_gate else [layer_key(i) for i in plan.molex_layers]
+        gates = nn.ModuleDict(
+            {key: build_gate(config.gate_type, hidden_size, len(layers), config.gate_proj_dim) for key in keys}
+        )
+        gates.to(device=reference.device, dtype=reference.dtype).train(self.model.training)
+        self.ensure_tuner_module_dict("molex_gate")[adapter_name] = gates
+        if config.learn_alpha:
+            alpha = MoLExAlpha(plan.molex_layers, plan.alpha).to(device=reference.device, dtype=reference.dtype)
+            self.ensure_tuner_module_dict("molex_alpha")[adapter_name] = alpha.train(self.model.training)
+        # an added adapter trains only once it is activated
+        trainable = adapter_name in self.active_adapters and not config.inference_mode
+        for _, container in self.tuner_modules():
+            if adapter_name in container:
+                container[adapter_name].requires_grad_(trainable)
+
+    def _create_and_replace(
+        self,
+        config: MoLExConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        update_kwargs = dict(
+            r=config.r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            init_lora_weights=config.init_lora_weights,
+            inference_mode=config.inference_mode,
+        )
+        if isinstance(target, DepthLoraLayer):
+            target.update_layer(adapter_name, **update_kwargs)
+            return
+        new_module = DepthLoraLinear(target, adapter_name, **update_kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    # ------------------------------------------------------------------ block forwards
+
+    def _install_block_forwards(self) -> None:
+        """Wrap exactly the blocks that are MoLEx layers of some adapter; unwrap the others."""
+        wanted = {i for plan in self._plans.values() for i in plan.molex_layers}
+        for index, block in enumerate(self.layer_stack.layers):
+            installed = isinstance(block.__dict__.get("forward"), _BlockForward)
+            if index in wanted and not installed:
+                # keep whatever forward the block had (its class's, or one accelerate installed on the instance)
+                block.__dict__["_molex_original_forward"] = block.__dict__.get("forward")
+                block.forward = _BlockForward(self, index)
+            elif index not in wanted and installed:
+                self._uninstall_block(block)
+
+    @staticmethod
+    def _uninstall_block(block: nn.Module) -> None:
+        original = block.__dict__.pop("_molex_original_forward", None)
+        del block.__dict__["forward"]
+        if original is not None:
+            block.__dict__["forward"] = original
+
+    def _original_forward(self, index: int):
+        block = self.layer_stack.layers[index]
+        original = block.__dict__.get("_molex_original_forward")
+        if original is not None:
+            return original
+        current = block.__dict__.get("forward")
+        if current is not None and not isinstance(current, _BlockForward):
+            return current
+        return type(block).forward.__get__(block)
+
+    def _reset_records(self, module: nn.Module, args: Any) -> None:
+        self.__dict__["_molex_records"] = {}
+
+    def _routing_adapter(self) -> str | None:
+        if not self.depth_adapters_enabled:
+            return None
+        active = [name for name in self.active_adapters if name in self._plans]
+        if len(active) > 1:
+            raise ValueError(
+                f"MoLEx routes with one adapter's gates at a time, but {active} are active; activate one of them with "
+                "`set_adapter`."
+            )
+        return active[0] if active else None
+
+    def _block_forward(self, index: int, args: tuple, kwargs: dict[str, Any]) -> Any:
+        original = self._original_forward(index)
+        adapter = self._routing_adapter()
+        if adapter is None or index not in self._plans[adapter].candidates:
+            return original(*args, **kwargs)
+        hidden, rest = _bind(original, args, kwargs)
+        return self._mix(adapter, index, original, hidden, rest)
+
+    def _mix(self, adapter: str, index: int, original, hidden: torch.Tensor, rest: dict[str, Any]) -> Any:
+        config: MoLExConfig = self.peft_config[adapter]
+        plan = self._plans[adapter]
+        cache_name = next((name for name in _CACHE_KWARGS if rest.get(name) is not None), None)
+        cache = rest.get(cache_name) if cache_name else None
+        real_past = _cache_length(cache, index)
+        token_routing = config.routing == "token"
+        if cache is not None and real_past > 0 and not token_routing:
+            raise ValueError(
+                f"MoLEx routing={config.routing!r} chooses the expert from all tokens of the input, so it cannot "
+                "continue from a KV cache (the choice would change with every new token). Generate with "
+                "`use_cache=False` (PeftModel.generate does this for you), or use routing='token'."
+            )
+
+        batch, seq = hidden.shape[0], hidden.shape[1]
+        gates = self.molex_gate[adapter]
+        gate = gates[SHARED_GATE_KEY] if config.shared_gate else gates[layer_key(index)]
+        logits = gate(hidden.reshape(-1, hidden.shape[-1]))
+        token_mask = self.routing_context.flat_mask(hidden.shape)
+        decision = decide(
+            logits,
+            plan.candidate_masks[index].to(logits.device),
+            config.routing,
+            (batch, seq),
+            token_mask,
+            index,
+            self.routing_context,
+        )
+
+        # Expert calls must never write the model's cache: without token routing they get none; with it, each
+        # expert pass (index, j) gets its own slot in a side cache.
+        expert_state = None
+        if token_routing and cache is not None:
+            expert_state = expert_cache_state(cache, (adapter, index), _text_config(self.model), real_past)
+        own = original(hidden, **rest)
+        own_hidden = own[0] if isinstance(own, tuple) else own
+
+        other = own_hidden
+        for j in decision.experts:
+            if j == index:
+                continue
+            expert_forward = self._original_forward(j)
+            if expert_state is not None:
+                out_j = self._run_expert_with_cache(expert_forward, j, hidden, rest, cache_name, expert_state)
+            else:
+                expert_kwargs = _without_cache(rest)
+                if decision.row_choice is not None and not bool((decision.row_choice == j).all()):
+                    out_j = _run_on_rows(expert_forward, hidden, expert_kwargs, decision.row_choice == j)
+                    rows = (decision.row_choice == j).view(batch, 1, 1)
+                    other = torch.where(rows, out_j, other)
+                    continue
+                out_j = _first(expert_forward(hidden, **expert_kwargs))
+            selected = (decision.chosen == j).view(batch, seq, 1)
+            other = torch.where(selected, out_j.to(other.dtype), other)
+        if expert_state is not None:
+            expert_state.append(hidden, rest)
+
+        if config.learn_alpha:
+            alpha = self.molex_alpha[adapter](index)
+        else:
+            alpha = torch.tensor(plan.alpha, device=own_hidden.device)
+        mixes = any(j != index for j in decision.experts)
+        if config.straight_through_gate:
+            chosen_prob = decision.probs.gather(1, decision.chosen[:, None])
+            detached = chosen_prob.detach()
+            ratio = torch.where(detached > 0, chosen_prob / detached.clamp_min(1e-30), torch.ones_like(detached))
+            other = other * ratio.view(batch, seq, 1).to(other.dtype)
+            mixes = True
+        if mixes:
+            alpha = alpha.to(own_hidden.dtype)
+            mixed = alpha * own_hidden + (1 - alpha) * other
+        else:
+            # every token chose its own layer: α·u_i + (1−α)·u_i is u_i, computed once
+            mixed = own_hidden
+
+        prob_sums, counts, num_tokens = layer_statistics(decision, token_mask)
+        if config.routing == "batch_vote":
+            chosen: int | list[int] = decision.experts[0]
+        elif config.routing == "sequence":
+            chosen = decision.row_choice.tolist()
+        else:
+            chosen = [j for j in decision.experts if counts[j] > 0]
+        record = LayerRecord(
+            prob_sums=prob_sums,
+            counts=counts,
+            num_tokens=num_tokens,
+            num_candidates=len(plan.candidates[index]),
+            alpha=float(alpha.detach()),
+            chosen=chosen,
+        )
+        # publish at the end (gradient-checkpoint recomputation may stop part-way through a forward)
+        records = dict(self._records.get(adapter, {}))
+        records[index] = record
+        self._records[adapter] = records
+        if isinstance(own, tuple):
+            return (mixed, *own[1:])
+        return mixed
+
+    @staticmethod
+    def _run_expert_with_cache(expert_forward, j, hidden, rest, cache_name, state) -> torch.Tensor:
+        """Block j on ``hidden`` with its own side-cache slot, after catching up on positions it has not seen."""
+        expert_kwargs = dict(rest)
+        expert_kwargs[cache_name] = state.cache
+        seen = state.cache.get_seq_length(j)
+        if seen < state.past_length:
+            caught = state.catch_up_kwargs(seen, state.past_length, expert_kwargs)
+            expert_forward(state.inputs[:, seen:], **caught)
+        return _first(expert_forward(hidden, **expert_kwargs))
+
+    # ------------------------------------------------------------------ generation
+
+    def _needs_uncached_generation(self) -> bool:
+        adapter = self._routing_adapter()
+        return adapter is not None and self.peft_config[adapter].routing != "token"
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``model.generate``; without KV cache for ``"batch_vote"`` / ``"sequence"`` routing (not causal)."""
+        if self._needs_uncached_generation():
+            if kwargs.get("use_cache", True):
+                warnings.warn(
+                    "MoLEx routing='batch_vote'/'sequence' chooses each layer's expert from all tokens, so a KV cache "
+                    "would freeze choices that later tokens change: generating with use_cache=False. Use "
+                    "routing='token' for cached generation.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            kwargs["use_cache"] = False
+        return self.model.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ unloading
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge:
+            self._check_merge_allowed()
+        model = super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+        for block in self.layer_stack.layers:
+            if isinstance(block.__dict__.get("forward"), _BlockForward):
+                self._uninstall_block(block)
+        hook = self.__dict__.pop("_molex_reset_hook", None)
+        if hook is not None:
+            hook.remove()
+        return model
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._plans.pop(adapter_name, None)
+        self._records.pop(adapter_name, None)
+        self._install_block_forwards()
+
+    # ------------------------------------------------------------------ losses, statistics, optimizer groups
+
+    def _synced_records(self) -> dict[str, dict[int, LayerRecord]]:
+        records = self._records
+        if not self.routing_context.syncing or not records:
+            return records
+        keys = [(a, i) for a, layers in records.items() for i in layers]
+        context = self.routing_context
+        prob_sums = context.reduce_sum(torch.stack([records[a][i].prob_sums for a, i in keys]))
+        counts = context.reduce_sum(
+            torch.stack([torch.cat([records[a][i].counts, records[a][i].num_tokens.reshape(1)]) for a, i in keys])
+        )
+        synced: dict[str, dict[int, LayerRecord]] = {}
+        for row, (a, i) in enumerate(keys):
+            old = records[a][i]
+            synced.setdefault(a, {})[i] = LayerRecord(
+                prob_sums=prob_sums[row],
+                counts=counts[row, :-1],
+                num_tokens=counts[row, -1],
+                num_candidates=old.num_candidates,
+                alpha=old.alpha,
+                chosen=old.chosen,
+            )
+        return synced
+
+    @staticmethod
+    def _balance_loss(record: LayerRecord) -> torch.Tensor:
+        """E · Σ_e f_e · P_e with E the layer's candidates (the official L·Σ f·P when all layers are candidates)."""
+        tokens = record.num_tokens.clamp(min=1)
+        return record.num_candidates * torch.dot((record.counts / tokens).detach(), record.prob_sums / tokens)
+
+    def depth_aux_terms(self) -> dict[str, AuxLossTerm]:
+        terms: dict[str, AuxLossTerm] = {}
+        records = self._synced_records()
+        for adapter_name, layers in records.items():
+            if not layers:
+                continue
+            loss = torch.stack([self._balance_loss(record) for record in layers.values()]).sum()
+            key = "routing" if len(records) == 1 else f"routing.{adapter_name}"
+            terms[key] = AuxLossTerm(loss, float(self.peft_config[adapter_name].balance_loss_coef))
+        return terms
+
+    def depth_routing_stats(self) -> dict[str, Any]:
+        report: dict[str, Any] = {}
+        for adapter_name, layers in self._synced_records().items():
+            rows = []
+            for index in sorted(layers):
+                record = layers[index]
+                tokens = record.num_tokens.clamp(min=1)
+                fraction = (record.counts / tokens).detach().float()
+                rows.append(
+                    {
+                        "layer": index,
+                        "routing": self.peft_config[adapter_name].routing,
+                        "chosen": record.chosen,
+                        "num_tokens": int(record.num_tokens.item()),
+                        "num_candidates": record.num_candidates,
+                        "expert_fraction": fraction.tolist(),
+                        "mean_prob": (record.prob_sums / tokens).detach().float().tolist(),
+                        "usage_entropy": float(usage_entropy(fraction)),
+                        "alpha": record.alpha,
+                        "balance_loss": float(self._balance_loss(record).detach()),
+                    }
+                )
+            report[adapter_name] = rows
+        return {"molex": report} if report else {}
+
+    def gate_parameters(self, adapter_name: str | None = None) -> list[tuple[str, nn.Parameter]]:
+        """Named gate and α parameters (all adapters, or one)."""
+        named = []
+        for container_name, container in self.tuner_modules():
+            for name, module in container.items():
+                if adapter_name is None or name == adapter_name:
+                    named.extend((f"{container_name}.{name}.{n}", p) for n, p in module.named_parameters())
+        return named
+
+    def depth_optimizer_groups(self, base_lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """One optimizer group per adapter for its gates and α, with ``gate_lr`` / ``gate_weight_decay``.
+
+        Named ``"gate"`` (``"gate.<adapter>"`` with several adapters) so that ``DepthSFTConfig.gate_learning_rate``
+        and ``gate_weight_decay`` override them.
+        """
+        groups = []
+        adapters = [name for name in self.peft_config if name in self._plans]
+        for adapter_name in adapters:
+            config: MoLExConfig = self.peft_config[adapter_name]
+            params = [p for _, p in self.gate_parameters(adapter_name)]
+            if not params:
+                continue
+            groups.append(
+                {
+                    "name": "gate" if len(adapters) == 1 else f"gate.{adapter_name}",
+                    "params": params,
+                    "lr": base_lr if config.gate_lr is None else config.gate_lr,
+                    "weight_decay": weight_decay if config.gate_weight_decay is None else config.gate_weight_decay,
+                }
+            )
+        return groups
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+_SIGNATURES: dict[Any, inspect.Signature] = {}
+
+
+def _bind(forward, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Split a block call into ``(hidden_states, every other argument by name)``."""
+    key = getattr(forward, "__func__", forward)
+    signature = _SIGNATURES.get(key)
+    if signature is None:
+        signature = _SIGNATURES[key] = inspect.signature(forward)
+    bound = signature.bind(*args, **kwargs)
+    rest: dict[str, Any] = {}
+    hidden = None
+    for position, (name, value) in enumerate(bound.arguments.items()):
+        kind = signature.parameters[name].kind
+        if position == 0:
+            hidden = value
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            rest.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            raise TypeError("MoLEx cannot wrap a block whose forward takes *args.")
+        else:
+            rest[name] = value
+    if isinstance(hidden, tuple):  # very old-style blocks received the hidden state in a tuple
+        hidden = hidden[0]
+    return hidden, rest
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _cache_length(cache: Any, index: int) -> int:
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        return 0
+    try:
+        return int(cache.get_seq_length(index))
+    except (IndexError, TypeError):
+        return int(cache.get_seq_length())
+
+
+def _without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
+    cleaned = dict(kwargs)
+    for name in _CACHE_KWARGS:
+        if name in cleaned:
+            cleaned[name] = None
+    if "use_cache" in cleaned:
+        cleaned["use_cache"] = False
+    return cleaned
+
+
+def _run_on_rows(forward, hidden: torch.Tensor, kwargs: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:
+    """Run ``forward`` on the selected sequences only and scatter back (other rows: zeros, overwritten by caller)."""
+    batch = hidden.shape[0]
+    index = rows.nonzero().squeeze(-1)
+
+    def select(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == batch:
+            return value.index_select(0, index)
+        if isinstance(value, tuple):
+            return tuple(select(v) for v in value)
+        return value
+
+    out = _first(forward(hidden.index_select(0, index), **{k: select(v) for k, v in kwargs.items()}))
+    full = torch.zeros_like(hidden, dtype=out.dtype)
+    return full.index_copy(0, index, out)
