@@ -104,7 +104,40 @@ class MoLAModel(DepthTuner):
                 grouped[adapter_name][group] = (
                     (stats, 1) if previous is None else (previous[0] + stats, previous[1] + 1)
                 )
+        if self.routing_context.syncing:
+            self._sum_over_processes(grouped)
         return grouped
+
+    def _sum_over_processes(self, grouped: dict[str, dict[Any, tuple[RoutingStatistics, int]]]) -> None:
+        """Replace each layer's statistics by their sum over processes (``sync_routing_stats``), in place.
+
+        The balance loss f·P is then that of the global batch on every process, so after DDP averages the gradients
+        they equal a single-process run on the same global batch. Two collectives in all: one differentiable for the
+        probability sums, one for the counts (the iteration order is the same on every process).
+        """
+        keys = [(adapter_name, group) for adapter_name, layers in grouped.items() for group in layers]
+        if not keys:
+            return
+        stats = [grouped[a][g][0] for a, g in keys]
+        context = self.routing_context
+        prob_sums = context.reduce_sum(torch.cat([s.prob_sums.float() for s in stats]))
+        counts = context.reduce_sum(
+            torch.cat([torch.cat([s.assignment_counts.float(), s.num_tokens.float().reshape(1)]) for s in stats])
+        )
+        p_offset = c_offset = 0
+        for (adapter_name, group), old in zip(keys, stats):
+            num_experts = old.prob_sums.numel()
+            grouped[adapter_name][group] = (
+                RoutingStatistics(
+                    assignment_counts=counts[c_offset : c_offset + num_experts],
+                    prob_sums=prob_sums[p_offset : p_offset + num_experts],
+                    num_tokens=counts[c_offset + num_experts],
+                    top_k=old.top_k,
+                ),
+                grouped[adapter_name][group][1],
+            )
+            p_offset += num_experts
+            c_offset += num_experts + 1
 
     def depth_aux_terms(self) -> dict[str, AuxLossTerm]:
         terms: dict[str, AuxLossTerm] = {}

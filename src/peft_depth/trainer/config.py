@@ -1,0 +1,103 @@
+"""``DepthSFTConfig``: TRL's ``SFTConfig`` plus the knobs of the depth methods' auxiliary losses and routing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+from ..core.config import check_non_negative_number
+
+__all__ = ["DepthSFTConfig", "AUX_COEFFICIENT_FIELDS"]
+
+#: Auxiliary-loss name (as reported by ``peft_depth.aux_losses``) -> the DepthSFTConfig field that overrides its
+#: coefficient. A loss called ``"<name>.<adapter>"`` (several adapters of one method) follows the ``<name>`` field.
+AUX_COEFFICIENT_FIELDS: dict[str, str] = {
+    "routing": "routing_loss_coef",
+    "distill": "distill_loss_coef",
+    "router": "router_loss_coef",
+}
+
+
+@dataclass
+class DepthSFTConfig(SFTConfig):
+    """Configuration for ``DepthSFTTrainer``: every ``SFTConfig`` field, plus the ones below.
+
+    The auxiliary-loss coefficients default to ``None``, meaning "use the adapter config's own coefficient" (MoLA /
+    MoLEx ``balance_loss_coef``, MoD's distillation weight, DLO's router-loss weight); a number overrides it for this
+    run only, without touching the saved adapter config. They are deliberately separate from ``SFTConfig``'s
+    ``router_aux_loss_coef``, which belongs to native Mixture-of-Experts architectures (TRL raises if it is set on a
+    dense model).
+
+    Note that ``SFTConfig`` itself defaults to ``bf16=True`` and ``gradient_checkpointing=True``; both work with every
+    depth method, but on CPU pass ``bf16=False`` (fp32 is faster there and numerically exact).
+    """
+
+    routing_loss_coef: float | None = field(
+        default=None,
+        metadata={
+            "help": "Coefficient of the routing load-balancing loss (`routing`: MoLA and MoLEx). None uses the adapter "
+            "config's `balance_loss_coef`; 0 turns the loss off."
+        },
+    )
+    distill_loss_coef: float | None = field(
+        default=None,
+        metadata={
+            "help": "Coefficient of MoD's distillation loss (`distill`). None uses the adapter config's own; 0 turns "
+            "it off."
+        },
+    )
+    router_loss_coef: float | None = field(
+        default=None,
+        metadata={
+            "help": "Coefficient of DLO's router BCE loss (`router`). None uses the adapter config's own; 0 turns it "
+            "off."
+        },
+    )
+    sync_routing_stats: bool = field(
+        default=False,
+        metadata={
+            "help": "In multi-process training, all-reduce batch-level routing statistics during the forward (MoLA's "
+            "balance-loss f·P, MoLEx's layer vote, DLO's batch-wide top-k and capacities), so that routing and "
+            "auxiliary losses are those of the global batch and the gradients equal a single-process run on the same "
+            "global batch. Off: each process routes and balances its own shard (the official implementations' "
+            "behaviour under DDP). No effect with one process."
+        },
+    )
+    gate_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the parameter groups a method tags as gates (e.g. MoLEx gates and alpha; the "
+            "paper trains gates at up to 0.1). None keeps the method's own choice (by default the main "
+            "`learning_rate`)."
+        },
+    )
+    gate_weight_decay: float | None = field(
+        default=None,
+        metadata={"help": "Weight decay of the gate parameter groups. None keeps the method's own choice."},
+    )
+    log_routing_health: bool = field(
+        default=True,
+        metadata={
+            "help": "Log routing health from `peft_depth.routing_stats` under `routing/...` (expert-usage entropy per "
+            "method, per-layer executed/skip fractions and capacities where a method reports them)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in (*AUX_COEFFICIENT_FIELDS.values(), "gate_weight_decay"):
+            value = getattr(self, name)
+            if value is not None:
+                check_non_negative_number(name, value)
+        if self.gate_learning_rate is not None and not self.gate_learning_rate > 0:
+            raise ValueError(f"`gate_learning_rate` must be > 0 (or None), got {self.gate_learning_rate!r}.")
+
+    def aux_coefficient_overrides(self) -> dict[str, float]:
+        """``{aux-loss name: coefficient}`` for every coefficient field that is set."""
+        overrides = {}
+        for loss_name, field_name in AUX_COEFFICIENT_FIELDS.items():
+            value = getattr(self, field_name)
+            if value is not None:
+                overrides[loss_name] = float(value)
+        return overrides

@@ -1,0 +1,215 @@
+"""The duck-typed hooks between ``DepthSFTTrainer`` and the depth tuners, and the helpers that call them.
+
+The trainer knows no method by name. A tuner (any ``peft_depth.core.tuner.DepthTuner``, or any module inside the
+trained model) takes part through these optional methods:
+
+``depth_aux_terms() -> {name: AuxLossTerm(value, coefficient)}`` (``core.aux``)
+    Auxiliary losses of the last forward. The trainer weights each by the coefficient (or its override from
+    ``DepthSFTConfig``), adds it to the LM loss and logs it as ``loss/<name>``.
+
+``depth_routing_stats() -> dict`` (``core.aux``)
+    Routing statistics of the last forward, ``{method: payload}``. ``routing_health`` below turns them into the
+    ``routing/...`` scalars the trainer logs; see its docstring for the layout it reads.
+
+``depth_optimizer_groups(base_lr: float, weight_decay: float) -> list[dict]``
+    Parameter groups that need their own optimizer settings (MoLEx gates and alpha, DLO per-layer learning rates).
+    Each dict is a ``torch.optim`` parameter group: ``"params"`` (required), optional ``"lr"`` and
+    ``"weight_decay"`` (default: the trainer's), and an optional ``"name"``; groups named ``"gate"`` (or starting
+    with ``"gate"``) take ``DepthSFTConfig.gate_learning_rate`` / ``gate_weight_decay`` when those are set. Trainable
+    parameters not listed in any group get the trainer's usual decay / no-decay groups. A parameter may appear in at
+    most one group.
+
+``set_training_step(step: int) -> None``
+    Called before every training micro-batch with the trainer's global step (the number of optimizer steps done),
+    so schedules such as DLO's capacity annealing follow the trainer, also after resuming from a checkpoint.
+
+``routing_context.sync_across_processes`` (``core.context.RoutingContext``)
+    Set from ``DepthSFTConfig.sync_routing_stats`` on every ``DepthTuner``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.aux import raw_aux_losses
+from ..core.tuner import DepthTuner
+
+__all__ = [
+    "WeightedAuxTerm",
+    "collect_optimizer_groups",
+    "depth_tuners",
+    "routing_health",
+    "set_sync_routing_stats",
+    "set_training_step",
+    "weighted_aux_terms",
+]
+
+#: Per-layer statistics whose average over layers is logged (plus its minimum: one collapsed layer is the warning).
+MEAN_AND_MIN_KEYS = ("usage_entropy",)
+#: Per-layer statistics logged layer by layer (and averaged): the fraction of tokens a layer executes or skips.
+PER_LAYER_KEYS = ("skip_fraction", "executed_fraction", "capacity")
+
+
+def depth_tuners(model: nn.Module) -> list[DepthTuner]:
+    """Every depth tuner inside ``model`` (through ``PeftModel``, DDP or accelerate wrappers)."""
+    return [module for module in model.modules() if isinstance(module, DepthTuner)]
+
+
+def _hook_owners(model: nn.Module, hook: str) -> list[nn.Module]:
+    # getattr_static: PeftModel forwards unknown attributes to its tuner, which would call each hook twice.
+    return [module for module in model.modules() if callable(inspect.getattr_static(module, hook, None))]
+
+
+def set_sync_routing_stats(model: nn.Module, enabled: bool) -> int:
+    """Set ``routing_context.sync_across_processes`` on every depth tuner; returns how many were found."""
+    tuners = depth_tuners(model)
+    for tuner in tuners:
+        tuner.routing_context.sync_across_processes = bool(enabled)
+    return len(tuners)
+
+
+def set_training_step(model: nn.Module, step: int) -> None:
+    """Tell every module with a ``set_training_step`` hook the trainer's global step."""
+    for module in _hook_owners(model, "set_training_step"):
+        module.set_training_step(int(step))
+
+
+@dataclass
+class WeightedAuxTerm:
+    """One auxiliary loss of the last forward: unweighted value, the coefficient used, and their product."""
+
+    value: torch.Tensor
+    coefficient: float
+    weighted: torch.Tensor
+
+
+def _override_for(name: str, overrides: Mapping[str, float]) -> float | None:
+    # "routing.<adapter>" (several adapters of one method) follows the override of "routing"
+    if name in overrides:
+        return overrides[name]
+    base = name.split(".", 1)[0]
+    return overrides.get(base)
+
+
+def weighted_aux_terms(model: nn.Module, overrides: Mapping[str, float] | None = None) -> dict[str, WeightedAuxTerm]:
+    """Auxiliary losses of the last forward of ``model``, weighted; terms whose coefficient is 0 are left out."""
+    overrides = overrides or {}
+    terms = {}
+    for name, term in raw_aux_losses(model).items():
+        override = _override_for(name, overrides)
+        coefficient = float(term.coefficient if override is None else override)
+        if coefficient == 0:
+            continue
+        terms[name] = WeightedAuxTerm(term.value, coefficient, coefficient * term.value)
+    return terms
+
+
+# ---------------------------------------------------------------------------------------------- optimizer groups
+
+
+def collect_optimizer_groups(
+    model: nn.Module,
+    base_lr: float,
+    weight_decay: float,
+    *,
+    gate_learning_rate: float | None = None,
+    gate_weight_decay: float | None = None,
+) -> list[dict[str, Any]]:
+    """Parameter groups from every ``depth_optimizer_groups`` hook, with the gate overrides applied.
+
+    Only parameters that require grad are kept; empty groups are dropped. Raises ValueError when a parameter is
+    claimed twice.
+    """
+    groups: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for owner in _hook_owners(model, "depth_optimizer_groups"):
+        for group in owner.depth_optimizer_groups(base_lr, weight_decay):
+            if "params" not in group:
+                raise ValueError(f"{type(owner).__name__}.depth_optimizer_groups returned a group without 'params'.")
+            params = [p for p in group["params"] if p.requires_grad]
+            for p in params:
+                if id(p) in seen:
+                    raise ValueError(
+                        f"{type(owner).__name__}.depth_optimizer_groups lists a parameter in two groups "
+                        f"(group {group.get('name')!r})."
+                    )
+                seen.add(id(p))
+            if not params:
+                continue
+            new_group = {**group, "params": params}
+            new_group.setdefault("lr", base_lr)
+            new_group.setdefault("weight_decay", weight_decay)
+            if str(new_group.get("name", "")).startswith("gate"):
+                if gate_learning_rate is not None:
+                    new_group["lr"] = gate_learning_rate
+                if gate_weight_decay is not None:
+                    new_group["weight_decay"] = gate_weight_decay
+            groups.append(new_group)
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------- routing health
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def routing_health(stats: Mapping[str, Any], drop_path_names: Iterable[str] = ()) -> dict[str, float]:
+    """Flatten ``peft_depth.routing_stats`` output into ``routing/...`` scalars for logging.
+
+    Layout read (every method's ``depth_routing_stats`` follows it): ``{method: payload}``, where ``payload`` nests
+    dicts and lists. A dict with a ``"layer"`` key is a *row* (one layer's statistics): from rows the keys in
+    ``MEAN_AND_MIN_KEYS`` (``usage_entropy``) are logged as their mean and minimum over rows, and the keys in
+    ``PER_LAYER_KEYS`` (``skip_fraction``, ``executed_fraction``, ``capacity``) per layer and as a mean. Outside rows,
+    every finite number is logged under its path (method summaries such as an overall executed fraction).
+    Dict keys listed in ``drop_path_names`` (e.g. the adapter name when there is one) are left out of the names.
+
+    Example: MoLA's ``{"mola": {"default": [{"layer": 0, "usage_entropy": 1.3, ...}, ...]}}`` gives
+    ``routing/mola/usage_entropy`` and ``routing/mola/usage_entropy_min``.
+    """
+    drop = set(drop_path_names)
+    out: dict[str, float] = {}
+    buckets: dict[str, list[float]] = defaultdict(list)
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        prefix = "routing/" + "/".join(path)
+        if isinstance(node, Mapping):
+            if "layer" in node:
+                layer = node["layer"]
+                for key, value in node.items():
+                    if not _is_number(value):
+                        continue
+                    if key in MEAN_AND_MIN_KEYS:
+                        buckets[f"{prefix}/{key}"].append(float(value))
+                    elif key in PER_LAYER_KEYS:
+                        out[f"{prefix}/{key}/layer_{layer}"] = float(value)
+                        buckets[f"{prefix}/{key}"].append(float(value))
+                return
+            for key, value in node.items():
+                sub = path if key in drop else (*path, str(key))
+                if _is_number(value):
+                    out["routing/" + "/".join(sub)] = float(value)
+                elif isinstance(value, (Mapping, list, tuple)):
+                    walk(value, sub)
+        elif isinstance(node, (list, tuple)):
+            for item in node:
+                if isinstance(item, (Mapping, list, tuple)):
+                    walk(item, path)
+
+    for method, payload in stats.items():
+        walk(payload, (str(method),))
+    for name, values in buckets.items():
+        out[name] = sum(values) / len(values)
+        key = name.rsplit("/", 1)[-1]
+        if key in MEAN_AND_MIN_KEYS:
+            out[f"{name}_min"] = min(values)
+    return out

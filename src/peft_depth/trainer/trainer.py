@@ -1,0 +1,168 @@
+"""``DepthSFTTrainer``: TRL's ``SFTTrainer`` that also trains the depth methods' auxiliary losses.
+
+Why a ``compute_loss`` override: TRL 1.16 swaps in a fused LM-head forward during training and recomputes the loss
+from per-token log-probabilities, so anything a model adds to its own ``loss`` is dropped. The depth tuners record
+their auxiliary-loss ingredients during the forward instead; this trainer reads them through
+``peft_depth.core.aux.raw_aux_losses`` right after the forward and adds them here (see ``hooks`` for every hook).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from trl import SFTTrainer
+
+from .config import DepthSFTConfig
+from .hooks import (
+    collect_optimizer_groups,
+    depth_tuners,
+    routing_health,
+    set_sync_routing_stats,
+    set_training_step,
+    weighted_aux_terms,
+)
+
+__all__ = ["DepthSFTTrainer"]
+
+_DEFAULTS = DepthSFTConfig.__dataclass_fields__
+
+
+def _arg(args: Any, name: str) -> Any:
+    # A plain SFTConfig also works: missing depth fields take DepthSFTConfig's defaults.
+    return getattr(args, name, _DEFAULTS[name].default)
+
+
+class DepthSFTTrainer(SFTTrainer):
+    """``SFTTrainer`` for peft-depth adapters (MoLA, MoLEx, MoD, DLO), and for any plain peft adapter.
+
+    On top of ``SFTTrainer`` it:
+
+    - adds every auxiliary loss of the last forward, weighted by the adapter config's coefficient or its
+      ``DepthSFTConfig`` override, scaled for gradient accumulation by the rule ``Trainer`` applies to the LM loss (the
+      rule TRL uses for native MoE aux losses);
+    - logs ``loss/lm`` and ``loss/<name>`` per auxiliary loss (weighted; they add up to the logged ``loss``),
+      ``aux/<name>`` (unweighted), and routing health under ``routing/...``;
+    - sets ``sync_routing_stats`` on every depth tuner, calls the tuners' ``set_training_step`` hook before each
+      micro-batch, and builds the optimizer from their ``depth_optimizer_groups`` when they expose any.
+
+    With a model that carries no depth adapter all of this is a no-op and the trainer is ``SFTTrainer``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._aux_overrides: dict[str, float] = (
+            self.args.aux_coefficient_overrides() if isinstance(self.args, DepthSFTConfig) else {}
+        )
+        set_sync_routing_stats(self.model, _arg(self.args, "sync_routing_stats"))
+        self._has_depth_tuners = bool(depth_tuners(self.model))
+        # Adapter names are left out of routing/... metric names when there is only one adapter.
+        names = set(getattr(self.model, "peft_config", {}) or {})
+        self._drop_path_names = names if len(names) == 1 else set()
+
+    # ------------------------------------------------------------------------------------------- training step
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # Before the forward: schedules such as DLO's capacity annealing follow the trainer's global step.
+        set_training_step(self.model, self.state.global_step)
+        return super().training_step(model, inputs, num_items_in_batch=num_items_in_batch)
+
+    def _loss_is_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
+        # The same decision as `Trainer.training_step`: if it holds, Trainer will NOT divide the returned loss by the
+        # accumulation steps, because the LM loss is already normalised by the token count of the whole step.
+        if self.loss_is_scaled_for_ga is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool(
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        # The loss only: with return_outputs, SFTTrainer runs an extra no-grad forward for the logits, which would
+        # overwrite the tuners' records of the forward that produced the loss. That forward is done below instead.
+        lm_loss = super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
+        terms = weighted_aux_terms(self.model, self._aux_overrides)
+
+        # Each auxiliary loss is a mean over its micro-batch (like the MoE aux loss). When Trainer leaves the
+        # accumulation scaling to the loss (the LM loss is divided by the token count of all micro-batches of the
+        # step), divide it by the accumulation steps here; otherwise Trainer divides the whole sum.
+        scaled = mode == "train" and self._loss_is_scaled_for_ga(num_items_in_batch)
+        steps = self.current_gradient_accumulation_steps if scaled else 1
+        loss = lm_loss
+        contributions = {}
+        for name, term in terms.items():
+            contributions[name] = term.weighted / steps
+            loss = loss + contributions[name]
+
+        self._log_depth_metrics(mode, lm_loss, contributions, terms, steps)
+
+        if return_outputs:
+            logits_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            with torch.no_grad():
+                outputs = model(**logits_inputs)
+            return loss, outputs
+        return loss
+
+    # ------------------------------------------------------------------------------------------- logging
+
+    def _log_depth_metrics(self, mode, lm_loss, contributions, terms, steps) -> None:
+        # Logged per micro-batch on the scale of one whole step (x steps), so that the window average TRL's `log`
+        # takes equals the window average of Trainer's logged `loss`: `loss` == `loss/lm` + sum of `loss/<name>`.
+        names: list[str] = ["loss/lm"]
+        values: list[torch.Tensor] = [lm_loss.detach().float().reshape(()) * steps]
+        for name, contribution in contributions.items():
+            names.append(f"loss/{name}")
+            values.append(contribution.detach().float().reshape(()) * steps)
+            names.append(f"aux/{name}")
+            values.append(terms[name].value.detach().float().reshape(()))
+        if _arg(self.args, "log_routing_health") and self._has_depth_tuners:
+            from ..core.aux import routing_stats
+
+            for name, value in routing_health(routing_stats(self.model), self._drop_path_names).items():
+                names.append(name)
+                values.append(torch.tensor(float(value)))
+        if len(names) == 1 and not self._has_depth_tuners:
+            return  # a plain peft adapter: SFTTrainer already logs everything there is
+        device = lm_loss.device
+        stacked = torch.stack([v.to(device) for v in values]).reshape(1, -1)
+        # one collective for all metrics; every process computes the same names in the same order
+        gathered = self.accelerator.gather(stacked).reshape(-1, len(names)).mean(dim=0).tolist()
+        for name, value in zip(names, gathered):
+            self._metrics[mode][name].append(value)
+
+    # ------------------------------------------------------------------------------------------- optimizer
+
+    def create_optimizer(self, model=None):
+        opt_model = self.model if model is None else model
+        if self.optimizer is not None:
+            return self.optimizer
+        depth_groups = collect_optimizer_groups(
+            opt_model,
+            self.args.learning_rate,
+            self.args.weight_decay,
+            gate_learning_rate=_arg(self.args, "gate_learning_rate"),
+            gate_weight_decay=_arg(self.args, "gate_weight_decay"),
+        )
+        if not depth_groups:
+            return super().create_optimizer(model)
+
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if "params" in optimizer_kwargs or "model" in optimizer_kwargs or not isinstance(optimizer_cls, type):
+            raise ValueError(
+                f"The optimizer `{self.args.optim}` builds its own parameter groups, which cannot be combined with the "
+                "depth adapter's parameter groups (e.g. MoLEx gates). Use a standard optimizer such as adamw_torch."
+            )
+        claimed = {id(p) for group in depth_groups for p in group["params"]}
+        decay_names = set(self.get_decay_parameter_names(opt_model))
+        rest = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad and id(p) not in claimed]
+        groups = [
+            {"params": [p for n, p in rest if n in decay_names], "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in rest if n not in decay_names], "weight_decay": 0.0},
+            *depth_groups,
+        ]
+        groups = [group for group in groups if group["params"]]
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer

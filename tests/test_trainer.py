@@ -1,0 +1,320 @@
+"""DepthSFTTrainer trains every depth method through TRL's SFTTrainer, with its auxiliary losses, logs and hooks."""
+
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from tiny_models import tiny_llama
+from trainer_fixtures import GradCapture, assert_finite, counting_dataset, make_trainer, method_configs, train_logs
+
+import peft_depth
+from peft_depth import DepthSFTConfig
+from peft_depth.core.aux import raw_aux_losses
+from peft_depth.trainer import routing_health
+from peft_depth.trainer.hooks import depth_tuners
+
+METHODS = method_configs()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models gain nothing from intra-op threads; on a loaded 2-core machine two threads run 5-15x slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def lm_loss(trainer, rows=slice(0, 16)):
+    """Mean next-token loss of the training data, in eval mode, through the ordinary (logits) forward."""
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(rows.start, rows.stop)])
+    labels = batch.pop("labels")
+    logits = model(**batch).logits
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+    )
+    model.train(was_training)
+    return loss.item()
+
+
+# ---------------------------------------------------------------- every method trains, logs and balances
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_method_trains_and_logs_components(method, tmp_path):
+    trainer = make_trainer(METHODS[method](), str(tmp_path), max_steps=10, gradient_accumulation_steps=2)
+    before_params = trainable(trainer.model)
+    before_loss = lm_loss(trainer)
+    trainer.train()
+    after_loss = lm_loss(trainer)
+
+    logs = train_logs(trainer)
+    assert len(logs) == 10
+    aux_names = set(raw_aux_losses(trainer.model))
+    for entry in logs:
+        assert_finite(entry)
+        components = [k for k in entry if k.startswith("loss/") and k != "loss/lm"]
+        assert {f"loss/{name}" for name in aux_names} == set(components)
+        # Trainer's logged total (from the loss it back-propagated) equals the LM loss plus the weighted components
+        assert entry["loss"] == pytest.approx(entry["loss/lm"] + sum(entry[k] for k in components), rel=1e-5)
+        for name in aux_names:
+            assert entry[f"loss/{name}"] > 0 and math.isfinite(entry[f"aux/{name}"])
+    if peft_depth.routing_stats(trainer.model):
+        assert any(k.startswith("routing/") for k in logs[-1]), logs[-1]
+
+    after_params = trainable(trainer.model)
+    unchanged = [n for n in before_params if torch.equal(before_params[n], after_params[n])]
+    assert not unchanged, f"parameters that did not train: {unchanged}"
+    routers = [n for n in before_params if any(key in n for key in ("router", "gate"))]
+    assert routers or method == "mod"
+    assert after_loss < before_loss - 0.05, (before_loss, after_loss)
+
+
+def test_mola_logs_routing_health_names(tmp_path):
+    trainer = make_trainer(METHODS["mola"](), str(tmp_path), max_steps=2)
+    trainer.train()
+    entry = train_logs(trainer)[-1]
+    assert {"loss/lm", "loss/routing", "aux/routing"} <= set(entry)
+    # 2 then 4 experts: the usage entropy is between 0 and log(4), averaged over the four layers
+    assert 0 < entry["routing/mola/usage_entropy_min"] <= entry["routing/mola/usage_entropy"] <= math.log(4)
+    assert entry["loss/routing"] == pytest.approx(0.001 * entry["aux/routing"], rel=1e-5)
+
+
+def test_routing_health_flattens_rows_and_summaries():
+    stats = {
+        "mola": {"default": [{"layer": 0, "usage_entropy": 0.5}, {"layer": 1, "usage_entropy": 1.5}]},
+        "dlo": {
+            "default": {
+                "executed_fraction": 0.75,
+                "layers": [{"layer": 4, "skip_fraction": 0.25, "num_tokens": 9}, {"layer": 9, "skip_fraction": 0.5}],
+            }
+        },
+    }
+    health = routing_health(stats, drop_path_names={"default"})
+    assert health == {
+        "routing/mola/usage_entropy": 1.0,
+        "routing/mola/usage_entropy_min": 0.5,
+        "routing/dlo/executed_fraction": 0.75,
+        "routing/dlo/layers/skip_fraction/layer_4": 0.25,
+        "routing/dlo/layers/skip_fraction/layer_9": 0.5,
+        "routing/dlo/layers/skip_fraction": 0.375,
+    }
+
+
+# ---------------------------------------------------------------- gradient accumulation and coefficient overrides
+
+
+def test_aux_loss_scaled_for_gradient_accumulation_and_override_applies(tmp_path):
+    """One step of 2 micro-batches: the gradient is d/dθ [Σ_mb CE_sum(mb) / N_tokens + c · Σ_mb aux(mb) / 2]."""
+    config = peft_depth.MoLAConfig(task_type="CAUSAL_LM", r=4, num_experts=4, top_k=2, lora_dropout=0.0)
+    capture = GradCapture()
+    trainer = make_trainer(
+        config,
+        str(tmp_path),
+        dataset=counting_dataset(4),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        train_sampling_strategy="sequential",
+        max_grad_norm=0.0,
+        routing_loss_coef=0.3,
+        callbacks=[capture],
+    )
+    # Not a deepcopy: SFTTrainer's fused-head forward is a closure over the original model.
+    reference = get_peft_model(tiny_llama(seed=1), config).train()
+    reference.load_state_dict(trainer.model.state_dict())
+    trainer.train()
+
+    coef = 0.3
+    micro = [trainer.data_collator([trainer.train_dataset[i] for i in rows]) for rows in ((0, 1), (2, 3))]
+    num_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    total = 0.0
+    for batch in micro:
+        labels = batch.pop("labels")
+        logits = reference(**batch).logits
+        ce = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+        )
+        aux = raw_aux_losses(reference)["routing"].value
+        total = total + ce / num_tokens + coef * aux / 2
+    total.backward()
+    expected = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    (got,) = capture.grads
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    entry = train_logs(trainer)[-1]
+    assert entry["loss/routing"] == pytest.approx(coef * entry["aux/routing"], rel=1e-4)
+    assert entry["loss"] == pytest.approx(total.item(), rel=1e-5)
+
+
+def test_zero_override_turns_the_aux_loss_off(tmp_path):
+    trainer = make_trainer(METHODS["mola"](), str(tmp_path), max_steps=1, routing_loss_coef=0.0)
+    trainer.train()
+    entry = train_logs(trainer)[-1]
+    assert "loss/routing" not in entry
+    assert entry["loss"] == pytest.approx(entry["loss/lm"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(routing_loss_coef=-1.0), "routing_loss_coef"),
+        (dict(distill_loss_coef=float("inf")), "distill_loss_coef"),
+        (dict(router_loss_coef=-0.1), "router_loss_coef"),
+        (dict(gate_learning_rate=0.0), "gate_learning_rate"),
+        (dict(gate_weight_decay=-1.0), "gate_weight_decay"),
+    ],
+)
+def test_bad_depth_config_values_name_the_field(kwargs, field, tmp_path):
+    with pytest.raises(ValueError, match=field):
+        DepthSFTConfig(output_dir=str(tmp_path), report_to="none", bf16=False, use_cpu=True, **kwargs)
+
+
+# ---------------------------------------------------------------- plain peft adapters
+
+
+def test_plain_lora_is_just_sft(tmp_path):
+    config = LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"])
+    trainer = make_trainer(config, str(tmp_path), max_steps=6)
+    before = lm_loss(trainer)
+    trainer.train()
+    assert lm_loss(trainer) < before
+    entry = train_logs(trainer)[-1]
+    assert not any(k.startswith(("loss/", "aux/", "routing/")) for k in entry)
+    assert not depth_tuners(trainer.model)
+
+
+# ---------------------------------------------------------------- gradient checkpointing
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(method, tmp_path):
+    results = []
+    for checkpointing in (False, True):
+        capture = GradCapture()
+        trainer = make_trainer(
+            METHODS[method](),
+            str(tmp_path / str(checkpointing)),
+            max_steps=1,
+            gradient_checkpointing=checkpointing,
+            max_grad_norm=0.0,
+            callbacks=[capture],
+        )
+        trainer.train()
+        results.append((train_logs(trainer)[-1], capture.grads[0]))
+    (log_plain, grads_plain), (log_ckpt, grads_ckpt) = results
+    for key in [k for k in log_plain if k.startswith(("loss", "aux/"))]:
+        assert log_ckpt[key] == pytest.approx(log_plain[key], rel=1e-5), key
+    assert set(grads_plain) == set(grads_ckpt)
+    for name in grads_plain:
+        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+# ---------------------------------------------------------------- hooks: sync flag, step, optimizer groups
+
+
+def test_sync_routing_stats_reaches_every_tuner(tmp_path):
+    trainer = make_trainer(METHODS["mola"](), str(tmp_path), max_steps=1, sync_routing_stats=True)
+    (tuner,) = depth_tuners(trainer.model)
+    assert tuner.routing_context.sync_across_processes
+    # single process: syncing is a no-op, training runs as usual
+    assert not tuner.routing_context.syncing
+    trainer.train()
+
+
+def test_training_step_hook_follows_global_step_and_resume(tmp_path):
+    trainer = make_trainer(
+        METHODS["mola"](),
+        str(tmp_path),
+        max_steps=3,
+        gradient_accumulation_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+    )
+    (tuner,) = depth_tuners(trainer.model)
+    seen = []
+    tuner.set_training_step = seen.append
+    trainer.train()
+    assert seen == [0, 0, 1, 1, 2, 2]
+
+    resumed = make_trainer(METHODS["mola"](), str(tmp_path), max_steps=3, gradient_accumulation_steps=2)
+    (tuner,) = depth_tuners(resumed.model)
+    seen = []
+    tuner.set_training_step = seen.append
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert seen == [2, 2]
+
+
+def test_optimizer_groups_hook_and_gate_overrides(tmp_path):
+    trainer = make_trainer(
+        METHODS["mola"](), str(tmp_path), max_steps=1, gate_learning_rate=0.1, gate_weight_decay=0.5, weight_decay=0.01
+    )
+    (tuner,) = depth_tuners(trainer.model)
+    routers = [p for n, p in tuner.named_parameters() if "mola_router" in n]
+    first_a = next(p for n, p in tuner.named_parameters() if "mola_A" in n)
+    # a method exposing its gates (here: MoLA's routers stand in) and one parameter at a fixed lr
+    tuner.depth_optimizer_groups = lambda lr, wd: [
+        {"name": "gate", "params": routers},
+        {"name": "slow", "params": [first_a], "lr": lr / 10},
+    ]
+    trainer.train()
+    groups = trainer.optimizer.param_groups
+    by_name = {g.get("name"): g for g in groups}
+    assert by_name["gate"]["lr"] == 0.1 and by_name["gate"]["weight_decay"] == 0.5
+    assert by_name["slow"]["lr"] == pytest.approx(1e-3) and by_name["slow"]["weight_decay"] == 0.01
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in trainer.model.parameters() if p.requires_grad}
+
+
+def test_optimizer_groups_reject_a_parameter_listed_twice(tmp_path):
+    trainer = make_trainer(METHODS["mola"](), str(tmp_path), max_steps=1)
+    (tuner,) = depth_tuners(trainer.model)
+    router = next(p for n, p in tuner.named_parameters() if "mola_router" in n)
+    tuner.depth_optimizer_groups = lambda lr, wd: [{"params": [router]}, {"name": "gate", "params": [router]}]
+    with pytest.raises(ValueError, match="two groups"):
+        trainer.create_optimizer()
+
+
+# ---------------------------------------------------------------- resume and save
+
+
+def test_resume_continues_the_same_trajectory(tmp_path):
+    def run(out, **kwargs):
+        trainer = make_trainer(METHODS["mola"](), str(out), max_steps=4, save_strategy="steps", save_steps=2, **kwargs)
+        return trainer
+
+    full = run(tmp_path / "full", lr_scheduler_type="linear")
+    full.train()
+    resumed = run(tmp_path / "full", lr_scheduler_type="linear")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    final_full, final_resumed = trainable(full.model), trainable(resumed.model)
+    for name in final_full:
+        torch.testing.assert_close(final_resumed[name], final_full[name], rtol=1e-5, atol=1e-7, msg=name)
+    logs_full = {e["step"]: e["loss"] for e in train_logs(full)}
+    logs_resumed = {e["step"]: e["loss"] for e in train_logs(resumed)}
+    assert logs_resumed[4] == pytest.approx(logs_full[4], rel=1e-5)
+
+
+def test_saved_adapter_reloads_with_peft(tmp_path):
+    trainer = make_trainer(METHODS["mola"](), str(tmp_path), max_steps=2)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    batch.pop("labels")
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(**batch).logits
+        reloaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "adapter")).eval()
+        torch.testing.assert_close(reloaded(**batch).logits, expected)
