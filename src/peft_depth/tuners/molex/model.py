@@ -102,6 +102,8 @@ class MoLExModel(DepthTuner):
                 "`encoder.layer`) was found in this model."
             )
         plan = self._build_plan(config, stack.layers)
+        # created now, so that its padding-mask hook sees the very first forward
+        _ = self.routing_context
         super().inject_adapter(model, adapter_name, **kwargs)
         self._create_tuner_modules(adapter_name, config, plan)
         self._plans[adapter_name] = plan

@@ -1,0 +1,515 @@
+"""MoLEx behaves as a PEFT method and computes the paper's layer mixture exactly."""
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from tiny_models import batch, clone_model, tiny_bert, tiny_gpt2, tiny_llama, tiny_qwen3, tiny_roberta
+
+import peft_depth
+from peft_depth import MoLExConfig
+from peft_depth.core.lora_layer import DepthLoraLinear
+from peft_depth.tuners.molex.model import _BlockForward
+
+
+def molex(model, **kwargs):
+    kwargs.setdefault("task_type", "CAUSAL_LM")
+    return get_peft_model(model, MoLExConfig(**kwargs))
+
+
+def logits(model, inputs, **kwargs):
+    with torch.no_grad():
+        return model(**inputs, **kwargs).logits
+
+
+def blocks(model):
+    return model.base_model.layer_stack.layers
+
+
+def gates(model, adapter="default"):
+    return model.base_model.molex_gate[adapter]
+
+
+def sharpen_gate(model, scale=40.0, seed=3):
+    """Make the random gate decisive so tokens pick different layers (the default init is nearly uniform)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in gates(model).values():
+            gate.proj.weight.copy_(torch.randn(gate.proj.weight.shape, generator=generator) * scale)
+
+
+def force_expert(model, layer, adapter="default"):
+    """Bias the (shared, linear) gate so every token picks `layer`."""
+    with torch.no_grad():
+        for gate in gates(model, adapter).values():
+            gate.proj.weight.zero_()
+            gate.proj.bias.fill_(-10.0)
+            gate.proj.bias[layer] = 10.0
+
+
+# ---------------------------------------------------------------- config validation
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(routing="layer"), "routing"),
+        (dict(gate_type="mlp"), "gate_type"),
+        (dict(alpha=1.0), "alpha"),
+        (dict(alpha=0.0), "alpha"),
+        (dict(alpha=-0.1), "alpha"),
+        (dict(balance_loss_coef=-1e-3), "balance_loss_coef"),
+        (dict(gate_proj_dim=0), "gate_proj_dim"),
+        (dict(molex_layers=[]), "molex_layers"),
+        (dict(molex_layers=[0, -1]), r"molex_layers\[1\]"),
+        (dict(molex_layers=[1, 1]), "molex_layers"),
+        (dict(expert_layers=["a"]), r"expert_layers\[0\]"),
+        (dict(learn_alpha="yes"), "learn_alpha"),
+        (dict(gate_lr=-1.0), "gate_lr"),
+        (dict(gate_weight_decay=float("inf")), "gate_weight_decay"),
+        (dict(r=0), "r"),
+        (dict(bias="lora_only"), "bias"),
+    ],
+)
+def test_bad_config_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        MoLExConfig(**kwargs)
+
+
+def test_layer_indices_must_exist_in_the_model():
+    with pytest.raises(ValueError, match=r"`molex_layers` contains \[4\] but the model has 4 layers"):
+        molex(tiny_llama(), molex_layers=[0, 4])
+    with pytest.raises(ValueError, match=r"`expert_layers` contains \[7\]"):
+        molex(tiny_llama(), expert_layers=[1, 7])
+
+
+def test_layer_types_restrict_candidates_and_an_empty_set_is_an_error():
+    types = ["sliding_attention", "full_attention"] * 2
+    with pytest.raises(ValueError, match="MoLEx layer 0 has no candidate experts"):
+        molex(tiny_qwen3(layer_types=types), molex_layers=[0], expert_layers=[1, 3])
+    model = molex(tiny_qwen3(layer_types=types), molex_layers=[0, 1, 2, 3])
+    plan = model.base_model._plans["default"]
+    assert plan.candidates == {0: [0, 2], 1: [1, 3], 2: [0, 2], 3: [1, 3]}
+
+
+def test_defaults_follow_the_paper_per_architecture():
+    decoder = molex(tiny_llama(num_layers=6))
+    plan = decoder.base_model._plans["default"]
+    assert plan.molex_layers == [0, 1, 2] and plan.alpha == 0.95 and plan.causal
+    encoder = get_peft_model(tiny_bert(), MoLExConfig(task_type="SEQ_CLS"))
+    plan = encoder.base_model._plans["default"]
+    assert plan.molex_layers == [0, 1, 2, 3] and plan.alpha == 0.5 and not plan.causal
+    # LoRA's default targets (q/v for Llama, query/value for BERT), like plain LoRA
+    names = {n.rsplit(".", 1)[-1] for n, m in decoder.named_modules() if isinstance(m, DepthLoraLinear)}
+    assert names == {"q_proj", "v_proj"}
+    assert isinstance(blocks(decoder)[2].__dict__.get("forward"), _BlockForward)
+    assert "forward" not in blocks(decoder)[3].__dict__
+
+
+# ---------------------------------------------------------------- forward = the paper's mixture
+
+
+class _Capture:
+    """Records the input, keyword arguments and output of one block call."""
+
+    def __init__(self, block):
+        self.handles = [
+            block.register_forward_pre_hook(self.pre, with_kwargs=True),
+            block.register_forward_hook(self.post),
+        ]
+
+    def pre(self, module, args, kwargs):
+        self.hidden = args[0] if args else kwargs["hidden_states"]
+        self.kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
+    def post(self, module, args, output):
+        self.output = output[0] if isinstance(output, tuple) else output
+
+
+def plain_block(model, index, hidden, kwargs):
+    """Block `index` with its LoRA, bypassing the MoLEx wrapper and any cache."""
+    block = blocks(model)[index]
+    kwargs = {**kwargs, "past_key_values": None, "use_cache": False}
+    out = type(block).forward(block, hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def test_batch_vote_forward_matches_hand_computation():
+    model = molex(tiny_llama(), molex_layers=[1], alpha=0.3, init_lora_weights=False, lora_dropout=0.0)
+    sharpen_gate(model, scale=5.0)
+    capture = _Capture(blocks(model)[1])
+    inputs = batch(left_pad=3)
+    logits(model, inputs)
+    z = capture.hidden
+    gate = gates(model)["shared"].proj
+    probs = torch.softmax(z.reshape(-1, z.shape[-1]) @ gate.weight.T + gate.bias, dim=-1)
+    votes = probs.argmax(-1)[inputs["attention_mask"].reshape(-1).bool()]
+    j = int(torch.bincount(votes, minlength=4).argmax())
+    with torch.no_grad():
+        expected = 0.3 * plain_block(model, 1, z, capture.kwargs) + 0.7 * plain_block(model, j, z, capture.kwargs)
+    torch.testing.assert_close(capture.output, expected, rtol=1e-5, atol=1e-6)
+    row = peft_depth.routing_stats(model)["molex"]["default"][0]
+    assert row["layer"] == 1 and row["chosen"] == j and row["num_tokens"] == 11
+
+
+def test_token_routing_mixes_per_token():
+    model = molex(tiny_llama(), molex_layers=[2], routing="token", alpha=0.6, init_lora_weights=False, lora_dropout=0)
+    sharpen_gate(model)
+    capture = _Capture(blocks(model)[2])
+    inputs = batch(batch_size=3, seq_len=9, left_pad=0)
+    logits(model, inputs)
+    z = capture.hidden
+    gate = gates(model)["shared"].proj
+    choice = (z @ gate.weight.T + gate.bias).argmax(-1)  # [B, T]
+    assert len(choice.unique()) >= 3, "the test needs tokens routed to several layers"
+    with torch.no_grad():
+        per_layer = torch.stack([plain_block(model, j, z, capture.kwargs) for j in range(4)])  # [L, B, T, d]
+    chosen = per_layer.gather(0, choice[None, ..., None].expand(1, *z.shape))[0]
+    expected = 0.6 * per_layer[2] + 0.4 * chosen
+    torch.testing.assert_close(capture.output, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sequence_routing_mixes_per_sequence():
+    model = molex(tiny_llama(), molex_layers=[0], routing="sequence", alpha=0.5, init_lora_weights=False)
+    model.eval()
+    sharpen_gate(model, seed=5)
+    capture = _Capture(blocks(model)[0])
+    inputs = batch(batch_size=4, seq_len=6, left_pad=2)
+    logits(model, inputs)
+    z = capture.hidden
+    gate = gates(model)["shared"].proj
+    top1 = (z @ gate.weight.T + gate.bias).argmax(-1)
+    real = inputs["attention_mask"].bool()
+    row_choice = [int(torch.bincount(top1[b][real[b]], minlength=4).argmax()) for b in range(4)]
+    assert peft_depth.routing_stats(model)["molex"]["default"][0]["chosen"] == row_choice
+    with torch.no_grad():
+        own = plain_block(model, 0, z, capture.kwargs)
+        expected = torch.stack(
+            [0.5 * own[b] + 0.5 * plain_block(model, j, z, capture.kwargs)[b] for b, j in enumerate(row_choice)]
+        )
+    torch.testing.assert_close(capture.output, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_choosing_its_own_layer_computes_the_block_once():
+    model = molex(tiny_llama(), molex_layers=[0, 1, 2, 3], init_lora_weights=False)
+    calls = [0] * 4
+    for i, block in enumerate(blocks(model)):
+        block.mlp.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+    force_expert(model, 2)
+    logits(model, batch())
+    assert calls == [1, 1, 1 + 3, 1]  # each layer once, plus layer 2 as the expert of layers 0, 1 and 3
+    # layer 2 chose itself: its output is exactly its own block
+    capture = _Capture(blocks(model)[2])
+    logits(model, batch())
+    torch.testing.assert_close(
+        capture.output, plain_block(model, 2, capture.hidden, capture.kwargs).detach(), rtol=0, atol=0
+    )
+
+
+def test_fresh_adapter_mixes_layers_and_disable_adapter_gives_the_base_exactly():
+    base = tiny_llama()
+    inputs = batch()
+    expected = logits(clone_model(base), inputs)
+    model = molex(clone_model(base), molex_layers=[0, 1, 2, 3], alpha=0.5)
+    assert (logits(model, inputs) - expected).abs().max() > 1e-3  # mixing layers is the method
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
+        assert peft_depth.routing_stats(model) == {}
+        assert peft_depth.aux_losses(model) == {}
+    assert (logits(model, inputs) - expected).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- balance loss and statistics
+
+
+def test_balance_loss_is_num_layers_times_prob_of_the_voted_layer():
+    model = molex(tiny_llama(), molex_layers=[0, 1], balance_loss_coef=0.01, init_lora_weights=False)
+    sharpen_gate(model, scale=3.0)
+    captures = [_Capture(blocks(model)[i]) for i in (0, 1)]
+    inputs = batch(left_pad=3)
+    model(**inputs)
+    real = inputs["attention_mask"].reshape(-1).bool()
+    gate = gates(model)["shared"].proj
+    expected = 0.0
+    for capture, row in zip(captures, peft_depth.routing_stats(model)["molex"]["default"]):
+        z = capture.hidden.reshape(-1, 32)[real]
+        probs = torch.softmax(gate(z), -1)
+        expected += 4 * probs[:, row["chosen"]].mean()  # official: L · P_j
+        assert row["expert_fraction"][row["chosen"]] == 1.0
+    torch.testing.assert_close(peft_depth.aux_losses(model)["routing"], 0.01 * expected, rtol=1e-5, atol=1e-7)
+
+
+def test_padding_content_does_not_change_routing():
+    model = molex(tiny_llama(), molex_layers=[0, 1, 2], routing="token", init_lora_weights=False)
+    sharpen_gate(model)
+    inputs = batch(left_pad=3)
+    model(**inputs)
+    first = peft_depth.routing_stats(model)["molex"]["default"]
+    other = {k: v.clone() for k, v in inputs.items()}
+    other["input_ids"][0, :3] = torch.tensor([5, 6, 7])
+    model(**other)
+    second = peft_depth.routing_stats(model)["molex"]["default"]
+    for a, b in zip(first, second, strict=True):
+        assert a["num_tokens"] == b["num_tokens"] == 11
+        assert a["expert_fraction"] == pytest.approx(b["expert_fraction"])
+        assert a["mean_prob"] == pytest.approx(b["mean_prob"], abs=1e-5)
+
+
+def test_gradient_checkpointing_gives_same_loss_and_gradients():
+    def run(checkpointing):
+        model = molex(tiny_llama(), molex_layers=[0, 1, 2], alpha=0.5, init_lora_weights=False, lora_dropout=0.0)
+        sharpen_gate(model, scale=3.0)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        inputs = batch()
+        out = model(**inputs, labels=inputs["input_ids"])
+        loss = out.loss + sum(peft_depth.aux_losses(model).values())
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads, peft_depth.routing_stats(model)
+
+    loss_a, grads_a, stats_a = run(False)
+    loss_b, grads_b, stats_b = run(True)
+    torch.testing.assert_close(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert [r["chosen"] for r in stats_a["molex"]["default"]] == [r["chosen"] for r in stats_b["molex"]["default"]]
+
+
+def test_output_hidden_states_records_each_layer_once():
+    model = molex(tiny_llama(), molex_layers=[0, 1, 2, 3], init_lora_weights=False)
+    force_expert(model, 3)
+    capture = _Capture(blocks(model)[1])
+    out = model(**batch(), output_hidden_states=True)
+    assert len(out.hidden_states) == 5
+    torch.testing.assert_close(out.hidden_states[2], capture.output)
+
+
+# ---------------------------------------------------------------- PEFT behaviour
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(gate_type="cosine", gate_proj_dim=16, shared_gate=False, learn_alpha=True, routing="token"),
+    ],
+)
+def test_save_load_round_trip_is_exact(tmp_path, kwargs):
+    base = tiny_llama()
+    model = molex(clone_model(base), molex_layers=[0, 1, 2, 3], init_lora_weights=False, **kwargs)
+    sharpen_gate(model) if kwargs.get("gate_type") != "cosine" else None
+    if kwargs.get("learn_alpha"):
+        with torch.no_grad():
+            for p in model.base_model.molex_alpha["default"].parameters():
+                p.add_(torch.randn_like(p))
+    inputs = batch()
+    expected = logits(model, inputs)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert all(".lora_" in k or ".molex_" in k for k in saved), list(saved)
+    assert any("molex_gate" in k for k in saved)
+    assert not any(".default" in k or "base_layer" in k for k in saved)
+    loaded = PeftModel.from_pretrained(clone_model(base), tmp_path)
+    torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
+    state = {k: v for k, v in loaded.state_dict().items() if "lora_" in k or "molex_" in k}
+    assert len(state) == len(saved)
+
+
+def test_multiple_adapters_set_and_delete():
+    base = tiny_llama()
+    inputs = batch()
+    model = molex(clone_model(base), molex_layers=[0, 1], init_lora_weights=False)
+    model.add_adapter("other", MoLExConfig(molex_layers=[2, 3], routing="token", init_lora_weights=False))
+    out_default = logits(model, inputs)
+    assert [r["layer"] for r in peft_depth.routing_stats(model)["molex"]["default"]] == [0, 1]
+    model.set_adapter("other")
+    out_other = logits(model, inputs)
+    assert [r["layer"] for r in peft_depth.routing_stats(model)["molex"]["other"]] == [2, 3]
+    assert (out_default - out_other).abs().max() > 1e-3
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".other" in n for n in trainable)
+    assert any("molex_gate.other" in n for n in trainable)
+    model.base_model.set_adapter(["default", "other"])
+    with pytest.raises(ValueError, match="one adapter's gates at a time"):
+        model(**inputs)
+    model.set_adapter("default")
+    model.delete_adapter("other")
+    assert not any(".other" in n for n, _ in model.named_parameters())
+    assert "forward" not in blocks(model)[3].__dict__  # layer 3 mixed only for "other"
+    torch.testing.assert_close(logits(model, inputs), out_default, rtol=0, atol=0)
+
+
+def test_training_moves_only_adapter_parameters_and_loss_decreases():
+    model = molex(tiny_llama(), molex_layers=[0, 1, 2, 3], alpha=0.5, balance_loss_coef=0.01, learn_alpha=True)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    groups = model.base_model.depth_optimizer_groups(1e-2, 0.0)
+    assert [g["name"] for g in groups] == ["gate"]
+    gate_ids = {id(p) for p in groups[0]["params"]}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
+    optimizer = torch.optim.AdamW([*groups, {"params": rest}], lr=1e-2)
+    inputs = batch(batch_size=4, seq_len=12)
+    losses = []
+    for _ in range(15):
+        out = model(**inputs, labels=inputs["input_ids"])
+        loss = out.loss + sum(peft_depth.aux_losses(model).values())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0] - 0.1
+    for name, param in model.named_parameters():
+        moved = not torch.equal(param, before[name])
+        adapter = "lora_" in name or "molex_" in name
+        assert moved == adapter, name
+        assert param.requires_grad == adapter, name
+
+
+def test_gate_learns_only_from_the_balance_loss_unless_straight_through():
+    inputs = batch()
+
+    def gate_grad(**kwargs):
+        model = molex(tiny_llama(), molex_layers=[0, 1], alpha=0.5, init_lora_weights=False, **kwargs)
+        model.train()
+        out = model(**inputs, labels=inputs["input_ids"])
+        (out.loss + sum(peft_depth.aux_losses(model).values())).backward()
+        grad = gates(model)["shared"].proj.weight.grad
+        return None if grad is None else grad.abs().sum().item(), out.logits.detach()
+
+    assert gate_grad(balance_loss_coef=0.0)[0] is None  # the official gate: no task-loss gradient
+    assert gate_grad(balance_loss_coef=0.01)[0] > 0
+    straight, logits_st = gate_grad(balance_loss_coef=0.0, straight_through_gate=True)
+    _, logits_plain = gate_grad(balance_loss_coef=0.0)
+    assert straight > 0
+    torch.testing.assert_close(logits_st, logits_plain, rtol=1e-6, atol=1e-6)  # outputs unchanged
+
+
+def test_optimizer_groups_carry_gate_lr_and_decay():
+    model = molex(tiny_llama(), gate_lr=0.1, gate_weight_decay=0.1, learn_alpha=True, shared_gate=False)
+    (group,) = model.base_model.depth_optimizer_groups(5e-4, 0.0)
+    assert group["lr"] == 0.1 and group["weight_decay"] == 0.1
+    names = [n for n, _ in model.base_model.gate_parameters()]
+    assert names == [
+        "molex_gate.default.layer0.proj.weight",
+        "molex_gate.default.layer0.proj.bias",
+        "molex_gate.default.layer1.proj.weight",
+        "molex_gate.default.layer1.proj.bias",
+        "molex_alpha.default.weights.layer0",
+        "molex_alpha.default.weights.layer1",
+    ]
+    alpha = model.base_model.molex_alpha["default"]
+    assert float(alpha(1).detach()) == pytest.approx(0.95)  # learned α starts at the fixed default
+
+
+def test_merge_and_unload_is_refused_and_unload_restores_the_base():
+    base = tiny_llama()
+    inputs = batch()
+    expected = logits(clone_model(base), inputs)
+    model = molex(clone_model(base), molex_layers=[0, 1, 2, 3], init_lora_weights=False)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_and_unload()
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_adapter()
+    unloaded = model.unload()
+    assert not any(isinstance(m, DepthLoraLinear) for m in unloaded.modules())
+    assert not any("forward" in block.__dict__ for block in unloaded.model.layers)
+    torch.testing.assert_close(logits(unloaded, inputs), expected, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- generation and the KV cache
+
+
+@pytest.mark.parametrize("factory", ["llama", "qwen3_sliding", "gpt2"])
+def test_token_routing_generate_with_cache_equals_without(factory):
+    if factory == "llama":
+        base = tiny_llama()
+    elif factory == "qwen3_sliding":
+        base = tiny_qwen3(
+            layer_types=["sliding_attention", "full_attention"] * 2, use_sliding_window=True, sliding_window=4
+        )
+    else:
+        base = tiny_gpt2()
+    model = molex(base, molex_layers=[0, 1, 2, 3], routing="token", alpha=0.5, init_lora_weights=False)
+    sharpen_gate(model)
+    prompt = batch(batch_size=2, seq_len=6, left_pad=2)
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(**prompt, use_cache=True, **kwargs)
+    without = model.generate(**prompt, use_cache=False, **kwargs)
+    assert torch.equal(with_cache, without)
+    # the decode steps routed tokens to layers (experts caught up on earlier positions)
+    assert any(len(row["chosen"]) > 1 for row in peft_depth.routing_stats(model)["molex"]["default"])
+
+
+def test_token_routing_never_writes_the_real_cache_slot_of_an_expert():
+    model = molex(tiny_llama(), molex_layers=[0], routing="token", init_lora_weights=False)
+    force_expert(model, 3)
+    inputs = batch(left_pad=0)
+    out = model(**inputs, use_cache=True)
+    cache = out.past_key_values
+    assert [cache.get_seq_length(i) for i in range(4)] == [7, 7, 7, 7]  # each slot written once, by its own layer
+    state = cache.__dict__["_peft_depth_molex_expert_caches"][("default", 0)]
+    assert state.cache.get_seq_length(3) == 7 and state.past_length == 7
+
+
+def test_batch_vote_generates_without_cache_with_one_warning():
+    model = molex(tiny_llama(), molex_layers=[0, 1], alpha=0.5, init_lora_weights=False)
+    sharpen_gate(model)
+    prompt = batch(batch_size=2, seq_len=5, left_pad=2)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with pytest.warns(UserWarning, match="use_cache=False"):
+        forced = model.generate(**prompt, **kwargs)
+    explicit = model.generate(**prompt, use_cache=False, **kwargs)
+    assert torch.equal(forced, explicit)
+    # continuing from a filled cache by hand is refused, not silently wrong
+    out = model(**prompt, use_cache=True)
+    step = {"input_ids": prompt["input_ids"][:, -1:], "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    with pytest.raises(ValueError, match="cannot continue from a KV cache"):
+        model(**step, past_key_values=out.past_key_values, use_cache=True)
+
+
+# ---------------------------------------------------------------- architectures
+
+
+def test_gpt2_builds_trains_and_mixes():
+    model = molex(tiny_gpt2(), init_lora_weights=False)
+    assert model.base_model._plans["default"].molex_layers == [0, 1]
+    inputs = batch()
+    out = model(**inputs, labels=inputs["input_ids"])
+    (out.loss + sum(peft_depth.aux_losses(model).values())).backward()
+    assert gates(model)["shared"].proj.weight.grad is not None
+    assert len(peft_depth.routing_stats(model)["molex"]["default"]) == 2
+
+
+@pytest.mark.parametrize("factory", [tiny_bert, tiny_roberta])
+def test_encoders_sequence_classification(factory):
+    base = factory()
+    inputs = batch(left_pad=0)
+    inputs["attention_mask"][0, -2:] = 0  # right padding, as tokenizers do for encoders
+    model = get_peft_model(clone_model(base), MoLExConfig(task_type="SEQ_CLS", init_lora_weights=False))
+    model.train()
+    out = model(**inputs, labels=torch.tensor([0, 1]))
+    (out.loss + sum(peft_depth.aux_losses(model).values())).backward()
+    rows = peft_depth.routing_stats(model)["molex"]["default"]
+    assert [r["layer"] for r in rows] == [0, 1, 2, 3] and rows[0]["num_tokens"] == 12
+    assert any(p.grad is not None for n, p in model.named_parameters() if "classifier" in n and p.requires_grad)
+    with model.disable_adapter():
+        model.eval()
+        base_out = base(**inputs).logits
+        # the classifier head is a trainable copy (modules_to_save); disabled, the original head runs
+        torch.testing.assert_close(model(**inputs).logits, base_out, rtol=0, atol=0)
+
+
+def test_qwen3_with_layer_types_routes_only_to_same_type_layers():
+    types = ["sliding_attention", "full_attention"] * 2
+    base = tiny_qwen3(layer_types=types, use_sliding_window=True, sliding_window=4)
+    model = molex(base, molex_layers=[0, 1, 2, 3], routing="token", init_lora_weights=False)
+    sharpen_gate(model)
+    model(**batch(batch_size=3, seq_len=9, left_pad=0))
+    for row in peft_depth.routing_stats(model)["molex"]["default"]:
+        fractions = row["expert_fraction"]
+        assert all(fractions[j] == 0 for j in range(4) if types[j] != types[row["layer"]])
+        assert all(p == 0 for j, p in enumerate(row["mean_prob"]) if types[j] != types[row["layer"]])
