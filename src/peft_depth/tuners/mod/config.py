@@ -1,0 +1,157 @@
+"""Configuration of MoD: mixture-of-depths ensemble of late layers ("Tuning Language Models by Mixture-of-Depths
+Ensemble", Luo & Specia, arXiv 2410.13077).
+
+The paper's code is not public. Every choice it leaves open is a field here, with the reconstruction of
+``methods.md`` §4 as the default.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from ...core.config import (
+    LoraFieldsConfig,
+    check_choice,
+    check_non_negative_number,
+    check_positive_int,
+    check_probability,
+)
+from ...core.peft_registration import add_peft_type
+
+__all__ = ["MoDConfig", "ROUTER_GRANULARITIES", "MIX_SPACES"]
+
+MOD = add_peft_type("MOD")
+
+ROUTER_GRANULARITIES = ("token", "sequence", "static")
+MIX_SPACES = ("logits", "log_probs")
+
+
+def _check_positive_number(name: str, value) -> None:
+    check_non_negative_number(name, value)
+    if value == 0:
+        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+
+
+@dataclass
+class MoDConfig(LoraFieldsConfig):
+    """Configuration for MoD.
+
+    The last ``num_late_layers`` (K) blocks form an ensemble. Each earlier late layer l gets a new trainable norm N_l
+    (a copy of the model's final norm); the final layer L keeps the pretrained, frozen final norm (it is the teacher).
+    With the model's frozen LM head W and a router giving softmax weights w over the K layers, the output is
+
+        z = z_L + g · Σ_l w_l (z_l − z_L),      z_l = W · N_l(h_l),
+
+    with a learnable gate g that starts at 0, so a fresh adapter computes the base model exactly. In logit space this
+    equals mixing the normalised hidden states before one head projection, which is how it runs (one LM-head
+    matmul). An auxiliary distillation loss lets the detached final-layer distribution teach each earlier late layer.
+
+    MoD alone (only the norms, router and gate train) is the default: ``target_modules=None`` or ``r=0``. Give LoRA
+    ``target_modules`` (and ``r`` > 0) to combine MoD with LoRA in the same adapter.
+    """
+
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Modules that also get LoRA (names, a regex, or 'all-linear'). None (default) means MoD alone: "
+            "only the new norms, the router and the gate train. The output head cannot be a target: MoD shares it, "
+            "frozen, across the late layers."
+        },
+    )
+    num_late_layers: int = field(
+        default=4,
+        metadata={
+            "help": "K: how many of the last blocks form the ensemble, counting the final block. At least 2 and at "
+            "most the model's depth."
+        },
+    )
+    router_granularity: str = field(
+        default="token",
+        metadata={
+            "help": "What the routing weights depend on. 'token': a linear router on each token's normalised final "
+            "hidden state. 'sequence': the same router on the running mean of those states over the real tokens up "
+            "to each position (causal, so generation with a KV cache equals generation without; beam search is not "
+            "supported with it, since the running mean is not reordered with the beams). 'static': one learned "
+            "vector of K logits shared by all tokens."
+        },
+    )
+    router_temperature: float = field(
+        default=1.0, metadata={"help": "The router's softmax temperature τ (w = softmax(logits / τ)); > 0."}
+    )
+    mix_space: str = field(
+        default="logits",
+        metadata={
+            "help": "'logits' (default): mix logits, computed as one head projection of the mixed normalised hidden "
+            "states, so `last_hidden_state`, `logits_to_keep`, generate and TRL's fused LM head all see the "
+            "ensemble. 'log_probs': mix per-layer log-probabilities; this needs K head projections at every kept "
+            "position (K× the logits memory), works only through the model's own LM-head call (not TRL's fused LM "
+            "head, not tensor `logits_to_keep`), and is refused for models with final-logit soft-capping."
+        },
+    )
+    gate_init: float = field(
+        default=0.0,
+        metadata={
+            "help": "Initial value of the gate g. 0 (default) makes a fresh adapter equal the base model; the gate "
+            "still gets gradient at 0, and the router once the gate has moved."
+        },
+    )
+    distill_loss_coef: float = field(
+        default=1.0,
+        metadata={
+            "help": "λ: weight of the distillation loss Σ_l KL(softmax(z_L/T) ‖ softmax(z_l/T)) · T² over the "
+            "earlier late layers, reported by `peft_depth.aux_losses` as 'distill'. 0 turns it off (and skips its "
+            "computation)."
+        },
+    )
+    distill_temperature: float = field(
+        default=1.0, metadata={"help": "T: temperature of both distributions in the distillation KL; > 0."}
+    )
+    distill_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "Fraction of the label-carrying positions the distillation loss uses, drawn at random each "
+            "forward (at least one position). 1.0 distils on all of them."
+        },
+    )
+    distill_chunk_size: int = field(
+        default=128,
+        metadata={
+            "help": "Positions per chunk when the distillation projects hidden states through the LM head; peak "
+            "extra memory is about (K+2) × chunk × vocabulary floats, independent of the sequence length."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        # LoraFieldsConfig requires r > 0; MoD allows r = 0 (MoD alone), so validate the LoRA fields ourselves.
+        super(LoraFieldsConfig, self).__post_init__()
+        self._check_lora_fields(allow_zero_rank=True)
+        self.peft_type = MOD
+        check_choice("bias", self.bias, ("none", "all", "mod_only"))
+        check_positive_int("num_late_layers", self.num_late_layers)
+        if self.num_late_layers < 2:
+            raise ValueError(
+                f"`num_late_layers` must be >= 2 (the final layer plus at least one earlier layer to mix with), got "
+                f"{self.num_late_layers!r}."
+            )
+        check_choice("router_granularity", self.router_granularity, ROUTER_GRANULARITIES)
+        check_choice("mix_space", self.mix_space, MIX_SPACES)
+        _check_positive_number("router_temperature", self.router_temperature)
+        _check_positive_number("distill_temperature", self.distill_temperature)
+        check_non_negative_number("distill_loss_coef", self.distill_loss_coef)
+        check_probability("distill_fraction", self.distill_fraction, allow_zero=False)
+        check_positive_int("distill_chunk_size", self.distill_chunk_size)
+        if isinstance(self.gate_init, bool) or not isinstance(self.gate_init, (int, float)):
+            raise ValueError(f"`gate_init` must be a number, got {self.gate_init!r}.")
+        if self.r == 0 and self.target_modules:
+            warnings.warn(
+                f"MoDConfig has r=0, so `target_modules`={self.target_modules!r} get no LoRA: this adapter is MoD "
+                "alone. Set r > 0 to combine MoD with LoRA.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def uses_lora(self) -> bool:
+        """Whether this adapter carries LoRA next to the ensemble (r > 0 and some target modules)."""
+        return self.r > 0 and bool(self.target_modules)

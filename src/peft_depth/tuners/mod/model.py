@@ -1,0 +1,465 @@
+"""MoD tuner: the late-layer ensemble wired into a causal LM with module hooks, plus optional LoRA.
+
+How a forward runs (all per adapter that is active; nothing happens inside ``disable_adapter()``):
+
+1. A forward pre-hook on the top-level model records what the backbone never sees: ``labels`` / ``shift_labels``
+   (which positions the distillation uses), the KV-cache length (the sequence router's running state), whether
+   TRL's fused LM head is used, and ``logits_to_keep``.
+2. Forward hooks on the K−1 earlier late blocks keep their output hidden states h_l (overwritten every forward).
+3. A forward hook on the final norm, whose output is N_L(h_L), replaces that output with
+   ``N_L(h_L) + g · Σ_l w_l (N_l(h_l) − N_L(h_L))`` (logit-space mixing through a linear head is exactly mixing the
+   normalised states before one head projection). Every consumer of ``last_hidden_state`` (the model's own LM head,
+   ``logits_to_keep``, generate, TRL's fused LM head) therefore sees the ensemble. The same hook computes the
+   distillation loss through the frozen head in chunks (``distill.py``) and the routing record.
+4. For ``mix_space="log_probs"`` step 3 leaves the state alone and a forward hook on the LM head adds
+   ``g · Σ_l w_l (log_softmax(z_l) − log_softmax(z_L))`` to its logits.
+
+Final-logit soft-capping (Gemma 2/3) and other post-head logit transforms act on the mixed logits, because mixing
+happens before the head; the distillation compares soft-capped per-layer logits.
+
+Which positions are distilled: the model never receives labels inside the backbone, so the pre-hook reads the
+``labels`` keyword of the top-level call (causal shift: position t counts when ``labels[t+1] != -100``), or
+``shift_labels`` when given pre-shifted (TRL under context parallelism). Without labels it uses the real tokens of
+the attention mask. The loss is computed in training mode, or in eval mode when labels are passed; plain inference
+(eval, no labels: scoring, generate) skips it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.constants import DUMMY_TARGET_MODULES
+from torch import nn
+
+from ...core.aux import AuxLossTerm
+from ...core.layer_stack import find_final_norm
+from ...core.lora_layer import DepthLoraLayer, DepthLoraLinear
+from ...core.targets import ALL_PROJECTIONS_TARGET_MODULES_MAPPING
+from ...core.tuner import DepthTuner
+from .config import MoDConfig
+from .distill import chunked_distillation_kl
+from .layer import MoDEnsemble
+
+__all__ = ["MoDModel"]
+
+_ENSEMBLE = "mod_ensemble"
+
+
+@dataclass
+class _CallInfo:
+    """What the pre-hook on the top-level model saw for the current forward."""
+
+    labels: torch.Tensor | None = None
+    shift_labels: torch.Tensor | None = None
+    past_length: int = 0
+    fused_lm_head: bool = False
+    logits_to_keep: Any = 0
+
+
+@dataclass
+class _Record:
+    """One adapter's record of the last forward (tensors detached except ``distill_loss``)."""
+
+    layers: list[int]
+    mean_weight: torch.Tensor
+    num_tokens: torch.Tensor | int
+    gate: torch.Tensor
+    distill_loss: torch.Tensor | None = None
+    distill_kl: torch.Tensor | None = None
+    distill_positions: int = 0
+
+
+@dataclass
+class _SequenceState:
+    """Running sum and count of the router input over real tokens, carried across KV-cached forwards."""
+
+    total: torch.Tensor
+    count: torch.Tensor
+    seen: int
+
+
+class MoDModel(DepthTuner):
+    """Creates a MoD model from a pretrained causal LM (https://arxiv.org/abs/2410.13077).
+
+    Use through ``peft.get_peft_model(model, MoDConfig(...))`` after ``import peft_depth``. The distillation loss is
+    read with ``peft_depth.aux_losses(model)`` (key ``"distill"``; ``"distill.<adapter>"`` when several adapters are
+    active) and the routing weights with ``peft_depth.routing_stats(model)["mod"]``.
+    """
+
+    prefix: str = "mod_"
+    tuner_layer_cls = DepthLoraLayer
+    target_module_mapping = ALL_PROJECTIONS_TARGET_MODULES_MAPPING
+    tuner_module_names = (_ENSEMBLE,)
+    merge_refusal_reason = (
+        "the MoD ensemble is extra computation after the backbone (new norms on earlier layers' hidden states, a "
+        "router and a gate), not a weight delta, so it cannot be folded into the base weights. Keep the adapter "
+        "unmerged for inference (it costs one LM-head projection, like the base model); `unload()` removes it."
+    )
+
+    # ------------------------------------------------------------------ injection
+
+    def _prepare_adapter_config(self, peft_config: MoDConfig, model_config: dict) -> MoDConfig:
+        if not peft_config.uses_lora:
+            # MoD alone: nothing to inject per layer. peft's dummy target lets inject_adapter run its bookkeeping
+            # (trainability, modules_to_save) without matching a module; the stored config keeps the user's value.
+            prepared = copy.copy(peft_config)
+            prepared.target_modules = DUMMY_TARGET_MODULES
+            return prepared
+        return super()._prepare_adapter_config(peft_config, model_config)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        config: MoDConfig = self.peft_config[adapter_name]
+        stack = self.layer_stack
+        # Validate against the real model before any module is created.
+        if stack is None:
+            raise ValueError("MoD needs a model with a stack of transformer blocks; none was found in this model.")
+        if config.num_late_layers > stack.num_layers:
+            raise ValueError(
+                f"`num_late_layers` ({config.num_late_layers}) is larger than the model's depth ({stack.num_layers} "
+                f"blocks in `{stack.path}`); use at most {stack.num_layers}."
+            )
+        found = find_final_norm(model, stack)
+        if found is None:
+            raise ValueError(
+                "MoD needs the model's final norm (applied after the last block) to copy into the new per-layer "
+                f"norms; none was found next to `{stack.path}`."
+            )
+        final_norm = found[0]
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if isinstance(head, BaseTunerLayer):
+            head = head.get_base_layer()
+        if not isinstance(head, nn.Linear):
+            raise ValueError(
+                "MoD needs a causal LM with a linear output head (`get_output_embeddings()`), shared by the late "
+                f"layers; this model has {type(head).__name__}. Use an *ForCausalLM model."
+            )
+        if config.mix_space == "log_probs" and self._softcap(model) is not None:
+            raise ValueError(
+                "`mix_space`='log_probs' is not supported on models with final-logit soft-capping (the cap would act "
+                "on mixed log-probabilities); use `mix_space`='logits', where the cap applies after mixing."
+            )
+        self.routing_context  # noqa: B018 - install the padding-mask tracker before our hooks run
+        layer_indices = list(range(stack.num_layers - config.num_late_layers, stack.num_layers))
+        ensemble = MoDEnsemble(
+            final_norm,
+            layer_indices,
+            head.in_features,
+            granularity=config.router_granularity,
+            temperature=config.router_temperature,
+            gate_init=config.gate_init,
+            dtype=head.weight.dtype,
+            device=head.weight.device,
+        )
+        ensemble.train(model.training)
+        container = self.ensure_tuner_module_dict(_ENSEMBLE)
+        container.training = model.training  # the dict itself is born in training mode
+        container[adapter_name] = ensemble
+        try:
+            super().inject_adapter(model, adapter_name, **kwargs)
+        except Exception:
+            del container[adapter_name]
+            raise
+        self._install_hooks(model, stack, final_norm, head, layer_indices)
+
+    def _create_and_replace(
+        self,
+        config: MoDConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if head is not None and target is head:
+            raise ValueError(
+                f"`target_modules` matches the output head `{current_key}`: MoD shares the frozen LM head across the "
+                "late layers (and the final layer is the teacher), so it cannot carry LoRA. Exclude it."
+            )
+        update_kwargs = dict(
+            r=config.r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            init_lora_weights=config.init_lora_weights,
+            inference_mode=config.inference_mode,
+        )
+        if isinstance(target, DepthLoraLayer):
+            target.update_layer(adapter_name, **update_kwargs)
+            return
+        new_module = DepthLoraLinear(target, adapter_name, **update_kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _install_hooks(
+        self, model: nn.Module, stack, final_norm: nn.Module, head: nn.Module, layer_indices: list[int]
+    ) -> None:
+        handles: dict[str, Any] = self.__dict__.setdefault("_mod_handles", {})
+        if "call" not in handles:
+            handles["call"] = model.register_forward_pre_hook(self._record_call, with_kwargs=True)
+            handles["norm"] = final_norm.register_forward_hook(self._mix_hook)
+            handles["head"] = head.register_forward_hook(self._log_prob_mix_hook)
+        for index in layer_indices[:-1]:
+            key = f"block{index}"
+            if key not in handles:
+                handles[key] = stack.layers[index].register_forward_hook(self._capture_hook(index))
+
+    def _remove_hooks(self) -> None:
+        for handle in self.__dict__.pop("_mod_handles", {}).values():
+            handle.remove()
+
+    def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any) -> nn.Module:
+        if merge:
+            self._check_merge_allowed()
+        model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
+        self._remove_hooks()
+        self.__dict__["_mod_records"] = {}
+        return model
+
+    # ------------------------------------------------------------------ hooks
+
+    @staticmethod
+    def _softcap(model: nn.Module) -> float | None:
+        config = getattr(model, "config", None)
+        if config is None:
+            return None
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return getattr(text_config, "final_logit_softcapping", None)
+
+    def _active_ensembles(self) -> list[tuple[str, MoDEnsemble]]:
+        if not self.depth_adapters_enabled:
+            return []
+        container = self._modules.get(_ENSEMBLE)
+        if container is None:
+            return []
+        return [(name, container[name]) for name in self.active_adapters if name in container]
+
+    def _record_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        past = kwargs.get("past_key_values")
+        past_length = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
+        info = _CallInfo(
+            labels=kwargs.get("labels"),
+            shift_labels=kwargs.get("shift_labels"),
+            past_length=past_length,
+            fused_lm_head=bool(kwargs.get("fused_lm_head", False)),
+            logits_to_keep=kwargs.get("logits_to_keep", 0),
+        )
+        log_prob_adapters = [
+            name for name, _ in self._active_ensembles() if self.peft_config[name].mix_space == "log_probs"
+        ]
+        if log_prob_adapters and info.fused_lm_head:
+            raise ValueError(
+                f"MoD adapter(s) {log_prob_adapters} mix in log-probability space, which needs the model's own LM-head "
+                "call, but this forward uses TRL's fused LM head (it never materialises logits). Use "
+                "`mix_space`='logits' (exact and faster) or turn the fused head off."
+            )
+        if log_prob_adapters and isinstance(info.logits_to_keep, torch.Tensor):
+            raise ValueError(
+                "MoD `mix_space`='log_probs' supports an int `logits_to_keep` only (it must know which positions the "
+                "LM head receives); use `mix_space`='logits' for index tensors."
+            )
+        self.__dict__["_mod_call"] = info
+
+    def _capture_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            self.__dict__.setdefault("_mod_captured", {})[index] = hidden
+
+        return hook
+
+    def _mix_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        captured: dict[int, torch.Tensor] = self.__dict__.pop("_mod_captured", {})
+        info: _CallInfo = self.__dict__.pop("_mod_call", None) or _CallInfo()
+        ensembles = self._active_ensembles()
+        if not ensembles:
+            self.__dict__["_mod_records"] = {}
+            self.__dict__["_mod_pending"] = None
+            return None
+        base = output
+        batch, seq = base.shape[0], base.shape[1]
+        for name, ensemble in ensembles:
+            for index in ensemble.earlier_layers:
+                hidden = captured.get(index)
+                if hidden is None or hidden.shape[:2] != base.shape[:2]:
+                    raise RuntimeError(
+                        f"MoD adapter {name!r} did not see block {index}'s output in this forward (was the final norm "
+                        "called outside the model's forward?)."
+                    )
+        flat_mask = self.routing_context.flat_mask(base.shape)
+        mask = None if flat_mask is None else flat_mask.view(batch, seq)
+        granularities = {self.peft_config[name].router_granularity for name, _ in ensembles}
+        sequence_input = self._sequence_router_input(base, mask, info) if "sequence" in granularities else None
+        mix_spaces = {self.peft_config[name].mix_space for name, _ in ensembles}
+        if len(mix_spaces) > 1:
+            raise ValueError(
+                "Active MoD adapters mix in different spaces (`mix_space` 'logits' and 'log_probs'); activate adapters "
+                "with the same `mix_space` together."
+            )
+        distill_mask = self._distill_mask(info, mask, batch, seq)
+        records: dict[str, _Record] = {}
+        pending = []
+        delta_total = None
+        for name, ensemble in ensembles:
+            config: MoDConfig = self.peft_config[name]
+            states = ensemble.normalised_states(captured)  # [K-1, B, T, d]
+            router_input = {"token": base, "sequence": sequence_input, "static": None}[config.router_granularity]
+            weights = ensemble.router(router_input, (batch, seq))  # [B, T, K] float32
+            if config.mix_space == "logits":
+                diff = states - base.unsqueeze(0).to(states.dtype)
+                delta = torch.einsum("btk,kbtd->btd", weights[..., :-1].to(diff.dtype), diff)
+                delta = delta * ensemble.gate.to(delta.dtype)
+                delta_total = delta if delta_total is None else delta_total + delta
+            else:
+                pending.append((states, weights, ensemble.gate))
+            records[name] = self._make_record(ensemble, config, states, base, weights, mask, distill_mask)
+        self.__dict__["_mod_pending"] = pending or None
+        self.__dict__["_mod_records"] = records
+        if delta_total is None:
+            return None
+        return (base.to(delta_total.dtype) + delta_total).to(base.dtype)
+
+    def _log_prob_mix_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        pending = self.__dict__.pop("_mod_pending", None)
+        if not pending:
+            return None
+        keep = args[0].shape[1]
+        weight, bias = module.weight, module.bias
+        base_log_probs = torch.log_softmax(output.float(), dim=-1)
+        # Adding g·Σ w_l (log q_l − log p_L) to the logits z_L mixes log-probabilities exactly (z_L and log p_L differ
+        # by a per-position constant that softmax ignores), and leaves the logits bit-identical when g = 0.
+        delta = None
+        for states, weights, gate in pending:
+            states, weights = states[:, :, -keep:], weights[:, -keep:]
+            for k in range(states.shape[0]):
+                layer_logits = torch.nn.functional.linear(states[k].to(weight.dtype), weight, bias).float()
+                term = weights[..., k : k + 1] * (torch.log_softmax(layer_logits, dim=-1) - base_log_probs)
+                term = term * gate.float()
+                delta = term if delta is None else delta + term
+        return (output.float() + delta).to(output.dtype)
+
+    # ------------------------------------------------------------------ routing and distillation pieces
+
+    def _sequence_router_input(self, base: torch.Tensor, mask: torch.Tensor | None, info: _CallInfo) -> torch.Tensor:
+        """Causal running mean of the normalised final states over real tokens, continued across a KV cache."""
+        batch, seq = base.shape[0], base.shape[1]
+        weights = (
+            torch.ones(batch, seq, 1, dtype=torch.float32, device=base.device)
+            if mask is None
+            else mask.unsqueeze(-1).float()
+        )
+        total = (base.float() * weights).cumsum(dim=1)
+        count = weights.cumsum(dim=1)
+        if info.past_length > 0:
+            state: _SequenceState | None = self.__dict__.get("_mod_sequence_state")
+            if state is None or state.seen != info.past_length or state.total.shape[0] != batch:
+                raise ValueError(
+                    "MoD `router_granularity`='sequence' continues a running mean across KV-cached forwards, but this "
+                    f"forward continues a cache of {info.past_length} positions that MoD did not see (beam search and "
+                    "caches built elsewhere are not supported); run without a cache or use 'token' routing."
+                )
+            total = total + state.total.unsqueeze(1)
+            count = count + state.count.unsqueeze(1)
+        self.__dict__["_mod_sequence_state"] = _SequenceState(
+            total=total[:, -1].detach(), count=count[:, -1].detach(), seen=info.past_length + seq
+        )
+        return (total / count.clamp(min=1)).to(base.dtype)
+
+    def _distill_mask(self, info: _CallInfo, mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:
+        """``[B, T]`` bool: positions whose next-token prediction is distilled (None: distillation off)."""
+        has_labels = info.labels is not None or info.shift_labels is not None
+        if not (self.model.training or has_labels):
+            return None
+        if info.shift_labels is not None and tuple(info.shift_labels.shape) == (batch, seq):
+            return info.shift_labels.to(device=self._device_of(mask, info.shift_labels)) != -100
+        if info.labels is not None and tuple(info.labels.shape) == (batch, seq):
+            valid = torch.zeros(batch, seq, dtype=torch.bool, device=info.labels.device)
+            valid[:, :-1] = info.labels[:, 1:] != -100
+            return valid
+        if mask is not None:
+            return mask.bool()
+        return torch.ones(batch, seq, dtype=torch.bool, device=self._device_of(mask, None))
+
+    def _device_of(self, *tensors: torch.Tensor | None) -> torch.device:
+        for tensor in tensors:
+            if tensor is not None:
+                return tensor.device
+        return next(self.model.parameters()).device
+
+    def _make_record(
+        self,
+        ensemble: MoDEnsemble,
+        config: MoDConfig,
+        states: torch.Tensor,
+        base: torch.Tensor,
+        weights: torch.Tensor,
+        mask: torch.Tensor | None,
+        distill_mask: torch.Tensor | None,
+    ) -> _Record:
+        with torch.no_grad():
+            if mask is None:
+                mean_weight = weights.mean(dim=(0, 1))
+                num_tokens = weights.shape[0] * weights.shape[1]
+            else:
+                m = mask.unsqueeze(-1).to(weights.dtype)
+                num_tokens = mask.sum()
+                mean_weight = (weights * m).sum(dim=(0, 1)) / num_tokens.clamp(min=1)
+        record = _Record(
+            layers=list(ensemble.layer_indices),
+            mean_weight=mean_weight.detach(),
+            num_tokens=num_tokens,
+            gate=ensemble.gate.detach().float(),  # read lazily: no device sync per forward
+        )
+        if distill_mask is None or config.distill_loss_coef == 0:
+            return record
+        positions = distill_mask.to(states.device).reshape(-1).nonzero().squeeze(1)
+        if config.distill_fraction < 1.0 and positions.numel() > 0:
+            keep = max(1, round(config.distill_fraction * positions.numel()))
+            positions = positions[torch.randperm(positions.numel(), device=positions.device)[:keep]]
+        num_layers, hidden = states.shape[0], states.shape[-1]
+        head = self.model.get_output_embeddings()
+        if isinstance(head, BaseTunerLayer):
+            head = head.get_base_layer()
+        kl = chunked_distillation_kl(
+            states.reshape(num_layers, -1, hidden)[:, positions],
+            base.reshape(-1, hidden)[positions],
+            head.weight,
+            head.bias,
+            temperature=config.distill_temperature,
+            softcap=self._softcap(self.model),
+            chunk_size=config.distill_chunk_size,
+        )
+        record.distill_loss = kl.sum() * config.distill_temperature**2
+        record.distill_kl = kl.detach()
+        record.distill_positions = int(positions.numel())
+        return record
+
+    # ------------------------------------------------------------------ aux losses and statistics
+
+    def _records(self) -> dict[str, _Record]:
+        return self.__dict__.get("_mod_records", {})
+
+    def depth_aux_terms(self) -> dict[str, AuxLossTerm]:
+        records = {name: rec for name, rec in self._records().items() if rec.distill_loss is not None}
+        terms = {}
+        for name, record in records.items():
+            key = "distill" if len(records) == 1 else f"distill.{name}"
+            terms[key] = AuxLossTerm(record.distill_loss, float(self.peft_config[name].distill_loss_coef))
+        return terms
+
+    def depth_routing_stats(self) -> dict[str, Any]:
+        report = {}
+        for name, record in self._records().items():
+            report[name] = {
+                "layers": record.layers,
+                "mean_weight": record.mean_weight.float().tolist(),
+                "gate": float(record.gate),
+                "num_tokens": int(record.num_tokens),
+                "distill_kl": None if record.distill_kl is None else record.distill_kl.float().tolist(),
+                "distill_positions": record.distill_positions,
+            }
+        return {"mod": report} if report else {}
