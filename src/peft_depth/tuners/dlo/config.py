@@ -1,0 +1,309 @@
+"""Configuration of DLO: Dynamic Layer Operation for efficient vertical scaling of LLMs (arXiv 2407.11030).
+
+The official code (``DaizeDong/LLaMA-DLO``) trains every weight; here the trainable parts are the new layers (fully,
+or LoRA on top of their copies), the routers, and optionally LoRA on the original layers. Everything else follows
+the official defaults: interleaved expansion with zero-out initialisation, a zero-initialised sigmoid router per
+layer, MLP skipping, the cosine-similarity router loss with one global ranking, capacity annealing 1.0 -> 0.9.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ...core.config import (
+    LoraFieldsConfig,
+    check_choice,
+    check_non_negative_number,
+    check_positive_int,
+    check_probability,
+)
+from ...core.peft_registration import add_peft_type
+
+__all__ = ["DLOConfig", "expansion_plan"]
+
+DLO = add_peft_type("DLO")
+
+EXPANSIONS = ("interleave", "stack")
+INITS = ("zero_out", "copy", "mean", "random")
+ROUTED_LAYERS = ("all", "new", "none")
+SKIP_MODES = ("mlp", "block")
+LOSS_TYPES = ("cos_global", "cos")
+NEW_LAYER_TRAINING = ("full", "lora")
+INFERENCE_SELECTIONS = ("threshold", "capacity")
+
+
+def expansion_plan(
+    expansion: str | list[int], num_layers: int, expand_every: int, stack_range: list[int] | None
+) -> list[tuple[int, int]]:
+    """Where the new layers go: a list of ``(insert_after, source)`` original-layer indices, in stack order.
+
+    - ``"interleave"``: after every ``expand_every``-th original layer ``i`` (``i = expand_every-1, 2·expand_every-1,
+      ...``) a copy of layer ``i`` (8 layers, every 4 -> after 3 and 7: 10 layers; 30 -> 37).
+    - ``"stack"``: copies of the slice ``stack_range = [start, end)`` right after layer ``end-1``, so the slice runs
+      twice in a row (SOLAR-style depth up-scaling). Default slice: the top ``num_layers // expand_every`` layers.
+    - a list of original indices: a copy of each right after it (a repeated index gives several copies).
+    """
+    if isinstance(expansion, str):
+        if expansion == "interleave":
+            plan = [(i, i) for i in range(expand_every - 1, num_layers, expand_every)]
+        else:
+            start, end = (
+                stack_range if stack_range is not None else (num_layers - num_layers // expand_every, num_layers)
+            )
+            if not 0 <= start < end <= num_layers:
+                raise ValueError(
+                    f"`stack_range` must be [start, end) with 0 <= start < end <= {num_layers} (the model's depth), "
+                    f"got {[start, end]}."
+                )
+            plan = [(end - 1, j) for j in range(start, end)]
+    else:
+        bad = [i for i in expansion if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(
+                f"`expansion` lists source layers {bad} outside the model's {num_layers} layers (valid: 0..{num_layers - 1})."
+            )
+        plan = [(i, i) for i in sorted(expansion)]
+    if not plan:
+        raise ValueError(
+            f"`expansion`={expansion!r} with expand_every={expand_every} adds no layer to a {num_layers}-layer model; "
+            "lower `expand_every` or list the source layers."
+        )
+    return plan
+
+
+@dataclass
+class DLOConfig(LoraFieldsConfig):
+    """Configuration for DLO (Dynamic Layer Operation).
+
+    The model is made deeper by inserting copies of some of its layers (``expansion``, ``init``), and every routed
+    layer gets a router ``Linear(d, 1, bias=False)`` (zero-initialised) whose sigmoid score ``s`` on the residual
+    stream entering the layer decides, per token, whether the layer's MLP runs (``skip_mode="mlp"``; attention always
+    runs) or the whole block runs (``skip_mode="block"``). Executed MLP outputs are scaled by
+    ``1 + scale_gap·(s − 0.5)``, which is how the language-model loss reaches the router.
+
+    Training selects the top ``capacity`` fraction of the batch's non-padding tokens (annealed from 1.0 over
+    ``capacity_annealing_steps``, driven by ``DLOModel.set_dlo_step``); inference runs the tokens with ``s >= 0.5``.
+    The router is trained by a BCE loss against labels marking the tokens the MLP changes most (lowest cosine
+    similarity between the residual stream before and after the MLP), exposed as the auxiliary loss ``"router"``.
+
+    ``r`` > 0 additionally puts LoRA on ``target_modules`` of the original layers (``r=0``, the default, leaves them
+    frozen). ``routed_layers="none"`` is dense expansion, the LLaMA-Pro baseline, which can be merged.
+    """
+
+    r: int = field(
+        default=0,
+        metadata={
+            "help": "Rank of LoRA on the original layers' `target_modules` (0: original layers stay frozen, the "
+            "default). Also the rank of the LoRA on the new layers when `new_layer_training='lora'` (then it must "
+            "be > 0)."
+        },
+    )
+    lora_on_original_layers: bool = field(
+        default=True,
+        metadata={
+            "help": "With r > 0, whether LoRA also goes on `target_modules` of the original layers (False: only on the "
+            "new layers, with new_layer_training='lora')."
+        },
+    )
+    expansion: str | list[int] = field(
+        default="interleave",
+        metadata={
+            "help": "'interleave' (a copy after every `expand_every`-th layer, LLaMA-Pro / DLO default), 'stack' "
+            "(the slice `stack_range` repeated, SOLAR-style), or a list of original layer indices to copy (each "
+            "copy goes right after its source)."
+        },
+    )
+    expand_every: int = field(
+        default=4,
+        metadata={"help": "Interleave: one new layer after every `expand_every` original layers (8 -> 10, 32 -> 40)."},
+    )
+    stack_range: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Stack: [start, end) of the original layers to repeat right after layer end-1. Default: the top "
+            "num_layers // expand_every layers."
+        },
+    )
+    init: str = field(
+        default="zero_out",
+        metadata={
+            "help": "New layer initialisation. 'zero_out' (default): a copy of the source with the output projections "
+            "(`zero_out_modules`) zeroed, so the new layer is an exact identity; 'copy': a plain copy; 'mean': the "
+            "mean of the source and the layer before it; 'random': the model's own random initialisation."
+        },
+    )
+    zero_out_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Names (suffix match inside a layer) of the linears zeroed by init='zero_out'. Default: the "
+            "attention output and MLP down projections (o_proj/down_proj for Llama-style models, c_proj for GPT-2)."
+        },
+    )
+    new_layer_training: str = field(
+        default="full",
+        metadata={
+            "help": "'full': every weight of the new layers trains (as in LLaMA-Pro and DLO). 'lora': the copies stay "
+            "frozen and LoRA of rank `r` on `new_layer_target_modules` trains on them."
+        },
+    )
+    new_layer_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "With new_layer_training='lora': linears of the new layers that get LoRA (suffix match). Default: "
+            "every linear of the layer."
+        },
+    )
+    routed_layers: str = field(
+        default="all",
+        metadata={
+            "help": "Which layers of the expanded stack get a router: 'all' (the official default), 'new' (only the "
+            "inserted layers), or 'none' (dense expansion, the LLaMA-Pro baseline; mergeable)."
+        },
+    )
+    skip_mode: str = field(
+        default="mlp",
+        metadata={
+            "help": "'mlp' (default, the official ExAttn variant): attention runs for every token and only the MLP is "
+            "skipped, so the KV cache stays whole. 'block': the whole block runs on the selected tokens only "
+            "(attention among them); needs use_cache=False, as in the official code."
+        },
+    )
+    scale_gap: float = field(
+        default=0.05,
+        metadata={
+            "help": "Executed outputs are scaled by 1 + scale_gap·(s − 0.5), s the router score (official 0.05)."
+        },
+    )
+    capacity: float = field(
+        default=0.9,
+        metadata={"help": "Target fraction of non-padding tokens a routed layer executes in training (official 0.9)."},
+    )
+    capacity_annealing_steps: int = field(
+        default=1000,
+        metadata={
+            "help": "Steps over which the training capacity falls linearly from 1.0 to `capacity` (0: target from "
+            "the start). The step comes from `DLOModel.set_dlo_step` (DepthSFTTrainer calls it)."
+        },
+    )
+    loss_type: str = field(
+        default="cos_global",
+        metadata={
+            "help": "Router labels: 'cos_global' (paper default) ranks every (layer, token) pair together by cosine "
+            "similarity of the residual stream before/after the MLP, marks the lowest capacity·total as 'execute' "
+            "and sets next step's per-layer capacities from it; 'cos' ranks per layer at that layer's capacity."
+        },
+    )
+    router_loss_coef: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the router BCE loss (auxiliary loss 'router'; official 1.0). 0 turns it off."},
+    )
+    inference_selection: str = field(
+        default="threshold",
+        metadata={
+            "help": "Which tokens run in eval: 'threshold' (s >= 0.5; the compute varies with the input) or "
+            "'capacity' (the top `inference_capacity` fraction per layer and batch, a fixed budget)."
+        },
+    )
+    inference_capacity: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fraction executed per routed layer in eval with inference_selection='capacity' (default: `capacity`)."
+        },
+    )
+    capacity_lr_scaling: bool = field(
+        default=False,
+        metadata={
+            "help": "Official 'dynamic LR': `DLOModel.dlo_param_groups` scales each layer's learning rate by "
+            "capacity_l + (1 − mean capacity). Only read by `dlo_param_groups` / `update_dlo_learning_rates`."
+        },
+    )
+    min_capacity: float = field(
+        default=0.05,
+        metadata={"help": "Floor of the per-layer capacities that loss_type='cos_global' sets, so no layer starves."},
+    )
+
+    def _check_lora_fields(self, *, allow_zero_rank: bool) -> None:
+        # r=0 is the default (no LoRA on the original layers), so every DLO config allows it.
+        super()._check_lora_fields(allow_zero_rank=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = DLO
+        check_choice("bias", self.bias, ("none", "all", "dlo_only"))
+        if isinstance(self.expansion, (list, tuple)):
+            if not self.expansion:
+                raise ValueError(
+                    "`expansion` must be 'interleave', 'stack' or a non-empty list of layer indices; got []."
+                )
+            self.expansion = [int(i) if isinstance(i, int) and not isinstance(i, bool) else i for i in self.expansion]
+            for i, index in enumerate(self.expansion):
+                if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+                    raise ValueError(f"`expansion[{i}]` must be a layer index >= 0, got {index!r}.")
+        else:
+            check_choice("expansion", self.expansion, EXPANSIONS)
+        check_positive_int("expand_every", self.expand_every)
+        if self.stack_range is not None:
+            if not isinstance(self.stack_range, (list, tuple)) or len(self.stack_range) != 2:
+                raise ValueError(f"`stack_range` must be [start, end), got {self.stack_range!r}.")
+            self.stack_range = [int(v) for v in self.stack_range]
+            if not 0 <= self.stack_range[0] < self.stack_range[1]:
+                raise ValueError(
+                    f"`stack_range` must be [start, end) with 0 <= start < end, got {self.stack_range!r}."
+                )
+        check_choice("init", self.init, INITS)
+        check_choice("new_layer_training", self.new_layer_training, NEW_LAYER_TRAINING)
+        if self.new_layer_training == "lora" and self.r == 0:
+            raise ValueError(
+                "`r` must be > 0 when new_layer_training='lora' (it is the rank of the new layers' LoRA)."
+            )
+        if self.new_layer_training == "lora" and self.init == "random":
+            raise ValueError(
+                "`init`='random' with new_layer_training='lora' would freeze random layers; use init 'zero_out', "
+                "'copy' or 'mean', or new_layer_training='full'."
+            )
+        check_choice("routed_layers", self.routed_layers, ROUTED_LAYERS)
+        check_choice("skip_mode", self.skip_mode, SKIP_MODES)
+        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        check_choice("inference_selection", self.inference_selection, INFERENCE_SELECTIONS)
+        check_non_negative_number("scale_gap", self.scale_gap)
+        if self.scale_gap > 2:
+            raise ValueError(
+                f"`scale_gap` must be in [0, 2] so the output scale stays positive, got {self.scale_gap!r}."
+            )
+        check_probability("capacity", self.capacity, allow_zero=False)
+        if self.inference_capacity is not None:
+            check_probability("inference_capacity", self.inference_capacity, allow_zero=False)
+        check_probability("min_capacity", self.min_capacity, allow_zero=False)
+        if isinstance(self.capacity_annealing_steps, bool) or not isinstance(self.capacity_annealing_steps, int):
+            raise ValueError(
+                f"`capacity_annealing_steps` must be an integer >= 0, got {self.capacity_annealing_steps!r}."
+            )
+        if self.capacity_annealing_steps < 0:
+            raise ValueError(
+                f"`capacity_annealing_steps` must be an integer >= 0, got {self.capacity_annealing_steps!r}."
+            )
+        check_non_negative_number("router_loss_coef", self.router_loss_coef)
+        if not isinstance(self.lora_on_original_layers, bool):
+            raise ValueError(f"`lora_on_original_layers` must be True or False, got {self.lora_on_original_layers!r}.")
+        if self.r == 0:
+            self.lora_on_original_layers = False
+        if not isinstance(self.capacity_lr_scaling, bool):
+            raise ValueError(f"`capacity_lr_scaling` must be True or False, got {self.capacity_lr_scaling!r}.")
+        for name in ("zero_out_modules", "new_layer_target_modules"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, str) or not all(isinstance(v, str) for v in value) or not value:
+                    raise ValueError(f"`{name}` must be a non-empty list of module names, got {value!r}.")
+                setattr(self, name, list(value))
+
+    @property
+    def is_dense(self) -> bool:
+        """Dense expansion (no routing): the LLaMA-Pro baseline, the only DLO configuration that can be merged."""
+        return self.routed_layers == "none"
+
+    def capacity_at(self, step: int) -> float:
+        """Training capacity after ``step`` optimizer steps: linear from 1.0 to ``capacity``."""
+        if self.capacity_annealing_steps == 0:
+            return float(self.capacity)
+        progress = min(max(step, 0) / self.capacity_annealing_steps, 1.0)
+        return 1.0 - (1.0 - self.capacity) * progress

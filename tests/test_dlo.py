@@ -1,0 +1,596 @@
+"""DLO expands depth consistently, skips real work per token, trains its routers, and behaves as a PEFT method."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from tiny_models import batch, tiny_llama, tiny_qwen3
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+import peft_depth
+from peft_depth.tuners.dlo import DLOConfig, DLOModel, SkipMLP, expansion_plan
+from peft_depth.tuners.dlo.selection import select_top_fraction
+
+
+def clone_model(model):
+    """Same weights, own config: DLO changes `config.num_hidden_layers`, which a shared config would leak."""
+    fresh = type(model)(copy.deepcopy(model.config))
+    fresh.load_state_dict(model.state_dict())
+    return fresh.eval()
+
+
+def dlo(model, **kwargs):
+    kwargs.setdefault("task_type", "CAUSAL_LM")
+    return get_peft_model(model, DLOConfig(**kwargs))
+
+
+def logits(model, inputs, **kwargs):
+    with torch.no_grad():
+        return model(**inputs, **kwargs).logits
+
+
+def tuner(model) -> DLOModel:
+    return model.base_model
+
+
+def stack(model):
+    return model.base_model.model.model.layers
+
+
+def randomise_routers(model, seed=0, scale=3.0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for router in tuner(model).dlo_routers["default"].values():
+            router.weight.copy_(torch.randn(router.weight.shape, generator=generator) * scale)
+
+
+def perturb_new_layers(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in tuner(model).dlo_new_layers["default"].values():
+            for param in layer.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+# ---------------------------------------------------------------- config validation
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(expansion="sideways"), "expansion"),
+        (dict(expansion=[]), "expansion"),
+        (dict(expansion=[1, -2]), r"expansion\[1\]"),
+        (dict(expand_every=0), "expand_every"),
+        (dict(stack_range=[3, 1]), "stack_range"),
+        (dict(init="xavier"), "init"),
+        (dict(routed_layers="some"), "routed_layers"),
+        (dict(skip_mode="attention"), "skip_mode"),
+        (dict(capacity=0.0), "capacity"),
+        (dict(capacity=1.5), "capacity"),
+        (dict(capacity_annealing_steps=-1), "capacity_annealing_steps"),
+        (dict(loss_type="mse"), "loss_type"),
+        (dict(router_loss_coef=-1.0), "router_loss_coef"),
+        (dict(scale_gap=-0.1), "scale_gap"),
+        (dict(new_layer_training="partial"), "new_layer_training"),
+        (dict(new_layer_training="lora", r=0), "r"),
+        (dict(inference_selection="random"), "inference_selection"),
+        (dict(inference_capacity=0.0), "inference_capacity"),
+        (dict(r=-1), "r"),
+        (dict(bias="lora_only"), "bias"),
+        (dict(zero_out_modules="o_proj"), "zero_out_modules"),
+    ],
+)
+def test_bad_config_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        DLOConfig(**kwargs)
+
+
+def test_bad_values_that_need_the_model_raise_before_anything_is_built():
+    with pytest.raises(ValueError, match="outside the model's 8 layers"):
+        dlo(tiny_llama(num_layers=8), expansion=[2, 8])
+    with pytest.raises(ValueError, match="stack_range"):
+        dlo(tiny_llama(num_layers=8), expansion="stack", stack_range=[4, 9])
+    with pytest.raises(ValueError, match="adds no layer"):
+        dlo(tiny_llama(num_layers=4), expand_every=5)
+    with pytest.raises(ValueError, match="zero_out_modules"):
+        dlo(tiny_llama(num_layers=4), zero_out_modules=["no_such_proj"])
+
+
+def test_expansion_plans():
+    assert expansion_plan("interleave", 8, 4, None) == [(3, 3), (7, 7)]
+    assert len(expansion_plan("interleave", 30, 4, None)) == 7  # 30 -> 37, as in the issue
+    assert len(expansion_plan("interleave", 32, 4, None)) == 8  # 32 -> 40, the paper
+    assert expansion_plan("stack", 8, 4, None) == [(7, 6), (7, 7)]  # the top 8 // 4 layers repeated
+    assert expansion_plan("stack", 8, 4, [2, 5]) == [(4, 2), (4, 3), (4, 4)]
+    assert expansion_plan([5, 1, 1], 8, 4, None) == [(1, 1), (1, 1), (5, 5)]
+
+
+# ---------------------------------------------------------------- the expanded model is a consistent transformers model
+
+
+def test_interleave_8_to_10_with_renumbered_indices_and_config():
+    model = dlo(tiny_llama(num_layers=8))
+    config = model.base_model.model.config
+    assert config.num_hidden_layers == 10 and len(stack(model)) == 10
+    assert [block.self_attn.layer_idx for block in stack(model)] == list(range(10))
+    assert sorted(tuner(model).dlo_new_layers["default"].keys()) == ["new4", "new9"]
+    assert len(tuner(model).dlo_routers["default"]) == 10  # routed_layers='all', the official default
+    # the registered ModuleList (state-dict keys, parameters) is untouched
+    registered = model.base_model.model.model._modules["layers"]
+    assert len(registered) == 8
+    assert not any(".layers.8." in n or ".layers.9." in n for n, _ in model.named_parameters())
+    with model.disable_adapter():
+        assert config.num_hidden_layers == 8 and stack(model) is registered
+        assert [block.self_attn.layer_idx for block in stack(model)] == list(range(8))
+    assert config.num_hidden_layers == 10
+
+
+def test_qwen3_layer_types_follow_the_sources():
+    base = tiny_qwen3(num_layers=4, layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=4)
+    model = dlo(base, expansion=[0, 3])
+    config = model.base_model.model.config
+    assert config.num_hidden_layers == 6
+    assert (
+        config.layer_types
+        == ["sliding_attention"] * 2 + ["full_attention", "sliding_attention"] + ["full_attention"] * 2
+    )
+    assert [b.self_attn.layer_idx for b in stack(model)] == list(range(6))
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen3])
+@pytest.mark.parametrize("routed_layers", ["all", "new", "none"])
+def test_fresh_zero_out_adapter_equals_base_exactly(factory, routed_layers):
+    base = factory(num_layers=8)
+    inputs = batch()
+    expected = logits(clone_model(base), inputs)
+    model = dlo(clone_model(base), routed_layers=routed_layers)
+    torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
+
+
+def test_initialisations():
+    base = tiny_llama(num_layers=8)
+    originals = base.model.layers
+    zero = dlo(clone_model(base))
+    new4 = tuner(zero).dlo_new_layers["default"]["new4"]
+    assert torch.count_nonzero(new4.self_attn.o_proj.weight) == 0
+    assert torch.count_nonzero(new4.mlp.down_proj.weight) == 0
+    assert torch.equal(new4.self_attn.q_proj.weight, originals[3].self_attn.q_proj.weight)
+    assert new4.self_attn.q_proj.weight.data_ptr() != originals[3].self_attn.q_proj.weight.data_ptr()  # a copy
+    copied = tuner(dlo(clone_model(base), init="copy")).dlo_new_layers["default"]["new4"]
+    assert torch.equal(copied.mlp.down_proj.weight, originals[3].mlp.down_proj.weight)
+    mean = tuner(dlo(clone_model(base), init="mean")).dlo_new_layers["default"]["new9"]
+    expected = (originals[7].mlp.up_proj.weight + originals[6].mlp.up_proj.weight) / 2
+    assert torch.equal(mean.mlp.up_proj.weight, expected)
+    random = tuner(dlo(clone_model(base), init="random")).dlo_new_layers["default"]["new4"]
+    assert not torch.equal(random.self_attn.q_proj.weight, originals[3].self_attn.q_proj.weight)
+    assert random.self_attn.q_proj.weight.std() > 0
+    # plain copies change the function; zero-out does not
+    inputs = batch()
+    assert (logits(dlo(clone_model(base), init="copy"), inputs) - logits(base, inputs)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen3])
+def test_generate_with_cache_equals_without_while_skipping(factory):
+    model = dlo(factory(num_layers=8))
+    randomise_routers(model)
+    perturb_new_layers(model)
+    prompt = batch(batch_size=2, seq_len=5, left_pad=2)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(**prompt, use_cache=True, **kwargs)
+    without = model.generate(**prompt, use_cache=False, **kwargs)
+    assert torch.equal(with_cache, without)
+    stats = peft_depth.routing_stats(model)["dlo"]["default"]
+    assert 0 < stats["executed_fraction"] < 1  # tokens really were skipped
+
+
+# ---------------------------------------------------------------- inference skipping
+
+
+def test_inference_runs_the_mlp_on_the_selected_tokens_only():
+    model = dlo(tiny_llama(num_layers=8))
+    randomise_routers(model)
+    perturb_new_layers(model)
+    model.eval()
+    seen: dict[int, int] = {}
+    handles = []
+    for position, block in enumerate(stack(model)):
+        mlp = block._mlp_shadow.inner
+        handles.append(
+            mlp.register_forward_hook(lambda m, a, o, p=position: seen.__setitem__(p, a[0].reshape(-1, 32).shape[0]))
+        )
+    inputs = batch(batch_size=2, seq_len=9, left_pad=0)
+    out = logits(model, inputs)
+    for handle in handles:
+        handle.remove()
+    rows = {row["layer"]: row for row in peft_depth.routing_stats(model)["dlo"]["default"]["layers"]}
+    total = 18
+    assert sum(seen.values()) < 10 * total  # less MLP work overall
+    for position, tokens in seen.items():
+        assert tokens == round(rows[position]["executed_fraction"] * total)  # exactly the selected tokens ran
+    assert any(tokens < total for tokens in seen.values())
+
+    # The gathered computation equals the dense reference h' + 1[s>=0.5]·ŝ·MLP(h') for every token.
+    def dense(self, x):
+        plan = self.plan
+        if plan is None:
+            return self.inner(x)
+        gate = plan.selected.to(x.dtype) * plan.scale.to(x.dtype)
+        return self.inner(x) * gate.view(*x.shape[:-1], 1)
+
+    original = SkipMLP.forward
+    SkipMLP.forward = dense
+    try:
+        reference = logits(model, inputs)
+    finally:
+        SkipMLP.forward = original
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_threshold_is_inclusive_and_capacity_mode_fixes_the_budget():
+    model = dlo(tiny_llama(num_layers=8))
+    model.eval()
+    logits(model, batch())
+    rows = peft_depth.routing_stats(model)["dlo"]["default"]["layers"]
+    assert all(row["executed_fraction"] == 1.0 for row in rows)  # s = 0.5 exactly runs (official s > 0.5 would not)
+    fixed = dlo(tiny_llama(num_layers=8), inference_selection="capacity", inference_capacity=0.5)
+    randomise_routers(fixed)
+    fixed.eval()
+    logits(fixed, batch(left_pad=0, seq_len=8))
+    rows = peft_depth.routing_stats(fixed)["dlo"]["default"]["layers"]
+    assert all(row["executed_fraction"] == 0.5 for row in rows)
+
+
+# ---------------------------------------------------------------- training: capacity, labels, loss, annealing
+
+
+def test_training_selects_top_capacity_of_real_tokens_batch_wide():
+    model = dlo(tiny_llama(num_layers=8), capacity=0.5, capacity_annealing_steps=0, loss_type="cos")
+    randomise_routers(model)
+    model.train()
+    inputs = batch(batch_size=3, seq_len=7, left_pad=3)
+    model(**inputs)
+    real = inputs["attention_mask"].reshape(-1).bool()
+    for block in tuner(model)._dlo["blocks"]:
+        record = block.last_record
+        assert int(record.selected.sum()) == math.ceil(0.5 * int(real.sum()))
+        assert not bool((record.selected & ~real).any())  # padding never runs
+        chosen = torch.sigmoid(record.logits)[record.selected]
+        rest = torch.sigmoid(record.logits)[real & ~record.selected]
+        assert chosen.min() >= rest.max()  # the top scores, over the whole batch
+
+
+def test_capacity_annealing_follows_the_step():
+    config = DLOConfig(capacity=0.9, capacity_annealing_steps=1000)
+    assert [config.capacity_at(s) for s in (0, 500, 1000, 5000)] == pytest.approx([1.0, 0.95, 0.9, 0.9])
+    model = dlo(tiny_llama(num_layers=8), capacity=0.5, capacity_annealing_steps=10, loss_type="cos")
+    model.train()
+    inputs = batch(batch_size=2, seq_len=10, left_pad=0)
+    model(**inputs)
+    assert peft_depth.routing_stats(model)["dlo"]["default"]["executed_fraction"] == 1.0
+    tuner(model).set_training_step(5)
+    assert tuner(model).dlo_step == 5
+    model(**inputs)
+    assert peft_depth.routing_stats(model)["dlo"]["default"]["executed_fraction"] == pytest.approx(0.75)
+    tuner(model).set_dlo_step(10)
+    model(**inputs)
+    assert peft_depth.routing_stats(model)["dlo"]["default"]["executed_fraction"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="step"):
+        tuner(model).set_dlo_step(-1)
+
+
+def _capture_mlp_io(model):
+    """Record h' (input of the pre-MLP norm) and the MLP output for every routed layer."""
+    captured, handles = {}, []
+    for position, block in enumerate(stack(model)):
+        norm = block._norm_shadow.inner
+        mlp = block._mlp_shadow.inner
+        handles.append(
+            norm.register_forward_hook(lambda m, a, o, p=position: captured.setdefault(p, {}).update(h=a[0]))
+        )
+        handles.append(mlp.register_forward_hook(lambda m, a, o, p=position: captured[p].update(out=o)))
+    return captured, handles
+
+
+def _reference_bce(logits_, labels, valid):
+    return F.binary_cross_entropy_with_logits(logits_[valid], labels[valid].float())
+
+
+def test_cos_labels_and_bce_per_layer():
+    model = dlo(
+        tiny_llama(num_layers=8), capacity=0.5, capacity_annealing_steps=0, loss_type="cos", router_loss_coef=0.3
+    )
+    randomise_routers(model, scale=0.5)
+    perturb_new_layers(model)
+    model.train()
+    captured, handles = _capture_mlp_io(model)
+    inputs = batch(batch_size=2, seq_len=8, left_pad=2)
+    model(**inputs)
+    for handle in handles:
+        handle.remove()
+    valid = inputs["attention_mask"].reshape(-1).bool()
+    expected = []
+    for block in tuner(model)._dlo["blocks"]:
+        record = block.last_record
+        h = captured[block.position]["h"].reshape(-1, 32)
+        cos = F.cosine_similarity(h, h + captured[block.position]["out"].reshape(-1, 32), dim=-1)
+        torch.testing.assert_close(record.cos, cos, rtol=1e-5, atol=1e-6)
+        k = math.ceil(0.5 * int(valid.sum()))
+        lowest = torch.where(valid, cos, torch.full_like(cos, float("inf"))).topk(k, largest=False).indices
+        labels = torch.zeros_like(valid)
+        labels[lowest] = True
+        expected.append(_reference_bce(record.logits, labels, valid))
+    raw = peft_depth.core.raw_aux_losses(model)["router"]
+    assert raw.coefficient == 0.3
+    torch.testing.assert_close(raw.value, torch.stack(expected).mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(peft_depth.aux_losses(model)["router"], 0.3 * raw.value)
+
+
+def test_cos_global_ranks_all_layers_together_and_sets_capacities():
+    model = dlo(tiny_llama(num_layers=8), capacity=0.6, capacity_annealing_steps=0, min_capacity=0.01)
+    randomise_routers(model, scale=0.5)
+    perturb_new_layers(model)
+    model.train()
+    inputs = batch(batch_size=2, seq_len=8, left_pad=2)
+    model(**inputs)
+    valid = inputs["attention_mask"].reshape(-1).bool()
+    records = [b.last_record for b in tuner(model)._dlo["blocks"]]
+    cos = torch.cat([r.cos for r in records])
+    all_valid = valid.repeat(len(records))
+    k = math.ceil(0.6 * int(all_valid.sum()))
+    lowest = torch.where(all_valid, cos, torch.full_like(cos, float("inf"))).topk(k, largest=False).indices
+    labels = torch.zeros_like(all_valid)
+    labels[lowest] = True
+    per_layer = labels.view(len(records), -1)
+    expected = torch.stack([_reference_bce(r.logits, per_layer[i], valid) for i, r in enumerate(records)]).mean()
+    torch.testing.assert_close(peft_depth.aux_losses(model)["router"], expected, rtol=1e-5, atol=1e-6)
+    capacities = tuner(model).dlo_layer_capacities()
+    shares = [max(0.01, float(per_layer[i][valid].float().mean())) for i in range(len(records))]
+    assert [capacities[p] for p in sorted(capacities)] == pytest.approx(shares)
+    assert len(set(round(c, 6) for c in capacities.values())) > 1  # layers really get different capacities
+    model(**inputs)  # the next forward uses them
+    for block in tuner(model)._dlo["blocks"]:
+        assert block.last_record.capacity == pytest.approx(capacities[block.position])
+        assert int(block.last_record.selected.sum()) == math.ceil(capacities[block.position] * int(valid.sum()) - 1e-9)
+
+
+def test_global_selection_by_bisection_equals_topk():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(257, generator=generator)
+    valid = torch.rand(257, generator=generator) > 0.2
+    for fraction in (0.1, 0.5, 0.9, 1.0):
+        local = select_top_fraction(scores, valid, fraction)
+        synced = select_top_fraction(scores, valid, fraction, reduce_sum=lambda t: t)  # one process "syncing"
+        assert torch.equal(local, synced)
+        assert int(local.sum()) == math.ceil(fraction * int(valid.sum()))
+
+
+def test_training_moves_only_dlo_parameters_and_losses_decrease():
+    model = dlo(tiny_llama(num_layers=8), capacity=0.75, capacity_annealing_steps=4, lora_dropout=0.0)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".dlo_new_layers.default." in n or ".dlo_routers.default." in n for n in trainable)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    inputs = batch(batch_size=4, seq_len=12, left_pad=2)
+    lm, router = [], []
+    for step in range(20):
+        tuner(model).set_dlo_step(step)
+        out = model(**inputs, labels=inputs["input_ids"])
+        aux = peft_depth.aux_losses(model)
+        (out.loss + sum(aux.values())).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        lm.append(out.loss.item())
+        router.append(aux["router"].item())
+    assert lm[-1] < lm[0] - 0.1
+    assert router[-1] < router[0] - 0.02  # the routers learn their labels
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n not in trainable)
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if "dlo_routers" in n)
+
+
+def test_gradient_checkpointing_gives_same_loss_and_gradients():
+    def run(checkpointing):
+        model = dlo(tiny_llama(num_layers=8), capacity=0.6, capacity_annealing_steps=0)
+        randomise_routers(model, scale=0.5)
+        perturb_new_layers(model)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        inputs = batch()
+        out = model(**inputs, labels=inputs["input_ids"])
+        loss = out.loss + sum(peft_depth.aux_losses(model).values())
+        loss.backward()
+        new_layer = tuner(model).dlo_new_layers["default"]["new4"]
+        assert new_layer.gradient_checkpointing == checkpointing  # the new layers follow the switch
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads, peft_depth.routing_stats(model)
+
+    loss_a, grads_a, stats_a = run(False)
+    loss_b, grads_b, stats_b = run(True)
+    torch.testing.assert_close(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert stats_a == stats_b
+
+
+# ---------------------------------------------------------------- PEFT behaviour: save/load, disable, merge
+
+
+def _train_one_step(model, inputs, lr=1e-2):
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    out = model(**inputs, labels=inputs["input_ids"])
+    (out.loss + sum(peft_depth.aux_losses(model).values())).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    model.eval()
+
+
+def test_fresh_adapter_saves_only_what_cannot_be_rebuilt(tmp_path):
+    model = dlo(tiny_llama(num_layers=8))
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert sorted(saved) == sorted(f"base_model.dlo_routers.l{p}.weight" for p in range(10))
+
+
+def test_save_load_round_trip_exact_after_a_training_step(tmp_path):
+    base = tiny_llama(num_layers=8)
+    model = dlo(clone_model(base), capacity=0.7)
+    inputs = batch()
+    _train_one_step(model, inputs)
+    randomise_routers(model, scale=1.0)  # and make sure some tokens are skipped in eval
+    expected = logits(model, inputs)
+    assert peft_depth.routing_stats(model)["dlo"]["default"]["executed_fraction"] < 1
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    new_layer_keys = sorted(k for k in saved if "dlo_new_layers" in k)
+    # after one step from zero-out, only the zeroed output projections have gradient: q/k/v/gate/up and the norms are
+    # still exact copies of their source and are rebuilt from the base model on load instead of being saved
+    assert new_layer_keys == sorted(
+        f"base_model.dlo_new_layers.{layer}.{proj}.weight"
+        for layer in ("new4", "new9")
+        for proj in ("self_attn.o_proj", "mlp.down_proj")
+    )
+    total = sum(p.numel() for p in tuner(model).dlo_new_layers["default"].parameters())
+    assert sum(saved[k].numel() for k in new_layer_keys) < total / 2
+    loaded = PeftModel.from_pretrained(clone_model(base), tmp_path)
+    torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(loaded.state_dict()[name], param, rtol=0, atol=0, msg=name)
+    # a second step changes every new-layer tensor: then all of them are saved, and still load exactly
+    _train_one_step(model, inputs)
+    model.save_pretrained(tmp_path / "two")
+    saved = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    assert len([k for k in saved if "dlo_new_layers" in k]) == len(
+        list(tuner(model).dlo_new_layers["default"].parameters())
+    )
+    loaded = PeftModel.from_pretrained(clone_model(base), tmp_path / "two", low_cpu_mem_usage=True)
+    torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), rtol=0, atol=0)
+
+
+def test_lora_new_layers_and_lora_on_originals(tmp_path):
+    base = tiny_llama(num_layers=8)
+    model = dlo(clone_model(base), r=4, new_layer_training="lora", target_modules=["q_proj", "v_proj"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".layers.0.self_attn.q_proj.lora_A.default" in n for n in trainable)  # LoRA on the originals
+    assert all(("lora_" in n) or ("dlo_routers" in n) for n in trainable)
+    assert any("dlo_new_layers.default.new4.mlp.up_proj.lora_B" in n for n in trainable)
+    inputs = batch()
+    torch.testing.assert_close(logits(model, inputs), logits(base, inputs), rtol=0, atol=0)
+    _train_one_step(model, inputs)
+    expected = logits(model, inputs)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert not any("base_layer" in k for k in saved)  # frozen copies are rebuilt, never saved
+    assert all(("lora_" in k) or ("dlo_routers" in k) for k in saved)
+    loaded = PeftModel.from_pretrained(clone_model(base), tmp_path)
+    torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
+    only_new = dlo(clone_model(base), r=4, new_layer_training="lora", lora_on_original_layers=False)
+    assert not any(".layers." in n and "lora_" in n for n, _ in only_new.named_parameters())
+
+
+def test_disable_adapter_gives_the_original_model():
+    base = tiny_llama(num_layers=8)
+    inputs = batch()
+    expected = logits(clone_model(base), inputs)
+    model = dlo(clone_model(base), r=2, target_modules=["q_proj"], init_lora_weights=False)
+    _train_one_step(model, inputs)
+    adapted = logits(model, inputs)
+    assert (adapted - expected).abs().max() > 1e-4
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
+        assert model.base_model.model.config.num_hidden_layers == 8
+        assert peft_depth.routing_stats(model) == {} and peft_depth.aux_losses(model) == {}
+        gen = model.generate(**batch(seq_len=4), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(gen, base.generate(**batch(seq_len=4), max_new_tokens=4, do_sample=False, pad_token_id=0))
+    torch.testing.assert_close(logits(model, inputs), adapted, rtol=0, atol=0)
+
+
+def test_merge_and_unload_dense_expansion_gives_a_plain_deeper_model(tmp_path):
+    base = tiny_llama(num_layers=8)
+    inputs = batch()
+    model = dlo(clone_model(base), routed_layers="none", r=2, target_modules=["q_proj"])
+    _train_one_step(model, inputs)
+    expected = logits(model, inputs)
+    merged = model.merge_and_unload()
+    assert type(merged) is LlamaForCausalLM
+    assert len(merged.model._modules["layers"]) == 10 and merged.config.num_hidden_layers == 10
+    assert [layer.self_attn.layer_idx for layer in merged.model.layers] == list(range(10))
+    assert not any("lora_" in n or "dlo_" in n for n, _ in merged.named_modules())
+    torch.testing.assert_close(logits(merged, inputs), expected, rtol=1e-5, atol=1e-5)
+    merged.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(reloaded, inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_is_refused_while_routing_and_unload_restores_the_base():
+    base = tiny_llama(num_layers=8)
+    model = dlo(clone_model(base))
+    with pytest.raises(ValueError, match="routers decide per token"):
+        model.merge_and_unload()
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_adapter()
+    perturb_new_layers(model)
+    unloaded = model.unload()
+    assert unloaded.config.num_hidden_layers == 8 and len(unloaded.model.layers) == 8
+    inputs = batch()
+    torch.testing.assert_close(logits(unloaded, inputs), logits(base, inputs), rtol=0, atol=0)
+
+
+def test_multiple_adapters_switch_depth():
+    base = tiny_llama(num_layers=8)
+    inputs = batch()
+    model = dlo(clone_model(base), init="copy")
+    model.add_adapter("deep", DLOConfig(expansion="stack", stack_range=[2, 6], init="copy"))
+    config = model.base_model.model.config
+    out_default = logits(model, inputs)
+    assert config.num_hidden_layers == 10
+    model.set_adapter("deep")
+    assert config.num_hidden_layers == 12 and [b.self_attn.layer_idx for b in stack(model)] == list(range(12))
+    assert (logits(model, inputs) - out_default).abs().max() > 1e-4
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".deep." in n for n in trainable)
+    with pytest.raises(ValueError, match="one DLO adapter at a time"):
+        model.base_model.set_adapter(["default", "deep"])
+    model.set_adapter("default")
+    model.delete_adapter("deep")
+    assert config.num_hidden_layers == 10
+    torch.testing.assert_close(logits(model, inputs), out_default, rtol=0, atol=0)
+
+
+def test_block_skip_mode():
+    base = tiny_llama(num_layers=8)
+    inputs = batch(left_pad=0)
+    model = dlo(clone_model(base), skip_mode="block")
+    torch.testing.assert_close(logits(model, inputs), logits(base, inputs), rtol=1e-5, atol=1e-5)
+    randomise_routers(model)
+    perturb_new_layers(model)
+    out = logits(model, inputs)
+    assert 0 < peft_depth.routing_stats(model)["dlo"]["default"]["executed_fraction"] < 1
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="use_cache=False"):
+        model(**inputs, use_cache=True)
+    generated = model.generate(**batch(seq_len=4), max_new_tokens=3, do_sample=False, pad_token_id=0, use_cache=False)
+    assert generated.shape == (2, 7)
+    model.train()
+    out = model(**inputs, labels=inputs["input_ids"])
+    (out.loss + sum(peft_depth.aux_losses(model).values())).backward()
+    assert tuner(model).dlo_routers["default"]["l0"].weight.grad is not None
+
+
+def test_routing_stats_and_optimizer_groups():
+    model = dlo(tiny_llama(num_layers=8), routed_layers="new", capacity_lr_scaling=True)
+    logits(model, batch())
+    stats = peft_depth.routing_stats(model)["dlo"]["default"]
+    assert [row["layer"] for row in stats["layers"]] == [4, 9] and all(row["new"] for row in stats["layers"])
+    assert stats["executed_fraction"] == 1.0
+    groups = tuner(model).depth_optimizer_groups(1e-3, 0.0)
+    assert [g["name"] for g in groups] == ["dlo_layer_4", "dlo_layer_9"]
+    assert all(g["lr"] == pytest.approx(1e-3) for g in groups)  # equal capacities: multiplier 1
