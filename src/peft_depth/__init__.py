@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .core.aux import aux_losses, routing_stats
+from .tuners.dlo import DLOConfig, DLOModel
 from .tuners.mod import MoDConfig, MoDModel
 from .tuners.mola import MoLAConfig, MoLAModel
 from .tuners.molex import MoLExConfig, MoLExModel
@@ -16,6 +17,8 @@ from .tuners.molex import MoLExConfig, MoLExModel
 __version__ = "0.1.0"
 
 __all__ = [
+    "DLOConfig",
+    "DLOModel",
     "MoDConfig",
     "MoDModel",
     "MoLAConfig",
