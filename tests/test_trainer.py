@@ -30,13 +30,16 @@ def trainable(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+HELD_OUT = counting_dataset(16, seed=123)
+
+
 @torch.no_grad()
-def lm_loss(trainer, rows=slice(0, 16)):
-    """Mean next-token loss of the training data, in eval mode, through the ordinary (logits) forward."""
+def lm_loss(trainer, dataset=HELD_OUT):
+    """Mean next-token loss on held-out rows (same pattern, other runs), in eval mode, through the logits forward."""
     model = trainer.model
     was_training = model.training
     model.eval()
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(rows.start, rows.stop)])
+    batch = trainer.data_collator([{"input_ids": row["input_ids"]} for row in dataset])
     labels = batch.pop("labels")
     logits = model(**batch).logits
     loss = torch.nn.functional.cross_entropy(
@@ -51,15 +54,21 @@ def lm_loss(trainer, rows=slice(0, 16)):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_each_method_trains_and_logs_components(method, tmp_path):
-    trainer = make_trainer(METHODS[method](), str(tmp_path), max_steps=10, gradient_accumulation_steps=2)
+    # MoD alone trains only norms, router and a gate that starts at 0 (a fresh adapter is the base model): it needs a
+    # larger step to move visibly in 10 steps on a random base model.
+    lr = 1e-1 if method == "mod" else 1e-2
+    trainer = make_trainer(
+        METHODS[method](), str(tmp_path), max_steps=10, gradient_accumulation_steps=2, learning_rate=lr
+    )
     before_params = trainable(trainer.model)
     before_loss = lm_loss(trainer)
     trainer.train()
+    aux_names = set(raw_aux_losses(trainer.model))  # of the last training forward
+    assert aux_names
     after_loss = lm_loss(trainer)
 
     logs = train_logs(trainer)
     assert len(logs) == 10
-    aux_names = set(raw_aux_losses(trainer.model))
     for entry in logs:
         assert_finite(entry)
         components = [k for k in entry if k.startswith("loss/") and k != "loss/lm"]
@@ -76,7 +85,8 @@ def test_each_method_trains_and_logs_components(method, tmp_path):
     assert not unchanged, f"parameters that did not train: {unchanged}"
     routers = [n for n in before_params if any(key in n for key in ("router", "gate"))]
     assert routers or method == "mod"
-    assert after_loss < before_loss - 0.05, (before_loss, after_loss)
+    # held-out rows: for MoD this is "the trained adapter beats the untrained one (= the base model)"
+    assert after_loss < before_loss - 0.02, (before_loss, after_loss)
 
 
 def test_mola_logs_routing_health_names(tmp_path):
@@ -91,22 +101,28 @@ def test_mola_logs_routing_health_names(tmp_path):
 
 def test_routing_health_flattens_rows_and_summaries():
     stats = {
-        "mola": {"default": [{"layer": 0, "usage_entropy": 0.5}, {"layer": 1, "usage_entropy": 1.5}]},
+        "mola": {"default": [{"layer": 0, "usage_entropy": 0.5}, {"layer": 1, "usage_entropy": 1.5, "top_k": 2}]},
         "dlo": {
             "default": {
                 "executed_fraction": 0.75,
-                "layers": [{"layer": 4, "skip_fraction": 0.25, "num_tokens": 9}, {"layer": 9, "skip_fraction": 0.5}],
+                "step": 3,
+                "layers": [
+                    {"layer": 4, "executed_fraction": 0.75, "num_tokens": 9, "capacity": float("nan")},
+                    {"layer": 9, "executed_fraction": 0.5, "new": True},
+                ],
             }
         },
+        "mod": {"default": {"layers": [2, 3], "gate": 0.25, "mean_weight": [0.5, 0.5]}},
     }
     health = routing_health(stats, drop_path_names={"default"})
     assert health == {
         "routing/mola/usage_entropy": 1.0,
         "routing/mola/usage_entropy_min": 0.5,
         "routing/dlo/executed_fraction": 0.75,
-        "routing/dlo/layers/skip_fraction/layer_4": 0.25,
-        "routing/dlo/layers/skip_fraction/layer_9": 0.5,
-        "routing/dlo/layers/skip_fraction": 0.375,
+        "routing/dlo/skip_fraction/layer_4": 0.25,
+        "routing/dlo/skip_fraction/layer_9": 0.5,
+        "routing/dlo/skip_fraction": 0.375,
+        "routing/mod/gate": 0.25,
     }
 
 

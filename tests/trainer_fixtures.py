@@ -46,10 +46,18 @@ def method_configs() -> dict[str, Callable[[], Any]]:
     }
     if hasattr(peft_depth, "MoLExConfig"):
         factories["molex"] = lambda: peft_depth.MoLExConfig(task_type="CAUSAL_LM", r=4)
-    if hasattr(peft_depth, "MoDConfig"):
-        factories["mod"] = lambda: peft_depth.MoDConfig(task_type="CAUSAL_LM")
-    if hasattr(peft_depth, "DLOConfig"):
-        factories["dlo"] = lambda: peft_depth.DLOConfig(task_type="CAUSAL_LM")
+    try:  # methods being built alongside: include them as soon as their package imports
+        from peft_depth.tuners.mod import MoDConfig
+
+        factories["mod"] = lambda: MoDConfig(task_type="CAUSAL_LM")
+    except ImportError:
+        pass
+    try:
+        from peft_depth.tuners.dlo import DLOConfig
+
+        factories["dlo"] = lambda: DLOConfig(task_type="CAUSAL_LM")
+    except ImportError:
+        pass
     return factories
 
 

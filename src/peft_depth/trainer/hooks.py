@@ -54,8 +54,14 @@ __all__ = [
 
 #: Per-layer statistics whose average over layers is logged (plus its minimum: one collapsed layer is the warning).
 MEAN_AND_MIN_KEYS = ("usage_entropy",)
-#: Per-layer statistics logged layer by layer (and averaged): the fraction of tokens a layer executes or skips.
-PER_LAYER_KEYS = ("skip_fraction", "executed_fraction", "capacity")
+#: Per-layer statistics logged as their average over layers only.
+MEAN_KEYS = ("alpha", "mean_score", "executed_fraction")
+#: Per-layer statistics logged layer by layer (and averaged): the fraction of tokens a layer skips, its capacity.
+PER_LAYER_KEYS = ("skip_fraction", "capacity")
+#: Bookkeeping numbers that say nothing about routing health.
+IGNORED_KEYS = ("layer", "num_tokens", "num_candidates", "num_experts", "top_k", "step", "distill_positions", "chosen")
+#: Container names left out of metric names.
+CONTAINER_KEYS = ("layers", "rows")
 
 
 def depth_tuners(model: nn.Module) -> list[DepthTuner]:
@@ -168,35 +174,41 @@ def routing_health(stats: Mapping[str, Any], drop_path_names: Iterable[str] = ()
 
     Layout read (every method's ``depth_routing_stats`` follows it): ``{method: payload}``, where ``payload`` nests
     dicts and lists. A dict with a ``"layer"`` key is a *row* (one layer's statistics): from rows the keys in
-    ``MEAN_AND_MIN_KEYS`` (``usage_entropy``) are logged as their mean and minimum over rows, and the keys in
-    ``PER_LAYER_KEYS`` (``skip_fraction``, ``executed_fraction``, ``capacity``) per layer and as a mean. Outside rows,
-    every finite number is logged under its path (method summaries such as an overall executed fraction).
-    Dict keys listed in ``drop_path_names`` (e.g. the adapter name when there is one) are left out of the names.
+    ``MEAN_AND_MIN_KEYS`` (``usage_entropy``) are logged as their mean and minimum over rows, ``MEAN_KEYS``
+    (``alpha``, ``mean_score``, ``executed_fraction``) as their mean, and ``PER_LAYER_KEYS`` (``skip_fraction``,
+    ``capacity``) per layer and as a mean; a row with ``executed_fraction`` also gets ``skip_fraction = 1 -
+    executed_fraction``. Outside rows, every finite number not in ``IGNORED_KEYS`` is logged under its path (method
+    summaries such as an overall executed fraction or MoD's gate). Dict keys in ``drop_path_names`` (e.g. the
+    adapter name when there is one) and ``CONTAINER_KEYS`` are left out of the names; non-finite numbers are
+    skipped.
 
     Example: MoLA's ``{"mola": {"default": [{"layer": 0, "usage_entropy": 1.3, ...}, ...]}}`` gives
     ``routing/mola/usage_entropy`` and ``routing/mola/usage_entropy_min``.
     """
-    drop = set(drop_path_names)
+    drop = set(drop_path_names) | set(CONTAINER_KEYS)
     out: dict[str, float] = {}
     buckets: dict[str, list[float]] = defaultdict(list)
 
+    def add_row(prefix: str, row: Mapping[str, Any]) -> None:
+        layer = row["layer"]
+        values = {key: float(value) for key, value in row.items() if _is_number(value) and key not in IGNORED_KEYS}
+        if "executed_fraction" in values and "skip_fraction" not in values:
+            values["skip_fraction"] = 1.0 - values["executed_fraction"]
+        for key, value in values.items():
+            if key in MEAN_AND_MIN_KEYS or key in MEAN_KEYS:
+                buckets[f"{prefix}/{key}"].append(value)
+            elif key in PER_LAYER_KEYS:
+                out[f"{prefix}/{key}/layer_{layer}"] = value
+                buckets[f"{prefix}/{key}"].append(value)
+
     def walk(node: Any, path: tuple[str, ...]) -> None:
-        prefix = "routing/" + "/".join(path)
         if isinstance(node, Mapping):
             if "layer" in node:
-                layer = node["layer"]
-                for key, value in node.items():
-                    if not _is_number(value):
-                        continue
-                    if key in MEAN_AND_MIN_KEYS:
-                        buckets[f"{prefix}/{key}"].append(float(value))
-                    elif key in PER_LAYER_KEYS:
-                        out[f"{prefix}/{key}/layer_{layer}"] = float(value)
-                        buckets[f"{prefix}/{key}"].append(float(value))
+                add_row("routing/" + "/".join(path), node)
                 return
             for key, value in node.items():
                 sub = path if key in drop else (*path, str(key))
-                if _is_number(value):
+                if _is_number(value) and key not in IGNORED_KEYS:
                     out["routing/" + "/".join(sub)] = float(value)
                 elif isinstance(value, (Mapping, list, tuple)):
                     walk(value, sub)
@@ -208,7 +220,8 @@ def routing_health(stats: Mapping[str, Any], drop_path_names: Iterable[str] = ()
     for method, payload in stats.items():
         walk(payload, (str(method),))
     for name, values in buckets.items():
-        out[name] = sum(values) / len(values)
+        # a method's own summary (e.g. DLO's token-weighted executed fraction) wins over the plain layer average
+        out.setdefault(name, sum(values) / len(values))
         key = name.rsplit("/", 1)[-1]
         if key in MEAN_AND_MIN_KEYS:
             out[f"{name}_min"] = min(values)
