@@ -13,8 +13,12 @@ from .tuners.dlo import DLOConfig, DLOModel
 from .tuners.mod import MoDConfig, MoDModel
 from .tuners.mola import MoLAConfig, MoLAModel
 from .tuners.molex import MoLExConfig, MoLExModel
+from .hub import install as _install_hub_hooks
 
 __version__ = "0.1.0"
+
+# Save/push write the method's model card; loads are safetensors-only and never partial (see peft_depth.hub).
+_install_hub_hooks()
 
 __all__ = [
     "DLOConfig",

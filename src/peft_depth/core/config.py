@@ -83,6 +83,14 @@ class DepthPeftConfig(PeftConfig):
         default=CONFIG_FORMAT_VERSION,
         metadata={"help": "Layout version of this config as written by peft-depth; filled in automatically."},
     )
+    base_model_facts: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Facts about the base model the adapter was saved from (architecture, model_type, num_layers, "
+            "hidden_size), recorded by save_pretrained. Loading onto a model where one differs raises a ValueError "
+            "naming it. None: not checked (configs written before this field existed)."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,6 +103,15 @@ class DepthPeftConfig(PeftConfig):
                 f"`peft_depth_version` must be an integer in [1, {CONFIG_FORMAT_VERSION}] (this release reads those "
                 f"config layouts); got {self.peft_depth_version!r}. Upgrade peft-depth to load newer adapters."
             )
+        if self.base_model_facts is not None:
+            facts = self.base_model_facts
+            if not isinstance(facts, dict) or not all(
+                isinstance(k, str) and isinstance(v, (str, int)) and not isinstance(v, bool) for k, v in facts.items()
+            ):
+                raise ValueError(
+                    f"`base_model_facts` must be None or a dict of str/int values (architecture, model_type, "
+                    f"num_layers, hidden_size), got {facts!r}."
+                )
 
 
 @dataclass

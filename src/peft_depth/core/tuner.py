@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
@@ -13,8 +15,39 @@ from torch import nn
 from .aux import DepthAuxSource
 from .context import RoutingContext
 from .layer_stack import LayerStack, find_layer_stack
+from .safety import AllocationBudget, adapter_allocation_limit, base_model_facts, check_base_model_facts
 
 __all__ = ["DepthTuner"]
+
+
+def _guard_injection(inject: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``inject_adapter``: check the base model against the config's recorded facts, then inject under an
+    allocation budget, so that an untrusted config fails with a clear error before any module is created."""
+    if getattr(inject, "_depth_guarded", False):
+        return inject
+
+    @functools.wraps(inject)
+    def guarded(self: DepthTuner, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+        if self.__dict__.get("_depth_injecting"):  # a subclass override calling super(): guarded once, outermost
+            return inject(self, model, adapter_name, *args, **kwargs)
+        facts = self.__dict__.get("_depth_base_model_facts")
+        if facts is None:
+            # First injection: the model is still the pristine base model (DLO changes the depth afterwards).
+            facts = self.__dict__["_depth_base_model_facts"] = base_model_facts(model)
+        config = self.peft_config.get(adapter_name)
+        check_base_model_facts(getattr(config, "base_model_facts", None), facts, adapter_name=adapter_name)
+        budget = AllocationBudget(
+            adapter_allocation_limit(model), what=f"{type(self).__name__} adapter {adapter_name!r}"
+        )
+        self.__dict__["_depth_injecting"] = True
+        try:
+            with budget:
+                return inject(self, model, adapter_name, *args, **kwargs)
+        finally:
+            self.__dict__["_depth_injecting"] = False
+
+    guarded._depth_guarded = True
+    return guarded
 
 
 class DepthTuner(BaseTuner, DepthAuxSource):
@@ -36,6 +69,21 @@ class DepthTuner(BaseTuner, DepthAuxSource):
     merge_refusal_reason: str | None = None
     #: Names of tuner-level ``nn.ModuleDict`` attributes keyed by adapter name (each must start with ``prefix``).
     tuner_module_names: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Every method's own inject_adapter runs under the same guard (see _guard_injection).
+        if "inject_adapter" in cls.__dict__:
+            cls.inject_adapter = _guard_injection(cls.__dict__["inject_adapter"])
+
+    @_guard_injection
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+
+    @property
+    def base_model_facts(self) -> dict[str, Any] | None:
+        """Architecture, model_type, depth and hidden size of the base model before any adapter was injected."""
+        return self.__dict__.get("_depth_base_model_facts")
 
     @cached_property
     def layer_stack(self) -> LayerStack | None:

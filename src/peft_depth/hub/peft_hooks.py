@@ -1,0 +1,201 @@
+"""Where peft-depth joins peft's save, push and load paths (installed by ``import peft_depth``).
+
+peft 0.21 gives a tuner no say in how its adapter is saved, carded or loaded: ``PeftModel.save_pretrained`` writes
+the card itself, ``push_to_hub`` (transformers' mixin) then overwrites README.md with a generic card, and
+``load_adapter`` only *warns* about missing keys and reads ``adapter_model.bin`` (pickle) when no safetensors file
+exists. So four ``PeftModel`` entry points are wrapped. Every wrapper checks whether the adapters involved are
+peft-depth adapters and otherwise calls peft's original untouched, so LoRA and every other method behave exactly as
+without the plugin.
+
+For peft-depth adapters:
+
+- ``save_pretrained``: refuses ``safe_serialization=False``; records the base model's facts in the config (checked
+  on load by ``DepthTuner``); renders the method's model card into README.md.
+- ``_upload_modified_files`` (the last step of ``push_to_hub``): renders the card again, with the repo id, over the
+  generic card transformers put there.
+- ``load_peft_weights`` (module function used by ``load_adapter``): reads ``adapter_model.safetensors`` only, after
+  validating its header against the file size; ``adapter_model.bin`` is refused.
+- ``load_adapter``: missing or unexpected adapter keys raise ``ValueError`` instead of a warning (a partial load
+  would silently run a half-initialised adapter).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from typing import Any
+
+import huggingface_hub
+import peft.peft_model
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from peft import PeftConfig, PeftModel
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+from ..core.config import DepthPeftConfig
+from .model_card import write_model_card
+from .safetensors_check import check_safetensors_file
+
+__all__ = ["install", "is_depth_adapter_source", "resolve_safetensors_file"]
+
+_HUB_KWARGS = ("revision", "cache_dir", "token", "force_download", "proxies", "repo_type", "local_files_only")
+
+
+def _depth_adapter_names(model: PeftModel, names: list[str] | None = None) -> list[str]:
+    names = list(model.peft_config) if names is None else list(names)
+    return [n for n in names if isinstance(model.peft_config.get(n), DepthPeftConfig)]
+
+
+def _mark(wrapper: Any) -> Any:
+    wrapper._peft_depth_hook = True
+    return wrapper
+
+
+# ---------------------------------------------------------------------------------------------------- save / push
+
+
+def _wrap_save_pretrained(original: Any) -> Any:
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(self, save_directory, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = bound.arguments
+        depth = _depth_adapter_names(self, arguments.get("selected_adapters"))
+        if not depth:
+            return original(self, save_directory, *args, **kwargs)
+        if not arguments.get("safe_serialization", True):
+            raise ValueError(
+                "peft-depth adapters are saved as safetensors only (adapter_model.bin is a pickle, which can run code "
+                "when loaded); drop `safe_serialization=False`."
+            )
+        facts = getattr(self.base_model, "base_model_facts", None)
+        for name in depth:
+            config = self.peft_config[name]
+            if config.base_model_facts is None and facts:
+                config.base_model_facts = dict(facts)
+        result = original(self, save_directory, *args, **kwargs)
+        if arguments.get("is_main_process", True):
+            write_model_card(self, save_directory, adapter_names=depth)
+        return result
+
+    return _mark(save_pretrained)
+
+
+def _wrap_upload_modified_files(original: Any) -> Any:
+    @functools.wraps(original)
+    def _upload_modified_files(self: Any, working_dir: str, repo_id: str, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(self, PeftModel) and _depth_adapter_names(self):
+            # transformers' push_to_hub saved a generic (or the remote) card over ours; render ours with the repo id.
+            write_model_card(self, working_dir, adapter_names=_depth_adapter_names(self), repo_id=repo_id)
+        return original(self, working_dir, repo_id, *args, **kwargs)
+
+    return _mark(_upload_modified_files)
+
+
+# ---------------------------------------------------------------------------------------------------- load
+
+
+def is_depth_adapter_source(model_id: str, **hub_kwargs: Any) -> bool:
+    """Whether the adapter_config.json at ``model_id`` (folder or repo, with ``subfolder``) is a peft-depth one."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    try:
+        peft_type = PeftConfig._get_peft_type(model_id, **hub_kwargs)
+    except Exception:  # no readable config: peft's own loader raises its usual error
+        return False
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
+    return isinstance(config_cls, type) and issubclass(config_cls, DepthPeftConfig)
+
+
+def resolve_safetensors_file(model_id: str, **hub_kwargs: Any) -> str:
+    """Local path of ``adapter_model.safetensors`` for a folder or Hub repo; ValueError if there is none.
+
+    ``adapter_model.bin`` is never downloaded or read.
+    """
+    subfolder = hub_kwargs.get("subfolder") or None
+    folder = os.path.join(model_id, subfolder) if subfolder else model_id
+    if os.path.isdir(folder):
+        path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+        if os.path.isfile(path):
+            return path
+        found = (
+            " (it holds only adapter_model.bin, a pickle, which is refused)"
+            if os.path.isfile(os.path.join(folder, WEIGHTS_NAME))
+            else ""
+        )
+        raise ValueError(
+            f"No {SAFETENSORS_WEIGHTS_NAME} in {folder}{found}; peft-depth adapters load from safetensors only."
+        )
+    kwargs = {k: hub_kwargs[k] for k in _HUB_KWARGS if hub_kwargs.get(k) is not None}
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        kwargs["local_files_only"] = True
+    try:
+        return hf_hub_download(model_id, SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **kwargs)
+    except (EntryNotFoundError, LocalEntryNotFoundError) as error:
+        raise ValueError(
+            f"{model_id!r}{f' (subfolder {subfolder!r})' if subfolder else ''} has no {SAFETENSORS_WEIGHTS_NAME}; "
+            f"peft-depth adapters load from safetensors only and never read {WEIGHTS_NAME} (a pickle). ({error})"
+        ) from error
+
+
+def _wrap_load_peft_weights(original: Any) -> Any:
+    @functools.wraps(original)
+    def load_peft_weights(model_id: str, device: str | None = None, key_mapping: Any = None, **hub_kwargs: Any):
+        if not is_depth_adapter_source(model_id, **hub_kwargs):
+            return original(model_id, device=device, key_mapping=key_mapping, **hub_kwargs)
+        path = resolve_safetensors_file(model_id, **hub_kwargs)
+        check_safetensors_file(path)
+        try:
+            # The folder now holds a validated safetensors file, which peft's loader prefers; no Hub access remains.
+            return original(os.path.dirname(path), device=device, key_mapping=key_mapping)
+        except Exception as error:
+            if type(error).__name__ == "SafetensorError":
+                raise ValueError(f"{path} could not be read as safetensors: {error}") from error
+            raise
+
+    return _mark(load_peft_weights)
+
+
+def _wrap_load_adapter(original: Any) -> Any:
+    @functools.wraps(original)
+    def load_adapter(self: PeftModel, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+        existed = adapter_name in self.peft_config
+        result = original(self, model_id, adapter_name, *args, **kwargs)
+        if not isinstance(self.peft_config.get(adapter_name), DepthPeftConfig) or result is None:
+            return result
+        missing = [k for k in getattr(result, "missing_keys", []) or []]
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) or []]
+        if missing or unexpected:
+            if not existed and len(self.peft_config) > 1:
+                self.delete_adapter(adapter_name)  # leave no half-loaded adapter behind
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+            raise ValueError(
+                f"Adapter {adapter_name!r} from {model_id!r} does not match the adapter its config builds: "
+                + " and ".join(parts)
+                + " keys. peft-depth refuses partial loads; the weights file belongs to another config or model."
+            )
+        return result
+
+    return _mark(load_adapter)
+
+
+def install() -> None:
+    """Wrap peft's entry points (idempotent; non-peft-depth adapters are unaffected)."""
+    hooks = (
+        (PeftModel, "save_pretrained", _wrap_save_pretrained),
+        (PeftModel, "_upload_modified_files", _wrap_upload_modified_files),
+        (PeftModel, "load_adapter", _wrap_load_adapter),
+    )
+    for owner, name, wrap in hooks:
+        current = getattr(owner, name)
+        if not getattr(current, "_peft_depth_hook", False):
+            setattr(owner, name, wrap(current))
+    if not getattr(peft.peft_model.load_peft_weights, "_peft_depth_hook", False):
+        peft.peft_model.load_peft_weights = _wrap_load_peft_weights(peft.peft_model.load_peft_weights)
