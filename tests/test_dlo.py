@@ -124,9 +124,13 @@ def test_interleave_8_to_10_with_renumbered_indices_and_config():
     registered = model.base_model.model.model._modules["layers"]
     assert len(registered) == 8
     assert not any(".layers.8." in n or ".layers.9." in n for n, _ in model.named_parameters())
+    # output_hidden_states reports every layer that ran, the new ones included (the zero-out copy is an identity)
+    hidden = model(**batch(), output_hidden_states=True).hidden_states
+    assert len(hidden) == 11 and torch.equal(hidden[5], hidden[4])
     with model.disable_adapter():
         assert config.num_hidden_layers == 8 and stack(model) is registered
         assert [block.self_attn.layer_idx for block in stack(model)] == list(range(8))
+        assert len(model(**batch(), output_hidden_states=True).hidden_states) == 9
     assert config.num_hidden_layers == 10
 
 

@@ -372,6 +372,8 @@ class DLOModel(DepthTuner):
         wrappers: list[DLOBlock] = []
         for position, (kind, source) in enumerate(state["layouts"][adapter_name]):
             layer = originals[source] if kind == "orig" else new_layers[f"new{position}"]
+            if kind == "new":
+                _install_output_capture(rewiring.parent, layer, f"{rewiring.stack.path}.{position}")
             router = routers[f"l{position}"] if f"l{position}" in routers else None
             if router is None and kind == "orig":
                 blocks.append(layer)
@@ -707,3 +709,33 @@ def _initial_state(config: DLOConfig, originals: list[nn.Module], source: int) -
         names = config.zero_out_modules or DEFAULT_ZERO_OUT_MODULES
         return {k: torch.zeros_like(v) if _matches(k.rpartition(".")[0], names) else v for k, v in state.items()}
     return state
+
+
+def _install_output_capture(backbone: nn.Module, layer: nn.Module, name: str) -> None:
+    """Give a new layer the output-recording hooks transformers puts on the registered layers.
+
+    transformers collects ``output_hidden_states`` / ``output_attentions`` through forward hooks it installs once on
+    the modules registered in the model; the new layers live on the tuner, so they get the same hooks here.
+    """
+    if getattr(layer, "_dlo_output_capture", False):
+        return
+    try:
+        from transformers.utils.output_capturing import (
+            _CAN_RECORD_REGISTRY,
+            OutputRecorder,
+            recursively_install_hooks,
+        )
+    except ImportError:  # another transformers layout: hidden states of new layers are then not reported
+        return
+    tasks = []
+    for key, specs in _CAN_RECORD_REGISTRY.get(backbone).items():
+        for spec in specs if isinstance(specs, list) else [specs]:
+            if not isinstance(spec, OutputRecorder):
+                spec = OutputRecorder(
+                    target_class=None if isinstance(spec, str) else spec,
+                    index=0 if "hidden_states" in key else 1,
+                    class_name=spec if isinstance(spec, str) else None,
+                )
+            tasks.append((key, spec))
+    recursively_install_hooks(layer, name, tasks)
+    layer._dlo_output_capture = True
