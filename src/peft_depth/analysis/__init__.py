@@ -1,0 +1,33 @@
+"""Where depth matters in a model, and what a trained depth adapter does: the engine of ``peft-depth analyze`` and
+``peft-depth inspect``.
+
+- ``analyze_layers`` / ``LayerStatsCollector``: per-layer redundancy (cosine of a block's input and output), update
+  size and logit-lens loss/accuracy over a text sample, padding excluded;
+- ``suggest_configs``: starting MoLA / DLO / MoD configurations derived from those numbers, each with its reason;
+- ``RoutingAccumulator``: ``peft_depth.routing_stats`` merged over many forwards, weighted by token counts;
+- ``run_analyze`` / ``run_inspect``: the two commands, writing JSON, a text summary and PNG plots.
+"""
+
+from __future__ import annotations
+
+from .analyze import AnalyzeOptions, run_analyze
+from .errors import AnalysisError
+from .inspect_adapter import InspectOptions, run_inspect
+from .layers import LayerAnalysis, LayerStatsCollector, analyze_layers, lens_positions
+from .routing import RoutingAccumulator
+from .suggest import layer_importance, suggest_configs
+
+__all__ = [
+    "AnalysisError",
+    "AnalyzeOptions",
+    "InspectOptions",
+    "LayerAnalysis",
+    "LayerStatsCollector",
+    "RoutingAccumulator",
+    "analyze_layers",
+    "layer_importance",
+    "lens_positions",
+    "run_analyze",
+    "run_inspect",
+    "suggest_configs",
+]
