@@ -97,11 +97,12 @@ class MoDConfig(LoraFieldsConfig):
         },
     )
     distill_loss_coef: float = field(
-        default=1.0,
+        default=0.1,
         metadata={
             "help": "λ: weight of the distillation loss Σ_l KL(softmax(z_L/T) ‖ softmax(z_l/T)) · T² over the "
-            "earlier late layers, reported by `peft_depth.aux_losses` as 'distill'. 0 turns it off (and skips its "
-            "computation)."
+            "earlier late layers, reported by `peft_depth.aux_losses` as 'distill'. The paper gives no value; 0.1 "
+            "because the summed KL starts near 30 on SmolLM2-135M with K=4 (measured), ten times the LM loss, and "
+            "would otherwise dominate. 0 turns it off (and skips its computation)."
         },
     )
     distill_temperature: float = field(

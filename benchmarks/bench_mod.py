@@ -1,0 +1,182 @@
+"""MoD vs plain peft LoRA, side by side on a SmolLM2-135M-shaped model (vocab 49,152).
+
+Variants (all with LoRA r=8 on the seven projections, same dropout, so the only difference is MoD's ensemble):
+
+- ``lora_r8`` and ``lora_r8_AA``: plain peft LoRA twice (the A/A line shows the timing noise);
+- ``mod_k4_lora``: MoD with K=4 late layers, token router, full distillation (every label position);
+- ``mod_k4_f025_lora``: the same with ``distill_fraction=0.25``;
+- ``mod_k4_alone``: MoD alone (no LoRA), for the parameter count and step time.
+
+Timed: a training step as the trainer runs it (forward with labels, LM loss + ``aux_losses``, backward, AdamW step),
+and an inference forward (eval, no labels, no grad: scoring / prefill; MoD skips the distillation there). Variants
+run interleaved repeat by repeat in shuffled order; ratios are medians of per-repeat ratios to ``lora_r8``.
+
+Peak memory: each variant runs two training steps in a fresh process; we report the process's peak RSS
+(``VmHWM`` from /proc/self/status) and the training increment (peak RSS minus the RSS just before the first step, i.e.
+activations, logits, gradients and optimizer state, without the weights every variant shares). CPU has no allocator
+peak counter like ``torch.cuda.max_memory_allocated``, and a process's peak cannot be split between variants run in
+it, hence one process per variant.
+
+    python benchmarks/bench_mod.py [--repeats 10] [--batch-size 4] [--seq-len 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from common import ALL_PROJECTIONS, interleaved_timings, report_timings, smollm2_shaped_model, token_batch
+from peft import LoraConfig, get_peft_model
+
+import peft_depth
+from peft_depth import MoDConfig
+
+R, ALPHA, DROPOUT = 8, 16, 0.05
+TRAIN_VARIANTS = ["lora_r8", "lora_r8_AA", "mod_k4_lora", "mod_k4_f025_lora", "mod_k4_alone"]
+INFER_VARIANTS = ["lora_r8", "lora_r8_AA", "mod_k4_lora"]
+MEMORY_VARIANTS = ["lora_r8", "mod_k4_lora", "mod_k4_f025_lora"]
+
+
+def build(variant: str, base: torch.nn.Module):
+    model = copy.deepcopy(base)
+    lora = dict(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=ALL_PROJECTIONS)
+    if variant.startswith("lora"):
+        config = LoraConfig(**lora)
+    elif variant == "mod_k4_lora":
+        config = MoDConfig(num_late_layers=4, **lora)
+    elif variant == "mod_k4_f025_lora":
+        config = MoDConfig(num_late_layers=4, distill_fraction=0.25, **lora)
+    elif variant == "mod_k4_alone":
+        config = MoDConfig(num_late_layers=4)
+    else:
+        raise ValueError(variant)
+    config.task_type = "CAUSAL_LM"
+    return get_peft_model(model, config)
+
+
+def train_step_fn(model, batch):
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        model.train()
+        out = model(**batch)
+        loss = out.loss + sum(peft_depth.aux_losses(model).values())  # what the trainer optimises
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def forward_fn(model, batch):
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def forward():
+        model.eval()
+        with torch.no_grad():
+            model(**inputs)
+
+    return forward
+
+
+def _status_mb(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process from /proc, in MB.
+
+    Not ``getrusage().ru_maxrss``: Linux carries the pre-exec high-water mark into it, so a child forked from a
+    large parent reports the parent's RSS as its own peak.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def memory_child(variant: str, args) -> None:
+    torch.set_num_threads(args.threads)
+    model = build(variant, smollm2_shaped_model(args.num_layers))  # deep copy of a temporary: freed on return
+    step = train_step_fn(model, token_batch(args.batch_size, args.seq_len))
+    before = _status_mb("VmRSS")
+    for _ in range(2):
+        step()
+    peak = _status_mb("VmHWM")
+    print(json.dumps({"peak_rss_mb": peak, "before_steps_mb": before}))
+
+
+def measure_memory(variant: str, args) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--memory-child", variant, *_child_args(args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _child_args(args) -> list[str]:
+    return [
+        "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+        "--num-layers", str(args.num_layers), "--threads", str(args.threads),
+    ]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--infer-repeats", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--num-layers", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, args)
+        return
+    torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch_size}x{args.seq_len}, "
+        f"{args.num_layers} layers, vocab 49152"
+    )
+    base = smollm2_shaped_model(args.num_layers)
+    batch = token_batch(args.batch_size, args.seq_len)
+    models = {name: build(name, base) for name in TRAIN_VARIANTS}
+    for name, model in models.items():
+        trainable, total = model.get_nb_trainable_parameters()
+        print(f"{name:<18} trainable {trainable:>10,} ({100 * trainable / total:.3f}%)")
+
+    infer = {name: forward_fn(models[name], batch) for name in INFER_VARIANTS}
+    times = interleaved_timings(infer, repeats=args.infer_repeats)
+    report_timings(times, "lora_r8", f"inference forward, eval, no labels ({args.infer_repeats} interleaved repeats)")
+
+    steps = {name: train_step_fn(model, batch) for name, model in models.items()}
+    times = interleaved_timings(steps, repeats=args.repeats)
+    report_timings(
+        times, "lora_r8", f"training step, LM loss + aux_losses ({args.repeats} interleaved repeats, paired medians)"
+    )
+
+    if args.skip_memory:
+        return
+    print("\npeak memory of a fresh process running 2 training steps")
+    rows = {name: measure_memory(name, args) for name in MEMORY_VARIANTS}
+    ref = rows["lora_r8"]
+    ref_increment = ref["peak_rss_mb"] - ref["before_steps_mb"]
+    for name, row in rows.items():
+        increment = row["peak_rss_mb"] - row["before_steps_mb"]
+        print(
+            f"{name:<18} peak RSS {row['peak_rss_mb']:>7.0f} MB ({row['peak_rss_mb'] / ref['peak_rss_mb']:.3f}x)   "
+            f"training increment {increment:>6.0f} MB ({increment / ref_increment:.3f}x)"
+        )
+
+
+if __name__ == "__main__":
+    main()
