@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -176,6 +177,18 @@ def _auto_class(task_type: str | None) -> str:
     }.get(task_type or "", "AutoPeftModel")
 
 
+@functools.lru_cache(maxsize=4)
+def _environment(templates: str) -> jinja2.Environment:
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(templates),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,  # markdown, not HTML; values are rendered as text and never as templates
+    )
+    environment.filters["cell"] = _cell
+    return environment
+
+
 def render_model_card(
     model: nn.Module,
     *,
@@ -237,28 +250,25 @@ def render_model_card(
     template_name = f"{lead['peft_type'].lower()}.md"
     if not (templates / template_name).is_file():
         template_name = "_generic.md"
-    environment = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(templates)),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,  # markdown, not HTML; values are rendered as text and never as templates
-    )
-    environment.filters["cell"] = _cell
-    text = environment.get_template(template_name).render(
-        card_data=card_data.to_yaml(),
-        marker=CARD_MARKER,
-        adapter=lead,
-        other_adapters=adapters[1:],
-        base_model=base_model,
-        hub_base_model=hub_base,
-        repo_id=repo_id,
-        load_path=repo_id or "path/to/this/adapter",
-        auto_class=_auto_class(lead["task_type"]),
-        metrics=info.get("metrics") or {},
-        plots=plots,
-        description=info.get("description"),
-        peft_version=peft.__version__,
-        peft_depth_version=__version__,
+    text = (
+        _environment(str(templates))
+        .get_template(template_name)
+        .render(
+            card_data=card_data.to_yaml(),
+            marker=CARD_MARKER,
+            adapter=lead,
+            other_adapters=adapters[1:],
+            base_model=base_model,
+            hub_base_model=hub_base,
+            repo_id=repo_id,
+            load_path=repo_id or "path/to/this/adapter",
+            auto_class=_auto_class(lead["task_type"]),
+            metrics=info.get("metrics") or {},
+            plots=plots,
+            description=info.get("description"),
+            peft_version=peft.__version__,
+            peft_depth_version=__version__,
+        )
     )
     return ModelCard(text)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import threading
 from typing import Any
 
 import huggingface_hub
@@ -31,7 +32,7 @@ import peft.peft_model
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from peft import PeftConfig, PeftModel
-from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, get_peft_model_state_dict
 
 from ..core.config import DepthPeftConfig
 from .model_card import write_model_card
@@ -39,6 +40,8 @@ from .safetensors_check import check_safetensors_file
 
 __all__ = ["install", "is_depth_adapter_source", "resolve_safetensors_file"]
 
+#: Keys of the weights the last peft-depth load read (set by load_peft_weights, consumed by load_adapter).
+_LAST_LOADED = threading.local()
 _HUB_KWARGS = ("revision", "cache_dir", "token", "force_download", "proxies", "repo_type", "local_files_only")
 
 
@@ -150,11 +153,13 @@ def _wrap_load_peft_weights(original: Any) -> Any:
         check_safetensors_file(path)
         try:
             # The folder now holds a validated safetensors file, which peft's loader prefers; no Hub access remains.
-            return original(os.path.dirname(path), device=device, key_mapping=key_mapping)
+            weights = original(os.path.dirname(path), device=device, key_mapping=key_mapping)
         except Exception as error:
             if type(error).__name__ == "SafetensorError":
                 raise ValueError(f"{path} could not be read as safetensors: {error}") from error
             raise
+        _LAST_LOADED.keys = set(weights)
+        return weights
 
     return _mark(load_peft_weights)
 
@@ -163,11 +168,18 @@ def _wrap_load_adapter(original: Any) -> Any:
     @functools.wraps(original)
     def load_adapter(self: PeftModel, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
         existed = adapter_name in self.peft_config
+        _LAST_LOADED.keys = None
         result = original(self, model_id, adapter_name, *args, **kwargs)
+        loaded_keys, _LAST_LOADED.keys = _LAST_LOADED.keys, None
         if not isinstance(self.peft_config.get(adapter_name), DepthPeftConfig) or result is None:
             return result
-        missing = [k for k in getattr(result, "missing_keys", []) or []]
-        unexpected = [k for k in getattr(result, "unexpected_keys", []) or []]
+        # peft's own missing-key list keeps only keys containing the method prefix, which drops e.g. the lora_A/B of
+        # methods that carry LoRA; so compare with the full set of keys this adapter saves.
+        missing = list(getattr(result, "missing_keys", []) or [])
+        if loaded_keys is not None:
+            expected = get_peft_model_state_dict(self, adapter_name=adapter_name, save_embedding_layers=False)
+            missing = sorted(set(missing) | (set(expected) - loaded_keys))
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
         if missing or unexpected:
             if not existed and len(self.peft_config) > 1:
                 self.delete_adapter(adapter_name)  # leave no half-loaded adapter behind

@@ -1,0 +1,483 @@
+"""Sharing peft-depth adapters: Hub round trips, model cards, and loading untrusted adapters safely.
+
+What is real in the Hub round trips (``test_push_*``): every line of peft's ``push_to_hub`` / ``from_pretrained``,
+transformers' ``PushToHubMixin`` and ``AutoPeftModelForCausalLM``, and huggingface_hub's HTTP client (create_repo,
+create_branch, preupload + NDJSON create_commit, upload_folder, HEAD/GET downloads with ETag and the on-disk cache,
+ModelCard.load) run unchanged. Only the server is a stand-in: ``peft_depth.hub.local_hub.LocalHub`` answers the
+documented endpoints in memory through an ``httpx2.MockTransport`` installed with ``huggingface_hub.set_client_factory``
+for the loopback endpoint http://127.0.0.1:18080 (no socket is opened; any other host fails the request). The Hub's
+server-side LFS/xet storage is not exercised: the stand-in asks for every file inline ("regular" upload mode).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hub_cases import BASE_ID, METHODS, adapted, fresh_copy, inputs, method_configs, tiny_base
+from huggingface_hub import HfApi, ModelCard, constants
+from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+import peft_depth
+from peft_depth.core.config import CONFIG_FORMAT_VERSION
+from peft_depth.hub import CARD_MARKER, check_safetensors_file, set_card_info
+from peft_depth.hub.local_hub import LocalHub
+from peft_depth.hub.methods import METHOD_CARD_INFO
+
+FIXTURES = Path(__file__).parent / "fixtures"
+# A 1x1 PNG (valid signature and chunks), as a routing plot stand-in.
+PNG_BYTES = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360000002000001e221bc330000000049454e44ae426082"
+)
+
+
+def _logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _saved(tmp_path, method, **card_info):
+    model, pristine = adapted(method)
+    if card_info:
+        set_card_info(model, **card_info)
+    path = tmp_path / method
+    model.save_pretrained(path)
+    return model, pristine, path
+
+
+# ---------------------------------------------------------------------------------------------------- local round trip
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_load_round_trip_is_exact_and_safetensors_only(tmp_path, method):
+    model, pristine, path = _saved(tmp_path, method)
+    batch = inputs()
+    expected = _logits(model, batch)
+    assert not torch.allclose(expected, _logits(fresh_copy(pristine), batch)), "adapter must change the outputs"
+    assert sorted(os.listdir(path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["peft_depth_version"] == CONFIG_FORMAT_VERSION
+    assert config["base_model_facts"] == {
+        "architecture": "LlamaForCausalLM",
+        "model_type": "llama",
+        "num_layers": 4,
+        "hidden_size": 32,
+    }
+    loaded = PeftModel.from_pretrained(pristine, path).eval()
+    assert torch.equal(_logits(loaded, batch), expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_model_card_parses_with_metadata_config_count_and_usage(tmp_path, method):
+    model, _, path = _saved(tmp_path, method)
+    card = ModelCard.load(path / "README.md")
+    peft_type = method.upper()
+    info = METHOD_CARD_INFO[peft_type]
+    assert card.data.library_name == "peft"
+    assert card.data.base_model == BASE_ID
+    assert card.data.license == "other"
+    assert card.data.pipeline_tag == "text-generation"
+    for tag in ("peft-depth", method, f"base_model:adapter:{BASE_ID}"):
+        assert tag in card.data.tags
+    text = card.text
+    assert CARD_MARKER in text
+    assert f"# {info.name} adapter for {BASE_ID}" in text
+    assert f"[{info.paper_title}]({info.paper_url})" in text
+    weights = load_file(path / "adapter_model.safetensors")
+    assert f"**{sum(t.numel() for t in weights.values()):,}**" in text
+    first_snippet = text.split("```python\n", 1)[1]
+    assert first_snippet.startswith("import peft_depth")
+    assert "AutoPeftModelForCausalLM.from_pretrained(" in first_snippet
+    assert "num_layers = `4`" in text and "hidden_size = `32`" in text
+    assert "- PEFT " in text and f"- peft-depth {peft_depth.__version__}" in text
+    method_rows = {
+        "mola": "| Experts per layer | `[2, 2, 3, 3]` |",
+        "molex": "| MoLEx layers | `[1, 2]` |",
+        "mod": "| Late layers (K) | `3`: layers `[1, 2, 3]` |",
+        "dlo": "| Depth | 4 → 6 layers; copies (after, source): (1, 1), (3, 3) |",
+    }
+    assert method_rows[method] in text
+
+
+def test_card_shows_metrics_and_plots_and_they_travel_with_the_adapter(tmp_path):
+    plot = tmp_path / "routing.png"
+    plot.write_bytes(PNG_BYTES)
+    log_history = [{"loss": 2.5, "step": 1}, {"loss": 1.25, "eval_loss": 1.5, "step": 2}]
+    _, _, path = _saved(tmp_path, "mola", metrics=log_history, plots={"Expert usage per layer": plot}, license="mit")
+    card = ModelCard.load(path / "README.md")
+    assert card.data.license == "mit"
+    assert "| loss | 1.25 |" in card.text and "| eval_loss | 1.5 |" in card.text
+    assert "![Expert usage per layer](plots/routing.png)" in card.text
+    assert (path / "plots" / "routing.png").read_bytes() == PNG_BYTES
+
+
+def test_card_rejects_a_plot_that_is_not_png(tmp_path):
+    model, _ = adapted("mola")
+    bogus = tmp_path / "plot.png"
+    bogus.write_text("not an image")
+    with pytest.raises(ValueError, match="not a PNG"):
+        set_card_info(model, plots=[bogus])
+
+
+def test_user_written_card_is_kept_and_only_gains_metadata(tmp_path):
+    model, _ = adapted("mola")
+    path = tmp_path / "adapter"
+    path.mkdir()
+    (path / "README.md").write_text("---\nlicense: mit\n---\n# My adapter\n\nHand-written notes.\n")
+    model.save_pretrained(path)
+    card = ModelCard.load(path / "README.md")
+    assert "Hand-written notes." in card.text and CARD_MARKER not in card.text
+    assert card.data.library_name == "peft" and "mola" in card.data.tags and card.data.license == "mit"
+
+
+def test_other_peft_methods_are_untouched(tmp_path):
+    model = get_peft_model(tiny_base(), LoraConfig(target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path / "bin", safe_serialization=False)  # peft's own behaviour: allowed for LoRA
+    assert (tmp_path / "bin" / "adapter_model.bin").exists()
+    assert CARD_MARKER not in (tmp_path / "bin" / "README.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------- Hub round trip
+
+
+@pytest.fixture
+def local_hub(tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    hub = LocalHub()
+    with hub.activate():
+        yield hub
+    assert hub.unhandled == [], f"requests the stand-in could not answer: {hub.unhandled}"
+
+
+def test_push_to_hub_and_load_back_by_repo_id_revision_and_subfolder(local_hub, tmp_path):
+    """MoLA through every Hub path: push (main and a branch), upload_folder into a subfolder, then
+    PeftModel.from_pretrained and AutoPeftModelForCausalLM (base model downloaded from the stand-in too)."""
+    base = tiny_base()
+    base.push_to_hub(BASE_ID)
+    pristine = fresh_copy(base)
+    batch = inputs()
+
+    main_model, _ = adapted("mola", base=fresh_copy(base), seed=1)
+    commit = main_model.push_to_hub("org/mola-adapter")
+    assert "127.0.0.1" in str(commit)
+    v1_model, _ = adapted("mola", base=fresh_copy(base), seed=2)
+    v1_model.push_to_hub("org/mola-adapter", revision="v1")
+    sub_model, _ = adapted("mola", base=fresh_copy(base), seed=3)
+    sub_model.save_pretrained(tmp_path / "variant")
+    HfApi().upload_folder(folder_path=tmp_path / "variant", path_in_repo="variants/b", repo_id="org/mola-adapter")
+
+    files = local_hub.files("org/mola-adapter")
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    assert "variants/b/adapter_model.safetensors" in files
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == "peft" and "mola" in card.data.tags and card.data.base_model == BASE_ID
+    assert 'from_pretrained("org/mola-adapter")' in card.text  # the usage snippet names the repo
+
+    expected = {name: _logits(m, batch) for name, m in [("main", main_model), ("v1", v1_model), ("b", sub_model)]}
+    loaded_main = PeftModel.from_pretrained(fresh_copy(pristine), "org/mola-adapter").eval()
+    assert torch.equal(_logits(loaded_main, batch), expected["main"])
+    loaded_v1 = PeftModel.from_pretrained(fresh_copy(pristine), "org/mola-adapter", revision="v1").eval()
+    assert torch.equal(_logits(loaded_v1, batch), expected["v1"])
+    loaded_sub = PeftModel.from_pretrained(fresh_copy(pristine), "org/mola-adapter", subfolder="variants/b").eval()
+    assert torch.equal(_logits(loaded_sub, batch), expected["b"])
+    auto = AutoPeftModelForCausalLM.from_pretrained("org/mola-adapter").eval()
+    assert torch.equal(_logits(auto, batch), expected["main"])
+    assert ("GET", f"/{BASE_ID}/resolve/{local_hub.repos[BASE_ID].branches['main']}/model.safetensors") in (
+        local_hub.requests
+    )
+    assert not any(path.endswith(".bin") for _, path in local_hub.requests), "adapter_model.bin must never be fetched"
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "mola"])
+def test_push_to_hub_round_trip_for_every_method(local_hub, method):
+    base = tiny_base()
+    base.push_to_hub(BASE_ID)
+    model, pristine = adapted(method, base=fresh_copy(base))
+    model.push_to_hub(f"org/{method}-adapter")
+    files = local_hub.files(f"org/{method}-adapter")
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    assert method in ModelCard(files["README.md"].decode()).data.tags
+    batch = inputs()
+    auto = AutoPeftModelForCausalLM.from_pretrained(f"org/{method}-adapter").eval()
+    assert torch.equal(_logits(auto, batch), _logits(model, batch))
+
+
+def test_repo_with_only_a_pickle_is_refused_without_downloading_it(local_hub, tmp_path):
+    model, pristine, path = _saved(tmp_path, "mola")
+    weights = load_file(path / "adapter_model.safetensors")
+    os.remove(path / "adapter_model.safetensors")
+    torch.save(weights, path / "adapter_model.bin")
+    HfApi().create_repo("org/pickled")
+    HfApi().upload_folder(folder_path=path, repo_id="org/pickled")
+    with pytest.raises(ValueError, match="safetensors only"):
+        PeftModel.from_pretrained(pristine, "org/pickled")
+    assert not any(p.endswith("adapter_model.bin") and m == "GET" for m, p in local_hub.requests)
+
+
+# ---------------------------------------------------------------------------------------------------- safe loading
+
+
+def test_saving_a_pickle_is_refused(tmp_path):
+    model, _ = adapted("mola")
+    with pytest.raises(ValueError, match="safetensors only"):
+        model.save_pretrained(tmp_path, safe_serialization=False)
+    assert not (tmp_path / "adapter_model.bin").exists()
+
+
+def test_local_pickle_is_refused_and_never_unpickled(tmp_path, monkeypatch):
+    model, pristine, path = _saved(tmp_path, "mola")
+    torch.save(load_file(path / "adapter_model.safetensors"), path / "adapter_model.bin")
+    os.remove(path / "adapter_model.safetensors")
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load must not run on an untrusted adapter")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(ValueError, match="only adapter_model.bin, a pickle, which is refused"):
+        PeftModel.from_pretrained(pristine, path)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda raw: raw[: len(raw) - 100], "ends at byte|cover"),
+        (lambda raw: raw[:5], "shorter than the 8-byte header"),
+        (lambda raw: (10**12).to_bytes(8, "little") + raw[8:], "header length"),
+        (lambda raw: raw[:8] + b"\xff" * 16 + raw[24:], "header is not JSON"),
+        (lambda raw: raw + b"trailing", "cover"),
+    ],
+    ids=["truncated", "tiny", "huge-header", "garbage-header", "trailing-bytes"],
+)
+def test_corrupt_or_truncated_weights_give_a_clear_error(tmp_path, damage, message):
+    _, pristine, path = _saved(tmp_path, "mola")
+    file = path / "adapter_model.safetensors"
+    file.write_bytes(damage(file.read_bytes()))
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(pristine, path)
+
+
+def test_safetensors_check_rejects_a_shape_that_does_not_match_its_bytes(tmp_path):
+    file = tmp_path / "x.safetensors"
+    save_file({"a": torch.zeros(4)}, file)
+    raw = bytearray(file.read_bytes())
+    header_len = int.from_bytes(raw[:8], "little")
+    header = raw[8 : 8 + header_len].decode().replace("[4]", "[5]")
+    file.write_bytes(bytes(raw[:8]) + header.encode() + bytes(raw[8 + header_len :]))
+    with pytest.raises(ValueError, match="needs 20 bytes but spans 16"):
+        check_safetensors_file(file)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind", ["missing", "unexpected"])
+def test_missing_or_unexpected_keys_are_an_error(tmp_path, method, kind):
+    _, pristine, path = _saved(tmp_path, method)
+    weights = load_file(path / "adapter_model.safetensors")
+    if kind == "missing":
+        weights.pop(sorted(weights)[-1])
+    else:
+        weights["base_model.model.model.layers.0.self_attn.q_proj.mola_extra.weight"] = torch.zeros(2)
+    save_file(weights, path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=f"refuses partial loads|{kind}"):
+        PeftModel.from_pretrained(pristine, path)
+
+
+def test_failed_load_adapter_leaves_no_half_loaded_adapter(tmp_path):
+    model, pristine, path = _saved(tmp_path, "mola")
+    weights = load_file(path / "adapter_model.safetensors")
+    weights.pop(sorted(weights)[0])
+    save_file(weights, path / "adapter_model.safetensors")
+    fresh, _ = adapted("mola", base=pristine)
+    with pytest.raises(ValueError, match="missing"):
+        fresh.load_adapter(path, adapter_name="broken")
+    assert list(fresh.peft_config) == ["default"]
+
+
+@pytest.mark.parametrize(
+    "other, differences",
+    [
+        (lambda: tiny_base(num_layers=6), ["number of layers: adapter saved with 4, this model has 6"]),
+        (lambda: tiny_base(hidden_size=48), ["hidden size: adapter saved with 32, this model has 48"]),
+    ],
+    ids=["depth", "hidden-size"],
+)
+@pytest.mark.parametrize("method", METHODS)
+def test_incompatible_base_model_names_what_differs(tmp_path, method, other, differences):
+    _, _, path = _saved(tmp_path, method)
+    target = other()
+    modules_before = len(list(target.modules()))
+    with pytest.raises(ValueError, match="different base model") as error:
+        PeftModel.from_pretrained(target, path)
+    for difference in differences:
+        assert difference in str(error.value)
+    assert len(list(target.modules())) == modules_before, "nothing may be injected before the check"
+
+
+def test_different_architecture_is_named(tmp_path):
+    from tiny_models import tiny_gpt2
+
+    _, _, path = _saved(tmp_path, "mola")
+    with pytest.raises(ValueError, match="different base model") as error:
+        PeftModel.from_pretrained(tiny_gpt2(), path)
+    message = str(error.value)
+    assert "architecture (model class): adapter saved with 'LlamaForCausalLM', this model has 'GPT2LMHeadModel'" in (
+        message
+    )
+    assert "model_type: adapter saved with 'llama', this model has 'gpt2'" in message
+
+
+def test_facts_check_can_be_waived_explicitly(tmp_path):
+    from peft import PeftConfig
+
+    _, _, path = _saved(tmp_path, "mola")
+    config = PeftConfig.from_pretrained(path)
+    config.base_model_facts = None
+    deeper = tiny_base(num_layers=4, seed=5)  # same shape: loads; facts waived changes nothing else
+    PeftModel.from_pretrained(deeper, path, config=config)
+
+
+def test_unknown_fields_from_a_newer_release_warn_and_load(tmp_path):
+    model, pristine, path = _saved(tmp_path, "mola")
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["expert_dropout_from_the_future"] = 0.1
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="expert_dropout_from_the_future"):
+        loaded = PeftModel.from_pretrained(pristine, path).eval()
+    assert torch.equal(_logits(loaded, inputs()), _logits(model, inputs()))
+
+
+def test_newer_config_layout_is_refused_clearly(tmp_path):
+    _, pristine, path = _saved(tmp_path, "mola")
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["peft_depth_version"] = CONFIG_FORMAT_VERSION + 1
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="Upgrade peft-depth"):
+        PeftModel.from_pretrained(pristine, path)
+
+
+HOSTILE = {
+    "mola": [
+        ({"num_experts": 10**9, "expert_pattern": None, "top_k": 1}, "would allocate more than"),
+        ({"r": 10**8}, "would allocate more than"),
+        ({"r": -4}, "`r` must be a positive integer"),
+        ({"expert_pattern": [2] * 100_000}, "groups but the model has only 4 layers"),
+        ({"top_k": 10**6}, "top_k"),
+    ],
+    "molex": [
+        ({"gate_proj_dim": 10**9, "gate_type": "cosine"}, "would allocate more than"),
+        ({"molex_layers": [10**9]}, "molex_layers"),
+        ({"alpha": -1.0}, "alpha"),
+    ],
+    "mod": [
+        ({"num_late_layers": 10**9}, "num_late_layers"),
+        ({"distill_chunk_size": -1}, "distill_chunk_size"),
+    ],
+    "dlo": [
+        ({"expansion": [0] * 5_000, "init": "copy"}, "would allocate more than"),
+        ({"expand_every": -2}, "expand_every"),
+        ({"capacity": 7.0}, "capacity"),
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    "method, overrides, message",
+    [(m, o, msg) for m in METHODS for o, msg in HOSTILE.get(m, [])],
+    ids=lambda v: v if isinstance(v, str) and v in METHODS else None,
+)
+def test_hostile_config_values_fail_before_any_large_allocation(tmp_path, monkeypatch, method, overrides, message):
+    monkeypatch.setenv("PEFT_DEPTH_MAX_ADAPTER_BYTES", str(4 * 2**20))  # 4 MiB: 20x these tiny adapters
+    _, pristine, path = _saved(tmp_path, method)
+    config = json.loads((path / "adapter_config.json").read_text())
+    config.update(overrides)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(pristine, path)
+    assert time.perf_counter() - start < 20
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    assert grown_mib < 256, f"peak memory grew by {grown_mib:.0f} MiB"
+
+
+def test_allocation_budget_default_scales_with_the_model(monkeypatch):
+    from peft_depth.core.safety import adapter_allocation_limit
+
+    monkeypatch.delenv("PEFT_DEPTH_MAX_ADAPTER_BYTES", raising=False)
+    assert adapter_allocation_limit(tiny_base()) == 2**30  # floor for small models
+    big = torch.nn.Linear(1, 1)
+    big.weight = torch.nn.Parameter(torch.empty(2**28, device="meta"))  # meta: counted by shape, not allocated
+    monkeypatch.setenv("PEFT_DEPTH_MAX_ADAPTER_BYTES", "12345")
+    assert adapter_allocation_limit(big) == 12345
+
+
+def test_loading_without_the_plugin_fails_with_the_method_name(tmp_path):
+    """peft has no plugin discovery: without `import peft_depth` the lookup of 'MOLA' fails inside peft before any
+    peft-depth code can run. The documented failure is a KeyError naming the method; the card says to import first."""
+    _, _, path = _saved(tmp_path, "mola")
+    script = (
+        "import sys\n"
+        "from peft import PeftConfig\n"
+        "try:\n"
+        f"    PeftConfig.from_pretrained({str(path)!r})\n"
+        "except KeyError as error:\n"
+        "    print('KEYERROR', error); sys.exit(3)\n"
+        "import peft_depth\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    without = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert without.returncode == 3 and "KEYERROR 'MOLA'" in without.stdout, without.stderr[-2000:]
+    card = (path / "README.md").read_text()
+    assert "KeyError: 'MOLA'" in card and "`import peft_depth` must come first" in card
+
+
+def test_no_code_from_the_adapter_folder_is_executed(tmp_path):
+    """Python files and an auto_map in a downloaded adapter are never imported (peft's import allowlist, our loader
+    reading only JSON and safetensors)."""
+    model, pristine, path = _saved(tmp_path, "mola")
+    marker = tmp_path / "executed"
+    for name in ("modeling_evil.py", "tokenization_evil.py", "peft_depth_plugin.py"):
+        (path / name).write_text(f"open({str(marker)!r}, 'w').write('pwned')\n")
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}})
+    )
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["auto_mapping"] = {"base_model_class": "EvilModel", "parent_library": "modeling_evil"}
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    loaded = PeftModel.from_pretrained(pristine, path).eval()
+    assert torch.equal(_logits(loaded, inputs()), _logits(model, inputs()))
+    with pytest.raises(Exception):  # noqa: B017 - any refusal is fine; what matters is that nothing ran
+        AutoPeftModelForCausalLM.from_pretrained(path)
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------- versioning
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_config_written_by_release_0_1_0_still_loads(method):
+    """Fixtures are adapter_config.json files exactly as peft-depth 0.1.0 wrote them (before `base_model_facts`)."""
+    from peft import PeftConfig
+
+    fixture = FIXTURES / f"{method}_v1" / "adapter_config.json"
+    raw = json.loads(fixture.read_text())
+    assert raw["peft_depth_version"] == 1 and "base_model_facts" not in raw
+    config = PeftConfig.from_pretrained(fixture.parent)
+    assert type(config) is type(method_configs()[method])
+    assert config.base_model_facts is None
+
+
+def test_mola_adapter_written_by_release_0_1_0_reproduces_its_outputs():
+    """A MoLA adapter (config + weights) saved by 0.1.0, with the logits it produced then on the same tiny model."""
+    folder = FIXTURES / "mola_v1"
+    expected = load_file(folder / "expected_logits.safetensors")["logits"]
+    loaded = PeftModel.from_pretrained(tiny_base(seed=0), folder).eval()
+    assert torch.allclose(_logits(loaded, inputs()), expected, atol=1e-5, rtol=0)
