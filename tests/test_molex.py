@@ -319,6 +319,18 @@ def test_save_load_round_trip_is_exact(tmp_path, kwargs):
     assert len(state) == len(saved)
 
 
+def test_load_onto_meta_device_with_low_cpu_mem_usage(tmp_path):
+    base = tiny_llama()
+    model = molex(clone_model(base), molex_layers=[0, 1], learn_alpha=True, init_lora_weights=False)
+    sharpen_gate(model)
+    inputs = batch()
+    expected = logits(model, inputs)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(clone_model(base), tmp_path, low_cpu_mem_usage=True)
+    assert not any(p.device.type == "meta" for p in loaded.parameters())
+    torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
+
+
 def test_multiple_adapters_set_and_delete():
     base = tiny_llama()
     inputs = batch()

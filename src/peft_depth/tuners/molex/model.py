@@ -151,11 +151,10 @@ class MoLExModel(DepthTuner):
         gates = nn.ModuleDict(
             {key: build_gate(config.gate_type, hidden_size, len(layers), config.gate_proj_dim) for key in keys}
         )
-        gates.to(device=reference.device, dtype=reference.dtype).train(self.model.training)
-        self.ensure_tuner_module_dict("molex_gate")[adapter_name] = gates
+        self.ensure_tuner_module_dict("molex_gate")[adapter_name] = _placed(gates, reference, self.model.training)
         if config.learn_alpha:
-            alpha = MoLExAlpha(plan.molex_layers, plan.alpha).to(device=reference.device, dtype=reference.dtype)
-            self.ensure_tuner_module_dict("molex_alpha")[adapter_name] = alpha.train(self.model.training)
+            alpha = MoLExAlpha(plan.molex_layers, plan.alpha)
+            self.ensure_tuner_module_dict("molex_alpha")[adapter_name] = _placed(alpha, reference, self.model.training)
         # an added adapter trains only once it is activated
         trainable = adapter_name in self.active_adapters and not config.inference_mode
         for _, container in self.tuner_modules():
@@ -519,6 +518,18 @@ def _bind(forward, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, d
     if isinstance(hidden, tuple):  # very old-style blocks received the hidden state in a tuple
         hidden = hidden[0]
     return hidden, rest
+
+
+def _placed(module: nn.Module, reference: torch.Tensor, training: bool) -> nn.Module:
+    """``module`` in the base model's dtype and device, in its train/eval mode.
+
+    Under ``low_cpu_mem_usage`` peft creates adapter modules on the meta device and assigns the loaded tensors
+    afterwards; meta tensors cannot be copied to a device, so they only get the dtype here.
+    """
+    module.to(dtype=reference.dtype)
+    if not any(p.device.type == "meta" for p in module.parameters()):
+        module.to(device=reference.device)
+    return module.train(training)
 
 
 def _first(output: Any) -> torch.Tensor:
