@@ -590,3 +590,35 @@ def test_trl_fused_lm_head_sees_the_mix_and_log_probs_is_refused():
     refused = mod(log_probs_base, mix_space="log_probs")
     with pytest.raises(ValueError, match="fused LM head"):
         refused(**inputs, labels=labels, fused_lm_head=True)
+
+
+def test_gemma2_soft_cap_applies_after_mixing():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        final_logit_softcapping=2.0,
+        pad_token_id=0,
+    )
+    base = Gemma2ForCausalLM(config).eval()
+    inputs = batch()
+    expected = logits(clone_model(base), inputs)
+    model = mod(clone_model(base), num_late_layers=3)
+    torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
+    nontrivial(model)
+    with torch.no_grad():
+        state = model(**inputs, output_hidden_states=True).hidden_states[-1]  # the mixed normalised state
+        raw = model.base_model.model.lm_head(state)
+    torch.testing.assert_close(logits(model, inputs), 2.0 * torch.tanh(raw / 2.0), rtol=1e-5, atol=1e-6)
+    assert logits(model, inputs).abs().max() <= 2.0
+    model.train()
+    model(**inputs)
+    assert torch.isfinite(peft_depth.aux_losses(model)["distill"])

@@ -87,7 +87,10 @@ class MoDModel(DepthTuner):
 
     Use through ``peft.get_peft_model(model, MoDConfig(...))`` after ``import peft_depth``. The distillation loss is
     read with ``peft_depth.aux_losses(model)`` (key ``"distill"``; ``"distill.<adapter>"`` when several adapters are
-    active) and the routing weights with ``peft_depth.routing_stats(model)["mod"]``.
+    active) and the routing weights with ``peft_depth.routing_stats(model)["mod"][adapter]``: ``layers`` (the K block
+    indices), ``mean_weight`` (router weight per late layer, averaged over real tokens), ``final_layer_weight``,
+    ``gate``, ``num_tokens``, and when the distillation ran ``distill_kl`` (per earlier late layer), ``distill_kl_sum``
+    and ``distill_positions``.
     """
 
     prefix: str = "mod_"
@@ -454,12 +457,15 @@ class MoDModel(DepthTuner):
     def depth_routing_stats(self) -> dict[str, Any]:
         report = {}
         for name, record in self._records().items():
+            mean_weight = record.mean_weight.float().tolist()
             report[name] = {
                 "layers": record.layers,
-                "mean_weight": record.mean_weight.float().tolist(),
+                "mean_weight": mean_weight,
+                "final_layer_weight": mean_weight[-1],
                 "gate": float(record.gate),
                 "num_tokens": int(record.num_tokens),
                 "distill_kl": None if record.distill_kl is None else record.distill_kl.float().tolist(),
+                "distill_kl_sum": None if record.distill_kl is None else float(record.distill_kl.sum()),
                 "distill_positions": record.distill_positions,
             }
         return {"mod": report} if report else {}
