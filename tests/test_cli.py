@@ -466,3 +466,62 @@ def test_routing_accumulator_weights_by_tokens():
     assert merged["dlo"]["a"]["executed_fraction"] == pytest.approx(0.75)
     assert merged["dlo"]["a"]["layers"][0]["executed_fraction"] == pytest.approx(0.75)
     assert merged["molex"]["a"][0]["chosen"] == [0, 3] and merged["molex"]["a"][0]["alpha"] == 0.9
+
+
+# ---------------------------------------------------------------------------------------------- inputs, other architectures
+
+
+def test_load_texts_from_each_source(tmp_path):
+    from peft_depth.analysis.data import load_texts
+
+    lines = tmp_path / "lines.txt"
+    lines.write_text("first line\n\n  second line  \nthird\n", encoding="utf-8")
+    assert load_texts(str(lines), 10) == ["first line", "second line", "third"]
+    sample = load_texts(str(lines), 2, seed=3)
+    assert len(sample) == 2 and set(sample) <= {"first line", "second line", "third"}
+    table = tmp_path / "rows.csv"
+    table.write_text("label,body\n1,hello there\n0,general kenobi\n", encoding="utf-8")
+    assert load_texts(str(table), 5, text_field="body") == ["hello there", "general kenobi"]
+    # the bundled default: BoolQ's Wikipedia passages, offline
+    passages = load_texts(None, 3)
+    assert len(passages) == 3 and all(len(p.split()) > 20 for p in passages)
+
+
+def test_gpt2_final_lens_equals_model_loss():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from peft_depth.analysis import analyze_layers
+    from peft_depth.analysis.data import TextBatch
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=32)).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    analysis = analyze_layers(model, [TextBatch(ids, mask)])
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    valid = torch.zeros_like(mask, dtype=torch.bool)
+    valid[:, :-1] = mask[:, :-1].bool() & mask[:, 1:].bool()
+    expected = F.cross_entropy(logits[valid], ids.roll(-1, dims=1)[valid]).item()
+    assert analysis.num_tokens == 14 and analysis.num_lens_positions == 12
+    assert analysis.lens_loss[-1] == pytest.approx(expected, rel=1e-5)
+
+
+def test_unknown_method_gets_a_generic_heatmap(tmp_path):
+    from peft_depth.analysis.inspect_adapter import plot_routing, summarize_routing
+
+    merged = {
+        "newmethod": {
+            "default": [
+                {"layer": 0, "num_tokens": 5, "score": 0.2, "weights": [0.1, 0.9]},
+                {"layer": 1, "num_tokens": 5, "score": 0.7, "weights": [0.6, 0.4]},
+            ]
+        },
+        "scalars": {"default": {"layers": [{"layer": 0, "num_tokens": 5, "score": 0.5}]}},
+    }
+    written = plot_routing(merged, tmp_path)
+    assert set(written) == {"newmethod_default", "scalars_default"}
+    for path in written.values():
+        _assert_png(Path(path))
+    assert "newmethod / default" in summarize_routing(merged)

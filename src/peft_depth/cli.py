@@ -158,11 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     lens.add_argument(
         "--lens-positions",
         type=_non_negative_int,
-        default=16,
+        default=8,
         metavar="N",
         help="Logit-lens positions scored per text, drawn at random among those whose next token is real; 0 scores "
         "all of them. Each scored position costs one LM-head projection per layer, the bulk of the run time "
-        "(default: 16).",
+        "(default: 8).",
     )
     lens.add_argument(
         "--redundancy-threshold",

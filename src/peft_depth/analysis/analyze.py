@@ -28,7 +28,7 @@ class AnalyzeOptions:
     split: str | None = None
     max_length: int = 64
     batch_size: int = 8
-    lens_positions: int | None = 16
+    lens_positions: int | None = 8
     redundancy_threshold: float = 0.95
     device: str | None = None
     seed: int = 0
