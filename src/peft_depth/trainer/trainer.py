@@ -60,6 +60,19 @@ class DepthSFTTrainer(SFTTrainer):
         names = set(getattr(self.model, "peft_config", {}) or {})
         self._drop_path_names = names if len(names) == 1 else set()
 
+    def _build_accelerator_args(self, **kwargs: Any) -> dict[str, Any]:
+        args = super()._build_accelerator_args(**kwargs)
+        if self.args.ddp_find_unused_parameters is None and depth_tuners(self.model):
+            # DDP's unused-parameter search walks back from the forward's outputs only. Parameters that learn only
+            # from an auxiliary loss added after the forward (MoLEx's gates learn only from the balance loss) look
+            # unused to it: DDP marks them ready at the end of the forward, and the aux gradient arriving in backward
+            # then fails ("marked as ready twice"). Every depth-adapter parameter gets a gradient each step (expert
+            # weights are stacked tensors), so the search is not needed; set ddp_find_unused_parameters to override.
+            for handler in args.get("kwargs_handlers", []):
+                if hasattr(handler, "find_unused_parameters"):
+                    handler.find_unused_parameters = False
+        return args
+
     # ------------------------------------------------------------------------------------------- training step
 
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -1,0 +1,176 @@
+"""Two CPU processes (gloo, DDP through accelerate) reproduce a one-process run on the same global batch.
+
+With ``sync_routing_stats=True`` batch-level routing statistics (MoLA's balance-loss f·P, MoLEx's layer vote, DLO's
+batch-wide top-k) are all-reduced during the forward, so the gradients after DDP's averaging equal those of one
+process that sees the whole global batch. Without it each process balances / votes / selects on its own shard: the LM
+part of the gradient still matches, the routing part does not (``test_without_sync_the_routing_gradient_differs``).
+"""
+
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from trainer_fixtures import GradCapture, counting_dataset, make_trainer
+from transformers import TrainerCallback
+
+GLOBAL_BATCH = 4
+
+
+def _configs():
+    import peft_depth
+
+    configs = {
+        "mola": lambda: peft_depth.MoLAConfig(task_type="CAUSAL_LM", r=4, num_experts=4, top_k=2, lora_dropout=0.0),
+    }
+    try:
+        from peft_depth.tuners.molex import MoLExConfig
+
+        configs["molex"] = lambda: MoLExConfig(task_type="CAUSAL_LM", r=4, lora_dropout=0.0, routing="batch_vote")
+    except ImportError:
+        pass
+    try:
+        from peft_depth.tuners.dlo import DLOConfig
+
+        # capacity 0.5 from the first step, so the batch-wide top-k really selects
+        configs["dlo"] = lambda: DLOConfig(task_type="CAUSAL_LM", capacity=0.5, capacity_annealing_steps=0)
+    except ImportError:
+        pass
+    return configs
+
+
+class _UntieRouters(TrainerCallback):
+    """Random (seeded, identical on every process) router weights at the start of training.
+
+    Zero-initialised routers score every token the same; a batch-wide top-k over ties is then arbitrary, and a
+    cross-process threshold search cannot reproduce torch.topk's arbitrary choice among equal scores.
+    """
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        generator = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "dlo_routers" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+
+
+def _one_step(method: str, sync: bool, world_size: int, out: str):
+    """One optimizer step on rows 0..3 (split over the processes); returns (grads, logged entry)."""
+    capture = GradCapture()
+    callbacks = [capture, _UntieRouters()] if method == "dlo" else [capture]
+    trainer = make_trainer(
+        _configs()[method](),
+        out,
+        dataset=counting_dataset(2 * GLOBAL_BATCH),
+        max_steps=1,
+        per_device_train_batch_size=GLOBAL_BATCH // world_size,
+        train_sampling_strategy="sequential",
+        max_grad_norm=0.0,
+        sync_routing_stats=sync,
+        callbacks=callbacks,
+    )
+    trainer.train()
+    entry = [e for e in trainer.state.log_history if "loss" in e][-1]
+    return capture.grads[0], entry
+
+
+def _worker(rank: int, world_size: int, port: int, jobs: list, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+    )
+    torch.set_num_threads(1)
+    results = {}
+    for method, sync in jobs:
+        results[(method, sync)] = _one_step(method, sync, world_size, os.path.join(out_dir, f"{method}-{sync}-{rank}"))
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    jobs = [(method, sync) for method in sorted(_configs()) for sync in (True, False)]
+    mp.start_processes(_worker, args=(2, _free_port(), jobs, str(out)), nprocs=2, join=True, start_method="spawn")
+    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    return rank0, rank1
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+_REFERENCE: dict = {}
+
+
+def _reference(method: str, tmp_path) -> tuple:
+    """The one-process run on the whole global batch (computed once per method)."""
+    if method not in _REFERENCE:
+        _REFERENCE[method] = _one_step(method, True, 1, str(tmp_path))
+    return _REFERENCE[method]
+
+
+def _max_rel_diff(a: dict, b: dict) -> float:
+    return max(((a[n] - b[n]).abs().max() / b[n].abs().max().clamp(min=1e-12)).item() for n in b)
+
+
+# DLO's synced batch-wide selection (tuners/dlo/selection.py) reproduces the new layers' gradients to 1e-8 but its
+# router gradients differ from one process by ~0.5% (and with zero-initialised routers, i.e. all scores tied, the
+# synced threshold executes every token instead of the capacity). Reported; strict, so a fix shows up here.
+_KNOWN_SYNC_GAPS = {"dlo": "DLO cross-process selection does not yet match one process exactly"}
+
+
+def _params(methods):
+    return [
+        pytest.param(m, marks=pytest.mark.xfail(reason=_KNOWN_SYNC_GAPS[m], strict=True))
+        if m in _KNOWN_SYNC_GAPS
+        else m
+        for m in methods
+    ]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo spawn test runs on Linux/macOS")
+@pytest.mark.parametrize("method", _params(sorted(_configs())))
+def test_two_processes_with_sync_equal_one_process(method, two_process_results, tmp_path):
+    rank0, rank1 = two_process_results
+    reference_grads, reference_log = _reference(method, tmp_path)
+    grads0, log0 = rank0[(method, True)]
+    grads1, _ = rank1[(method, True)]
+    assert set(grads0) == set(reference_grads)
+    for name in reference_grads:
+        # DDP leaves the same averaged gradient on both processes
+        torch.testing.assert_close(grads0[name], grads1[name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(grads0[name], reference_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+    for key in [k for k in reference_log if k.startswith(("loss", "aux/"))]:
+        assert log0[key] == pytest.approx(reference_log[key], rel=1e-4), key
+
+
+@pytest.mark.parametrize("method", _params(sorted(_configs())))
+def test_without_sync_the_routing_gradient_differs(method, two_process_results, tmp_path):
+    """Documents the difference: per-shard routing statistics change the routing part of the gradient."""
+    rank0, _ = two_process_results
+    reference_grads, _ = _reference(method, tmp_path)
+    synced, _ = rank0[(method, True)]
+    unsynced, _ = rank0[(method, False)]
+    diff_unsynced = _max_rel_diff(unsynced, reference_grads)
+    diff_synced = _max_rel_diff(synced, reference_grads)
+    print(
+        f"{method}: max relative gradient difference vs one process: sync {diff_synced:.2e}, no sync {diff_unsynced:.2e}"
+    )
+    assert diff_unsynced > 1e-3 > diff_synced
