@@ -569,6 +569,21 @@ def test_multiple_adapters_switch_depth():
     torch.testing.assert_close(logits(model, inputs), out_default, rtol=0, atol=0)
 
 
+def test_deep_copy_is_an_independent_working_model():
+    model = dlo(tiny_llama(num_layers=8), capacity=0.5, capacity_annealing_steps=0)
+    randomise_routers(model)
+    inputs = batch()
+    expected = logits(model, inputs)
+    duplicate = copy.deepcopy(model)
+    torch.testing.assert_close(logits(duplicate, inputs), expected, rtol=0, atol=0)
+    tuner(duplicate).set_dlo_step(3)
+    assert tuner(model).dlo_step == 0
+    duplicate.train()
+    duplicate(**inputs)
+    assert "router" in peft_depth.aux_losses(duplicate) and peft_depth.aux_losses(model) == {}
+    assert peft_depth.routing_stats(duplicate)["dlo"]["default"]["executed_fraction"] < 1
+
+
 def test_block_skip_mode():
     base = tiny_llama(num_layers=8)
     inputs = batch(left_pad=0)

@@ -13,7 +13,6 @@ registered modules without changing any state-dict key):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,8 +170,10 @@ class DLOBlock(_Delegating):
         skip_mode: 'mlp' or 'block'.
         scale_gap: the ŝ = 1 + scale_gap·(s − 0.5) slope.
         context: the tuner's routing context (padding mask, cross-process sums).
-        settings: callable returning ``(training_capacity, want_labels, inference_capacity_or_None)`` for this
-            layer right now (the tuner owns the annealing schedule and per-layer capacities).
+        owner: the tuner; ``owner.dlo_layer_settings(adapter_name, position)`` returns ``(training_capacity,
+            want_labels, inference_capacity_or_None)`` for this layer right now (the tuner owns the annealing
+            schedule and the per-layer capacities).
+        adapter_name: the adapter this block belongs to.
         checkpoint_reference: an original decoder layer whose gradient-checkpointing switch a new layer follows
             (``gradient_checkpointing_enable`` only reaches modules registered in the transformers model).
     """
@@ -187,7 +188,8 @@ class DLOBlock(_Delegating):
         skip_mode: str,
         scale_gap: float,
         context: RoutingContext,
-        settings: Callable[[int], tuple[float, bool, float | None]],
+        owner: nn.Module,
+        adapter_name: str,
         checkpoint_reference: nn.Module | None,
     ) -> None:
         super().__init__()
@@ -198,7 +200,10 @@ class DLOBlock(_Delegating):
         self.skip_mode = skip_mode
         self.scale_gap = scale_gap
         self._context = context
-        self._settings = settings
+        # plain tuples, not children: the owner and the reference layer are registered elsewhere (and a deep copy of
+        # the model then maps them to their copies)
+        self._owner = (owner,)
+        self._adapter_name = adapter_name
         # a plain tuple: registering the reference as a child would renumber its layer_idx with this block's
         self._checkpoint_reference = (checkpoint_reference,)
         self.last_record: DLORecord | None = None
@@ -244,7 +249,7 @@ class DLOBlock(_Delegating):
         valid = self._context.flat_mask(hidden_states.shape)
         if valid is not None:
             valid = valid.to(scores.device)
-        capacity, want_cos, inference_capacity = self._settings(self.position)
+        capacity, want_cos, inference_capacity = self._owner[0].dlo_layer_settings(self._adapter_name, self.position)
         reduce = self._context.reduce_sum if self._context.syncing else None
         if training:
             selected = select_top_fraction(scores, valid, capacity, reduce)

@@ -386,7 +386,8 @@ class DLOModel(DepthTuner):
                     skip_mode=config.skip_mode,
                     scale_gap=config.scale_gap,
                     context=self.routing_context,
-                    settings=self._layer_settings_fn(adapter_name),
+                    owner=self,
+                    adapter_name=adapter_name,
                     checkpoint_reference=originals[0],
                 )
                 block.attach()
@@ -398,19 +399,16 @@ class DLOModel(DepthTuner):
         state["blocks"] = wrappers
         state["installed"] = adapter_name
 
-    def _layer_settings_fn(self, adapter_name: str):
-        def settings(position: int) -> tuple[float, bool, float | None]:
-            config: DLOConfig = self.peft_config[adapter_name]
-            capacity = self._dlo["capacities"].get(adapter_name, {}).get(position)
-            if capacity is None or config.loss_type != "cos_global":
-                capacity = config.capacity_at(self.dlo_step)
-            want_labels = config.router_loss_coef > 0
-            inference = None
-            if config.inference_selection == "capacity":
-                inference = config.inference_capacity if config.inference_capacity is not None else config.capacity
-            return capacity, want_labels, inference
-
-        return settings
+    def dlo_layer_settings(self, adapter_name: str, position: int) -> tuple[float, bool, float | None]:
+        """``(training capacity, whether router labels are wanted, eval capacity or None)`` of one routed layer."""
+        config: DLOConfig = self.peft_config[adapter_name]
+        capacity = self._dlo["capacities"].get(adapter_name, {}).get(position)
+        if capacity is None or config.loss_type != "cos_global":
+            capacity = config.capacity_at(self.dlo_step)
+        inference = None
+        if config.inference_selection == "capacity":
+            inference = config.inference_capacity if config.inference_capacity is not None else config.capacity
+        return capacity, config.router_loss_coef > 0, inference
 
     # ------------------------------------------------------------------ peft operations that walk the model
 
@@ -655,9 +653,10 @@ class DLOModel(DepthTuner):
         adapter_name = adapter_name or self._active_dlo_adapter()
         if adapter_name is None:
             return {}
-        config: DLOConfig = self.peft_config[adapter_name]
-        settings = self._layer_settings_fn(adapter_name)
-        return {int(key[1:]): settings(int(key[1:]))[0] for key in self.dlo_routers[adapter_name]} if config else {}
+        return {
+            int(key[1:]): self.dlo_layer_settings(adapter_name, int(key[1:]))[0]
+            for key in self.dlo_routers[adapter_name]
+        }
 
     def dlo_lr_multipliers(self, adapter_name: str | None = None) -> dict[int, float]:
         """Official dynamic LR: per routed layer, capacity_l + (1 − mean capacity)."""
