@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import PeftModel, get_peft_model
+from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from tiny_models import batch, tiny_llama, tiny_qwen3
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
@@ -477,6 +477,23 @@ def test_save_load_round_trip_exact_after_a_training_step(tmp_path):
     )
     loaded = PeftModel.from_pretrained(clone_model(base), tmp_path / "two", low_cpu_mem_usage=True)
     torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), rtol=0, atol=0)
+
+
+def test_auto_peft_model_loads_for_inference_and_training(tmp_path):
+    base = tiny_llama(num_layers=8)
+    base.save_pretrained(tmp_path / "base")
+    model = dlo(clone_model(base), init="mean")
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    randomise_routers(model)
+    inputs = batch()
+    expected = logits(model, inputs)
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in loaded.parameters())  # inference mode by default
+    trainable = PeftModel.from_pretrained(clone_model(base), tmp_path / "adapter", is_trainable=True)
+    names = {n for n, p in trainable.named_parameters() if p.requires_grad}
+    assert names and all("dlo_" in n for n in names)
 
 
 def test_lora_new_layers_and_lora_on_originals(tmp_path):
