@@ -120,6 +120,25 @@ def test_card_shows_metrics_and_plots_and_they_travel_with_the_adapter(tmp_path)
     assert (path / "plots" / "routing.png").read_bytes() == PNG_BYTES
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_routing_plots_from_the_last_forward_go_into_the_card(tmp_path, method):
+    from peft_depth.hub import save_routing_plots
+
+    model, _ = adapted(method)
+    with pytest.raises(ValueError, match="run a forward pass"):
+        save_routing_plots(model, tmp_path / "none")
+    with torch.no_grad():
+        model(**inputs())
+    plots = save_routing_plots(model, tmp_path / "plots-src")
+    assert plots and all(Path(p).read_bytes()[:8] == PNG_BYTES[:8] for p in plots.values())
+    set_card_info(model, plots=plots)
+    model.save_pretrained(tmp_path / "adapter")
+    card = ModelCard.load(tmp_path / "adapter" / "README.md")
+    for title, source in plots.items():
+        assert f"![{title}](plots/{Path(source).name})" in card.text
+        assert (tmp_path / "adapter" / "plots" / Path(source).name).is_file()
+
+
 def test_card_rejects_a_plot_that_is_not_png(tmp_path):
     model, _ = adapted("mola")
     bogus = tmp_path / "plot.png"

@@ -20,6 +20,7 @@ from .model_card import (
     write_model_card,
 )
 from .peft_hooks import install, is_depth_adapter_source, resolve_safetensors_file
+from .plots import save_routing_plots
 from .safetensors_check import check_safetensors_file
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "model_cards_dir",
     "render_model_card",
     "resolve_safetensors_file",
+    "save_routing_plots",
     "set_card_info",
     "summarise_metrics",
     "write_model_card",
