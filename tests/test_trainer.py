@@ -305,21 +305,74 @@ def test_optimizer_groups_reject_a_parameter_listed_twice(tmp_path):
 # ---------------------------------------------------------------- resume and save
 
 
-def test_resume_continues_the_same_trajectory(tmp_path):
-    def run(out, **kwargs):
-        trainer = make_trainer(METHODS["mola"](), str(out), max_steps=4, save_strategy="steps", save_steps=2, **kwargs)
-        return trainer
+RESUME_CONFIGS = dict(METHODS)
+if "dlo" in RESUME_CONFIGS:
+    # capacity annealing within the run, so the resumed run must pick up the capacity at step 2
+    from peft_depth.tuners.dlo import DLOConfig
 
-    full = run(tmp_path / "full", lr_scheduler_type="linear")
+    RESUME_CONFIGS["dlo"] = lambda: DLOConfig(task_type="CAUSAL_LM", capacity=0.5, capacity_annealing_steps=3)
+
+
+def _resume_params():
+    params = []
+    for method in sorted(RESUME_CONFIGS):
+        marks = []
+        if method == "dlo":
+            from peft_depth.tuners.dlo import DLOModel
+
+            if not hasattr(DLOModel, "depth_checkpoint_state"):
+                # DLO keeps its cos_global per-layer capacities (set in step t, used from step t+1) outside the
+                # parameters; until it implements the checkpoint-state hooks a resumed run starts step 3 without them.
+                marks = [pytest.mark.xfail(reason="DLO has no depth_checkpoint_state hook yet", strict=True)]
+        params.append(pytest.param(method, marks=marks))
+    return params
+
+
+@pytest.mark.parametrize("method", _resume_params())
+def test_resume_continues_the_same_trajectory(method, tmp_path):
+    """4 steps straight vs 2 + resume from checkpoint-2: same parameters and losses (optimizer, scheduler, RNG of the
+    adapter dropout, DLO's annealed capacity)."""
+
+    def run():
+        return make_trainer(
+            RESUME_CONFIGS[method](),
+            str(tmp_path),
+            max_steps=4,
+            save_strategy="steps",
+            save_steps=2,
+            lr_scheduler_type="linear",
+        )
+
+    full = run()
     full.train()
-    resumed = run(tmp_path / "full", lr_scheduler_type="linear")
-    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    resumed = run()
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     final_full, final_resumed = trainable(full.model), trainable(resumed.model)
     for name in final_full:
         torch.testing.assert_close(final_resumed[name], final_full[name], rtol=1e-5, atol=1e-7, msg=name)
-    logs_full = {e["step"]: e["loss"] for e in train_logs(full)}
-    logs_resumed = {e["step"]: e["loss"] for e in train_logs(resumed)}
-    assert logs_resumed[4] == pytest.approx(logs_full[4], rel=1e-5)
+    logs_full = {e["step"]: e for e in train_logs(full)}
+    logs_resumed = {e["step"]: e for e in train_logs(resumed)}
+    assert {3, 4} <= set(logs_resumed)
+    for step in (3, 4):
+        for key in [k for k in logs_full[step] if k.startswith(("loss", "routing/"))]:
+            assert logs_resumed[step][key] == pytest.approx(logs_full[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+def test_tuner_checkpoint_state_is_saved_and_restored(tmp_path):
+    trainer = make_trainer(METHODS["mola"](), str(tmp_path), max_steps=2, save_strategy="steps", save_steps=2)
+    (tuner,) = depth_tuners(trainer.model)
+    tuner.depth_checkpoint_state = lambda: {"calls": torch.tensor(7), "capacities": {3: 0.75}}
+    tuner.load_depth_checkpoint_state = lambda state: None
+    trainer.train()
+    assert (tmp_path / "checkpoint-2" / "depth_tuner_state.pt").exists()
+
+    resumed = make_trainer(METHODS["mola"](), str(tmp_path), max_steps=3)
+    (tuner,) = depth_tuners(resumed.model)
+    received = []
+    tuner.load_depth_checkpoint_state = received.append
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert len(received) == 1
+    assert received[0]["capacities"] == {3: 0.75} and int(received[0]["calls"]) == 7
 
 
 def test_saved_adapter_reloads_with_peft(tmp_path):

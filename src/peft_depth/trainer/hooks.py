@@ -23,6 +23,11 @@ trained model) takes part through these optional methods:
     Called before every training micro-batch with the trainer's global step (the number of optimizer steps done),
     so schedules such as DLO's capacity annealing follow the trainer, also after resuming from a checkpoint.
 
+``depth_checkpoint_state() -> dict`` and ``load_depth_checkpoint_state(state: dict) -> None``
+    Training state a tuner keeps outside its parameters that must survive a resume (e.g. DLO's per-layer capacities
+    from the ``cos_global`` ranking, which take effect from the next step). The trainer saves it next to each
+    checkpoint (``depth_tuner_state.pt``, keyed by the module's path) and hands it back when training resumes.
+
 ``routing_context.sync_across_processes`` (``core.context.RoutingContext``)
     Set from ``DepthSFTConfig.sync_routing_stats`` on every ``DepthTuner``.
 """
@@ -43,7 +48,10 @@ from ..core.aux import raw_aux_losses
 from ..core.tuner import DepthTuner
 
 __all__ = [
+    "CHECKPOINT_STATE_FILE",
     "WeightedAuxTerm",
+    "checkpoint_state",
+    "load_checkpoint_state",
     "collect_optimizer_groups",
     "depth_tuners",
     "routing_health",
@@ -86,6 +94,29 @@ def set_training_step(model: nn.Module, step: int) -> None:
     """Tell every module with a ``set_training_step`` hook the trainer's global step."""
     for module in _hook_owners(model, "set_training_step"):
         module.set_training_step(int(step))
+
+
+#: File inside a checkpoint folder holding the tuners' ``depth_checkpoint_state``.
+CHECKPOINT_STATE_FILE = "depth_tuner_state.pt"
+
+
+def checkpoint_state(model: nn.Module) -> dict[str, Any]:
+    """``{module path: state}`` from every ``depth_checkpoint_state`` hook (empty when no module has one)."""
+    owners = {id(m) for m in _hook_owners(model, "depth_checkpoint_state")}
+    return {name: module.depth_checkpoint_state() for name, module in model.named_modules() if id(module) in owners}
+
+
+def load_checkpoint_state(model: nn.Module, states: Mapping[str, Any]) -> None:
+    """Hand each module its saved state back; raises ValueError when a saved module is missing or has no hook."""
+    modules = dict(model.named_modules())
+    for name, state in states.items():
+        module = modules.get(name)
+        if module is None or not callable(inspect.getattr_static(module, "load_depth_checkpoint_state", None)):
+            raise ValueError(
+                f"The checkpoint holds depth-tuner state for `{name}`, but this model has no module there that "
+                "implements `load_depth_checkpoint_state`; resume with the same adapter configuration."
+            )
+        module.load_depth_checkpoint_state(state)
 
 
 @dataclass

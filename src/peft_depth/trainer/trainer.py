@@ -8,15 +8,20 @@ their auxiliary-loss ingredients during the forward instead; this trainer reads 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from .config import DepthSFTConfig
 from .hooks import (
+    CHECKPOINT_STATE_FILE,
+    checkpoint_state,
     collect_optimizer_groups,
     depth_tuners,
+    load_checkpoint_state,
     routing_health,
     set_sync_routing_stats,
     set_training_step,
@@ -142,6 +147,24 @@ class DepthSFTTrainer(SFTTrainer):
         gathered = self.accelerator.gather(stacked).reshape(-1, len(names)).mean(dim=0).tolist()
         for name, value in zip(names, gathered):
             self._metrics[mode][name].append(value)
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        states = checkpoint_state(self.model)
+        if states and self.args.should_save:
+            # the folder Trainer just wrote
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            torch.save(states, os.path.join(folder, CHECKPOINT_STATE_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        path = os.path.join(resume_from_checkpoint, CHECKPOINT_STATE_FILE)
+        if os.path.isfile(path):
+            load_checkpoint_state(self.model, torch.load(path, weights_only=True))
 
     # ------------------------------------------------------------------------------------------- optimizer
 
