@@ -226,8 +226,11 @@ def test_push_to_hub_round_trip_for_every_method(local_hub, method):
     assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(files)
     assert method in ModelCard(files["README.md"].decode()).data.tags
     batch = inputs()
+    expected = _logits(model, batch)
     auto = AutoPeftModelForCausalLM.from_pretrained(f"org/{method}-adapter").eval()
-    assert torch.equal(_logits(auto, batch), _logits(model, batch))
+    assert torch.equal(_logits(auto, batch), expected)
+    onto_base = PeftModel.from_pretrained(pristine, f"org/{method}-adapter").eval()
+    assert torch.equal(_logits(onto_base, batch), expected)
 
 
 def test_repo_with_only_a_pickle_is_refused_without_downloading_it(local_hub, tmp_path):
