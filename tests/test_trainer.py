@@ -196,6 +196,49 @@ def test_bad_depth_config_values_name_the_field(kwargs, field, tmp_path):
         DepthSFTConfig(output_dir=str(tmp_path), report_to="none", bf16=False, use_cpu=True, **kwargs)
 
 
+def test_full_logits_path_gives_the_fused_head_gradients(tmp_path):
+    """An adapter that needs real logits trains through the model's own head with the same loss and gradients."""
+    results = []
+    for full_logits in (False, True):
+        capture = GradCapture()
+        trainer = make_trainer(
+            METHODS["mola"](),
+            str(tmp_path / str(full_logits)),
+            max_steps=1,
+            gradient_accumulation_steps=2,
+            per_device_train_batch_size=2,
+            max_grad_norm=0.0,
+            callbacks=[capture],
+        )
+        if full_logits:
+            (tuner,) = depth_tuners(trainer.model)
+            tuner.needs_full_logits = True
+        trainer.train()
+        results.append((train_logs(trainer)[-1], capture.grads[0]))
+    (fused_log, fused), (logits_log, via_logits) = results
+    assert logits_log["loss"] == pytest.approx(fused_log["loss"], rel=1e-5)
+    assert logits_log["mean_token_accuracy"] == pytest.approx(fused_log["mean_token_accuracy"])
+    for name in fused:
+        torch.testing.assert_close(via_logits[name], fused[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.skipif("mod" not in METHODS, reason="MoD not present")
+def test_mod_log_prob_mixing_trains_through_the_logits_path(tmp_path):
+    from peft_depth.tuners.mod import MoDConfig
+
+    trainer = make_trainer(MoDConfig(task_type="CAUSAL_LM", mix_space="log_probs"), str(tmp_path), max_steps=3)
+    (tuner,) = depth_tuners(trainer.model)
+    if not getattr(tuner, "needs_full_logits", False):
+        # under TRL's fused head MoD refuses log-probability mixing clearly ...
+        with pytest.raises(ValueError, match="fused LM head"):
+            trainer.train()
+        # ... and the adapter's `needs_full_logits` flag routes the loss through the logits instead
+        tuner.needs_full_logits = True
+    trainer.train()
+    entry = train_logs(trainer)[-1]
+    assert math.isfinite(entry["loss"]) and "loss/distill" in entry
+
+
 # ---------------------------------------------------------------- plain peft adapters
 
 

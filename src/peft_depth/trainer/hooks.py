@@ -23,6 +23,11 @@ trained model) takes part through these optional methods:
     Called before every training micro-batch with the trainer's global step (the number of optimizer steps done),
     so schedules such as DLO's capacity annealing follow the trainer, also after resuming from a checkpoint.
 
+``needs_full_logits`` (attribute or property, bool)
+    True when an active adapter must see the model's own LM-head logits (MoD's ``mix_space="log_probs"`` mixes
+    per-layer log-probabilities, which TRL's fused LM head never materialises). The trainer then computes the LM loss
+    from ``logits`` instead of the fused head (same normalisation), at the cost of the full logits' memory.
+
 ``depth_checkpoint_state() -> dict`` and ``load_depth_checkpoint_state(state: dict) -> None``
     Training state a tuner keeps outside its parameters that must survive a resume (e.g. DLO's per-layer capacities
     from the ``cos_global`` ranking, which take effect from the next step). The trainer saves it next to each
@@ -52,6 +57,7 @@ __all__ = [
     "WeightedAuxTerm",
     "checkpoint_state",
     "load_checkpoint_state",
+    "needs_full_logits",
     "collect_optimizer_groups",
     "depth_tuners",
     "routing_health",
@@ -94,6 +100,11 @@ def set_training_step(model: nn.Module, step: int) -> None:
     """Tell every module with a ``set_training_step`` hook the trainer's global step."""
     for module in _hook_owners(model, "set_training_step"):
         module.set_training_step(int(step))
+
+
+def needs_full_logits(model: nn.Module) -> bool:
+    """Whether any module of ``model`` says its adapter must see the model's own LM-head logits."""
+    return any(bool(getattr(module, "needs_full_logits", False)) for module in depth_tuners(model))
 
 
 #: File inside a checkpoint folder holding the tuners' ``depth_checkpoint_state``.

@@ -22,6 +22,7 @@ from .hooks import (
     collect_optimizer_groups,
     depth_tuners,
     load_checkpoint_state,
+    needs_full_logits,
     routing_health,
     set_sync_routing_stats,
     set_training_step,
@@ -96,9 +97,12 @@ class DepthSFTTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        # The loss only: with return_outputs, SFTTrainer runs an extra no-grad forward for the logits, which would
-        # overwrite the tuners' records of the forward that produced the loss. That forward is done below instead.
-        lm_loss = super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
+        if needs_full_logits(self.model):
+            lm_loss = self._logits_path_loss(model, inputs, num_items_in_batch, mode)
+        else:
+            # The loss only: with return_outputs, SFTTrainer runs an extra no-grad forward for the logits, which
+            # would overwrite the tuners' records of the forward that produced the loss (that forward is done below).
+            lm_loss = super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
         terms = weighted_aux_terms(self.model, self._aux_overrides)
 
         # Each auxiliary loss is a mean over its micro-batch (like the MoE aux loss). When Trainer leaves the
@@ -119,6 +123,39 @@ class DepthSFTTrainer(SFTTrainer):
             with torch.no_grad():
                 outputs = model(**logits_inputs)
             return loss, outputs
+        return loss
+
+    def _logits_path_loss(self, model, inputs, num_items_in_batch, mode: str) -> torch.Tensor:
+        """The LM loss through the model's own LM head, for adapters that must see full logits.
+
+        TRL's fused LM head never materialises logits, so an adapter that transforms them (MoD's ``mix_space=
+        "log_probs"``) cannot run under it. This is SFTTrainer's token-mean NLL computed from ``logits`` instead of
+        ``log_probs``, with the same normalisation (``num_items_in_batch``, tokens of every process).
+        """
+        if self.args.loss_type != "nll" or self.label_smoother is not None or self.compute_loss_func is not None:
+            raise ValueError(
+                "An active adapter needs the full-logits forward (e.g. MoD with mix_space='log_probs'), which "
+                "DepthSFTTrainer supports with loss_type='nll', no label smoothing and no compute_loss_func only."
+            )
+        labels = inputs["labels"]
+        logits_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "fused_lm_head")}
+        logits_inputs["use_cache"] = False
+        logits = model(**logits_inputs).logits[:, :-1]
+        targets = labels[:, 1:].to(logits.device)
+        per_token = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none"
+        )
+        mask = targets.flatten() != -100
+        num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = per_token.sum() / torch.as_tensor(num_tokens, device=per_token.device).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        with torch.no_grad():
+            valid = self.accelerator.gather_for_metrics(mask.sum()).sum()
+            correct = (logits.argmax(dim=-1).flatten() == targets.flatten()) & mask
+            correct = self.accelerator.gather_for_metrics(correct.sum()).sum()
+            accuracy = (correct / valid).item() if valid > 0 else 0.0
+        self._metrics[mode]["mean_token_accuracy"].append(accuracy)
         return loss
 
     # ------------------------------------------------------------------------------------------- logging
