@@ -216,10 +216,15 @@ def accuracy(model, tokenizer, examples, args: ScriptArguments) -> float:
     return multiple_choice_accuracy(model, tokenizer, examples, batch_size=args.eval_batch_size)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None):
+    """``(script_args, method_args, model_args, training_args)`` from the command line over the embedded defaults."""
     parser = TrlParser((ScriptArguments, MethodArguments, ModelConfig, DepthSFTConfig))
     parser.set_defaults(**EMBEDDED_DEFAULTS)
-    script_args, method_args, model_args, training_args = parser.parse_args_and_config()
+    return parser.parse_args_and_config(args=argv)
+
+
+def main() -> None:
+    script_args, method_args, model_args, training_args = parse_args()
     state = PartialState(cpu=training_args.use_cpu)
     if model_args.model_name_or_path == SMOLLM2:
         if state.is_main_process:

@@ -1,0 +1,60 @@
+"""examples/sft.py parses TRL-style command lines into the right adapter and training configs (no model is loaded)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+from peft import LoraConfig
+
+import peft_depth
+from peft_depth import DepthSFTConfig
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sft.py"
+
+
+@pytest.fixture(scope="module")
+def sft():
+    spec = importlib.util.spec_from_file_location("sft_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse(sft, *argv):
+    script, method, model, training = sft.parse_args(["--output_dir", "/tmp/unused", *argv])
+    return script, sft.build_peft_config(method, model), model, training
+
+
+def test_embedded_defaults_are_the_main_job(sft):
+    script, config, model, training = parse(sft)
+    assert isinstance(config, peft_depth.MoLAConfig)
+    assert config.expert_pattern == [2, 4, 6, 8] and config.r == 8 and config.lora_alpha == 16
+    assert isinstance(training, DepthSFTConfig)
+    assert model.model_name_or_path == sft.SMOLLM2 and script.task == "arc_easy"
+    assert training.max_steps == 60 and training.report_to in ([], "none", ["none"])
+    assert training.gradient_checkpointing is False
+
+
+def test_method_options_and_comma_lists(sft):
+    _, config, _, training = parse(
+        sft, "--expert_pattern", "8,6,4,2", "--top_k", "1", "--lora_r", "4", "--routing_loss_coef", "0.01"
+    )
+    assert config.expert_pattern == [8, 6, 4, 2] and config.top_k == 1 and config.r == 4
+    assert training.routing_loss_coef == 0.01
+    _, config, _, _ = parse(sft, "--num_experts", "2,2,4,4", "--top_k", "1,1,2,2")
+    assert config.num_experts == [2, 2, 4, 4] and config.top_k == [1, 1, 2, 2] and config.expert_pattern is None
+    _, config, _, _ = parse(sft, "--peft_method", "lora")
+    assert isinstance(config, LoraConfig) and config.target_modules == "all-linear"
+    _, config, _, _ = parse(sft, "--peft_method", "molex", "--routing", "token", "--molex_layers", "0,1")
+    assert config.routing == "token" and config.molex_layers == [0, 1]
+
+
+def test_bad_options_are_refused_clearly(sft):
+    with pytest.raises(ValueError, match="expert_pattern"):
+        parse(sft, "--expert_pattern", "2,x")
+    with pytest.raises(ValueError, match="has no option"):
+        parse(sft, "--peft_method", "molex", "--num_late_layers", "2")
+    with pytest.raises(ValueError, match="peft_method"):
+        parse(sft, "--peft_method", "prefix")
