@@ -33,7 +33,7 @@ def test_embedded_defaults_are_the_main_job(sft):
     assert config.expert_pattern == [2, 4, 6, 8] and config.r == 8 and config.lora_alpha == 16
     assert isinstance(training, DepthSFTConfig)
     assert model.model_name_or_path == sft.SMOLLM2 and script.task == "arc_easy"
-    assert training.max_steps == 60 and training.report_to in ([], "none", ["none"])
+    assert training.max_steps == 40 and training.report_to in ([], "none", ["none"])
     assert training.gradient_checkpointing is False
 
 
