@@ -173,6 +173,14 @@ def test_aux_loss_scaled_for_gradient_accumulation_and_override_applies(tmp_path
     assert entry["loss"] == pytest.approx(total.item(), rel=1e-5)
 
 
+def test_evaluation_reports_the_same_components(tmp_path):
+    trainer = make_trainer(METHODS["mola"](), str(tmp_path), max_steps=1, per_device_eval_batch_size=8)
+    metrics = trainer.evaluate(eval_dataset=counting_dataset(32, seed=5))
+    assert {"eval_loss", "eval_loss/lm", "eval_loss/routing", "eval_routing/mola/usage_entropy"} <= set(metrics)
+    # four equal batches: the mean of the per-batch totals is the sum of the per-component means
+    assert metrics["eval_loss"] == pytest.approx(metrics["eval_loss/lm"] + metrics["eval_loss/routing"], rel=1e-5)
+
+
 def test_zero_override_turns_the_aux_loss_off(tmp_path):
     trainer = make_trainer(METHODS["mola"](), str(tmp_path), max_steps=1, routing_loss_coef=0.0)
     trainer.train()

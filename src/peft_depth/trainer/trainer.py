@@ -49,8 +49,14 @@ class DepthSFTTrainer(SFTTrainer):
       rule TRL uses for native MoE aux losses);
     - logs ``loss/lm`` and ``loss/<name>`` per auxiliary loss (weighted; they add up to the logged ``loss``),
       ``aux/<name>`` (unweighted), and routing health under ``routing/...``;
-    - sets ``sync_routing_stats`` on every depth tuner, calls the tuners' ``set_training_step`` hook before each
-      micro-batch, and builds the optimizer from their ``depth_optimizer_groups`` when they expose any.
+    - sets ``sync_routing_stats`` on every depth tuner (the config is the source of truth), calls the tuners'
+      ``set_training_step`` hook before each micro-batch, builds the optimizer from their ``depth_optimizer_groups``
+      when they expose any, and saves / restores their ``depth_checkpoint_state`` with each checkpoint;
+    - computes the LM loss from real logits instead of TRL's fused LM head when an adapter sets
+      ``needs_full_logits`` (MoD's log-probability mixing), with the same normalisation;
+    - builds DDP without the unused-parameter search (parameters trained only by an auxiliary loss break it).
+
+    Every hook is duck-typed and optional; ``peft_depth.trainer.hooks`` documents them.
 
     With a model that carries no depth adapter all of this is a no-op and the trainer is ``SFTTrainer``.
     """
