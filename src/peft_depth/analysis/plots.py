@@ -26,14 +26,14 @@ def _figure(width: float, height: float, rows: int = 1):
         raise AnalysisError(
             "Plots need matplotlib: pip install 'peft-depth[examples]' (or pip install matplotlib)."
         ) from error
-    figure = Figure(figsize=(width, height), dpi=_DPI)
+    # constrained layout is solved during the one draw savefig does (tight_layout would draw a second time)
+    figure = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(rows, 1, sharex=rows > 1, squeeze=False)[:, 0]
     return figure, list(axes)
 
 
 def _save(figure, path: Path) -> Path:
-    figure.tight_layout()
     figure.savefig(path, dpi=_DPI)
     return path
 
