@@ -322,6 +322,18 @@ def test_training_step_hook_follows_global_step_and_resume(tmp_path):
     assert seen == [2, 2]
 
 
+@pytest.mark.skipif("dlo" not in METHODS, reason="DLO not present")
+def test_dlo_capacity_anneals_with_the_trainer_global_step(tmp_path):
+    from peft_depth.tuners.dlo import DLOConfig
+
+    config = DLOConfig(task_type="CAUSAL_LM", capacity=0.5, capacity_annealing_steps=4)
+    trainer = make_trainer(config, str(tmp_path), max_steps=4, gradient_accumulation_steps=2)
+    trainer.train()
+    # the step-k log shows the capacity of its micro-batches, taken before optimizer step k (global_step k-1)
+    logged = [e["routing/dlo/capacity_target"] for e in train_logs(trainer)]
+    assert logged == pytest.approx([1.0, 0.875, 0.75, 0.625])
+
+
 def test_optimizer_groups_hook_and_gate_overrides(tmp_path):
     trainer = make_trainer(
         METHODS["mola"](), str(tmp_path), max_steps=1, gate_learning_rate=0.1, gate_weight_decay=0.5, weight_decay=0.01
@@ -342,6 +354,26 @@ def test_optimizer_groups_hook_and_gate_overrides(tmp_path):
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids))
     assert set(ids) == {id(p) for p in trainer.model.parameters() if p.requires_grad}
+
+
+@pytest.mark.skipif("molex" not in METHODS, reason="MoLEx not present")
+def test_molex_gates_get_their_own_group(tmp_path):
+    from peft_depth.tuners.molex import MoLExConfig
+
+    config = MoLExConfig(task_type="CAUSAL_LM", r=4, gate_lr=0.05, gate_weight_decay=0.0)
+    trainer = make_trainer(config, str(tmp_path), max_steps=1, weight_decay=0.1)
+    trainer.train()
+    (gate,) = [g for g in trainer.optimizer.param_groups if g.get("name") == "gate"]
+    assert gate["lr"] == 0.05 and gate["weight_decay"] == 0.0
+    # the trainer-level override wins over the adapter config's choice
+    trainer = make_trainer(config, str(tmp_path), max_steps=1, gate_learning_rate=0.2, gate_weight_decay=0.01)
+    trainer.create_optimizer()
+    (gate,) = [g for g in trainer.optimizer.param_groups if g.get("name") == "gate"]
+    assert gate["lr"] == 0.2 and gate["weight_decay"] == 0.01
+    gate_ids = {id(p) for p in gate["params"]}
+    assert gate_ids and all(
+        "gate" in n or "alpha" in n for n, p in trainer.model.named_parameters() if id(p) in gate_ids
+    )
 
 
 def test_optimizer_groups_reject_a_parameter_listed_twice(tmp_path):
