@@ -19,6 +19,7 @@ import json
 import tempfile
 from copy import deepcopy
 
+import pytest
 import torch
 from hub_cases import METHODS, perturb_adapter
 from hypothesis import HealthCheck, event, given, settings
@@ -281,3 +282,30 @@ def _make_test(method: str):
 # One hypothesis test per method present in this tree (collected by name, so statistics show per method).
 for _method in METHODS:
     globals()[f"test_fuzz_{_method}"] = _make_test(_method)
+
+
+def _bad_values(method: str) -> list[tuple[str, object]]:
+    _, bad = SPACES[method]
+    return [(name, value) for name in sorted(bad) for value in bad[name].elements]
+
+
+@pytest.mark.parametrize(
+    "method, field_name, value",
+    [(m, f, v) for m in METHODS for f, v in _bad_values(m)],
+    ids=lambda v: repr(v)[:24] if not isinstance(v, str) else v,
+)
+def test_every_bad_value_is_rejected_with_a_clear_message(method, field_name, value):
+    """Each bad value of the fuzz space, in an otherwise default config: ValueError from the config or from
+    get_peft_model (for values only the model can judge, such as a layer index beyond its depth)."""
+    kwargs = {"mola": {"num_experts": 2, "top_k": 1}}.get(method, {})
+    kwargs = {**kwargs, field_name: value}
+    if method == "mola" and field_name == "expert_pattern":
+        kwargs.pop("num_experts")
+    if method == "mola" and field_name == "num_experts" and isinstance(value, list):
+        kwargs["top_k"] = 1
+    if method == "dlo" and field_name == "stack_range":
+        kwargs["expansion"] = "stack"  # stack_range is only read by the stack expansion
+    with pytest.raises(ValueError) as error:
+        config = CONFIG_CLASSES[method](task_type="CAUSAL_LM", **kwargs)
+        get_peft_model(_pair()[0], config)
+    _assert_clear(error.value)

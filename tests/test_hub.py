@@ -139,6 +139,19 @@ def test_routing_plots_from_the_last_forward_go_into_the_card(tmp_path, method):
         assert (tmp_path / "adapter" / "plots" / Path(source).name).is_file()
 
 
+def test_missing_templates_keep_peft_card_and_the_save_succeeds(tmp_path, monkeypatch):
+    import peft_depth.hub.model_card as model_card
+
+    monkeypatch.setattr(model_card, "model_cards_dir", lambda: None)
+    model, pristine = adapted("mola")
+    with pytest.warns(UserWarning, match="kept peft's model card"):
+        model.save_pretrained(tmp_path)
+    assert CARD_MARKER not in (tmp_path / "README.md").read_text()
+    assert torch.equal(
+        _logits(PeftModel.from_pretrained(pristine, tmp_path).eval(), inputs()), _logits(model, inputs())
+    )
+
+
 def test_card_rejects_a_plot_that_is_not_png(tmp_path):
     model, _ = adapted("mola")
     bogus = tmp_path / "plot.png"

@@ -45,13 +45,22 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def model_cards_dir() -> Path:
-    """The folder holding ``<method>.md`` templates: ``$PEFT_DEPTH_MODEL_CARDS``, else ``model_cards/`` of the
-    source tree."""
+def model_cards_dir() -> Path | None:
+    """The folder holding the ``<method>.md`` templates, or None if there is none.
+
+    ``$PEFT_DEPTH_MODEL_CARDS``, else ``model_cards/`` of the source tree (editable installs), else a
+    ``model_cards`` folder packaged next to this module.
+    """
     override = os.environ.get(TEMPLATES_ENV)
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[3] / "model_cards"
+    candidates = [Path(override)] if override else []
+    candidates += [
+        Path(__file__).resolve().parents[3] / "model_cards",
+        Path(__file__).resolve().parent / "model_cards",
+    ]
+    for candidate in candidates:
+        if (candidate / "_generic.md").is_file():
+            return candidate
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------- card info
@@ -247,6 +256,10 @@ def render_model_card(
         {"title": title, "path": f"{PLOTS_FOLDER}/{Path(path).name}"} for title, path in info.get("plots", {}).items()
     ]
     templates = model_cards_dir()
+    if templates is None:
+        raise FileNotFoundError(
+            f"No model-card templates found (set ${TEMPLATES_ENV} to the folder holding peft-depth's model_cards/)."
+        )
     template_name = f"{lead['peft_type'].lower()}.md"
     if not (templates / template_name).is_file():
         template_name = "_generic.md"

@@ -25,6 +25,7 @@ import functools
 import inspect
 import os
 import threading
+import warnings
 from typing import Any
 
 import huggingface_hub
@@ -58,6 +59,14 @@ def _mark(wrapper: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------- save / push
 
 
+def _write_card_or_warn(model: PeftModel, folder: str, **kwargs: Any) -> None:
+    """The card is documentation: an install without the templates keeps peft's card rather than failing a save."""
+    try:
+        write_model_card(model, folder, **kwargs)
+    except FileNotFoundError as error:
+        warnings.warn(f"peft-depth kept peft's model card: {error}", stacklevel=3)
+
+
 def _wrap_save_pretrained(original: Any) -> Any:
     signature = inspect.signature(original)
 
@@ -81,7 +90,7 @@ def _wrap_save_pretrained(original: Any) -> Any:
                 config.base_model_facts = dict(facts)
         result = original(self, save_directory, *args, **kwargs)
         if arguments.get("is_main_process", True):
-            write_model_card(self, save_directory, adapter_names=depth)
+            _write_card_or_warn(self, save_directory, adapter_names=depth)
         return result
 
     return _mark(save_pretrained)
@@ -92,7 +101,7 @@ def _wrap_upload_modified_files(original: Any) -> Any:
     def _upload_modified_files(self: Any, working_dir: str, repo_id: str, *args: Any, **kwargs: Any) -> Any:
         if isinstance(self, PeftModel) and _depth_adapter_names(self):
             # transformers' push_to_hub saved a generic (or the remote) card over ours; render ours with the repo id.
-            write_model_card(self, working_dir, adapter_names=_depth_adapter_names(self), repo_id=repo_id)
+            _write_card_or_warn(self, working_dir, adapter_names=_depth_adapter_names(self), repo_id=repo_id)
         return original(self, working_dir, repo_id, *args, **kwargs)
 
     return _mark(_upload_modified_files)
