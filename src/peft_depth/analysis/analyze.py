@@ -29,7 +29,7 @@ class AnalyzeOptions:
     max_length: int = 64
     batch_size: int = 8
     lens_positions: int | None = 8
-    redundancy_threshold: float = 0.95
+    redundancy_threshold: float = 0.98
     device: str | None = None
     seed: int = 0
     progress: bool = True

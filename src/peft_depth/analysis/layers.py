@@ -43,7 +43,7 @@ class LayerAnalysis:
     num_sequences: int = 0
     num_tokens: int = 0
     num_lens_positions: int = 0
-    redundancy_threshold: float = 0.95
+    redundancy_threshold: float = 0.98
     cosine: list[float] = field(default_factory=list)
     relative_update: list[float] = field(default_factory=list)
     redundant_fraction: list[float] = field(default_factory=list)
@@ -84,7 +84,7 @@ class LayerStatsCollector:
     as a context manager) to remove the hooks.
     """
 
-    def __init__(self, model: nn.Module, redundancy_threshold: float = 0.95) -> None:
+    def __init__(self, model: nn.Module, redundancy_threshold: float = 0.98) -> None:
         stack = find_layer_stack(model)
         if stack is None:
             raise AnalysisError(f"{type(model).__name__} has no stack of transformer blocks to analyse.")
@@ -263,7 +263,7 @@ def analyze_layers(
     batches: Iterable[Any],
     *,
     lens_positions_per_sequence: int | None = None,
-    redundancy_threshold: float = 0.95,
+    redundancy_threshold: float = 0.98,
     seed: int = 0,
     progress: Any = None,
 ) -> LayerAnalysis:

@@ -51,13 +51,14 @@ def _draw_similarity(ax, analysis: LayerAnalysis) -> None:
     )
     ax.set_ylabel("redundancy")
     ax.set_ylim(min(0.0, min(analysis.cosine) - 0.05), 1.02)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="lower center", fontsize=8)
     ax.grid(alpha=0.3)
 
 
 def _draw_update(ax, analysis: LayerAnalysis) -> None:
     ax.bar(range(analysis.num_layers), analysis.relative_update, color="tab:orange")
     ax.set_ylabel("||out - in|| / ||in||")
+    ax.set_yscale("log")  # layer 0 (embeddings -> residual stream) is often 10-100x the others
     ax.grid(alpha=0.3, axis="y")
 
 
@@ -71,7 +72,8 @@ def _draw_lens(ax, analysis: LayerAnalysis) -> None:
     ax.grid(alpha=0.3)
     twin = ax.twinx()
     twin.plot(xs, loss, marker=".", color="tab:red", label="loss")
-    twin.set_ylabel("logit-lens loss", color="tab:red")
+    twin.set_ylabel("logit-lens loss (log scale)", color="tab:red")
+    twin.set_yscale("log")  # the raw lens is badly calibrated: embedding-layer losses can be 10x the final one
 
 
 def plot_layer_analysis(analysis: LayerAnalysis, output_dir: str | Path, title: str = "") -> dict[str, Path]:

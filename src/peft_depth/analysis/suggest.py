@@ -3,11 +3,14 @@
 The rules are simple and printed with their numbers, so a user can see why and override them:
 
 - **Layer importance** (used by MoLA and DLO): the mean of two shares, each normalised to sum to 1 over layers: how
-  much a layer turns the representation (``1 - cosine``) and how much it lowers the logit-lens loss
-  (``max(0, loss_{l-1} - loss_l)``, with the embedding's lens loss before layer 0).
+  much a layer turns the representation (``1 - cosine``) and how much it raises the logit-lens accuracy
+  (``max(0, acc_l - acc_{l-1})``, with the embeddings' lens accuracy before layer 0). Accuracy rather than loss: the
+  raw logit lens is badly calibrated (with tied embeddings the embedding layer's lens loss is huge because each token
+  predicts itself), while top-1 accuracy is bounded and comparable across layers.
 - **MoLA**: the stack is split into ``groups`` contiguous groups (MoLA's ``expert_pattern``); each group gets experts
-  in proportion to its mean importance, scaled so that the average is ``average_experts`` per layer (the paper's best
-  pattern [2, 4, 6, 8] averages 5), clamped to ``[top_k, max_experts]``.
+  in proportion to the *median* importance of its layers (so one outlier, typically layer 0 turning embeddings into
+  the residual stream, does not claim a whole group), scaled so that the average is ``average_experts`` per layer
+  (the paper's best pattern [2, 4, 6, 8] averages 5), clamped to ``[top_k, max_experts]``.
 - **DLO**: expansion copies the ``num_layers // expand_every`` most important layers (DLO's default adds one layer
   per four); the skip points are as many of the most redundant layers (highest cosine), where routers can skip most
   cheaply; the training capacity is the fraction of (layer, token) pairs the blocks really change
@@ -19,6 +22,7 @@ The rules are simple and printed with their numbers, so a user can see why and o
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
 from ..tuners.mola.config import expand_expert_pattern
@@ -36,8 +40,8 @@ def _normalised(values: list[float]) -> list[float]:
 def layer_importance(analysis: LayerAnalysis) -> list[float]:
     """Per-layer importance in [0, 1] summing to 1: mean of the normalised change and logit-lens gain shares."""
     change = _normalised([1.0 - c for c in analysis.cosine])
-    previous = [analysis.embedding.get("lens_loss", math.nan), *analysis.lens_loss[:-1]]
-    gain = _normalised([before - after for before, after in zip(previous, analysis.lens_loss)])
+    previous = [analysis.embedding.get("lens_accuracy", math.nan), *analysis.lens_accuracy[:-1]]
+    gain = _normalised([after - before for before, after in zip(previous, analysis.lens_accuracy)])
     return [(c + g) / 2 for c, g in zip(change, gain)]
 
 
@@ -70,7 +74,7 @@ def suggest_mola(
     groups = max(1, min(groups, num_layers))
     sizes = _group_sizes(num_layers, groups)
     spans = _ranges(sizes)
-    group_scores = [sum(importance[a : b + 1]) / (b - a + 1) for a, b in spans]
+    group_scores = [statistics.median(importance[a : b + 1]) for a, b in spans]
     mean_score = sum(group_scores) / len(group_scores)
     if mean_score > 0:
         pattern = [int(round(average_experts * score / mean_score)) for score in group_scores]
@@ -79,13 +83,13 @@ def suggest_mola(
     pattern = [min(max(experts, top_k), max_experts) for experts in pattern]
     per_layer = expand_expert_pattern(pattern, num_layers)
     described = ", ".join(
-        f"layers {a}-{b}: importance {score:.3f} -> {experts} experts"
+        f"layers {a}-{b}: median importance {score:.3f} -> {experts} experts"
         for (a, b), score, experts in zip(spans, group_scores, pattern)
     )
     top = max(range(groups), key=lambda g: group_scores[g])
     reason = (
         f"Importance per layer = mean of the normalised shares of representation change (1 - cosine) and logit-lens "
-        f"loss drop. Split into {groups} groups ({described}). Layers {spans[top][0]}-{spans[top][1]} matter most, "
+        f"accuracy gain. Split into {groups} groups ({described}). Layers {spans[top][0]}-{spans[top][1]} matter most, "
         f"so they get the most experts (average {sum(per_layer) / num_layers:.2f} per layer, clamped to "
         f"[{top_k}, {max_experts}])."
     )
