@@ -370,13 +370,21 @@ def test_different_architecture_is_named(tmp_path):
 
 
 def test_facts_check_can_be_waived_explicitly(tmp_path):
+    """An adapter recorded for another architecture name is refused by default and loads exactly once the caller
+    passes a config with `base_model_facts=None` (the escape hatch the error message names)."""
     from peft import PeftConfig
 
-    _, _, path = _saved(tmp_path, "mola")
+    model, pristine, path = _saved(tmp_path, "mola")
+    config_file = path / "adapter_config.json"
+    raw = json.loads(config_file.read_text())
+    raw["base_model_facts"]["architecture"] = "MyLlamaVariantForCausalLM"
+    config_file.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="MyLlamaVariantForCausalLM"):
+        PeftModel.from_pretrained(fresh_copy(pristine), path)
     config = PeftConfig.from_pretrained(path)
     config.base_model_facts = None
-    deeper = tiny_base(num_layers=4, seed=5)  # same shape: loads; facts waived changes nothing else
-    PeftModel.from_pretrained(deeper, path, config=config)
+    loaded = PeftModel.from_pretrained(fresh_copy(pristine), path, config=config).eval()
+    assert torch.equal(_logits(loaded, inputs()), _logits(model, inputs()))
 
 
 def test_unknown_fields_from_a_newer_release_warn_and_load(tmp_path):
