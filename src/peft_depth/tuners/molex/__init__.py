@@ -1,4 +1,26 @@
-"""MoLEx: mixture of layer experts (the model's own layers, with LoRA, are the experts)."""
+"""MoLEx: mixture of layer experts (the model's own layers, with their LoRA, are the experts).
+
+Usage::
+
+    import peft_depth
+    from peft import get_peft_model
+
+    model = get_peft_model(base, peft_depth.MoLExConfig(task_type="CAUSAL_LM", r=8))
+    loss = model(**batch).loss + sum(peft_depth.aux_losses(model).values())  # task + balance loss
+    peft_depth.routing_stats(model)["molex"]  # chosen expert layer(s), gate statistics per MoLEx layer
+    model.base_model.depth_optimizer_groups(lr, weight_decay)  # gates and α with `gate_lr` / `gate_weight_decay`
+
+Things to know:
+
+- ``routing="batch_vote"`` (the paper's) makes one sequence's output depend on the rest of the batch, at training and
+  at inference; it and ``"sequence"`` are not causal, so ``generate`` runs without KV cache for them (forced, with a
+  warning). ``"token"`` routing is causal and generates with a KV cache (one side cache per expert pass).
+- Each MoLEx layer runs two blocks (its own and the chosen one) unless the gate picks the layer itself; ``"token"``
+  routing runs one extra full-sequence pass per distinct chosen layer.
+- Merging is refused: the mixture depends on the input. ``unload()`` gives back the base model.
+- With ``output_attentions=True`` the attention maps of the expert passes are recorded too (hidden states are not:
+  ``output_hidden_states`` reports each layer's mixed output once).
+"""
 
 from ...core.peft_registration import register_depth_method
 from .config import MoLExConfig
