@@ -74,7 +74,12 @@ def build(method: str, args, total_steps: int):
     elif method == "dense":
         config = DLOConfig(routed_layers="none")
     elif method == "dlo":
-        config = DLOConfig(capacity=args.capacity, capacity_annealing_steps=max(1, total_steps // 2))
+        config = DLOConfig(
+            capacity=args.capacity,
+            capacity_annealing_steps=max(1, total_steps // 2),
+            routed_layers=args.routed_layers,
+            loss_type=args.loss_type,
+        )
     else:
         raise ValueError(method)
     config.task_type = "CAUSAL_LM"
@@ -186,6 +191,8 @@ def main() -> None:
     parser.add_argument("--new-layer-lr", type=float, default=2e-4, help="learning rate of the new layers")
     parser.add_argument("--router-lr", type=float, default=1e-3)
     parser.add_argument("--capacity", type=float, default=0.9)
+    parser.add_argument("--routed-layers", default="all", help="DLO: 'all' (official) or 'new'")
+    parser.add_argument("--loss-type", default="cos_global", help="DLO: 'cos_global' (official) or 'cos'")
     parser.add_argument("--num-test", type=int, default=200)
     parser.add_argument("--max-train", type=int, default=240)
     parser.add_argument("--threads", type=int, default=1)
@@ -205,6 +212,7 @@ def main() -> None:
     base_accuracy = multiple_choice_accuracy(base, tokenizer, test, batch_size=args.eval_batch_size)
     del base
     print(f"{args.task}: train {len(train)}, test {len(test)}; base model accuracy {base_accuracy:.4f}", flush=True)
+    print(f"DLO: routed_layers={args.routed_layers}, loss_type={args.loss_type}, capacity={args.capacity}", flush=True)
     results = []
     for method in args.methods:
         result = run(method, train, test, tokenizer, args)
