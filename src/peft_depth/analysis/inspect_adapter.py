@@ -114,6 +114,7 @@ def plot_routing(merged: dict[str, Any], output_dir: Path) -> dict[str, str]:
                     ylabel="layer",
                     yticklabels=[str(row["layer"]) for row in rows],
                     colorbar_label="fraction of routed tokens",
+                    value_range=(0.0, 1.0),
                 )
             elif method == "molex" and rows:
                 width = len(rows[0]["expert_fraction"])
@@ -126,6 +127,7 @@ def plot_routing(merged: dict[str, Any], output_dir: Path) -> dict[str, str]:
                     xticklabels=[str(i) for i in range(width)],
                     yticklabels=[str(row["layer"]) for row in rows],
                     colorbar_label="fraction of tokens",
+                    value_range=(0.0, 1.0),
                 )
             elif method == "mod" and isinstance(payload, dict) and "mean_weight" in payload:
                 gate = payload.get("gate")
@@ -140,6 +142,7 @@ def plot_routing(merged: dict[str, Any], output_dir: Path) -> dict[str, str]:
                     xticklabels=[str(layer) for layer in payload.get("layers", range(len(payload["mean_weight"])))],
                     yticklabels=["mean weight"],
                     colorbar_label="mean routing weight",
+                    value_range=(0.0, 1.0),
                     annotate=True,
                 )
             elif method == "dlo" and rows:
@@ -152,6 +155,7 @@ def plot_routing(merged: dict[str, Any], output_dir: Path) -> dict[str, str]:
                     xticklabels=[f"{row['layer']}{'*' if row.get('new') else ''}" for row in rows],
                     yticklabels=["executed"],
                     colorbar_label="fraction of tokens executed",
+                    value_range=(0.0, 1.0),
                 )
             elif rows:
                 path = _generic_heatmap(method, adapter_name, rows, path)

@@ -108,12 +108,16 @@ def heatmap(
     yticklabels: list[str] | None = None,
     colorbar_label: str = "",
     annotate: bool | None = None,
+    value_range: tuple[float, float] | None = None,
 ) -> Path:
-    """Save a heatmap of ``values`` (rows of equal length; NaN cells are left blank) to ``path``."""
+    """Save a heatmap of ``values`` (ragged rows are padded with blank NaN cells) to ``path``.
+
+    ``value_range`` fixes the colour scale (e.g. ``(0, 1)`` for fractions, so that plots are comparable)."""
     rows, cols = len(values), max((len(r) for r in values), default=0)
     grid = [[(r[c] if c < len(r) and r[c] is not None else math.nan) for c in range(cols)] for r in values]
-    figure, (ax,) = _figure(min(2 + 0.45 * cols, 16), min(1.6 + 0.32 * rows, 14))
-    image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    figure, (ax,) = _figure(min(max(6.0, 2.5 + 0.45 * cols), 16), min(max(2.6, 1.6 + 0.32 * rows), 14))
+    vmin, vmax = value_range if value_range is not None else (None, None)
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest", vmin=vmin, vmax=vmax)
     bar = figure.colorbar(image, ax=ax)
     if colorbar_label:
         bar.set_label(colorbar_label)
@@ -128,5 +132,15 @@ def heatmap(
         for r in range(rows):
             for c in range(cols):
                 if not math.isnan(grid[r][c]):
-                    ax.text(c, r, f"{grid[r][c]:.2f}", ha="center", va="center", color="white", fontsize=7)
+                    # dark text on the bright end of viridis, white on the dark end
+                    bright = image.norm(grid[r][c]) > 0.6
+                    ax.text(
+                        c,
+                        r,
+                        f"{grid[r][c]:.2f}",
+                        ha="center",
+                        va="center",
+                        color="black" if bright else "white",
+                        fontsize=7,
+                    )
     return _save(figure, Path(path))
