@@ -542,3 +542,30 @@ def test_unknown_method_gets_a_generic_heatmap(tmp_path):
     for path in written.values():
         _assert_png(Path(path))
     assert "newmethod / default" in summarize_routing(merged)
+
+
+@pytest.mark.slow
+def test_analyze_smollm2_final_lens_is_the_model_loss(capsys, tmp_path):
+    """The real bundled model: the last layer's logit lens is the model's own next-token loss on the sample."""
+    from peft_depth.analysis.data import load_texts, load_tokenizer, make_batches, resolve_model
+
+    code, _, stderr = _run_cli(
+        ["analyze", "--num-samples", 8, "--lens-positions", 0, "--output-dir", tmp_path, "--quiet"], capsys
+    )
+    assert code == 0, stderr
+    report = json.loads((tmp_path / "analysis.json").read_text())
+    path = resolve_model(None)
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in make_batches(load_texts(None, 8), tokenizer, 8, 64):
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            valid = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
+            valid[:, :-1] = batch.attention_mask[:, :-1].bool() & batch.attention_mask[:, 1:].bool()
+            targets = batch.input_ids.roll(-1, dims=1)[valid]
+            total += F.cross_entropy(logits[valid], targets, reduction="sum").item()
+            count += int(valid.sum())
+    assert report["counts"]["lens_positions"] == count
+    assert report["layers"]["lens_loss"][-1] == pytest.approx(total / count, rel=1e-4)
+    assert report["counts"]["layers"] == 30 and len(report["suggestions"]["mola"]["num_experts_per_layer"]) == 30
