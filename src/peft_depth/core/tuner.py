@@ -15,6 +15,7 @@ from torch import nn
 from .aux import DepthAuxSource
 from .context import RoutingContext
 from .layer_stack import LayerStack, find_layer_stack
+from .lora_layer import DepthLoraLayer, DepthLoraLinear
 from .safety import AllocationBudget, adapter_allocation_limit, base_model_facts, check_base_model_facts
 
 __all__ = ["DepthTuner"]
@@ -181,6 +182,29 @@ class DepthTuner(BaseTuner, DepthAuxSource):
         # New adapter modules are born in training mode; a model wrapped while in eval() must stay in eval (else
         # adapter dropout silently runs at inference).
         new_module.train(child.training)
+
+    def inject_depth_lora(
+        self, config, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module
+    ) -> None:
+        """Put a plain LoRA (``DepthLoraLinear``, config fields r, lora_alpha, ...) on ``target``.
+
+        The shared ``_create_and_replace`` body of the methods that carry LoRA next to their block-level machinery.
+        """
+        update_kwargs = dict(
+            r=config.r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            init_lora_weights=config.init_lora_weights,
+            inference_mode=config.inference_mode,
+        )
+        if isinstance(target, DepthLoraLayer):
+            target.update_layer(adapter_name, **update_kwargs)
+            return
+        new_module = DepthLoraLinear(target, adapter_name, **update_kwargs)
+        if adapter_name not in self.active_adapters:
+            # an additional adapter is not trainable until it is activated
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
 
     # ------------------------------------------------------------------ merging
 

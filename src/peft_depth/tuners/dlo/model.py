@@ -33,7 +33,7 @@ from peft.utils.constants import DUMMY_TARGET_MODULES
 from torch import nn
 
 from ...core.aux import AuxLossTerm
-from ...core.lora_layer import DepthLoraLayer, DepthLoraLinear
+from ...core.lora_layer import DepthLoraLayer
 from ...core.rewiring import StackRewiring, plain_layer_copy, plain_state_dict
 from ...core.targets import ALL_PROJECTIONS_TARGET_MODULES_MAPPING
 from ...core.tuner import DepthTuner
@@ -148,20 +148,7 @@ class DLOModel(DepthTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
-        update_kwargs = dict(
-            r=config.r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            init_lora_weights=config.init_lora_weights,
-            inference_mode=config.inference_mode,
-        )
-        if isinstance(target, DepthLoraLayer):
-            target.update_layer(adapter_name, **update_kwargs)
-            return
-        new_module = DepthLoraLinear(target, adapter_name, **update_kwargs)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+        self.inject_depth_lora(config, adapter_name, target, target_name, parent)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         config: DLOConfig = self.peft_config[adapter_name]

@@ -37,7 +37,7 @@ from torch import nn
 
 from ...core.aux import AuxLossTerm
 from ...core.layer_stack import find_final_norm
-from ...core.lora_layer import DepthLoraLayer, DepthLoraLinear
+from ...core.lora_layer import DepthLoraLayer
 from ...core.targets import ALL_PROJECTIONS_TARGET_MODULES_MAPPING
 from ...core.tuner import DepthTuner
 from .config import MoDConfig
@@ -184,20 +184,7 @@ class MoDModel(DepthTuner):
                 f"`target_modules` matches the output head `{current_key}`: MoD shares the frozen LM head across the "
                 "late layers (and the final layer is the teacher), so it cannot carry LoRA. Exclude it."
             )
-        update_kwargs = dict(
-            r=config.r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            init_lora_weights=config.init_lora_weights,
-            inference_mode=config.inference_mode,
-        )
-        if isinstance(target, DepthLoraLayer):
-            target.update_layer(adapter_name, **update_kwargs)
-            return
-        new_module = DepthLoraLinear(target, adapter_name, **update_kwargs)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+        self.inject_depth_lora(config, adapter_name, target, target_name, parent)
 
     def _install_hooks(
         self, model: nn.Module, stack, final_norm: nn.Module, head: nn.Module, layer_indices: list[int]

@@ -12,7 +12,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from ...core.aux import AuxLossTerm
-from ...core.lora_layer import DepthLoraLayer, DepthLoraLinear
+from ...core.lora_layer import DepthLoraLayer
 from ...core.routing import usage_entropy
 from ...core.tuner import DepthTuner
 from .config import MoLExConfig
@@ -171,20 +171,7 @@ class MoLExModel(DepthTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
-        update_kwargs = dict(
-            r=config.r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            init_lora_weights=config.init_lora_weights,
-            inference_mode=config.inference_mode,
-        )
-        if isinstance(target, DepthLoraLayer):
-            target.update_layer(adapter_name, **update_kwargs)
-            return
-        new_module = DepthLoraLinear(target, adapter_name, **update_kwargs)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+        self.inject_depth_lora(config, adapter_name, target, target_name, parent)
 
     # ------------------------------------------------------------------ block forwards
 
