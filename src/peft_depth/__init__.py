@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from .core.aux import aux_losses, routing_stats
+from .hub import install as _install_hub_hooks
 from .tuners.dlo import DLOConfig, DLOModel
 from .tuners.mod import MoDConfig, MoDModel
 from .tuners.mola import MoLAConfig, MoLAModel
 from .tuners.molex import MoLExConfig, MoLExModel
-from .hub import install as _install_hub_hooks
 
 __version__ = "0.1.0"
 
