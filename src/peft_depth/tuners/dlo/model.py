@@ -118,6 +118,24 @@ class DLOModel(DepthTuner):
         """Hook called by ``DepthSFTTrainer`` before every training micro-batch (same as ``set_dlo_step``)."""
         self.set_dlo_step(int(step))
 
+    def depth_checkpoint_state(self) -> dict[str, Any]:
+        """Non-parameter training state a resume needs: the annealing step and the cos_global per-layer capacities."""
+        return {
+            "dlo_step": int(self.dlo_step),
+            "capacities": {
+                adapter: {str(position): float(c) for position, c in layers.items()}
+                for adapter, layers in self._dlo["capacities"].items()
+            },
+        }
+
+    def load_depth_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``depth_checkpoint_state`` saved (JSON-style string keys back to layer positions)."""
+        self.set_dlo_step(int(state.get("dlo_step", 0)))
+        self._dlo["capacities"] = {
+            adapter: {int(position): float(c) for position, c in layers.items()}
+            for adapter, layers in state.get("capacities", {}).items()
+        }
+
     @property
     def merge_refusal_reason(self) -> str | None:  # type: ignore[override]
         for name in self.active_adapters:
