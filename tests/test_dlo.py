@@ -362,15 +362,23 @@ def test_cos_global_ranks_all_layers_together_and_sets_capacities():
         assert int(block.last_record.selected.sum()) == math.ceil(capacities[block.position] * int(valid.sum()) - 1e-9)
 
 
-def test_global_selection_by_bisection_equals_topk():
+def test_selection_takes_the_top_fraction_of_real_tokens_with_ties_to_earlier_tokens():
     generator = torch.Generator().manual_seed(0)
     scores = torch.randn(257, generator=generator)
     valid = torch.rand(257, generator=generator) > 0.2
     for fraction in (0.1, 0.5, 0.9, 1.0):
-        local = select_top_fraction(scores, valid, fraction)
-        synced = select_top_fraction(scores, valid, fraction, reduce_sum=lambda t: t)  # one process "syncing"
-        assert torch.equal(local, synced)
-        assert int(local.sum()) == math.ceil(fraction * int(valid.sum()))
+        chosen = select_top_fraction(scores, valid, fraction)
+        k = math.ceil(fraction * int(valid.sum()))
+        assert int(chosen.sum()) == k and not bool((chosen & ~valid).any())
+        assert torch.equal(
+            chosen, torch.zeros_like(valid).index_fill(0, scores.masked_fill(~valid, -1e9).topk(k).indices, True)
+        )
+    # all tied (a zero-initialised router): the earliest real tokens, not an arbitrary subset nor all of them
+    tied = select_top_fraction(torch.full((10,), 0.5), torch.tensor([False] + [True] * 9), 0.34)
+    assert tied.nonzero().flatten().tolist() == [1, 2, 3, 4]
+    # segments are ranked jointly, segment by segment in order among ties
+    joint = select_top_fraction(torch.tensor([[1.0, 2.0, 2.0], [2.0, 0.0, 2.0]]), None, 0.5)
+    assert joint.tolist() == [[False, True, True], [True, False, False]]
 
 
 def test_training_moves_only_dlo_parameters_and_losses_decrease():

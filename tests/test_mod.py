@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 from tiny_models import batch, clone_model, tiny_llama, tiny_qwen3
 
@@ -448,11 +449,15 @@ def test_load_with_low_cpu_mem_usage(tmp_path):
     torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
 
 
-def test_disable_adapter_gives_base_outputs():
+@pytest.mark.parametrize("lora", [False, True], ids=["mod_alone", "with_lora"])
+def test_disable_adapter_gives_base_outputs(lora):
+    """Also for MoD alone, whose weights all live on the tuner (a parameter-free marker layer stands for them)."""
     base = tiny_llama()
     inputs = batch()
     expected = logits(clone_model(base), inputs)
-    model = nontrivial(mod(clone_model(base), target_modules=ALL_PROJ, init_lora_weights=False))
+    kwargs = dict(target_modules=ALL_PROJ, init_lora_weights=False) if lora else {}
+    model = nontrivial(mod(clone_model(base), **kwargs))
+    assert model.get_model_status().available_adapters == ["default"]
     model.train()
     with model.disable_adapter():
         torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
@@ -460,6 +465,10 @@ def test_disable_adapter_gives_base_outputs():
         assert not any(p.requires_grad for p in model.base_model.mod_ensemble.parameters())
     assert (logits(model, inputs) - expected).abs().max() > 1e-3
     assert all(p.requires_grad for p in model.base_model.mod_ensemble.parameters())
+    assert "state_marker" not in str(dict(model.state_dict()).keys())
+    unloaded = model.unload()
+    assert not any(isinstance(m, BaseTunerLayer) for m in unloaded.modules())
+    torch.testing.assert_close(logits(unloaded, inputs), expected, rtol=0, atol=0)
 
 
 def test_multiple_adapters_set_delete_and_combine():

@@ -6,6 +6,7 @@ process that sees the whole global batch. Without it each process balances / vot
 part of the gradient still matches, the routing part does not (``test_without_sync_the_routing_gradient_differs``).
 """
 
+import math
 import os
 import socket
 import sys
@@ -14,7 +15,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from trainer_fixtures import GradCapture, counting_dataset, make_trainer
-from transformers import TrainerCallback
 
 GLOBAL_BATCH = 4
 
@@ -34,32 +34,17 @@ def _configs():
     try:
         from peft_depth.tuners.dlo import DLOConfig
 
-        # capacity 0.5 from the first step, so the batch-wide top-k really selects
+        # capacity 0.5 from the first step, so the batch-wide top-k really selects; the routers start at zero, so
+        # every score ties and only the selection's tie order decides which tokens run
         configs["dlo"] = lambda: DLOConfig(task_type="CAUSAL_LM", capacity=0.5, capacity_annealing_steps=0)
     except ImportError:
         pass
     return configs
 
 
-class _UntieRouters(TrainerCallback):
-    """Random (seeded, identical on every process) router weights at the start of training.
-
-    Zero-initialised routers score every token the same; a batch-wide top-k over ties is then arbitrary, and a
-    cross-process threshold search cannot reproduce torch.topk's arbitrary choice among equal scores.
-    """
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        generator = torch.Generator().manual_seed(7)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "dlo_routers" in name:
-                    param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-
-
 def _one_step(method: str, sync: bool, world_size: int, out: str):
     """One optimizer step on rows 0..3 (split over the processes); returns (grads, logged entry)."""
     capture = GradCapture()
-    callbacks = [capture, _UntieRouters()] if method == "dlo" else [capture]
     trainer = make_trainer(
         _configs()[method](),
         out,
@@ -69,7 +54,7 @@ def _one_step(method: str, sync: bool, world_size: int, out: str):
         train_sampling_strategy="sequential",
         max_grad_norm=0.0,
         sync_routing_stats=sync,
-        callbacks=callbacks,
+        callbacks=[capture],
     )
     trainer.train()
     entry = [e for e in trainer.state.log_history if "loss" in e][-1]
@@ -90,7 +75,33 @@ def _worker(rank: int, world_size: int, port: int, jobs: list, out_dir: str) -> 
     results = {}
     for method, sync in jobs:
         results[(method, sync)] = _one_step(method, sync, world_size, os.path.join(out_dir, f"{method}-{sync}-{rank}"))
+    results["selection"] = _synced_selection(rank)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+# A global batch of 4 rows with 3 segments (layers) of integer scores (many ties), rows 0-1 on process 0 and rows 2-3
+# on process 1, each shard padded to its own longest row, as DDP's collator pads them.
+_ROW_LENGTHS = (5, 7, 9, 6)
+
+
+def _selection_rows(rows: range) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 4, (3, len(_ROW_LENGTHS), max(_ROW_LENGTHS)), generator=generator).float()
+    width = max(_ROW_LENGTHS[r] for r in rows)
+    valid = torch.tensor([[t < _ROW_LENGTHS[r] for t in range(width)] for r in rows])
+    shard = scores[:, list(rows), :width]
+    return shard.reshape(3, -1), valid.reshape(-1).expand(3, -1)
+
+
+def _synced_selection(rank: int) -> dict[float, torch.Tensor]:
+    """This process's real-token selections with the cross-process gather (the trainer has set up the group)."""
+    from peft_depth.core.context import RoutingContext
+    from peft_depth.tuners.dlo.selection import select_top_fraction
+
+    context = RoutingContext(torch.nn.Identity())
+    context.sync_across_processes = True
+    scores, valid = _selection_rows(range(2 * rank, 2 * rank + 2))
+    return {f: select_top_fraction(scores, valid, f, context)[valid] for f in (0.1, 0.37, 0.5, 0.9)}
 
 
 def _free_port() -> int:
@@ -126,27 +137,26 @@ def _reference(method: str, tmp_path) -> tuple:
     return _REFERENCE[method]
 
 
+def test_synced_selection_equals_one_process_with_ties(two_process_results):
+    """Integer scores tie everywhere: the two processes together select exactly the real tokens one process holding
+    the whole batch selects (ties broken by the global order: segment, then row, then position)."""
+    from peft_depth.tuners.dlo.selection import select_top_fraction
+
+    rank0, rank1 = two_process_results
+    scores, valid = _selection_rows(range(4))
+    for fraction, shard0 in rank0["selection"].items():
+        expected = select_top_fraction(scores, valid, fraction)
+        combined = torch.cat([shard0.view(3, -1), rank1["selection"][fraction].view(3, -1)], dim=1)
+        assert torch.equal(combined, expected[valid].view(3, -1)), fraction
+        assert int(expected.sum()) == max(1, math.ceil(fraction * int(valid.sum()) - 1e-9))
+
+
 def _max_rel_diff(a: dict, b: dict) -> float:
     return max(((a[n] - b[n]).abs().max() / b[n].abs().max().clamp(min=1e-12)).item() for n in b)
 
 
-# DLO's synced batch-wide selection (tuners/dlo/selection.py) reproduces the new layers' gradients to 1e-8 but its
-# router gradients differ from one process by ~0.5% (and with zero-initialised routers, i.e. all scores tied, the
-# synced threshold executes every token instead of the capacity). Reported; strict, so a fix shows up here.
-_KNOWN_SYNC_GAPS = {"dlo": "DLO cross-process selection does not yet match one process exactly"}
-
-
-def _params(methods):
-    return [
-        pytest.param(m, marks=pytest.mark.xfail(reason=_KNOWN_SYNC_GAPS[m], strict=True))
-        if m in _KNOWN_SYNC_GAPS
-        else m
-        for m in methods
-    ]
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo spawn test runs on Linux/macOS")
-@pytest.mark.parametrize("method", _params(sorted(_configs())))
+@pytest.mark.parametrize("method", sorted(_configs()))
 def test_two_processes_with_sync_equal_one_process(method, two_process_results, tmp_path):
     rank0, rank1 = two_process_results
     reference_grads, reference_log = _reference(method, tmp_path)
@@ -161,7 +171,7 @@ def test_two_processes_with_sync_equal_one_process(method, two_process_results, 
         assert log0[key] == pytest.approx(reference_log[key], rel=1e-4), key
 
 
-@pytest.mark.parametrize("method", _params(sorted(_configs())))
+@pytest.mark.parametrize("method", sorted(_configs()))
 def test_without_sync_the_routing_gradient_differs(method, two_process_results, tmp_path):
     """Documents the difference: per-shard routing statistics change the routing part of the gradient."""
     rank0, _ = two_process_results

@@ -232,19 +232,18 @@ def test_full_logits_path_gives_the_fused_head_gradients(tmp_path):
 
 @pytest.mark.skipif("mod" not in METHODS, reason="MoD not present")
 def test_mod_log_prob_mixing_trains_through_the_logits_path(tmp_path):
+    """MoD's log-probability mixing needs real logits: the adapter says so and the trainer skips TRL's fused head."""
     from peft_depth.tuners.mod import MoDConfig
 
     trainer = make_trainer(MoDConfig(task_type="CAUSAL_LM", mix_space="log_probs"), str(tmp_path), max_steps=3)
     (tuner,) = depth_tuners(trainer.model)
-    if not getattr(tuner, "needs_full_logits", False):
-        # under TRL's fused head MoD refuses log-probability mixing clearly ...
-        with pytest.raises(ValueError, match="fused LM head"):
-            trainer.train()
-        # ... and the adapter's `needs_full_logits` flag routes the loss through the logits instead
-        tuner.needs_full_logits = True
+    assert tuner.needs_full_logits
+    with trainer.model.disable_adapter():
+        assert not tuner.needs_full_logits
     trainer.train()
     entry = train_logs(trainer)[-1]
     assert math.isfinite(entry["loss"]) and "loss/distill" in entry
+    assert entry["loss"] == pytest.approx(entry["loss/lm"] + entry["loss/distill"], rel=1e-5)
 
 
 # ---------------------------------------------------------------- plain peft adapters
@@ -396,22 +395,7 @@ if "dlo" in RESUME_CONFIGS:
     RESUME_CONFIGS["dlo"] = lambda: DLOConfig(task_type="CAUSAL_LM", capacity=0.5, capacity_annealing_steps=3)
 
 
-def _resume_params():
-    params = []
-    for method in sorted(RESUME_CONFIGS):
-        marks = []
-        if method == "dlo":
-            from peft_depth.tuners.dlo import DLOModel
-
-            if not hasattr(DLOModel, "depth_checkpoint_state"):
-                # DLO keeps its cos_global per-layer capacities (set in step t, used from step t+1) outside the
-                # parameters; until it implements the checkpoint-state hooks a resumed run starts step 3 without them.
-                marks = [pytest.mark.xfail(reason="DLO has no depth_checkpoint_state hook yet", strict=True)]
-        params.append(pytest.param(method, marks=marks))
-    return params
-
-
-@pytest.mark.parametrize("method", _resume_params())
+@pytest.mark.parametrize("method", sorted(RESUME_CONFIGS))
 def test_resume_continues_the_same_trajectory(method, tmp_path):
     """4 steps straight vs 2 + resume from checkpoint-2: same parameters and losses (optimizer, scheduler, RNG of the
     adapter dropout, DLO's annealed capacity)."""

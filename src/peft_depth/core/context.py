@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -9,6 +11,27 @@ from torch import nn
 from .token_mask import TokenMaskTracker
 
 __all__ = ["RoutingContext"]
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """All-reduce (sum) whose backward is the all-reduce of the gradient.
+
+    Every process computes the same loss from the summed statistic, and DDP averages the parameter gradients over
+    processes; summing the incoming gradients here makes each process's share of that average exact. (Our own
+    Function rather than ``torch.distributed.nn.functional.all_reduce``, deprecated in torch 2.13.)
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        reduced = tensor.clone()
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        return reduced
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
+        grad = grad_output.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
 
 
 class RoutingContext:
@@ -34,14 +57,29 @@ class RoutingContext:
             self.sync_across_processes and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         )
 
+    @property
+    def process_index(self) -> int:
+        """This process's rank in the default group while syncing, else 0."""
+        return dist.get_rank() if self.syncing else 0
+
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over processes when syncing (differentiable), else return it unchanged."""
         if not self.syncing:
             return tensor
         if tensor.requires_grad:
-            from torch.distributed.nn.functional import all_reduce
-
-            return all_reduce(tensor, op=dist.ReduceOp.SUM)
+            return _SumOverProcesses.apply(tensor)
         reduced = tensor.clone()
         dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
         return reduced
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``[num_processes, *shape]`` stack of every process's ``tensor`` (same shape everywhere; not differentiable).
+
+        Without syncing: ``tensor.unsqueeze(0)``.
+        """
+        if not self.syncing:
+            return tensor.unsqueeze(0)
+        tensor = tensor.detach().contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor)
+        return torch.stack(parts)

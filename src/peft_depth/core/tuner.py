@@ -17,6 +17,7 @@ from .context import RoutingContext
 from .layer_stack import LayerStack, find_layer_stack
 from .lora_layer import DepthLoraLayer, DepthLoraLinear
 from .safety import AllocationBudget, adapter_allocation_limit, base_model_facts, check_base_model_facts
+from .state_marker import install_state_marker, remove_state_marker
 
 __all__ = ["DepthTuner"]
 
@@ -80,6 +81,13 @@ class DepthTuner(BaseTuner, DepthAuxSource):
     @_guard_injection
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        if self.tuner_module_names:
+            # so that disable_adapter() / get_model_status() work when every weight lives on the tuner
+            install_state_marker(self, model)
+
+    def marked_adapters(self) -> set[str]:
+        """Adapters held in tuner-level modules (what the state marker reports to peft as available)."""
+        return {name for _, container in self.tuner_modules() for name in container.keys()}
 
     @property
     def base_model_facts(self) -> dict[str, Any] | None:
@@ -212,6 +220,11 @@ class DepthTuner(BaseTuner, DepthAuxSource):
         if self.merge_refusal_reason is not None:
             raise ValueError(f"{type(self).__name__} adapters cannot be merged: {self.merge_refusal_reason}")
         super()._check_merge_allowed()
+
+    def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any) -> nn.Module:
+        model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
+        remove_state_marker(self, model)
+        return model
 
     def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
         self._check_merge_allowed()

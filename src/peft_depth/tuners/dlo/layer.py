@@ -18,14 +18,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...core.context import RoutingContext
 from ...core.low_rank import init_low_rank, low_rank_delta
 from .selection import select_top_fraction
 
-__all__ = ["DLOBlock", "DLOStackMarker", "DLORecord", "NewLayerLoraLinear", "ResidualTap", "RoutingPlan", "SkipMLP"]
+__all__ = ["DLOBlock", "DLORecord", "NewLayerLoraLinear", "ResidualTap", "RoutingPlan", "SkipMLP"]
 
 #: Names of the norm that feeds the MLP, by architecture family (Llama/Qwen/Mistral, Gemma, GPT-2, OLMo-2 has none).
 PRE_MLP_NORM_NAMES = ("post_attention_layernorm", "pre_feedforward_layernorm", "ln_2")
@@ -250,11 +249,11 @@ class DLOBlock(_Delegating):
         if valid is not None:
             valid = valid.to(scores.device)
         capacity, want_cos, inference_capacity = self._owner[0].dlo_layer_settings(self._adapter_name, self.position)
-        reduce = self._context.reduce_sum if self._context.syncing else None
+        sync = self._context if self._context.syncing else None
         if training:
-            selected = select_top_fraction(scores, valid, capacity, reduce)
+            selected = select_top_fraction(scores, valid, capacity, sync)
         elif inference_capacity is not None:
-            selected = select_top_fraction(scores, valid, inference_capacity, reduce)
+            selected = select_top_fraction(scores, valid, inference_capacity, sync)
         else:
             # Execute when s >= 0.5 (official: s > 0.5). A zero-initialised router gives s = 0.5 exactly, so with the
             # official strict test a fresh adapter would skip every MLP; >= makes it run everything and equal the base.
@@ -336,37 +335,3 @@ class DLOBlock(_Delegating):
         update = (out_packed - packed) * (packed_scale * slot_valid.to(out_packed.dtype)).unsqueeze(-1)
         delta = torch.zeros_like(hidden_states).scatter(1, order.unsqueeze(-1).expand(-1, -1, dim), update)
         return hidden_states + delta, cos
-
-
-class DLOStackMarker(nn.Module, BaseTunerLayer):
-    """A parameter-free adapter layer registered in the model, standing for DLO's tuner-level state.
-
-    DLO's weights live on the tuner (new layers, routers) and, with ``r=0``, no adapter layer exists inside the model;
-    peft's ``disable_adapter()`` and ``get_model_status()`` refuse such a model. This marker gives them a layer to
-    report (it has no tensors, so no state-dict key changes) and follows the tuner's adapters.
-    """
-
-    def __init__(self, tuner: nn.Module) -> None:
-        super().__init__()
-        object.__setattr__(self, "_tuner", tuner)  # not a child: the tuner owns the model, not the reverse
-        self.merged_adapters = []
-        self._disable_adapters = False
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        return self._tuner.active_adapter
-
-    def _get_available_adapters(self) -> set[str]:
-        return set(self._tuner._dlo["layouts"])
-
-    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
-        return None  # the tuner activates DLO's own modules
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        return None
-
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
-        return None  # nothing to move: the marker holds no tensors
-
-    def forward(self, *args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("DLOStackMarker only marks a DLO model; it is never called.")

@@ -38,14 +38,13 @@ from ...core.rewiring import StackRewiring, plain_layer_copy, plain_state_dict
 from ...core.targets import ALL_PROJECTIONS_TARGET_MODULES_MAPPING
 from ...core.tuner import DepthTuner
 from .config import DLOConfig, expansion_plan
-from .layer import DLOBlock, DLORecord, DLOStackMarker, NewLayerLoraLinear, find_mlp_and_norm
+from .layer import DLOBlock, DLORecord, NewLayerLoraLinear, find_mlp_and_norm
 from .selection import select_top_fraction
 
 __all__ = ["DLOModel", "expanded_layout"]
 
 #: Output projections zeroed by init='zero_out' when `zero_out_modules` is not set (suffix match inside a layer).
 DEFAULT_ZERO_OUT_MODULES = ("o_proj", "down_proj", "c_proj", "out_proj", "fc2", "dense_4h_to_h", "w2")
-MARKER_NAME = "dlo_stack_marker"
 _NEW_KEY = re.compile(r"(^|\.)dlo_new_layers\.(?P<adapter>[^.]+)\.(?P<layer>new\d+)\.(?P<rest>.+)$")
 
 
@@ -192,10 +191,10 @@ class DLOModel(DepthTuner):
             except Exception:
                 self._drop_adapter_state(adapter_name)
                 raise
-            # added after peft's first injection, which must see no adapter layer yet (it then freezes the base)
-            if not any(isinstance(m, DLOStackMarker) for m in model.modules()):
-                model.add_module(MARKER_NAME, DLOStackMarker(self))
         self._sync_tuner_module_trainability()
+
+    def marked_adapters(self) -> set[str]:
+        return set(self._dlo["layouts"])
 
     def _hidden_size(self, originals: list[nn.Module]) -> int:
         config = getattr(self.model, "config", None)
@@ -471,8 +470,6 @@ class DLOModel(DepthTuner):
                 sources.append(source)
             rewiring.install(blocks, sources)
             rewiring.make_permanent()
-        if isinstance(getattr(model, MARKER_NAME, None), DLOStackMarker):
-            delattr(model, MARKER_NAME)
         if state["hook"] is not None:
             state["hook"].remove()
             state["hook"] = None
@@ -554,38 +551,34 @@ class DLOModel(DepthTuner):
         state["loss"][adapter_name] = self._router_loss(adapter_name, config, records)
 
     def _router_loss(self, adapter_name: str, config: DLOConfig, records: dict[int, DLORecord]) -> torch.Tensor:
-        reduce = self.routing_context.reduce_sum if self.routing_context.syncing else None
+        context = self.routing_context
+        sync = context if context.syncing else None
+        reduce = context.reduce_sum if sync is not None else None
         positions = sorted(records)
         labels: dict[int, torch.Tensor] = {}
         if config.loss_type == "cos":
             for position in positions:
                 record = records[position]
-                labels[position] = select_top_fraction(-record.cos, record.valid, record.capacity, reduce)
+                labels[position] = select_top_fraction(-record.cos, record.valid, record.capacity, sync)
         else:
             # One ranking over every (layer, token): the lowest cosine similarities overall are labelled "execute";
             # each layer's share becomes its capacity for the next forward.
-            scores = torch.cat([-records[p].cos for p in positions])
-            valid = torch.cat(
-                [
-                    records[p].valid
-                    if records[p].valid is not None
-                    else torch.ones_like(records[p].cos, dtype=torch.bool)
-                    for p in positions
-                ]
+            scores = torch.stack([-records[p].cos for p in positions])  # [layers, N]
+            first_valid = records[positions[0]].valid
+            valid = (
+                torch.ones_like(scores, dtype=torch.bool)
+                if first_valid is None
+                else first_valid.unsqueeze(0).expand_as(scores)  # every layer sees the same tokens
             )
-            chosen = select_top_fraction(scores, valid, config.capacity_at(self.dlo_step), reduce)
+            chosen = select_top_fraction(scores, valid, config.capacity_at(self.dlo_step), sync)
+            counts = torch.stack([chosen.sum(dim=1), valid.sum(dim=1)], dim=1).to(torch.float64)  # [layers, 2]
+            if reduce is not None:
+                counts = reduce(counts)
             capacities = {}
-            offset = 0
-            for position in positions:
-                size = records[position].cos.numel()
-                labels[position] = chosen[offset : offset + size]
-                layer_valid = valid[offset : offset + size]
-                counts = torch.stack([labels[position].sum(), layer_valid.sum()]).to(torch.float64)
-                if reduce is not None:
-                    counts = reduce(counts)
-                fraction = float(counts[0] / counts[1].clamp_min(1))
+            for row, position in enumerate(positions):
+                labels[position] = chosen[row]
+                fraction = float(counts[row, 0] / counts[row, 1].clamp_min(1))
                 capacities[position] = max(config.min_capacity, min(1.0, fraction))
-                offset += size
             self._dlo["capacities"][adapter_name] = capacities
         losses = []
         for position in positions:

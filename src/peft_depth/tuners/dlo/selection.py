@@ -1,80 +1,85 @@
 """Batch-wide top-fraction token selection, optionally over the global batch of all processes.
 
 DLO picks the top ``capacity`` fraction of a batch's real tokens by router score (training), and the lowest-cosine
-fraction for its router labels. On one process that is ``topk``. When routing statistics are synced across processes
-(``RoutingContext.sync_across_processes``), the fraction is of the *global* batch: the k-th largest score over all
-processes is found by bisection on the scores' order-preserving integer keys, each step one scalar ``reduce_sum`` of
-a count (32 steps for float32), so no process ever needs the others' scores.
+fraction for its router labels. Equal scores are common (a zero-initialised router scores every token 0.5; the first
+layer scores repeated token ids identically), so the order among ties is part of the algorithm: earlier tokens first,
+in the order of the global batch (segment, then process, then row and position). ``torch.topk`` leaves that order
+unspecified; a stable sort makes it deterministic, and the same on one process as on several.
+
+When routing statistics are synced across processes (``RoutingContext.sync_across_processes``), every process
+gathers the detached scores of all processes (two small all-gathers: the sizes, then the scores with their padding
+mask), ranks the global batch exactly as one process holding it would, and keeps its own slice. Scores are one float
+per token and layer, so the gather is small next to the activations.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["global_kth_largest", "select_top_fraction"]
-
-Reduce = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _order_keys(values: torch.Tensor) -> torch.Tensor:
-    """int64 keys with the same order as the float32 ``values`` (IEEE sign-magnitude -> two's complement order)."""
-    bits = values.float().contiguous().view(torch.int32).to(torch.int64)
-    return torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)
+__all__ = ["CrossProcessGather", "select_top_fraction"]
 
 
-def global_kth_largest(values: torch.Tensor, valid: torch.Tensor, k: int, reduce_sum: Reduce) -> torch.Tensor:
-    """Order key of the k-th largest valid value over every process (``reduce_sum`` sums over processes).
+class CrossProcessGather(Protocol):
+    """What the selection needs from the process group (``RoutingContext`` provides it while syncing)."""
 
-    Returns the largest key ``t`` with ``#{valid values with key >= t} >= k`` (summed over processes), as a 0-d
-    int64 tensor; ``_order_keys(values) >= t`` then selects the global top-k (plus exact ties).
-    """
-    keys = _order_keys(values)
-    low, high = -(2**31), 2**31 - 1  # invariant: count(>= low) >= k, count(>= high + 1) < k
-    low_t = torch.tensor(low, dtype=torch.int64, device=values.device)
-    high_t = torch.tensor(high, dtype=torch.int64, device=values.device)
-    for _ in range(33):
-        mid = (low_t + high_t + 1) // 2
-        count = reduce_sum(((keys >= mid) & valid).sum().to(torch.float64))
-        enough = count >= k
-        low_t = torch.where(enough, mid, low_t)
-        high_t = torch.where(enough, high_t, mid - 1)
-    return low_t
+    @property
+    def process_index(self) -> int: ...
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``[num_processes, *tensor.shape]``: every process's ``tensor`` (same shape on all), by process index."""
+        ...
+
+
+def _top_fraction_in_order(scores: torch.Tensor, valid: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Top ``ceil(fraction · #valid)`` (at least 1) valid entries of the flat ``scores``; ties go to lower indices."""
+    num_valid = int(valid.sum())
+    if num_valid == 0:
+        return valid.clone()
+    k = max(1, math.ceil(fraction * num_valid - 1e-9))
+    if k >= num_valid:
+        return valid.clone()
+    masked = torch.where(valid, scores, torch.full_like(scores, float("-inf")))
+    order = torch.sort(masked, descending=True, stable=True).indices[:k]
+    chosen = torch.zeros_like(valid)
+    chosen[order] = True
+    return chosen
 
 
 def select_top_fraction(
     scores: torch.Tensor,
     valid: torch.Tensor | None,
     fraction: float,
-    reduce_sum: Reduce | None = None,
+    sync: CrossProcessGather | None = None,
 ) -> torch.Tensor:
-    """Boolean mask of the top ``ceil(fraction · #valid)`` (at least 1) valid entries of ``scores`` ``[N]``.
+    """Boolean mask of the top ``ceil(fraction · #valid)`` (at least 1) valid entries of ``scores``.
 
-    ``valid`` (None: all) excludes padding. With ``reduce_sum`` (cross-process sum) the count and the threshold are
-    those of the global batch; without it the selection is an exact local ``topk``. Padding is never selected.
+    Args:
+        scores: ``[N]`` (one segment) or ``[S, N]`` (S segments ranked jointly, e.g. every routed layer's tokens).
+        valid: same shape, False for padding (None: all real). Padding is never selected.
+        fraction: share of the valid entries to select, in (0, 1].
+        sync: when given, the count and the ranking are those of the global batch over all processes; the global
+            order is segment, then process index, then local position, so two processes holding the two halves of a
+            batch select exactly what one process holding all of it selects.
     """
-    scores = scores.detach()
+    scores = scores.detach().float()
     if valid is None:
         valid = torch.ones_like(scores, dtype=torch.bool)
-    num_valid_local = valid.sum()
-    if reduce_sum is None:
-        num_valid = int(num_valid_local)
-        if num_valid == 0:
-            return valid.clone()
-        k = max(1, math.ceil(fraction * num_valid - 1e-9))
-        if k >= num_valid:
-            return valid.clone()
-        masked = torch.where(valid, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float32))
-        chosen = torch.zeros_like(valid)
-        chosen[masked.topk(k).indices] = True
-        return chosen
-    num_valid = int(reduce_sum(num_valid_local.to(torch.float64)).item())
-    if num_valid == 0:
-        return valid.clone()
-    k = max(1, math.ceil(fraction * num_valid - 1e-9))
-    if k >= num_valid:
-        return valid.clone()
-    threshold = global_kth_largest(scores, valid, k, reduce_sum)
-    return valid & (_order_keys(scores) >= threshold)
+    segments = scores.reshape(-1, scores.shape[-1])  # [S, N]
+    segment_valid = valid.reshape(segments.shape)
+    if sync is None:
+        chosen = _top_fraction_in_order(segments.reshape(-1), segment_valid.reshape(-1), fraction)
+        return chosen.view(valid.shape)
+    num_local = segments.shape[1]
+    num_max = int(sync.all_gather(torch.tensor([num_local], device=scores.device)).max())
+    # scores and validity in one float tensor, padded to the longest shard (the padding is invalid)
+    local = torch.stack([segments, segment_valid.to(segments.dtype)])  # [2, S, N]
+    gathered = sync.all_gather(F.pad(local, (0, num_max - num_local)))  # [P, 2, S, Nmax]
+    global_scores = gathered[:, 0].transpose(0, 1)  # [S, P, Nmax]: segment-major, then process
+    global_valid = gathered[:, 1].transpose(0, 1) > 0.5
+    chosen = _top_fraction_in_order(global_scores.reshape(-1), global_valid.reshape(-1), fraction)
+    mine = chosen.view(global_scores.shape)[:, sync.process_index, :num_local]
+    return mine.reshape(valid.shape)

@@ -229,6 +229,12 @@ class MoDModel(DepthTuner):
             return []
         return [(name, container[name]) for name in self.active_adapters if name in container]
 
+    @property
+    def needs_full_logits(self) -> bool:
+        """True while an active ensemble mixes log-probabilities: its mix is applied to the LM head's logits, so
+        ``DepthSFTTrainer`` must compute the LM loss from the model's own logits, not TRL's fused LM head."""
+        return any(self.peft_config[name].mix_space == "log_probs" for name, _ in self._active_ensembles())
+
     def _record_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         past = kwargs.get("past_key_values")
         past_length = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
