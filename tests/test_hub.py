@@ -139,6 +139,19 @@ def test_routing_plots_from_the_last_forward_go_into_the_card(tmp_path, method):
         assert (tmp_path / "adapter" / "plots" / Path(source).name).is_file()
 
 
+def test_card_templates_are_package_data_for_every_method():
+    """The wheel ships ``peft_depth/hub/model_cards`` (a link to the repository's model_cards/ in the source tree)."""
+    import peft_depth.hub.model_card as model_card
+
+    folder = Path(model_card.__file__).parent / "model_cards"
+    assert model_card.model_cards_dir() == folder
+    for method in ("mola", "molex", "mod", "dlo", "_generic"):
+        assert (folder / f"{method}.md").is_file(), method
+    # pyproject's package-data glob is what puts them into the wheel
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert '"peft_depth.hub" = ["model_cards/*.md"]' in pyproject
+
+
 def test_missing_templates_keep_peft_card_and_the_save_succeeds(tmp_path, monkeypatch):
     import peft_depth.hub.model_card as model_card
 

@@ -1,5 +1,6 @@
 """DepthSFTTrainer trains every depth method through TRL's SFTTrainer, with its auxiliary losses, logs and hooks."""
 
+import json
 import math
 
 import pytest
@@ -454,3 +455,35 @@ def test_saved_adapter_reloads_with_peft(tmp_path):
         expected = trainer.model(**batch).logits
         reloaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "adapter")).eval()
         torch.testing.assert_close(reloaded(**batch).logits, expected)
+
+
+def test_saved_folder_has_no_pickle_and_the_training_arguments_as_json(tmp_path):
+    trainer = make_trainer(METHODS["mola"](), str(tmp_path), max_steps=1)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    saved = {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert "training_args.bin" not in saved and not any(name.endswith((".bin", ".pt", ".pkl")) for name in saved)
+    arguments = json.loads((tmp_path / "adapter" / "training_args.json").read_text())
+    assert arguments["max_steps"] == 1 and arguments["sync_routing_stats"] is False
+
+
+def test_trainer_push_to_hub_uploads_the_peft_depth_card(tmp_path, monkeypatch):
+    """Trainer.push_to_hub writes TRL's SFT card after saving; the pushed README is still peft-depth's card."""
+    from huggingface_hub import ModelCard, constants
+
+    from peft_depth.hub.local_hub import LocalHub
+    from peft_depth.hub.model_card import CARD_MARKER
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    hub = LocalHub()
+    with hub.activate():
+        trainer = make_trainer(METHODS["mola"](), str(tmp_path / "out"), max_steps=1, hub_model_id="org/mola-sft")
+        trainer.train()
+        trainer.push_to_hub()
+        files = hub.files("org/mola-sft")
+    assert hub.unhandled == []
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors", "training_args.json"} <= set(files)
+    assert "training_args.bin" not in files
+    card = ModelCard(files["README.md"].decode())
+    assert CARD_MARKER in card.text and 'from_pretrained("org/mola-sft")' in card.text
+    assert {"mola", "peft-depth", "trl", "sft"} <= set(card.data.tags)  # TRL's metadata kept

@@ -145,6 +145,9 @@ class LocalHub:
         if path == "/api/agent-harnesses":
             # huggingface_hub's user-agent helper fetches this registry once a day; not a repo endpoint.
             return httpx2.Response(404, json={"error": "not served"})
+        if path.startswith("/api/telemetry/"):
+            # libraries' usage pings (TRL sends one on push); the Hub answers them with an empty 200
+            return httpx2.Response(200)
         self.unhandled.append((method, path))
         return httpx2.Response(404, json={"error": f"LocalHub does not serve {method} {path}"})
 

@@ -48,15 +48,12 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def model_cards_dir() -> Path | None:
     """The folder holding the ``<method>.md`` templates, or None if there is none.
 
-    ``$PEFT_DEPTH_MODEL_CARDS``, else ``model_cards/`` of the source tree (editable installs), else a
-    ``model_cards`` folder packaged next to this module.
+    ``$PEFT_DEPTH_MODEL_CARDS``, else the ``model_cards`` folder next to this module: in the source tree a link to
+    the repository's ``model_cards/``, in a wheel a copy of it (package data).
     """
     override = os.environ.get(TEMPLATES_ENV)
     candidates = [Path(override)] if override else []
-    candidates += [
-        Path(__file__).resolve().parents[3] / "model_cards",
-        Path(__file__).resolve().parent / "model_cards",
-    ]
+    candidates.append(Path(__file__).resolve().parent / "model_cards")
     for candidate in candidates:
         if (candidate / "_generic.md").is_file():
             return candidate
@@ -292,15 +289,18 @@ def write_model_card(
     *,
     adapter_names: Sequence[str] | None = None,
     repo_id: str | None = None,
+    replace_text: bool = False,
 ) -> ModelCard:
     """Render the card into ``save_directory/README.md`` and copy the plots into ``save_directory/plots/``.
 
     A README that peft-depth did not write (no marker) is kept; it only gains the library, method and base-model
-    metadata, like peft treats an existing card.
+    metadata, like peft treats an existing card. ``replace_text=True`` replaces its text and keeps only its metadata
+    (``DepthSFTTrainer`` does this with the card TRL writes before a push).
     """
     path = Path(save_directory) / "README.md"
     existing = ModelCard.load(path) if path.is_file() else None
-    if existing is not None and CARD_MARKER not in existing.text and not _is_generated_default(existing):
+    foreign = existing is not None and CARD_MARKER not in existing.text and not _is_generated_default(existing)
+    if foreign and not replace_text:
         rendered = render_model_card(model, adapter_names=adapter_names, repo_id=repo_id, existing=existing)
         existing.data = rendered.data
         card = existing

@@ -8,6 +8,7 @@ their auxiliary-loss ingredients during the forward instead; this trainer reads 
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
+from ..hub.model_card import write_model_card
 from .config import DepthSFTConfig
 from .hooks import (
     CHECKPOINT_STATE_FILE,
@@ -30,6 +32,10 @@ from .hooks import (
 )
 
 __all__ = ["DepthSFTTrainer"]
+
+#: Trainer pickles its TrainingArguments next to the saved weights; this trainer writes them as JSON instead.
+TRAINING_ARGS_PICKLE = "training_args.bin"
+TRAINING_ARGS_JSON = "training_args.json"
 
 _DEFAULTS = DepthSFTConfig.__dataclass_fields__
 
@@ -54,7 +60,10 @@ class DepthSFTTrainer(SFTTrainer):
       when they expose any, and saves / restores their ``depth_checkpoint_state`` with each checkpoint;
     - computes the LM loss from real logits instead of TRL's fused LM head when an adapter sets
       ``needs_full_logits`` (MoD's log-probability mixing), with the same normalisation;
-    - builds DDP without the unused-parameter search (parameters trained only by an auxiliary loss break it).
+    - builds DDP without the unused-parameter search (parameters trained only by an auxiliary loss break it);
+    - saves the training arguments as ``training_args.json`` instead of Trainer's pickled ``training_args.bin``
+      (Trainer never reads it back; a saved adapter folder then holds no pickle), and makes ``push_to_hub`` upload
+      peft-depth's model card (method, usage, config) with TRL's metadata, not TRL's generic SFT card.
 
     Every hook is duck-typed and optional; ``peft_depth.trainer.hooks`` documents them.
 
@@ -190,6 +199,24 @@ class DepthSFTTrainer(SFTTrainer):
         gathered = self.accelerator.gather(stacked).reshape(-1, len(names)).mean(dim=0).tolist()
         for name, value in zip(names, gathered):
             self._metrics[mode][name].append(value)
+
+    # ------------------------------------------------------------------------------------------- saving
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        pickled = os.path.join(folder, TRAINING_ARGS_PICKLE)
+        if self._has_depth_tuners and os.path.isfile(pickled):
+            with open(os.path.join(folder, TRAINING_ARGS_JSON), "w", encoding="utf-8") as f:
+                json.dump(json.loads(self.args.to_json_string()), f, indent=2, sort_keys=True)
+            os.remove(pickled)
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None) -> None:
+        # Trainer.push_to_hub saves the model (which writes peft-depth's card) and then calls this, which writes TRL's
+        # SFT card over it: keep TRL's metadata (tags, base model, datasets) and put peft-depth's text back.
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if self._has_depth_tuners and self.is_world_process_zero():
+            write_model_card(self.model, self.args.output_dir, repo_id=self.hub_model_id, replace_text=True)
 
     # ------------------------------------------------------------------------------------------- checkpoints
 
