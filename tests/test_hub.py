@@ -24,6 +24,7 @@ import torch
 from hub_cases import BASE_ID, METHODS, adapted, fresh_copy, inputs, method_configs, tiny_base
 from huggingface_hub import HfApi, ModelCard, constants
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
 import peft_depth
@@ -182,6 +183,24 @@ def test_user_written_card_is_kept_and_only_gains_metadata(tmp_path):
     card = ModelCard.load(path / "README.md")
     assert "Hand-written notes." in card.text and CARD_MARKER not in card.text
     assert card.data.library_name == "peft" and "mola" in card.data.tags and card.data.license == "mit"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_transformers_add_and_load_adapter_work_or_are_refused(tmp_path, method):
+    """transformers' model.load_adapter / add_adapter go through peft's inject_adapter_in_model, which drops the tuner:
+    MoLA (all weights in its layers) loads exactly; methods with tuner-level weights are refused with the way out,
+    instead of silently running the base model."""
+    model, pristine = _saved(tmp_path, method)[:2]
+    expected = _logits(model, inputs())
+    if method == "mola":
+        pristine.load_adapter(str(tmp_path / method))
+        assert torch.equal(_logits(pristine.eval(), inputs()), expected)
+        return
+    with pytest.raises(ValueError, match=r"keeps adapter weights on the tuner.*PeftModel\.from_pretrained"):
+        pristine.load_adapter(str(tmp_path / method))
+    with pytest.raises(ValueError, match="get_peft_model"):
+        pristine.add_adapter(method_configs()[method])
+    assert not any(isinstance(m, BaseTunerLayer) for m in pristine.modules())  # refused before any injection
 
 
 def test_other_peft_methods_are_untouched(tmp_path):

@@ -17,6 +17,11 @@ For peft-depth adapters:
   validating its header against the file size; ``adapter_model.bin`` is refused.
 - ``load_adapter``: missing or unexpected adapter keys raise ``ValueError`` instead of a warning (a partial load
   would silently run a half-initialised adapter).
+- ``inject_adapter_in_model`` (peft's function behind transformers' ``model.add_adapter`` / ``model.load_adapter``):
+  refused for methods that keep state on the tuner (MoLEx gates, MoD ensembles, DLO new layers and routers), as
+  peft refuses its own ``shadow``: the function keeps only the model and drops the tuner, so those weights would be
+  neither trained, saved nor loaded (transformers' ``load_adapter`` then ran the base model with a load report).
+  MoLA, whose weights all live in its layers, goes through.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import warnings
 from typing import Any
 
 import huggingface_hub
+import peft.mapping
 import peft.peft_model
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
@@ -207,6 +213,27 @@ def _wrap_load_adapter(original: Any) -> Any:
     return _mark(load_adapter)
 
 
+def _wrap_inject_adapter_in_model(original: Any) -> Any:
+    @functools.wraps(original)
+    def inject_adapter_in_model(peft_config: PeftConfig, model: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(peft_config, DepthPeftConfig):
+            from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+            tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_config.peft_type)
+            names = tuple(getattr(tuner_cls, "tuner_module_names", ()))
+            if names:
+                method = str(peft_config.peft_type.value if hasattr(peft_config.peft_type, "value") else "")
+                raise ValueError(
+                    f"{method or type(peft_config).__name__} keeps adapter weights on the tuner ({', '.join(names)}), "
+                    "which `inject_adapter_in_model` - and so transformers' `model.add_adapter()` / "
+                    "`model.load_adapter()` - drops. Use `peft.get_peft_model(model, config)` to add it and "
+                    "`PeftModel.from_pretrained(model, path)` to load it."
+                )
+        return original(peft_config, model, *args, **kwargs)
+
+    return _mark(inject_adapter_in_model)
+
+
 def install() -> None:
     """Wrap peft's entry points (idempotent; non-peft-depth adapters are unaffected)."""
     hooks = (
@@ -220,3 +247,7 @@ def install() -> None:
             setattr(owner, name, wrap(current))
     if not getattr(peft.peft_model.load_peft_weights, "_peft_depth_hook", False):
         peft.peft_model.load_peft_weights = _wrap_load_peft_weights(peft.peft_model.load_peft_weights)
+    # transformers imports it from the package at call time; direct users may import it from peft.mapping
+    for owner in (peft, peft.mapping):
+        if not getattr(owner.inject_adapter_in_model, "_peft_depth_hook", False):
+            owner.inject_adapter_in_model = _wrap_inject_adapter_in_model(owner.inject_adapter_in_model)
