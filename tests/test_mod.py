@@ -515,6 +515,31 @@ def test_generate_with_cache_equals_without(kwargs):
     assert torch.equal(with_cache, without)
 
 
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+@pytest.mark.parametrize("decoding", [dict(num_beams=3), dict(assistant=True)], ids=["beam", "assisted"])
+def test_generation_with_beams_or_a_draft_model_equals_no_cache(granularity, decoding):
+    """The sequence router's running mean lives on the cache and follows beam reordering and draft cropping."""
+    model = nontrivial(mod(tiny_llama(), router_granularity=granularity))
+    gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, **decoding)
+    if gen.pop("assistant", False):
+        prompt = batch(batch_size=1, seq_len=5, left_pad=0)
+        with_cache = model.generate(**prompt, use_cache=True, assistant_model=tiny_llama(seed=5), **gen)
+    else:
+        prompt = batch(batch_size=2, seq_len=5, left_pad=2)
+        with_cache = model.generate(**prompt, use_cache=True, **gen)
+    assert torch.equal(with_cache, model.generate(**prompt, use_cache=False, **gen))
+
+
+def test_sequence_router_continues_a_cache_created_inside_the_first_forward():
+    model = nontrivial(mod(tiny_llama(), router_granularity="sequence")).eval()
+    inputs = batch(left_pad=0)
+    full = logits(model, inputs)
+    with torch.no_grad():
+        first = model(input_ids=inputs["input_ids"][:, :-1], use_cache=True)  # no cache passed in: one is created
+        last = model(input_ids=inputs["input_ids"][:, -1:], past_key_values=first.past_key_values, use_cache=True)
+    torch.testing.assert_close(last.logits[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
+
+
 def test_sequence_router_refuses_a_cache_it_did_not_see():
     model = nontrivial(mod(tiny_llama(), router_granularity="sequence"))
     inputs = batch(left_pad=0)

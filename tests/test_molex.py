@@ -8,6 +8,7 @@ from tiny_models import batch, clone_model, tiny_bert, tiny_gpt2, tiny_llama, ti
 
 import peft_depth
 from peft_depth import MoLExConfig
+from peft_depth.core.cache_state import attached_states
 from peft_depth.core.lora_layer import DepthLoraLinear
 from peft_depth.tuners.molex.model import _BlockForward
 
@@ -456,6 +457,39 @@ def test_token_routing_generate_with_cache_equals_without(factory):
     assert any(len(row["chosen"]) > 1 for row in peft_depth.routing_stats(model)["molex"]["default"])
 
 
+@pytest.mark.parametrize(
+    "decoding",
+    [dict(num_beams=3), dict(num_beams=3, num_return_sequences=2), dict(assistant=True)],
+    ids=["beam", "beam_return_2", "assisted"],
+)
+def test_token_routing_cache_follows_beam_reordering_and_assisted_cropping(decoding, monkeypatch):
+    """Beam search reorders the cache rows and assisted decoding crops rejected draft positions: the expert caches
+    follow both, so generation with a cache equals generation without."""
+    from peft_depth.tuners.molex.expert_cache import ExpertCacheState
+
+    model = molex(tiny_llama(), molex_layers=[0, 1, 2, 3], routing="token", alpha=0.5, init_lora_weights=False)
+    sharpen_gate(model)
+    edits = []
+    for name in ("reorder", "crop"):
+        original = getattr(ExpertCacheState, name)
+        monkeypatch.setattr(
+            ExpertCacheState, name, lambda self, arg, _o=original, _n=name: (edits.append(_n), _o(self, arg))[1]
+        )
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    if decoding.pop("assistant", False):
+        prompt = batch(batch_size=1, seq_len=6, left_pad=0)
+        kwargs["assistant_model"] = tiny_llama(seed=5)  # a draft model that disagrees: its tokens get rejected
+        expected_edit = "crop"
+    else:
+        prompt = batch(batch_size=2, seq_len=6, left_pad=2)
+        expected_edit = "reorder"
+    with_cache = model.generate(**prompt, use_cache=True, **kwargs, **decoding)
+    kwargs.pop("assistant_model", None)
+    without = model.generate(**prompt, use_cache=False, **kwargs, **decoding)
+    assert expected_edit in edits
+    assert torch.equal(with_cache, without)
+
+
 def test_token_routing_never_writes_the_real_cache_slot_of_an_expert():
     model = molex(tiny_llama(), molex_layers=[0], routing="token", init_lora_weights=False)
     force_expert(model, 3)
@@ -463,7 +497,7 @@ def test_token_routing_never_writes_the_real_cache_slot_of_an_expert():
     out = model(**inputs, use_cache=True)
     cache = out.past_key_values
     assert [cache.get_seq_length(i) for i in range(4)] == [7, 7, 7, 7]  # each slot written once, by its own layer
-    state = cache.__dict__["_peft_depth_molex_expert_caches"][("default", 0)]
+    state = attached_states(cache)[("molex", (id(model.base_model), "default", 0))]
     assert state.cache.get_seq_length(3) == 7 and state.past_length == 7
 
 

@@ -34,8 +34,10 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.constants import DUMMY_TARGET_MODULES
 from torch import nn
+from transformers.cache_utils import Cache
 
 from ...core.aux import AuxLossTerm
+from ...core.cache_state import attach_state, attached_states
 from ...core.layer_stack import find_final_norm
 from ...core.lora_layer import DepthLoraLayer
 from ...core.targets import ALL_PROJECTIONS_TARGET_MODULES_MAPPING
@@ -56,6 +58,7 @@ class _CallInfo:
     labels: torch.Tensor | None = None
     shift_labels: torch.Tensor | None = None
     past_length: int = 0
+    cache: Any = None  # the KV cache object this forward continues (None: none passed in)
     fused_lm_head: bool = False
     logits_to_keep: Any = 0
 
@@ -75,11 +78,47 @@ class _Record:
 
 @dataclass
 class _SequenceState:
-    """Running sum and count of the router input over real tokens, carried across KV-cached forwards."""
+    """Cumulative sum and count of the sequence router's input over real tokens, at every position of a KV cache.
 
-    total: torch.Tensor
-    count: torch.Tensor
-    seen: int
+    Attached to the cache (``core.cache_state``), so beam search's row reordering and assisted decoding's cropping
+    apply to it too; chunks are ``[B, t, H]`` / ``[B, t, 1]``, one per cached forward.
+    """
+
+    totals: list[torch.Tensor]
+    counts: list[torch.Tensor]
+
+    @property
+    def seen(self) -> int:
+        return sum(chunk.shape[1] for chunk in self.totals)
+
+    @property
+    def batch(self) -> int:
+        return self.totals[0].shape[0]
+
+    def last(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.totals[-1][:, -1], self.counts[-1][:, -1]
+
+    def append(self, total: torch.Tensor, count: torch.Tensor) -> None:
+        self.totals.append(total)
+        self.counts.append(count)
+
+    def _map(self, rows) -> None:
+        self.totals = [rows(t) for t in self.totals]
+        self.counts = [rows(c) for c in self.counts]
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def select_rows(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices.to(t.device)])
+
+    def repeat_rows(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        keep = self.seen - tokens_to_remove
+        self.totals = [torch.cat(self.totals, dim=1)[:, :keep]]
+        self.counts = [torch.cat(self.counts, dim=1)[:, :keep]]
 
 
 class MoDModel(DepthTuner):
@@ -192,6 +231,7 @@ class MoDModel(DepthTuner):
         handles: dict[str, Any] = self.__dict__.setdefault("_mod_handles", {})
         if "call" not in handles:
             handles["call"] = model.register_forward_pre_hook(self._record_call, with_kwargs=True)
+            handles["cache"] = model.register_forward_hook(self._attach_sequence_state)
             handles["norm"] = final_norm.register_forward_hook(self._mix_hook)
             handles["head"] = head.register_forward_hook(self._log_prob_mix_hook)
         for index in layer_indices[:-1]:
@@ -242,6 +282,7 @@ class MoDModel(DepthTuner):
             labels=kwargs.get("labels"),
             shift_labels=kwargs.get("shift_labels"),
             past_length=past_length,
+            cache=past if isinstance(past, Cache) else None,
             fused_lm_head=bool(kwargs.get("fused_lm_head", False)),
             logits_to_keep=kwargs.get("logits_to_keep", 0),
         )
@@ -260,6 +301,19 @@ class MoDModel(DepthTuner):
                 "LM head receives); use `mix_space`='logits' for index tensors."
             )
         self.__dict__["_mod_call"] = info
+
+    @property
+    def _sequence_state_key(self) -> tuple[str, int]:
+        # per tuner: a cache filled by another model's MoD must not pass for ours (an int survives deepcopy)
+        return ("mod_sequence_router", id(self))
+
+    def _attach_sequence_state(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """A cache created inside the forward (``use_cache=True`` without ``past_key_values``) gets the sequence
+        router's state of that forward, so that the next forward can continue it."""
+        pending = self.__dict__.pop("_mod_sequence_pending", None)
+        cache = getattr(output, "past_key_values", None)
+        if pending is not None and isinstance(cache, Cache) and self._sequence_state_key not in attached_states(cache):
+            attach_state(cache, self._sequence_state_key, pending)
 
     def _capture_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -350,19 +404,26 @@ class MoDModel(DepthTuner):
         )
         total = (base.float() * weights).cumsum(dim=1)
         count = weights.cumsum(dim=1)
+        state: _SequenceState | None = None
         if info.past_length > 0:
-            state: _SequenceState | None = self.__dict__.get("_mod_sequence_state")
-            if state is None or state.seen != info.past_length or state.total.shape[0] != batch:
+            state = attached_states(info.cache).get(self._sequence_state_key) if info.cache is not None else None
+            if state is None or state.seen != info.past_length or state.batch != batch:
                 raise ValueError(
                     "MoD `router_granularity`='sequence' continues a running mean across KV-cached forwards, but this "
-                    f"forward continues a cache of {info.past_length} positions that MoD did not see (beam search and "
-                    "caches built elsewhere are not supported); run without a cache or use 'token' routing."
+                    f"forward continues a cache of {info.past_length} positions that MoD did not see (a cache filled "
+                    "without this adapter, or edited outside reorder/crop/select); run without a cache or use "
+                    "'token' routing."
                 )
-            total = total + state.total.unsqueeze(1)
-            count = count + state.count.unsqueeze(1)
-        self.__dict__["_mod_sequence_state"] = _SequenceState(
-            total=total[:, -1].detach(), count=count[:, -1].detach(), seen=info.past_length + seq
-        )
+            last_total, last_count = state.last()
+            total = total + last_total.unsqueeze(1)
+            count = count + last_count.unsqueeze(1)
+        if state is not None:
+            state.append(total.detach(), count.detach())
+        elif info.cache is not None:
+            attach_state(info.cache, self._sequence_state_key, _SequenceState([total.detach()], [count.detach()]))
+        else:
+            # no cache passed in: the model may create one; the forward hook attaches this state to it
+            self.__dict__["_mod_sequence_pending"] = _SequenceState([total.detach()], [count.detach()])
         return (total / count.clamp(min=1)).to(base.dtype)
 
     def _distill_mask(self, info: _CallInfo, mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:

@@ -10,7 +10,8 @@ are filled in ("catch-up") by running block j on the stored inputs of layer i at
 of a position depend only on that position's input and position embedding, never on the attention mask, so the
 catch-up runs without a mask and its outputs are discarded.
 
-The side state hangs on the model's cache object, so it lives and dies with one generation.
+The side state hangs on the model's cache object (``core.cache_state``), so it lives and dies with one generation and
+follows the cache's in-place edits: beam search's row reordering, assisted decoding's cropping.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
+from ...core.cache_state import attach_state, attached_states, map_batch_rows
+
 __all__ = ["ExpertCacheState", "expert_cache_state", "POSITION_KWARGS"]
 
-_ATTRIBUTE = "_peft_depth_molex_expert_caches"
 #: Per-position keyword arguments of a block call, with the dimension that indexes positions.
 POSITION_KWARGS = {"position_ids": -1, "cache_position": -1}
 
@@ -65,6 +67,41 @@ class ExpertCacheState:
             caught[name] = _positions(value, dim, start, stop)
         return caught
 
+    # ---- edits that follow the model's cache (core.cache_state.CacheFollower)
+
+    def _map_rows(self, rows: Any) -> None:
+        if self.inputs is None:
+            return
+        batch = self.inputs.shape[0]
+        self.inputs = rows(self.inputs)
+        self.positions = {name: map_batch_rows(value, rows, batch) for name, value in self.positions.items()}
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        self.cache.reorder_cache(beam_idx)
+        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def select_rows(self, indices: torch.Tensor) -> None:
+        self.cache.batch_select_indices(indices)
+        self._map_rows(lambda t: t[indices.to(t.device)])
+
+    def repeat_rows(self, repeats: int) -> None:
+        self.cache.batch_repeat_interleave(repeats)
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        length = self.past_length - tokens_to_remove
+        if self.inputs is None or tokens_to_remove <= 0:
+            return
+        self.inputs = self.inputs[:, :length]
+        self.positions = {
+            name: _positions(value, POSITION_KWARGS.get(name, -2), 0, length) for name, value in self.positions.items()
+        }
+        # expert slots hold different lengths (each catches up lazily): crop each to at most `length`
+        for layer in self.cache.layers:
+            extra = layer.get_seq_length() - length
+            if extra > 0:
+                layer.crop(-extra)
+
     def append(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
         self.inputs = _concat(self.inputs, hidden.detach(), 1)
         for name in ("position_embeddings", *POSITION_KWARGS):
@@ -76,14 +113,13 @@ class ExpertCacheState:
             self.positions[name] = _concat(self.positions.get(name), value, POSITION_KWARGS.get(name, -2))
 
 
-def expert_cache_state(cache: Cache, key: tuple[str, int], model_config: Any, real_past: int) -> ExpertCacheState:
-    """The side state of MoLEx layer ``key = (adapter, i)`` for the generation that owns ``cache``.
+def expert_cache_state(cache: Cache, key: tuple[int, str, int], model_config: Any, real_past: int) -> ExpertCacheState:
+    """The side state of MoLEx layer ``key = (id(tuner), adapter, i)`` for the generation that owns ``cache``.
 
     ``real_past`` is the number of positions layer i's real cache holds before this call: 0 starts a new generation
     (fresh side caches); otherwise the stored history must cover exactly those positions.
     """
-    states: dict[tuple[str, int], ExpertCacheState] = cache.__dict__.setdefault(_ATTRIBUTE, {})
-    state = states.get(key)
+    state = attached_states(cache).get(("molex", key))
     if real_past == 0 or state is None:
         if real_past != 0:
             raise RuntimeError(
@@ -93,11 +129,11 @@ def expert_cache_state(cache: Cache, key: tuple[str, int], model_config: Any, re
         state = ExpertCacheState(
             cache=DynamicCache(config=model_config) if model_config is not None else DynamicCache()
         )
-        states[key] = state
+        attach_state(cache, ("molex", key), state)
     elif state.past_length != real_past:
         raise RuntimeError(
             f"MoLEx token routing: the KV cache holds {real_past} positions but the expert caches saw "
-            f"{state.past_length}; the cache was cropped or reordered (assisted decoding, beam search), which MoLEx "
-            "expert caches do not follow. Use greedy or sampling decoding."
+            f"{state.past_length}: it was changed outside the edits MoLEx follows (reorder_cache, crop, "
+            "batch_select_indices, batch_repeat_interleave). Start generation from an empty cache."
         )
     return state

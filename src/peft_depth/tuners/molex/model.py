@@ -259,7 +259,7 @@ class MoLExModel(DepthTuner):
         # expert pass (index, j) gets its own slot in a side cache.
         expert_state = None
         if token_routing and cache is not None:
-            expert_state = expert_cache_state(cache, (adapter, index), _text_config(self.model), real_past)
+            expert_state = expert_cache_state(cache, (id(self), adapter, index), _text_config(self.model), real_past)
         own = original(hidden, **rest)
         own_hidden = own[0] if isinstance(own, tuple) else own
 
