@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ...core.context import RoutingContext
 from ...core.low_rank import init_low_rank, linear_features, low_rank_delta
-from ...core.routing import RoutingStatistics, masked_routing_statistics, route_top_k
+from ...core.routing import RoutingDecision, RoutingStatistics, masked_routing_statistics, route_top_k
 
 __all__ = ["MoLALayer", "MoLALinear"]
 
@@ -38,9 +38,11 @@ class MoLALayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self._routing_context = context
-        # Routing statistics of the last forward per adapter; overwritten each call (gradient checkpointing re-runs
-        # this layer during backward, and must not double count).
-        self._mola_last_routing: dict[str, RoutingStatistics] = {}
+        # Routing decisions of the last forward per adapter (with that forward's padding mask), reduced to
+        # statistics only when read: generation never reads them, so decoding skips the reduction. Overwritten each
+        # call (gradient checkpointing re-runs this layer during backward, and must not double count).
+        self._mola_last_routing: dict[str, RoutingDecision | RoutingStatistics] = {}
+        self._mola_last_mask: torch.Tensor | None = None
 
     def update_layer(
         self,
@@ -71,8 +73,12 @@ class MoLALayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def last_routing(self) -> dict[str, RoutingStatistics]:
-        """Routing statistics of the last forward, per active adapter that ran."""
-        return self._mola_last_routing
+        """Routing statistics of the last forward, per active adapter that ran (reduced on first read)."""
+        records = self._mola_last_routing
+        for adapter_name, record in records.items():
+            if isinstance(record, RoutingDecision):
+                records[adapter_name] = masked_routing_statistics(record, self._mola_last_mask)
+        return records
 
 
 class MoLALinear(nn.Module, MoLALayer):
@@ -110,9 +116,7 @@ class MoLALinear(nn.Module, MoLALayer):
             return result
         # Build the records aside and publish them at the end: torch's non-reentrant checkpointing may stop a
         # recomputation part-way through this forward once it has what backward needs.
-        records: dict[str, RoutingStatistics] = {}
-        token_mask: torch.Tensor | None = None
-        mask_known = False
+        records: dict[str, RoutingDecision | RoutingStatistics] = {}
         for adapter_name in self.active_adapters:
             if adapter_name not in self.mola_A:
                 continue
@@ -128,9 +132,8 @@ class MoLALinear(nn.Module, MoLALayer):
                 gates=decision.gates,
             )
             result = result + delta.view(result.shape).to(result.dtype)
-            if not mask_known:
-                token_mask, mask_known = self._routing_context.flat_mask(x.shape), True
-            records[adapter_name] = masked_routing_statistics(decision, token_mask)
+            records[adapter_name] = decision
+        self._mola_last_mask = self._routing_context.flat_mask(x.shape) if records else None
         self._mola_last_routing = records
         return result
 
