@@ -459,15 +459,26 @@ def test_token_routing_generate_with_cache_equals_without(factory):
 
 @pytest.mark.parametrize(
     "decoding",
-    [dict(num_beams=3), dict(num_beams=3, num_return_sequences=2), dict(assistant=True)],
-    ids=["beam", "beam_return_2", "assisted"],
+    [
+        dict(num_beams=3),
+        dict(num_beams=3, num_return_sequences=2),
+        dict(num_beams=3, sliding=True),
+        dict(assistant=True),
+    ],
+    ids=["beam", "beam_return_2", "beam_sliding_window", "assisted"],
 )
 def test_token_routing_cache_follows_beam_reordering_and_assisted_cropping(decoding, monkeypatch):
     """Beam search reorders the cache rows and assisted decoding crops rejected draft positions: the expert caches
     follow both, so generation with a cache equals generation without."""
     from peft_depth.tuners.molex.expert_cache import ExpertCacheState
 
-    model = molex(tiny_llama(), molex_layers=[0, 1, 2, 3], routing="token", alpha=0.5, init_lora_weights=False)
+    if decoding.pop("sliding", False):  # the side caches then hold sliding-window layers too
+        base = tiny_qwen3(
+            layer_types=["sliding_attention", "full_attention"] * 2, use_sliding_window=True, sliding_window=4
+        )
+    else:
+        base = tiny_llama()
+    model = molex(base, molex_layers=[0, 1, 2, 3], routing="token", alpha=0.5, init_lora_weights=False)
     sharpen_gate(model)
     edits = []
     for name in ("reorder", "crop"):

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from transformers.cache_utils import Cache
 
-__all__ = ["CacheFollower", "attached_states", "attach_state", "map_batch_rows"]
+__all__ = ["CacheFollower", "RowFollowingState", "attached_states", "attach_state", "map_batch_rows"]
 
 _ATTRIBUTE = "_peft_depth_cache_states"
 
@@ -35,6 +35,23 @@ class CacheFollower(Protocol):
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``tokens_to_remove`` positions (a positive count)."""
         ...
+
+
+class RowFollowingState:
+    """The three batch-row edits of ``CacheFollower`` in terms of one ``map_rows(rows)``, which a state implements by
+    applying ``rows`` (a function of a tensor with the batch first) to each of its per-row tensors."""
+
+    def map_rows(self, rows: Any) -> None:
+        raise NotImplementedError
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        self.map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def select_rows(self, indices: torch.Tensor) -> None:
+        self.map_rows(lambda t: t[indices.to(t.device)])
+
+    def repeat_rows(self, repeats: int) -> None:
+        self.map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
 
 def attached_states(cache: Cache) -> dict[Any, CacheFollower]:

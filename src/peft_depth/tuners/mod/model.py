@@ -37,7 +37,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from ...core.aux import AuxLossTerm
-from ...core.cache_state import attach_state, attached_states
+from ...core.cache_state import RowFollowingState, attach_state, attached_states
 from ...core.layer_stack import find_final_norm
 from ...core.lora_layer import DepthLoraLayer
 from ...core.targets import ALL_PROJECTIONS_TARGET_MODULES_MAPPING
@@ -77,7 +77,7 @@ class _Record:
 
 
 @dataclass
-class _SequenceState:
+class _SequenceState(RowFollowingState):
     """Cumulative sum and count of the sequence router's input over real tokens, at every position of a KV cache.
 
     Attached to the cache (``core.cache_state``), so beam search's row reordering and assisted decoding's cropping
@@ -102,18 +102,9 @@ class _SequenceState:
         self.totals.append(total)
         self.counts.append(count)
 
-    def _map(self, rows) -> None:
+    def map_rows(self, rows) -> None:
         self.totals = [rows(t) for t in self.totals]
         self.counts = [rows(c) for c in self.counts]
-
-    def reorder(self, beam_idx: torch.Tensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def select_rows(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices.to(t.device)])
-
-    def repeat_rows(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def crop(self, tokens_to_remove: int) -> None:
         keep = self.seen - tokens_to_remove

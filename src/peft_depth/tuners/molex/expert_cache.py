@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
-from ...core.cache_state import attach_state, attached_states, map_batch_rows
+from ...core.cache_state import RowFollowingState, attach_state, attached_states, map_batch_rows
 
 __all__ = ["ExpertCacheState", "expert_cache_state", "POSITION_KWARGS"]
 
@@ -47,7 +47,7 @@ def _concat(old: Any, new: Any, dim: int) -> Any:
 
 
 @dataclass
-class ExpertCacheState:
+class ExpertCacheState(RowFollowingState):
     """Side cache and input history of one MoLEx layer during one generation."""
 
     cache: DynamicCache
@@ -69,24 +69,16 @@ class ExpertCacheState:
 
     # ---- edits that follow the model's cache (core.cache_state.CacheFollower)
 
-    def _map_rows(self, rows: Any) -> None:
+    def map_rows(self, rows: Any) -> None:
         if self.inputs is None:
             return
         batch = self.inputs.shape[0]
         self.inputs = rows(self.inputs)
         self.positions = {name: map_batch_rows(value, rows, batch) for name, value in self.positions.items()}
-
-    def reorder(self, beam_idx: torch.Tensor) -> None:
-        self.cache.reorder_cache(beam_idx)
-        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def select_rows(self, indices: torch.Tensor) -> None:
-        self.cache.batch_select_indices(indices)
-        self._map_rows(lambda t: t[indices.to(t.device)])
-
-    def repeat_rows(self, repeats: int) -> None:
-        self.cache.batch_repeat_interleave(repeats)
-        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+        # the side cache's keys and values are [batch, heads, positions, dim], as in the model's own cache layers
+        for layer in self.cache.layers:
+            if getattr(layer, "is_initialized", False) and layer.keys is not None and layer.keys.numel():
+                layer.keys, layer.values = rows(layer.keys), rows(layer.values)
 
     def crop(self, tokens_to_remove: int) -> None:
         length = self.past_length - tokens_to_remove
