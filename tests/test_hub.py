@@ -198,7 +198,9 @@ def test_transformers_add_and_load_adapter_work_or_are_refused(tmp_path, method)
         return
     with pytest.raises(ValueError, match=r"keeps adapter weights on the tuner.*PeftModel\.from_pretrained"):
         pristine.load_adapter(str(tmp_path / method))
-    with pytest.raises(ValueError, match="get_peft_model"):
+    # transformers' add_adapter needs peft >= 0.22 (unreleased when written): until then transformers itself refuses,
+    # for plain LoRA too; from then on the refusal is ours. Either way nothing is injected.
+    with pytest.raises(ValueError, match=r"get_peft_model|PEFT you are using is not compatible"):
         pristine.add_adapter(method_configs()[method])
     assert not any(isinstance(m, BaseTunerLayer) for m in pristine.modules())  # refused before any injection
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
+from transformers.cache_utils import Cache
 from tiny_models import batch, clone_model, tiny_bert, tiny_gpt2, tiny_llama, tiny_qwen3, tiny_roberta
 
 import peft_depth
@@ -130,7 +131,8 @@ class _Capture:
 def plain_block(model, index, hidden, kwargs):
     """Block `index` with its LoRA, bypassing the MoLEx wrapper and any cache."""
     block = blocks(model)[index]
-    kwargs = {**kwargs, "past_key_values": None, "use_cache": False}
+    # the cache is dropped by what it is: its keyword changed across transformers releases
+    kwargs = {k: (None if isinstance(v, Cache) else v) for k, v in kwargs.items()} | {"use_cache": False}
     out = type(block).forward(block, hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .forward_context import ForwardContext
 from .token_mask import TokenMaskTracker
 
 __all__ = ["RoutingContext"]
@@ -46,6 +47,11 @@ class RoutingContext:
     def __init__(self, model: nn.Module) -> None:
         self.tracker = TokenMaskTracker(model)
         self.sync_across_processes = False
+
+    @property
+    def forward(self) -> ForwardContext:
+        """This thread's context of the model's latest top-level forward (``core.forward_context``)."""
+        return self.tracker.context
 
     def flat_mask(self, hidden_shape: torch.Size | tuple[int, ...]) -> torch.Tensor | None:
         """Boolean ``[N]`` real-token mask for activations of shape ``[batch, seq, ...]`` (None: all real)."""

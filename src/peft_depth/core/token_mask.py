@@ -1,41 +1,35 @@
 """Know which tokens of the current forward are padding, from inside any submodule.
 
 Adapter layers deep in a model (a projection inside attention) never see the attention mask, yet routing statistics
-must exclude padding. ``TokenMaskTracker`` is a forward pre-hook on the top-level transformers model that keeps the
-2-D ``attention_mask`` of the latest call; layers ask it for a flat ``[N]`` mask matching their own token count.
-
-The mask is kept until the next forward (not cleared on exit) so that gradient-checkpointing recomputation, which runs
-during backward after the forward returned, sees the same mask as the original pass.
+must exclude padding. ``TokenMaskTracker`` reads the 2-D ``attention_mask`` of the model's latest top-level call from
+that call's ``ForwardContext`` (``core.forward_context``: per thread, kept for checkpoint recomputation), and gives
+layers a flat ``[N]`` mask matching their own token count.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
+
+from .forward_context import ForwardContext, ForwardContextTracker
 
 __all__ = ["TokenMaskTracker"]
 
 
-class TokenMaskTracker:
-    """Records the attention mask of each forward of ``model`` (a transformers model or any ``nn.Module``)."""
+class TokenMaskTracker(ForwardContextTracker):
+    """The per-forward context of ``model`` with the padding-mask reads adapter layers need."""
 
     def __init__(self, model: nn.Module) -> None:
-        self._attention_mask: torch.Tensor | None = None
-        self._handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
+        super().__init__(model)
 
-    def _record(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        mask = kwargs.get("attention_mask")
-        # Only the plain [batch, seq] padding mask is meaningful here; 4-D masks are already-expanded attention biases.
-        self._attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-
-    def remove(self) -> None:
-        self._handle.remove()
+    @property
+    def context(self) -> ForwardContext:
+        """The context of the latest forward (an empty one before the first)."""
+        return self.current or ForwardContext()
 
     @property
     def attention_mask(self) -> torch.Tensor | None:
-        return self._attention_mask
+        return self.context.attention_mask
 
     def flat_mask(self, hidden_shape: torch.Size | tuple[int, ...]) -> torch.Tensor | None:
         """Boolean ``[N]`` mask for a tensor of shape ``[batch, seq, ...features]`` flattened to ``[N, features]``.
@@ -44,7 +38,7 @@ class TokenMaskTracker:
         ``None`` (every token is real) when there is no mask or the shapes do not line up (e.g. a layer that sees a
         gathered subset of tokens).
         """
-        mask = self._attention_mask
+        mask = self.attention_mask
         if mask is None or len(hidden_shape) < 3:
             return None
         batch, seq = hidden_shape[0], hidden_shape[1]

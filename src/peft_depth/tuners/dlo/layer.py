@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.context import RoutingContext
+from ...core.layer_call import bind_block_call, checkpointing_active
 from ...core.low_rank import init_low_rank, low_rank_delta
 from .selection import select_top_fraction
 
@@ -288,7 +289,9 @@ class DLOBlock(_Delegating):
         return output, plan.cos
 
     def _forward_block_skip(self, hidden_states, args, kwargs, training, selected, scale, want_cos):
-        if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
+        # the cache by what it is, under whichever keyword (or position) this transformers release passes it
+        call = bind_block_call(self.inner, self.inner.forward, (hidden_states, *args), kwargs)
+        if call.cache is not None or (call.arguments.get("use_cache") and not checkpointing_active(self.inner)):
             raise ValueError(
                 "DLO with skip_mode='block' runs each routed layer's attention over its selected tokens only, so no KV "
                 "cache can be kept (as in the official code). Call the model / generate with use_cache=False, or use "

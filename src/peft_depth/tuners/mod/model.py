@@ -34,10 +34,10 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.constants import DUMMY_TARGET_MODULES
 from torch import nn
-from transformers.cache_utils import Cache
 
 from ...core.aux import AuxLossTerm
 from ...core.cache_state import RowFollowingState, attach_state, attached_states
+from ...core.layer_call import output_cache
 from ...core.layer_stack import find_final_norm
 from ...core.lora_layer import DepthLoraLayer
 from ...core.targets import ALL_PROJECTIONS_TARGET_MODULES_MAPPING
@@ -267,13 +267,13 @@ class MoDModel(DepthTuner):
         return any(self.peft_config[name].mix_space == "log_probs" for name, _ in self._active_ensembles())
 
     def _record_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        past = kwargs.get("past_key_values")
-        past_length = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
+        # the cache by what it is (its keyword was renamed in transformers 5.24): ``core.forward_context`` made it
+        forward = self.routing_context.forward
         info = _CallInfo(
             labels=kwargs.get("labels"),
             shift_labels=kwargs.get("shift_labels"),
-            past_length=past_length,
-            cache=past if isinstance(past, Cache) else None,
+            past_length=forward.past_length,
+            cache=forward.cache,
             fused_lm_head=bool(kwargs.get("fused_lm_head", False)),
             logits_to_keep=kwargs.get("logits_to_keep", 0),
         )
@@ -302,8 +302,8 @@ class MoDModel(DepthTuner):
         """A cache created inside the forward (``use_cache=True`` without ``past_key_values``) gets the sequence
         router's state of that forward, so that the next forward can continue it."""
         pending = self.__dict__.pop("_mod_sequence_pending", None)
-        cache = getattr(output, "past_key_values", None)
-        if pending is not None and isinstance(cache, Cache) and self._sequence_state_key not in attached_states(cache):
+        cache = output_cache(output)
+        if pending is not None and cache is not None and self._sequence_state_key not in attached_states(cache):
             attach_state(cache, self._sequence_state_key, pending)
 
     def _capture_hook(self, index: int):

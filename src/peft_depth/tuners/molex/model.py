@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +11,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from ...core.aux import AuxLossTerm
+from ...core.layer_call import BlockCall, bind_block_call
 from ...core.lora_layer import DepthLoraLayer
 from ...core.routing import usage_entropy
 from ...core.tuner import DepthTuner
@@ -21,9 +21,6 @@ from .layer import SHARED_GATE_KEY, MoLExAlpha, build_gate, layer_key
 from .routing import LayerRecord, decide, layer_statistics
 
 __all__ = ["MoLExModel"]
-
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
-
 
 @dataclass
 class _AdapterPlan:
@@ -223,15 +220,14 @@ class MoLExModel(DepthTuner):
         adapter = self._routing_adapter()
         if adapter is None or index not in self._plans[adapter].candidates:
             return original(*args, **kwargs)
-        hidden, rest = _bind(original, args, kwargs)
-        return self._mix(adapter, index, original, hidden, rest)
+        call = bind_block_call(self.layer_stack.layers[index], original, args, kwargs)
+        return self._mix(adapter, index, original, call)
 
-    def _mix(self, adapter: str, index: int, original, hidden: torch.Tensor, rest: dict[str, Any]) -> Any:
+    def _mix(self, adapter: str, index: int, original, call: BlockCall) -> Any:
         config: MoLExConfig = self.peft_config[adapter]
         plan = self._plans[adapter]
-        cache_name = next((name for name in _CACHE_KWARGS if rest.get(name) is not None), None)
-        cache = rest.get(cache_name) if cache_name else None
-        real_past = _cache_length(cache, index)
+        hidden, rest, cache = call.hidden, call.arguments, call.cache
+        real_past = call.past_length(index)
         token_routing = config.routing == "token"
         if cache is not None and real_past > 0 and not token_routing:
             raise ValueError(
@@ -269,9 +265,9 @@ class MoLExModel(DepthTuner):
                 continue
             expert_forward = self._original_forward(j)
             if expert_state is not None:
-                out_j = self._run_expert_with_cache(expert_forward, j, hidden, rest, cache_name, expert_state)
+                out_j = self._run_expert_with_cache(expert_forward, j, call, expert_state)
             else:
-                expert_kwargs = _without_cache(rest)
+                expert_kwargs = call.without_cache()
                 if decision.row_choice is not None and not bool((decision.row_choice == j).all()):
                     out_j = _run_on_rows(expert_forward, hidden, expert_kwargs, decision.row_choice == j)
                     rows = (decision.row_choice == j).view(batch, 1, 1)
@@ -325,15 +321,14 @@ class MoLExModel(DepthTuner):
         return mixed
 
     @staticmethod
-    def _run_expert_with_cache(expert_forward, j, hidden, rest, cache_name, state) -> torch.Tensor:
-        """Block j on ``hidden`` with its own side-cache slot, after catching up on positions it has not seen."""
-        expert_kwargs = dict(rest)
-        expert_kwargs[cache_name] = state.cache
+    def _run_expert_with_cache(expert_forward, j: int, call: BlockCall, state) -> torch.Tensor:
+        """Block j on the call's input with its own side-cache slot, after catching up on positions it has not seen."""
+        expert_kwargs = call.with_cache(state.cache)
         seen = state.cache.get_seq_length(j)
         if seen < state.past_length:
             caught = state.catch_up_kwargs(seen, state.past_length, expert_kwargs)
             expert_forward(state.inputs[:, seen:], **caught)
-        return _first(expert_forward(hidden, **expert_kwargs))
+        return _first(expert_forward(call.hidden, **expert_kwargs))
 
     # ------------------------------------------------------------------ generation
 
@@ -480,32 +475,6 @@ class MoLExModel(DepthTuner):
 # ---------------------------------------------------------------------- helpers
 
 
-_SIGNATURES: dict[Any, inspect.Signature] = {}
-
-
-def _bind(forward, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Split a block call into ``(hidden_states, every other argument by name)``."""
-    key = getattr(forward, "__func__", forward)
-    signature = _SIGNATURES.get(key)
-    if signature is None:
-        signature = _SIGNATURES[key] = inspect.signature(forward)
-    bound = signature.bind(*args, **kwargs)
-    rest: dict[str, Any] = {}
-    hidden = None
-    for position, (name, value) in enumerate(bound.arguments.items()):
-        kind = signature.parameters[name].kind
-        if position == 0:
-            hidden = value
-        elif kind is inspect.Parameter.VAR_KEYWORD:
-            rest.update(value)
-        elif kind is inspect.Parameter.VAR_POSITIONAL:
-            raise TypeError("MoLEx cannot wrap a block whose forward takes *args.")
-        else:
-            rest[name] = value
-    if isinstance(hidden, tuple):  # very old-style blocks received the hidden state in a tuple
-        hidden = hidden[0]
-    return hidden, rest
-
 
 def _placed(module: nn.Module, reference: torch.Tensor, training: bool) -> nn.Module:
     """``module`` in the base model's dtype and device, in its train/eval mode.
@@ -522,24 +491,6 @@ def _placed(module: nn.Module, reference: torch.Tensor, training: bool) -> nn.Mo
 def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
-
-def _cache_length(cache: Any, index: int) -> int:
-    if cache is None or not hasattr(cache, "get_seq_length"):
-        return 0
-    try:
-        return int(cache.get_seq_length(index))
-    except (IndexError, TypeError):
-        return int(cache.get_seq_length())
-
-
-def _without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
-    cleaned = dict(kwargs)
-    for name in _CACHE_KWARGS:
-        if name in cleaned:
-            cleaned[name] = None
-    if "use_cache" in cleaned:
-        cleaned["use_cache"] = False
-    return cleaned
 
 
 def _run_on_rows(forward, hidden: torch.Tensor, kwargs: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,86 @@
+"""Per-forward state: what one top-level call of a model carries to the adapter layers deep inside it.
+
+Adapter code inside a model (a projection in attention, a hook on the final norm) never sees the top-level call, yet
+needs what it said: the padding mask, the KV cache it continues and how long that cache already is. Keeping that on
+shared module objects makes every forward overwrite the previous one's; here it lives in a ``ForwardContext`` stored
+in a ``contextvars.ContextVar``, so each thread (and each asyncio task) sees the context of its own latest forward.
+
+A context is made by a forward pre-hook on the top-level model and is kept after the forward returns, until that
+thread's next forward of the same model: activation-checkpoint recomputation runs during backward, after the forward
+returned, and must see the same mask. Methods keep their own per-forward values in ``ForwardContext.state`` under a
+key of their own rather than as attributes of their modules.
+"""
+
+from __future__ import annotations
+
+import itertools
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+
+from .layer_call import call_cache
+
+__all__ = ["ForwardContext", "ForwardContextTracker"]
+
+# One dict per thread/task: tracker key -> the context of that tracker's model's latest forward. Replaced, never
+# mutated in place, so a context copied into another thread or task keeps its own view.
+_CONTEXTS: ContextVar[dict[int, ForwardContext]] = ContextVar("peft_depth_forward_contexts")
+_KEYS = itertools.count()
+
+
+@dataclass
+class ForwardContext:
+    """What one top-level forward of a model was called with.
+
+    Attributes:
+        attention_mask: the 2-D ``[batch, past + seq]`` padding mask, or None (4-D masks are attention biases, not
+            padding masks, and are not kept).
+        cache: the KV cache the call continues, if one was passed in (a cache created inside the forward is not
+            known here; see ``layer_call.output_cache``).
+        past_length: positions that cache held before the call.
+        arguments: the call's keyword arguments (for method-specific reads such as ``labels``).
+        state: per-forward values of the methods, each under a key of its own.
+    """
+
+    attention_mask: torch.Tensor | None = None
+    cache: Cache | None = None
+    past_length: int = 0
+    arguments: dict[str, Any] = field(default_factory=dict)
+    state: dict[Any, Any] = field(default_factory=dict)
+
+
+class ForwardContextTracker:
+    """Makes a ``ForwardContext`` at every top-level forward of ``model`` (a transformers model or any module)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.key = next(_KEYS)
+        self._where = f"{type(model).__name__}.forward"
+        self._handle = model.register_forward_pre_hook(self._begin, with_kwargs=True)
+
+    def _begin(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("attention_mask")
+        _, cache = call_cache(kwargs, self._where)
+        context = ForwardContext(
+            attention_mask=mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
+            cache=cache,
+            past_length=int(cache.get_seq_length()) if cache is not None else 0,
+            arguments=dict(kwargs),
+        )
+        contexts = dict(_CONTEXTS.get({}))
+        contexts[self.key] = context
+        _CONTEXTS.set(contexts)
+
+    @property
+    def current(self) -> ForwardContext | None:
+        """This thread's context of the model's latest forward (None before the first one)."""
+        return _CONTEXTS.get({}).get(self.key)
+
+    def remove(self) -> None:
+        self._handle.remove()
+        contexts = dict(_CONTEXTS.get({}))
+        if contexts.pop(self.key, None) is not None:
+            _CONTEXTS.set(contexts)
