@@ -4,8 +4,8 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers.cache_utils import Cache
 from tiny_models import batch, clone_model, tiny_bert, tiny_gpt2, tiny_llama, tiny_qwen3, tiny_roberta
+from transformers.cache_utils import Cache
 
 import peft_depth
 from peft_depth import MoLExConfig

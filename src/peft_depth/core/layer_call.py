@@ -17,8 +17,9 @@ the block is called, while ``use_cache`` stays on).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import transformers
