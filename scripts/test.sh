@@ -1,18 +1,36 @@
 #!/usr/bin/env bash
-# Install everything and run the test suite (offline, CPU). Extra arguments go to pytest.
+# Install both dependency sets and run the whole test suite in each (offline, CPU). Extra arguments go to pytest.
+#
+#   bash scripts/test.sh                              # newest releases, then the floor set (constraints/floor.txt)
+#   PEFT_DEPTH_SETS=newest bash scripts/test.sh -k molex   # one set only
+#
+# Each suite also loads, in the other set's interpreter, adapters this one saved (PEFT_DEPTH_CROSS_PYTHON): an
+# adapter saved under the newest releases must load under the floor set with identical logits, and the reverse.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh
-# shellcheck disable=SC1091
-. .venv/bin/activate
+SETS=${PEFT_DEPTH_SETS:-"newest floor"}
+venv_of() { if [ "$1" = floor ]; then echo .venv-floor; else echo .venv; fi; }
+for set in $SETS; do
+  bash scripts/setup_env.sh "$set"
+done
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-set +e
-python -m pytest -q "$@"
-status=$?
-set -e
-# pytest exits 5 when nothing was collected (e.g. a -k filter that matches nothing): not a failure of the code.
-if [ "$status" -eq 5 ]; then
-  echo "pytest collected no tests (exit 5)"
-  exit 0
-fi
-exit "$status"
+declare -A results
+overall=0
+for set in $SETS; do
+  other=$set
+  for candidate in $SETS; do [ "$candidate" != "$set" ] && other=$candidate; done
+  echo "=== pytest on the '$set' dependency set (cross-loading with '$other') ==="
+  set +e
+  PEFT_DEPTH_CROSS_PYTHON="$PWD/$(venv_of "$other")/bin/python" "$(venv_of "$set")/bin/python" -m pytest -q "$@"
+  status=$?
+  set -e
+  # pytest exits 5 when nothing was collected (e.g. a -k filter that matches nothing): not a failure of the code.
+  if [ "$status" -eq 5 ]; then
+    echo "pytest collected no tests on '$set' (exit 5)"
+    status=0
+  fi
+  results[$set]=$status
+  [ "$status" -ne 0 ] && overall=$status
+done
+for set in $SETS; do echo "dependency set '$set': pytest exit ${results[$set]}"; done
+exit "$overall"

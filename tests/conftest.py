@@ -5,6 +5,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
+from warning_guard import GUARD, report  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_configure(config):
+    GUARD.install()
+
+
+def pytest_unconfigure(config):
+    GUARD.uninstall()
+
+
+@pytest.fixture(autouse=True)
+def no_deprecations_from_peft_depth(request):
+    """Every test fails on a deprecation warning that peft_depth's code caused (``warning_guard``)."""
+    GUARD.take()
+    yield
+    caught = GUARD.take()
+    if caught and "allow_peft_depth_deprecations" not in request.keywords:
+        pytest.fail(report(caught), pytrace=False)

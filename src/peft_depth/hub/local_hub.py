@@ -29,8 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
-import httpx2
 import yaml
+from huggingface_hub.utils import _http as _hub_http
+
+# The HTTP client module huggingface_hub itself uses: httpx2 from huggingface-hub 2.x, httpx before. Taking the one
+# it imported (rather than one by name) keeps the transport the type huggingface_hub expects on every version.
+httpx2 = getattr(_hub_http, "httpx2", None) or _hub_http.httpx
 
 __all__ = ["LocalHub"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from trl import SFTConfig
 
@@ -85,6 +86,7 @@ class DepthSFTConfig(SFTConfig):
     )
 
     def __post_init__(self) -> None:
+        _adopt_activation_checkpointing(self)
         super().__post_init__()
         for name in (*AUX_COEFFICIENT_FIELDS.values(), "gate_weight_decay"):
             value = getattr(self, name)
@@ -101,3 +103,17 @@ class DepthSFTConfig(SFTConfig):
             if value is not None:
                 overrides[loss_name] = float(value)
         return overrides
+
+
+def _adopt_activation_checkpointing(args: Any) -> None:
+    """Move ``gradient_checkpointing*`` to ``activation_checkpointing*`` where transformers has the new names (5.24).
+
+    SFTConfig's own default sets the old name, which transformers 5.24 deprecates (a FutureWarning at every config,
+    removal in v6). The value is kept exactly; on transformers without the new fields nothing changes.
+    """
+    for old, new in (
+        ("gradient_checkpointing", "activation_checkpointing"),
+        ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+    ):
+        if hasattr(args, new) and getattr(args, new) is None and getattr(args, old, None) is not None:
+            setattr(args, new, getattr(args, old))

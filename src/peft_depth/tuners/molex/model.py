@@ -22,6 +22,7 @@ from .routing import LayerRecord, decide, layer_statistics
 
 __all__ = ["MoLExModel"]
 
+
 @dataclass
 class _AdapterPlan:
     """Resolved per-adapter layout: which blocks mix, their candidate experts, α."""
@@ -475,7 +476,6 @@ class MoLExModel(DepthTuner):
 # ---------------------------------------------------------------------- helpers
 
 
-
 def _placed(module: nn.Module, reference: torch.Tensor, training: bool) -> nn.Module:
     """``module`` in the base model's dtype and device, in its train/eval mode.
 
@@ -490,7 +490,6 @@ def _placed(module: nn.Module, reference: torch.Tensor, training: bool) -> nn.Mo
 
 def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
-
 
 
 def _run_on_rows(forward, hidden: torch.Tensor, kwargs: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:
