@@ -297,6 +297,9 @@ class DLOBlock(_Delegating):
                 "cache can be kept (as in the official code). Call the model / generate with use_cache=False, or use "
                 "skip_mode='mlp'."
             )
+        # every argument by name from here on: the attention mask and positions are replaced below, and blocks that take
+        # them positionally (GPT-2) would otherwise receive them twice
+        args, kwargs = (), dict(call.arguments)
         batch, seq, dim = hidden_states.shape
         chosen = selected.view(batch, seq)
         counts = chosen.sum(dim=1)

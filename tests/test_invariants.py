@@ -1,0 +1,207 @@
+"""Invariants every method keeps on every architecture, stated so that the next upstream change breaks a test.
+
+transformers 5.24 renamed the decoder layers' cache argument and MoLEx silently computed a different function on a
+plain ``model(**batch)``: nothing failed, because no test compared the default call with ``use_cache=False``. These
+tests compare logits (not generated tokens: tiny random models have near-ties) at 1e-5, dropout 0, for each method and
+routing mode on Llama, GPT-2 and a model with sliding-window layers:
+
+- the default forward (``use_cache`` from the config, on) equals ``use_cache=False``, in eval and in train mode;
+- per-step ``output_logits`` of greedy and beam-search generation with the KV cache equal those without;
+- a left-padded batch generates, row by row, what each row generates alone (every per-token or per-row routing);
+- routings that mix rows by design (MoLEx ``batch_vote`` / ``sequence``, DLO capacity selection) never let padding
+  into a batch statistic: changing what the pad positions hold, or how many there are, changes nothing real.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from peft import get_peft_model
+from tiny_models import VOCAB, tiny_gpt2, tiny_llama, tiny_qwen3
+
+import peft_depth
+
+ATOL = 1e-5
+
+ARCHITECTURES: dict[str, Callable[[], torch.nn.Module]] = {
+    "llama": lambda: tiny_llama(),
+    "gpt2": lambda: tiny_gpt2(),
+    "qwen3_sliding": lambda: tiny_qwen3(
+        layer_types=["sliding_attention", "full_attention"] * 2, use_sliding_window=True, sliding_window=4
+    ),
+}
+LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "qwen3_sliding": ["q_proj", "v_proj"]}
+
+
+def _config(case: str, arch: str):
+    lora = dict(task_type="CAUSAL_LM", lora_dropout=0.0, target_modules=LORA_TARGETS[arch])
+    if case == "mola":
+        return peft_depth.MoLAConfig(num_experts=[2, 3, 2, 3], top_k=2, **lora)
+    if case.startswith("molex_"):
+        return peft_depth.MoLExConfig(routing=case.removeprefix("molex_"), molex_layers=[1, 2], **lora)
+    if case.startswith("mod_"):
+        return peft_depth.MoDConfig(router_granularity=case.removeprefix("mod_"), num_late_layers=3, **lora)
+    if case == "dlo_mlp":
+        return peft_depth.DLOConfig(expand_every=2, skip_mode="mlp", **lora)
+    if case == "dlo_block":
+        return peft_depth.DLOConfig(expand_every=2, skip_mode="block", **lora)
+    if case == "dlo_capacity":
+        return peft_depth.DLOConfig(
+            expand_every=2, skip_mode="mlp", inference_selection="capacity", inference_capacity=0.5, **lora
+        )
+    raise AssertionError(case)
+
+
+def _perturb(model: torch.nn.Module, seed: int = 0) -> None:
+    """Move every adapter parameter well away from its start, routers and gates far enough to make real choices."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if "molex_gate" in name:
+                scale = 20.0
+            elif "router" in name:
+                scale = 2.0
+            elif name.endswith("mod_ensemble.default.gate"):
+                param.fill_(0.7)
+                continue
+            else:
+                scale = 0.1
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def adapted(case: str, arch: str) -> torch.nn.Module:
+    model = get_peft_model(ARCHITECTURES[arch](), _config(case, arch))
+    _perturb(model)
+    return model.eval()
+
+
+#: Routings that keep a KV cache in generation (MoLEx batch_vote/sequence generate without one; DLO block skipping
+#: refuses one, as in the official code).
+CACHED = ["mola", "molex_token", "mod_token", "mod_sequence", "dlo_mlp"]
+#: Every routing whose decisions are per token or per row: a batch row computes what it computes alone.
+PER_ROW = CACHED
+#: Routings that mix the rows of a batch by design.
+ROW_MIXING = ["molex_batch_vote", "molex_sequence", "dlo_capacity"]
+ALL = [*CACHED, "molex_batch_vote", "molex_sequence", "dlo_block", "dlo_capacity"]
+
+
+def _left_padded(lengths: list[int], pad_value: int = 0, extra_pad: int = 0, seed: int = 1) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths) + extra_pad
+    input_ids = torch.full((len(lengths), width), pad_value, dtype=torch.long)
+    attention_mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        input_ids[row, width - length :] = torch.randint(3, VOCAB, (length,), generator=generator)
+        attention_mask[row, width - length :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def _real_logits(logits: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Per row, the logits at its real (unpadded) positions."""
+    return [logits[row][mask[row].bool()] for row in range(logits.shape[0])]
+
+
+# ------------------------------------------------------------------------------------------------ default forward
+
+
+# dlo_capacity differs from dlo_mlp in eval only (training always selects by capacity)
+FORWARD_CASES = [
+    (case, mode) for case in ALL for mode in ("eval", "train") if (case, mode) != ("dlo_capacity", "train")
+]
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("case, mode", FORWARD_CASES)
+def test_default_forward_equals_use_cache_false(case, arch, mode):
+    model = adapted(case, arch)
+    model.train(mode == "train")
+    inputs = _left_padded([7, 5])
+    torch.manual_seed(0)
+    default = model(**inputs).logits
+    torch.manual_seed(0)
+    uncached = model(**inputs, use_cache=False).logits
+    torch.testing.assert_close(default, uncached, atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ generation
+
+
+def _step_logits(model, inputs, **kwargs) -> torch.Tensor:
+    out = model.generate(
+        **inputs,
+        max_new_tokens=5,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
+    return torch.stack(out.logits, dim=1)  # [batch * beams, steps, vocab]
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("case", CACHED)
+@pytest.mark.parametrize("num_beams", [1, 3], ids=["greedy", "beam"])
+def test_cached_generation_logits_equal_uncached(case, arch, num_beams):
+    model = adapted(case, arch)
+    inputs = _left_padded([6, 4])
+    with torch.no_grad():
+        cached = _step_logits(model, inputs, use_cache=True, num_beams=num_beams)
+        uncached = _step_logits(model, inputs, use_cache=False, num_beams=num_beams)
+    torch.testing.assert_close(cached, uncached, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("case", PER_ROW)
+def test_left_padded_batch_generates_what_each_row_generates_alone(case, arch):
+    model = adapted(case, arch)
+    lengths = [7, 4, 5]
+    batch = _left_padded(lengths)
+    with torch.no_grad():
+        together = _step_logits(model, batch)
+        for row, length in enumerate(lengths):
+            alone = {name: value[row : row + 1, -length:] for name, value in batch.items()}
+            torch.testing.assert_close(together[row : row + 1], _step_logits(model, alone), atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ row-mixing routings
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("case", ROW_MIXING)
+def test_padding_never_enters_a_batch_statistic(case, arch):
+    model = adapted(case, arch)
+    lengths = [7, 4, 5]
+    plain = _left_padded(lengths)
+    # other token ids at the pad positions, and two more pad columns on every row
+    repadded = _left_padded(lengths, pad_value=VOCAB - 1, extra_pad=2)
+    with torch.no_grad():
+        # positions counted from each row's first real token (as generate does): GPT-2's are absolute
+        first = model(**plain, position_ids=_positions(plain), use_cache=False).logits
+        first_routing = _routing_stats_without_padding(model, plain)
+        second = model(**repadded, position_ids=_positions(repadded), use_cache=False).logits
+        second_routing = _routing_stats_without_padding(model, repadded)
+    for a, b in zip(_real_logits(first, plain["attention_mask"]), _real_logits(second, repadded["attention_mask"])):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    assert first_routing == second_routing
+
+
+def _positions(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+
+
+def _routing_stats_without_padding(model, inputs) -> object:
+    """The last forward's routing decisions on real tokens only (so that two paddings are comparable)."""
+    stats = peft_depth.routing_stats(model)
+    if "molex" in stats:
+        return [(row["layer"], row["chosen"], row["num_tokens"]) for row in stats["molex"]["default"]]
+    mask = inputs["attention_mask"].reshape(-1).bool()
+    return [
+        tuple(block.last_record.selected.view(-1)[mask].tolist())
+        for block in model.base_model._dlo["blocks"]
+        if block.last_record is not None
+    ]
