@@ -359,6 +359,70 @@ def test_missing_or_unexpected_keys_are_an_error(tmp_path, method, kind):
         PeftModel.from_pretrained(pristine, path)
 
 
+BASE_WEIGHTS = {
+    "base_model.model.lm_head.weight": lambda base: base.lm_head.weight,
+    "base_model.model.model.embed_tokens.weight": lambda base: base.model.embed_tokens.weight,
+    "base_model.model.model.layers.1.mlp.up_proj.weight": lambda base: base.model.layers[1].mlp.up_proj.weight,
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("key", list(BASE_WEIGHTS))
+def test_an_adapter_file_never_writes_a_base_weight(tmp_path, method, key):
+    """A tensor named after a base parameter is refused from the header, before anything is read or written."""
+    _, pristine, path = _saved(tmp_path, method)
+    before = BASE_WEIGHTS[key](pristine).detach().clone()
+    weights = load_file(path / "adapter_model.safetensors")
+    weights[key] = torch.zeros_like(before)
+    save_file(weights, path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"1 unexpected key.*never writes"):
+        PeftModel.from_pretrained(pristine, path)
+    assert torch.equal(BASE_WEIGHTS[key](pristine), before)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda t: t.to(torch.int64), r"non-floating-point.*allowed dtypes"),
+        (lambda t: torch.zeros(*t.shape, 2), r"wrong shape"),
+        (lambda t: torch.full_like(t, float("nan")), r"NaN or infinite"),
+        (lambda t: torch.full_like(t, float("inf")), r"NaN or infinite"),
+    ],
+    ids=["int64", "shape", "nan", "inf"],
+)
+def test_wrong_dtype_shape_or_non_finite_tensors_are_refused(tmp_path, method, damage, message):
+    _, pristine, path = _saved(tmp_path, method)
+    weights = load_file(path / "adapter_model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = damage(weights[name])
+    save_file(weights, path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(pristine, path)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_passing_config_does_not_bypass_the_load_checks(tmp_path, method):
+    model, pristine, path = _saved(tmp_path, method)
+    weights = load_file(path / "adapter_model.safetensors")
+    weights.pop(sorted(weights)[0])
+    save_file(weights, path / "adapter_model.safetensors")
+    config = type(model.peft_config["default"]).from_pretrained(path)
+    (path / "adapter_config.json").unlink()  # the folder's own config is not read on this path
+    with pytest.raises(ValueError, match="missing"):
+        PeftModel.from_pretrained(pristine, path, config=config)
+
+
+def test_dlo_refuses_an_adapter_without_its_new_layers(tmp_path):
+    _, pristine, path = _saved(tmp_path, "dlo")
+    weights = load_file(path / "adapter_model.safetensors")
+    new_layer_keys = [k for k in weights if ".dlo_new_layers." in k]
+    assert new_layer_keys
+    save_file({k: v for k, v in weights.items() if k not in new_layer_keys}, path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=f"{len(new_layer_keys)} missing key"):
+        PeftModel.from_pretrained(pristine, path)
+
+
 def test_failed_load_adapter_leaves_no_half_loaded_adapter(tmp_path):
     model, pristine, path = _saved(tmp_path, "mola")
     weights = load_file(path / "adapter_model.safetensors")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import re
 import threading
 import warnings
 from typing import Any
@@ -49,6 +50,9 @@ __all__ = ["install", "is_depth_adapter_source", "resolve_safetensors_file"]
 
 #: Keys of the weights the last peft-depth load read (set by load_peft_weights, consumed by load_adapter).
 _LAST_LOADED = threading.local()
+#: ``(peft_model, adapter_name)`` of the load_adapter call in progress on this thread (its weights file is checked
+#: against that adapter's own keys before any tensor is read).
+_LOAD_TARGET = threading.local()
 _HUB_KWARGS = ("revision", "cache_dir", "token", "force_download", "proxies", "repo_type", "local_files_only")
 
 
@@ -159,13 +163,85 @@ def resolve_safetensors_file(model_id: str, **hub_kwargs: Any) -> str:
         ) from error
 
 
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+def _check_header_matches_adapter(path: str, header: dict[str, dict], target: tuple[PeftModel, str]) -> None:
+    """The file must hold exactly the adapter's own keys, with their shapes, as floating-point tensors.
+
+    Checked from the header, before any tensor data is read: a key outside the adapter (e.g. a base weight such as
+    ``lm_head.weight``) would otherwise be written into the base model by ``load_state_dict(strict=False)``.
+    """
+    model, adapter_name = target
+    expected = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+    unexpected = sorted(set(header) - set(expected))
+    missing = sorted(set(expected) - set(header))
+    wrong_shape = [
+        f"{name}: {header[name]['shape']} (expected {list(expected[name].shape)})"
+        for name in sorted(set(header) & set(expected))
+        if list(header[name]["shape"]) != list(expected[name].shape)
+    ]
+    wrong_dtype = [
+        f"{name}: {entry['dtype']}" for name, entry in sorted(header.items()) if entry["dtype"] not in _FLOAT_DTYPES
+    ]
+    problems = []
+    if unexpected:
+        problems.append(
+            f"{len(unexpected)} unexpected key(s), which an adapter load never writes (e.g. {unexpected[:3]})"
+        )
+    if missing:
+        problems.append(f"{len(missing)} missing key(s) (e.g. {missing[:3]})")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} tensor(s) of the wrong shape (e.g. {wrong_shape[:3]})")
+    if wrong_dtype:
+        problems.append(
+            f"{len(wrong_dtype)} non-floating-point tensor(s) (allowed dtypes: {sorted(_FLOAT_DTYPES)}; e.g. "
+            f"{wrong_dtype[:3]})"
+        )
+    if problems:
+        raise ValueError(
+            f"{path} does not hold the adapter {adapter_name!r} its config builds: " + "; ".join(problems) + ". "
+            "Nothing was read from it; peft-depth loads exactly the adapter's own tensors."
+        )
+
+
+def _remapped(header: dict[str, dict], key_mapping: dict[str, str] | None) -> dict[str, dict]:
+    """The header's names as peft's ``load_peft_weights`` renames them with ``key_mapping`` (a model's
+    ``_checkpoint_conversion_mapping``): first matching pattern wins, the ``base_model[.model].`` prefix kept."""
+    if not key_mapping:
+        return header
+    renamed = {}
+    for key, entry in header.items():
+        prefix = next((p for p in ("base_model.model.", "base_model.") if key.startswith(p)), "")
+        name = key.removeprefix(prefix)
+        for pattern, replacement in key_mapping.items():
+            new_name, count = re.subn(pattern, replacement, name)
+            if count:
+                name = new_name
+                break
+        renamed[prefix + name] = entry
+    return renamed
+
+
+def _check_finite(path: str, weights: dict[str, Any]) -> None:
+    bad = [name for name, tensor in weights.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if bad:
+        raise ValueError(f"{path} holds NaN or infinite values in {len(bad)} tensor(s) (e.g. {sorted(bad)[:3]}).")
+
+
 def _wrap_load_peft_weights(original: Any) -> Any:
     @functools.wraps(original)
     def load_peft_weights(model_id: str, device: str | None = None, key_mapping: Any = None, **hub_kwargs: Any):
-        if not is_depth_adapter_source(model_id, **hub_kwargs):
+        target = getattr(_LOAD_TARGET, "value", None)
+        # a peft-depth adapter by its config on the model (``from_pretrained(..., config=...)`` never reads the folder's
+        # config) or by the folder's adapter_config.json
+        depth_target = target is not None and isinstance(target[0].peft_config.get(target[1]), DepthPeftConfig)
+        if not depth_target and not is_depth_adapter_source(model_id, **hub_kwargs):
             return original(model_id, device=device, key_mapping=key_mapping, **hub_kwargs)
         path = resolve_safetensors_file(model_id, **hub_kwargs)
-        check_safetensors_file(path)
+        header = check_safetensors_file(path)
+        if depth_target:
+            _check_header_matches_adapter(path, _remapped(header, key_mapping), target)
         try:
             # The folder now holds a validated safetensors file, which peft's loader prefers; no Hub access remains.
             weights = original(os.path.dirname(path), device=device, key_mapping=key_mapping)
@@ -173,6 +249,7 @@ def _wrap_load_peft_weights(original: Any) -> Any:
             if type(error).__name__ == "SafetensorError":
                 raise ValueError(f"{path} could not be read as safetensors: {error}") from error
             raise
+        _check_finite(path, weights)
         _LAST_LOADED.keys = set(weights)
         return weights
 
@@ -184,7 +261,15 @@ def _wrap_load_adapter(original: Any) -> Any:
     def load_adapter(self: PeftModel, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
         existed = adapter_name in self.peft_config
         _LAST_LOADED.keys = None
-        result = original(self, model_id, adapter_name, *args, **kwargs)
+        _LOAD_TARGET.value = (self, adapter_name)  # read by load_peft_weights, called inside peft's load_adapter
+        try:
+            result = original(self, model_id, adapter_name, *args, **kwargs)
+        except Exception:
+            if not existed and adapter_name in self.peft_config and len(self.peft_config) > 1:
+                self.delete_adapter(adapter_name)  # leave no half-loaded adapter behind
+            raise
+        finally:
+            _LOAD_TARGET.value = None
         loaded_keys, _LAST_LOADED.keys = _LAST_LOADED.keys, None
         if not isinstance(self.peft_config.get(adapter_name), DepthPeftConfig) or result is None:
             return result

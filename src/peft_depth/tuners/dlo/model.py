@@ -487,30 +487,17 @@ class DLOModel(DepthTuner):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """The adapter's keys are fixed by its config, never by tensor values: with ``new_layer_training='full'``
+        every weight of the new layers is saved; with ``'lora'`` the frozen copies are left out (a load rebuilds them
+        from the base model) and their LoRA is saved. A load then refuses any missing key."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        tuner = cls._find_tuner(model)
-        if tuner is None or adapter_name not in tuner._dlo["layouts"]:
+        if config.new_layer_training == "full":
             return selected
-        rebuilt_cache: dict[str, dict[str, torch.Tensor] | None] = {}
         kept = {}
         for key, value in selected.items():
             match = _NEW_KEY.search(key)
-            if match is None or match.group("adapter") != adapter_name:
-                kept[key] = value
-                continue
-            layer = match.group("layer")
-            if layer not in rebuilt_cache:
-                rebuilt_cache[layer] = tuner.initial_new_layer_state(adapter_name, int(layer[3:]))
-            initial = rebuilt_cache[layer]
-            plain_key = match.group("rest").replace(".base_layer.", ".")
-            reference = None if initial is None else initial.get(plain_key)
-            if (
-                reference is not None
-                and reference.shape == value.shape
-                and reference.dtype == value.dtype
-                and torch.equal(reference.to(value.device), value)
-            ):
-                continue  # loading rebuilds exactly this tensor from the base model
+            if match is not None and match.group("adapter") == adapter_name and "lora_" not in match.group("rest"):
+                continue  # a frozen copy of an original layer: rebuilt from the base model on load
             kept[key] = value
         return kept
 
