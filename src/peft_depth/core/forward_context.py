@@ -42,14 +42,12 @@ class ForwardContext:
         cache: the KV cache the call continues, if one was passed in (a cache created inside the forward is not
             known here; see ``layer_call.output_cache``).
         past_length: positions that cache held before the call.
-        arguments: the call's keyword arguments (for method-specific reads such as ``labels``).
         state: per-forward values of the methods, each under a key of its own.
     """
 
     attention_mask: torch.Tensor | None = None
     cache: Cache | None = None
     past_length: int = 0
-    arguments: dict[str, Any] = field(default_factory=dict)
     state: dict[Any, Any] = field(default_factory=dict)
 
 
@@ -68,7 +66,6 @@ class ForwardContextTracker:
             attention_mask=mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
             cache=cache,
             past_length=int(cache.get_seq_length()) if cache is not None else 0,
-            arguments=dict(kwargs),
         )
         contexts = dict(_CONTEXTS.get({}))
         contexts[self.key] = context

@@ -9,7 +9,6 @@ layers a flat ``[N]`` mask matching their own token count.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .forward_context import ForwardContext, ForwardContextTracker
 
@@ -18,9 +17,6 @@ __all__ = ["TokenMaskTracker"]
 
 class TokenMaskTracker(ForwardContextTracker):
     """The per-forward context of ``model`` with the padding-mask reads adapter layers need."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
 
     @property
     def context(self) -> ForwardContext:
