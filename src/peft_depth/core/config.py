@@ -24,6 +24,8 @@ __all__ = [
 
 #: Version of the adapter_config.json layout written by this release; bumped when a field changes meaning.
 CONFIG_FORMAT_VERSION = 1
+#: Allowed values of ``nonfinite_routing`` (see ``core.nonfinite``).
+NONFINITE_ROUTING_CHOICES = ("base_path", "raise")
 
 
 def check_positive_int(name: str, value: Any) -> None:
@@ -83,6 +85,16 @@ class DepthPeftConfig(PeftConfig):
         default=CONFIG_FORMAT_VERSION,
         metadata={"help": "Layout version of this config as written by peft-depth; filled in automatically."},
     )
+    nonfinite_routing: str = field(
+        default="base_path",
+        metadata={
+            "help": "What a row (token or sequence) whose routing scores are NaN or infinite does. 'base_path': it "
+            "takes the method's base path (no expert, no other layer, the layer executed as in the base model), is "
+            "left out of every batch statistic and vote, and is counted under `nonfinite_rows` in "
+            "`peft_depth.routing_stats`; no other row changes and no device sync is added. 'raise': a "
+            "`NonFiniteRoutingError` naming the layer (costs one device sync per routed layer)."
+        },
+    )
     base_model_facts: dict[str, Any] | None = field(
         default=None,
         metadata={
@@ -98,7 +110,12 @@ class DepthPeftConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        if not isinstance(self.peft_depth_version, int) or not 1 <= self.peft_depth_version <= CONFIG_FORMAT_VERSION:
+        check_choice("nonfinite_routing", self.nonfinite_routing, NONFINITE_ROUTING_CHOICES)
+        if (
+            isinstance(self.peft_depth_version, bool)
+            or not isinstance(self.peft_depth_version, int)
+            or not 1 <= self.peft_depth_version <= CONFIG_FORMAT_VERSION
+        ):
             raise ValueError(
                 f"`peft_depth_version` must be an integer in [1, {CONFIG_FORMAT_VERSION}] (this release reads those "
                 f"config layouts); got {self.peft_depth_version!r}. Upgrade peft-depth to load newer adapters."

@@ -62,14 +62,20 @@ class ForwardContextTracker:
     def _begin(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("attention_mask")
         _, cache = call_cache(kwargs, self._where)
-        context = ForwardContext(
-            attention_mask=mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
-            cache=cache,
-            past_length=int(cache.get_seq_length()) if cache is not None else 0,
+        self.begin_context(
+            ForwardContext(
+                attention_mask=mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
+                cache=cache,
+                past_length=int(cache.get_seq_length()) if cache is not None else 0,
+            )
         )
+
+    def begin_context(self, context: ForwardContext) -> ForwardContext:
+        """Make ``context`` this thread's current one for the model (replacing its previous forward's)."""
         contexts = dict(_CONTEXTS.get({}))
         contexts[self.key] = context
         _CONTEXTS.set(contexts)
+        return context
 
     @property
     def current(self) -> ForwardContext | None:

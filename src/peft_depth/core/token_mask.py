@@ -20,8 +20,12 @@ class TokenMaskTracker(ForwardContextTracker):
 
     @property
     def context(self) -> ForwardContext:
-        """The context of the latest forward (an empty one before the first)."""
-        return self.current or ForwardContext()
+        """This thread's context of the latest forward.
+
+        Before the first forward (a layer called on its own, outside a tracked model call) an empty context is made
+        and kept for this thread, so what layers record there stays readable until the next forward.
+        """
+        return self.current or self.begin_context(ForwardContext())
 
     @property
     def attention_mask(self) -> torch.Tensor | None:
