@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .core.aux import aux_losses, routing_stats
+from .core.nonfinite import NonFiniteRoutingError
 from .hub import install as _install_hub_hooks
 from .tuners.dlo import DLOConfig, DLOModel
 from .tuners.mod import MoDConfig, MoDModel
@@ -29,6 +30,7 @@ __all__ = [
     "MoLAModel",
     "MoLExConfig",
     "MoLExModel",
+    "NonFiniteRoutingError",
     "aux_losses",
     "routing_stats",
     "__version__",

@@ -94,23 +94,29 @@ class RoutingStatistics:
 
 
 def masked_routing_statistics(decision: RoutingDecision, token_mask: torch.Tensor | None) -> RoutingStatistics:
-    """Reduce a routing decision to balance-loss statistics over the real (non-padding) tokens."""
+    """Reduce a routing decision to balance-loss statistics over the tokens ``token_mask`` keeps (None: all).
+
+    Counting by weights rather than by boolean indexing keeps it free of device syncs.
+    """
     probs, top_indices = decision.probs, decision.top_indices
-    num_experts = probs.shape[-1]
+    num_experts, top_k = probs.shape[-1], top_indices.shape[-1]
     if token_mask is None:
         prob_sums = probs.sum(dim=0)
-        selected = top_indices.reshape(-1)
         num_tokens = torch.tensor(float(probs.shape[0]), device=probs.device)
+        weights = None
     else:
         weights = token_mask.to(probs.dtype)
-        prob_sums = weights @ probs
-        selected = top_indices[token_mask].reshape(-1)
+        # where(), not a product: a masked-out row's probabilities may be NaN, and NaN * 0 is NaN
+        prob_sums = torch.where(token_mask.unsqueeze(-1), probs, torch.zeros_like(probs)).sum(dim=0)
         num_tokens = weights.sum()
     with torch.no_grad():
-        counts = torch.bincount(selected, minlength=num_experts).to(probs.dtype)
-    return RoutingStatistics(
-        assignment_counts=counts, prob_sums=prob_sums, num_tokens=num_tokens, top_k=top_indices.shape[-1]
-    )
+        selected = top_indices.reshape(-1)
+        counts = torch.zeros(num_experts, dtype=probs.dtype, device=probs.device)
+        if weights is None:
+            counts.scatter_add_(0, selected, torch.ones_like(selected, dtype=probs.dtype))
+        else:
+            counts.scatter_add_(0, selected, weights.repeat_interleave(top_k))
+    return RoutingStatistics(assignment_counts=counts, prob_sums=prob_sums, num_tokens=num_tokens, top_k=top_k)
 
 
 def switch_balance_loss(stats: RoutingStatistics) -> torch.Tensor:

@@ -11,6 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ...core.context import RoutingContext
 from ...core.low_rank import init_low_rank, linear_features, low_rank_delta
+from ...core.nonfinite import check_routing_scores
 from ...core.routing import RoutingDecision, RoutingStatistics, masked_routing_statistics, route_top_k
 
 __all__ = ["MoLALayer", "MoLALinear"]
@@ -20,7 +21,14 @@ class MoLALayer(BaseTunerLayer):
     """State of the MoLA adapters on one linear layer (one entry per adapter name in each dict)."""
 
     adapter_layer_names = ("mola_A", "mola_B", "mola_router")
-    other_param_names = ("mola_r", "mola_num_experts", "mola_top_k", "mola_scaling", "mola_dropout")
+    other_param_names = (
+        "mola_r",
+        "mola_num_experts",
+        "mola_top_k",
+        "mola_scaling",
+        "mola_dropout",
+        "mola_nonfinite_routing",
+    )
 
     def __init__(self, base_layer: nn.Module, layer_index: int | None, context: RoutingContext) -> None:
         self.base_layer = base_layer
@@ -35,14 +43,10 @@ class MoLALayer(BaseTunerLayer):
         self.mola_num_experts: dict[str, int] = {}
         self.mola_top_k: dict[str, int] = {}
         self.mola_scaling: dict[str, float] = {}
+        self.mola_nonfinite_routing: dict[str, str] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self._routing_context = context
-        # Routing decisions of the last forward per adapter (with that forward's padding mask), reduced to
-        # statistics only when read: generation never reads them, so decoding skips the reduction. Overwritten each
-        # call (gradient checkpointing re-runs this layer during backward, and must not double count).
-        self._mola_last_routing: dict[str, RoutingDecision | RoutingStatistics] = {}
-        self._mola_last_mask: torch.Tensor | None = None
 
     def update_layer(
         self,
@@ -54,9 +58,11 @@ class MoLALayer(BaseTunerLayer):
         lora_alpha: float,
         lora_dropout: float,
         init_lora_weights: bool,
+        nonfinite_routing: str = "base_path",
         inference_mode: bool = False,
     ) -> None:
         self.mola_r[adapter_name] = r
+        self.mola_nonfinite_routing[adapter_name] = nonfinite_routing
         self.mola_num_experts[adapter_name] = num_experts
         self.mola_top_k[adapter_name] = top_k
         self.mola_scaling[adapter_name] = lora_alpha / r
@@ -72,13 +78,42 @@ class MoLALayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
+    def _publish(self, records: dict[str, _Routed]) -> None:
+        # Per forward and per thread (core.forward_context): concurrent forwards never see each other's decisions.
+        # Overwritten on each call: gradient checkpointing re-runs this layer during backward and must not double count.
+        self._routing_context.forward.state.setdefault(_STATE_KEY, {})[self] = records
+
     def last_routing(self) -> dict[str, RoutingStatistics]:
-        """Routing statistics of the last forward, per active adapter that ran (reduced on first read)."""
-        records = self._mola_last_routing
-        for adapter_name, record in records.items():
-            if isinstance(record, RoutingDecision):
-                records[adapter_name] = masked_routing_statistics(record, self._mola_last_mask)
-        return records
+        """Routing statistics of this thread's last forward, per active adapter that ran (reduced on first read).
+
+        Decisions are kept with their token mask and reduced to statistics only when read: generation never reads
+        them, so decoding skips the reduction.
+        """
+        records = self._routing_context.forward.state.get(_STATE_KEY, {}).get(self, {})
+        for routed in records.values():
+            if routed.statistics is None:
+                routed.statistics = masked_routing_statistics(routed.decision, routed.token_mask)
+        return {name: routed.statistics for name, routed in records.items()}
+
+    def last_nonfinite_rows(self) -> dict[str, int]:
+        """Tokens of this thread's last forward whose routing scores were not finite, per adapter (a device sync)."""
+        records = self._routing_context.forward.state.get(_STATE_KEY, {}).get(self, {})
+        return {name: int(routed.nonfinite.sum()) for name, routed in records.items()}
+
+
+_STATE_KEY = "mola"
+
+
+class _Routed:
+    """One adapter's routing in one forward of one layer."""
+
+    __slots__ = ("decision", "token_mask", "nonfinite", "statistics")
+
+    def __init__(self, decision: RoutingDecision, token_mask: torch.Tensor, nonfinite: torch.Tensor) -> None:
+        self.decision = decision
+        self.token_mask = token_mask  # real (non-padding) tokens with finite routing scores
+        self.nonfinite = nonfinite
+        self.statistics: RoutingStatistics | None = None
 
 
 class MoLALinear(nn.Module, MoLALayer):
@@ -112,17 +147,26 @@ class MoLALinear(nn.Module, MoLALayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
-            self._mola_last_routing = {}
+            self._publish({})
             return result
         # Build the records aside and publish them at the end: torch's non-reentrant checkpointing may stop a
         # recomputation part-way through this forward once it has what backward needs.
-        records: dict[str, RoutingDecision | RoutingStatistics] = {}
+        records: dict[str, _Routed] = {}
+        padding_mask = None
         for adapter_name in self.active_adapters:
             if adapter_name not in self.mola_A:
                 continue
             lora_A = self.mola_A[adapter_name]
             x_flat = x.reshape(-1, self.in_features).to(lora_A.dtype)
-            decision = route_top_k(self.mola_router[adapter_name](x_flat), self.mola_top_k[adapter_name])
+            logits = self.mola_router[adapter_name](x_flat)
+            nonfinite = check_routing_scores(
+                logits, self.mola_nonfinite_routing.get(adapter_name, "base_path"), self._where(adapter_name)
+            )
+            # A token with non-finite scores takes the base path: routed on zeros (so top-k stays well defined), its
+            # gates zeroed, and left out of the balance statistics. No sync: all masks stay on the device.
+            logits = torch.where(nonfinite.unsqueeze(-1), torch.zeros_like(logits), logits)
+            decision = route_top_k(logits, self.mola_top_k[adapter_name])
+            decision.gates = decision.gates * (~nonfinite).unsqueeze(-1).to(decision.gates.dtype)
             delta = low_rank_delta(
                 x_flat,
                 lora_A,
@@ -132,10 +176,15 @@ class MoLALinear(nn.Module, MoLALayer):
                 gates=decision.gates,
             )
             result = result + delta.view(result.shape).to(result.dtype)
-            records[adapter_name] = decision
-        self._mola_last_mask = self._routing_context.flat_mask(x.shape) if records else None
-        self._mola_last_routing = records
+            if padding_mask is None:
+                padding_mask = self._routing_context.flat_mask(x.shape)
+            token_mask = ~nonfinite if padding_mask is None else padding_mask & ~nonfinite
+            records[adapter_name] = _Routed(decision, token_mask, nonfinite)
+        self._publish(records)
         return result
+
+    def _where(self, adapter_name: str) -> str:
+        return f"MoLA adapter {adapter_name!r}, layer {self.mola_layer_index}"
 
     def __repr__(self) -> str:
         return "mola." + super().__repr__()

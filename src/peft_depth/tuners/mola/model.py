@@ -69,6 +69,7 @@ class MoLAModel(DepthTuner):
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
             init_lora_weights=config.init_lora_weights,
+            nonfinite_routing=config.nonfinite_routing,
             inference_mode=config.inference_mode,
         )
         if isinstance(target, MoLALayer):
@@ -150,8 +151,20 @@ class MoLAModel(DepthTuner):
             terms[key] = AuxLossTerm(loss, float(self.peft_config[adapter_name].balance_loss_coef))
         return terms
 
+    def _nonfinite_by_layer(self) -> dict[str, dict[Any, int]]:
+        """Tokens of the last forward whose routing scores were not finite, per adapter and block (summed over the
+        block's routers: a token counts once per router that saw it non-finite)."""
+        grouped: dict[str, dict[Any, int]] = defaultdict(dict)
+        for name, module in self.model.named_modules():
+            if isinstance(module, MoLALayer):
+                group = module.mola_layer_index if module.mola_layer_index is not None else name
+                for adapter_name, count in module.last_nonfinite_rows().items():
+                    grouped[adapter_name][group] = grouped[adapter_name].get(group, 0) + count
+        return grouped
+
     def depth_routing_stats(self) -> dict[str, Any]:
         report: dict[str, Any] = {}
+        nonfinite = self._nonfinite_by_layer()
         for adapter_name, layers in self._routing_by_layer().items():
             rows = []
             for group, (stats, num_routers) in layers.items():
@@ -166,6 +179,7 @@ class MoLAModel(DepthTuner):
                         "mean_prob": stats.mean_probs.detach().float().tolist(),
                         "usage_entropy": float(usage_entropy(fraction)),
                         "balance_loss": float(switch_balance_loss(stats).detach()),
+                        "nonfinite_rows": nonfinite[adapter_name].get(group, 0),
                     }
                 )
             report[adapter_name] = rows

@@ -10,17 +10,20 @@ import torch
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from ...core.aux import AuxLossTerm
 from ...core.layer_call import BlockCall, bind_block_call
 from ...core.lora_layer import DepthLoraLayer
-from ...core.routing import usage_entropy
+from ...core.nonfinite import check_routing_scores
 from ...core.tuner import DepthTuner
 from .config import MoLExConfig
 from .expert_cache import expert_cache_state
 from .layer import SHARED_GATE_KEY, MoLExAlpha, build_gate, layer_key
-from .routing import LayerRecord, decide, layer_statistics
+from .routing import LayerRecord, MoLExDecision, decide, layer_statistics
+from .statistics import MoLExStatistics
 
 __all__ = ["MoLExModel"]
+
+#: Key of MoLEx's records in a forward context's state.
+_STATE_KEY = "molex"
 
 
 @dataclass
@@ -62,7 +65,7 @@ class _BlockForward:
         return self.tuner._block_forward(self.index, args, kwargs)
 
 
-class MoLExModel(DepthTuner):
+class MoLExModel(MoLExStatistics, DepthTuner):
     """Creates a MoLEx model from a pretrained transformers model (https://arxiv.org/abs/2503.11144).
 
     Use through ``peft.get_peft_model(model, MoLExConfig(...))`` after ``import peft_depth``.
@@ -89,7 +92,8 @@ class MoLExModel(DepthTuner):
 
     @property
     def _records(self) -> dict[str, dict[int, LayerRecord]]:
-        return self.__dict__.setdefault("_molex_records", {})
+        """Per adapter and MoLEx layer, the records of this thread's last forward (``core.forward_context``)."""
+        return self.routing_context.forward.state.setdefault(_STATE_KEY, {})
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         config: MoLExConfig = self.peft_config[adapter_name]
@@ -106,9 +110,6 @@ class MoLExModel(DepthTuner):
         self._create_tuner_modules(adapter_name, config, plan)
         self._plans[adapter_name] = plan
         self._install_block_forwards()
-        if "_molex_reset_hook" not in self.__dict__:
-            # A new top-level forward starts with no records: layers that do not mix this time leave none behind.
-            self.__dict__["_molex_reset_hook"] = self.model.register_forward_pre_hook(self._reset_records)
 
     def _build_plan(self, config: MoLExConfig, layers: nn.ModuleList) -> _AdapterPlan:
         num_layers = len(layers)
@@ -202,9 +203,6 @@ class MoLExModel(DepthTuner):
             return current
         return type(block).forward.__get__(block)
 
-    def _reset_records(self, module: nn.Module, args: Any) -> None:
-        self.__dict__["_molex_records"] = {}
-
     def _routing_adapter(self) -> str | None:
         if not self.depth_adapters_enabled:
             return None
@@ -225,41 +223,58 @@ class MoLExModel(DepthTuner):
         return self._mix(adapter, index, original, call)
 
     def _mix(self, adapter: str, index: int, original, call: BlockCall) -> Any:
+        """Block ``index``'s output mixed with the expert layer its gate picks: ``α·u_i + (1−α)·u_j``."""
         config: MoLExConfig = self.peft_config[adapter]
-        plan = self._plans[adapter]
-        hidden, rest, cache = call.hidden, call.arguments, call.cache
-        real_past = call.past_length(index)
-        token_routing = config.routing == "token"
-        if cache is not None and real_past > 0 and not token_routing:
+        self._check_cache_allowed(config, call, index)
+        decision = self._route(adapter, index, call.hidden)
+        # Expert calls must never write the model's cache: without token routing they get none; with it, each
+        # expert pass (index, j) gets its own slot in a side cache.
+        expert_state = None
+        if config.routing == "token" and call.cache is not None:
+            key = (id(self), adapter, index)
+            expert_state = expert_cache_state(call.cache, key, _text_config(self.model), call.past_length(index))
+        own = original(call.hidden, **call.arguments)
+        own_hidden = _first(own)
+        other = self._expert_outputs(index, call, decision, own_hidden, expert_state)
+        if expert_state is not None:
+            expert_state.append(call.hidden, call.arguments)
+        mixed, alpha = self._combine(adapter, index, own_hidden, other, decision)
+        self._record(adapter, index, decision, alpha)
+        return (mixed, *own[1:]) if isinstance(own, tuple) else mixed
+
+    @staticmethod
+    def _check_cache_allowed(config: MoLExConfig, call: BlockCall, index: int) -> None:
+        if config.routing != "token" and call.cache is not None and call.past_length(index) > 0:
             raise ValueError(
                 f"MoLEx routing={config.routing!r} chooses the expert from all tokens of the input, so it cannot "
                 "continue from a KV cache (the choice would change with every new token). Generate with "
                 "`use_cache=False` (PeftModel.generate does this for you), or use routing='token'."
             )
 
-        batch, seq = hidden.shape[0], hidden.shape[1]
+    def _route(self, adapter: str, index: int, hidden: torch.Tensor) -> MoLExDecision:
+        """The gate's decision for the tokens of block ``index`` (non-finite scores handled by the config's policy)."""
+        config: MoLExConfig = self.peft_config[adapter]
         gates = self.molex_gate[adapter]
         gate = gates[SHARED_GATE_KEY] if config.shared_gate else gates[layer_key(index)]
         logits = gate(hidden.reshape(-1, hidden.shape[-1]))
-        token_mask = self.routing_context.flat_mask(hidden.shape)
-        decision = decide(
+        nonfinite = check_routing_scores(logits, config.nonfinite_routing, f"MoLEx adapter {adapter!r}, layer {index}")
+        return decide(
             logits,
-            plan.candidate_masks[index].to(logits.device),
+            self._plans[adapter].candidate_masks[index].to(logits.device),
             config.routing,
-            (batch, seq),
-            token_mask,
+            (hidden.shape[0], hidden.shape[1]),
+            self.routing_context.flat_mask(hidden.shape),
+            nonfinite,
             index,
             self.routing_context,
         )
 
-        # Expert calls must never write the model's cache: without token routing they get none; with it, each
-        # expert pass (index, j) gets its own slot in a side cache.
-        expert_state = None
-        if token_routing and cache is not None:
-            expert_state = expert_cache_state(cache, (id(self), adapter, index), _text_config(self.model), real_past)
-        own = original(hidden, **rest)
-        own_hidden = own[0] if isinstance(own, tuple) else own
+    def _expert_outputs(self, index, call: BlockCall, decision: MoLExDecision, own_hidden, expert_state):
+        """``u_j`` per token: the output of the expert layer it chose (its own output where it chose block ``index``).
 
+        One pass per distinct chosen layer; with per-sequence choices, a layer only runs on the rows that chose it.
+        """
+        batch, seq = call.hidden.shape[0], call.hidden.shape[1]
         other = own_hidden
         for j in decision.experts:
             if j == index:
@@ -267,38 +282,45 @@ class MoLExModel(DepthTuner):
             expert_forward = self._original_forward(j)
             if expert_state is not None:
                 out_j = self._run_expert_with_cache(expert_forward, j, call, expert_state)
+            elif decision.row_choice is not None and not bool((decision.row_choice == j).all()):
+                rows = decision.row_choice == j
+                out_j = _run_on_rows(expert_forward, call.hidden, call.without_cache(), rows)
+                other = torch.where(rows.view(batch, 1, 1), out_j, other)
+                continue
             else:
-                expert_kwargs = call.without_cache()
-                if decision.row_choice is not None and not bool((decision.row_choice == j).all()):
-                    out_j = _run_on_rows(expert_forward, hidden, expert_kwargs, decision.row_choice == j)
-                    rows = (decision.row_choice == j).view(batch, 1, 1)
-                    other = torch.where(rows, out_j, other)
-                    continue
-                out_j = _first(expert_forward(hidden, **expert_kwargs))
+                out_j = _first(expert_forward(call.hidden, **call.without_cache()))
             selected = (decision.chosen == j).view(batch, seq, 1)
             other = torch.where(selected, out_j.to(other.dtype), other)
-        if expert_state is not None:
-            expert_state.append(hidden, rest)
+        return other
 
+    def _combine(self, adapter: str, index: int, own_hidden, other, decision: MoLExDecision):
+        """``(α·u_i + (1−α)·u_j, α)``; tokens on the base path keep ``u_i`` exactly."""
+        config: MoLExConfig = self.peft_config[adapter]
+        batch, seq = own_hidden.shape[0], own_hidden.shape[1]
         if config.learn_alpha:
             alpha = self.molex_alpha[adapter](index)
         else:
-            alpha = torch.tensor(plan.alpha, device=own_hidden.device)
+            alpha = torch.tensor(self._plans[adapter].alpha, device=own_hidden.device)
         mixes = any(j != index for j in decision.experts)
         if config.straight_through_gate:
+            # forward value unchanged (ratio 1), gradient of the chosen probability reaches the gate
             chosen_prob = decision.probs.gather(1, decision.chosen[:, None])
             detached = chosen_prob.detach()
             ratio = torch.where(detached > 0, chosen_prob / detached.clamp_min(1e-30), torch.ones_like(detached))
             other = other * ratio.view(batch, seq, 1).to(other.dtype)
             mixes = True
-        if mixes:
-            alpha = alpha.to(own_hidden.dtype)
-            mixed = alpha * own_hidden + (1 - alpha) * other
-        else:
+        if not mixes:
             # every token chose its own layer: α·u_i + (1−α)·u_i is u_i, computed once
-            mixed = own_hidden
+            return own_hidden, alpha
+        alpha_cast = alpha.to(own_hidden.dtype)
+        mixed = alpha_cast * own_hidden + (1 - alpha_cast) * other
+        return torch.where(decision.base_path.view(batch, seq, 1), own_hidden, mixed), alpha
 
-        prob_sums, counts, num_tokens = layer_statistics(decision, token_mask)
+    def _record(self, adapter: str, index: int, decision: MoLExDecision, alpha: torch.Tensor) -> None:
+        """Keep this layer's statistics in this thread's forward context (published last: gradient-checkpoint
+        recomputation may stop part-way through a forward)."""
+        config: MoLExConfig = self.peft_config[adapter]
+        prob_sums, counts, num_tokens = layer_statistics(decision)
         if config.routing == "batch_vote":
             chosen: int | list[int] = decision.experts[0]
         elif config.routing == "sequence":
@@ -309,17 +331,13 @@ class MoLExModel(DepthTuner):
             prob_sums=prob_sums,
             counts=counts,
             num_tokens=num_tokens,
-            num_candidates=len(plan.candidates[index]),
+            num_candidates=len(self._plans[adapter].candidates[index]),
             alpha=float(alpha.detach()),
             chosen=chosen,
+            base_path=decision.base_path,
         )
-        # publish at the end (gradient-checkpoint recomputation may stop part-way through a forward)
-        records = dict(self._records.get(adapter, {}))
-        records[index] = record
-        self._records[adapter] = records
-        if isinstance(own, tuple):
-            return (mixed, *own[1:])
-        return mixed
+        records = self._records
+        records[adapter] = {**records.get(adapter, {}), index: record}
 
     @staticmethod
     def _run_expert_with_cache(expert_forward, j: int, call: BlockCall, state) -> torch.Tensor:
@@ -362,9 +380,6 @@ class MoLExModel(DepthTuner):
         for block in self.layer_stack.layers:
             if isinstance(block.__dict__.get("forward"), _BlockForward):
                 self._uninstall_block(block)
-        hook = self.__dict__.pop("_molex_reset_hook", None)
-        if hook is not None:
-            hook.remove()
         return model
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -372,105 +387,6 @@ class MoLExModel(DepthTuner):
         self._plans.pop(adapter_name, None)
         self._records.pop(adapter_name, None)
         self._install_block_forwards()
-
-    # ------------------------------------------------------------------ losses, statistics, optimizer groups
-
-    def _synced_records(self) -> dict[str, dict[int, LayerRecord]]:
-        records = self._records
-        if not self.routing_context.syncing or not records:
-            return records
-        keys = [(a, i) for a, layers in records.items() for i in layers]
-        context = self.routing_context
-        prob_sums = context.reduce_sum(torch.stack([records[a][i].prob_sums for a, i in keys]))
-        counts = context.reduce_sum(
-            torch.stack([torch.cat([records[a][i].counts, records[a][i].num_tokens.reshape(1)]) for a, i in keys])
-        )
-        synced: dict[str, dict[int, LayerRecord]] = {}
-        for row, (a, i) in enumerate(keys):
-            old = records[a][i]
-            synced.setdefault(a, {})[i] = LayerRecord(
-                prob_sums=prob_sums[row],
-                counts=counts[row, :-1],
-                num_tokens=counts[row, -1],
-                num_candidates=old.num_candidates,
-                alpha=old.alpha,
-                chosen=old.chosen,
-            )
-        return synced
-
-    @staticmethod
-    def _balance_loss(record: LayerRecord) -> torch.Tensor:
-        """E · Σ_e f_e · P_e with E the layer's candidates (the official L·Σ f·P when all layers are candidates)."""
-        tokens = record.num_tokens.clamp(min=1)
-        return record.num_candidates * torch.dot((record.counts / tokens).detach(), record.prob_sums / tokens)
-
-    def depth_aux_terms(self) -> dict[str, AuxLossTerm]:
-        terms: dict[str, AuxLossTerm] = {}
-        records = self._synced_records()
-        for adapter_name, layers in records.items():
-            if not layers:
-                continue
-            loss = torch.stack([self._balance_loss(record) for record in layers.values()]).sum()
-            key = "routing" if len(records) == 1 else f"routing.{adapter_name}"
-            terms[key] = AuxLossTerm(loss, float(self.peft_config[adapter_name].balance_loss_coef))
-        return terms
-
-    def depth_routing_stats(self) -> dict[str, Any]:
-        report: dict[str, Any] = {}
-        for adapter_name, layers in self._synced_records().items():
-            rows = []
-            for index in sorted(layers):
-                record = layers[index]
-                tokens = record.num_tokens.clamp(min=1)
-                fraction = (record.counts / tokens).detach().float()
-                rows.append(
-                    {
-                        "layer": index,
-                        "routing": self.peft_config[adapter_name].routing,
-                        "chosen": record.chosen,
-                        "num_tokens": int(record.num_tokens.item()),
-                        "num_candidates": record.num_candidates,
-                        "expert_fraction": fraction.tolist(),
-                        "mean_prob": (record.prob_sums / tokens).detach().float().tolist(),
-                        "usage_entropy": float(usage_entropy(fraction)),
-                        "alpha": record.alpha,
-                        "balance_loss": float(self._balance_loss(record).detach()),
-                    }
-                )
-            report[adapter_name] = rows
-        return {"molex": report} if report else {}
-
-    def gate_parameters(self, adapter_name: str | None = None) -> list[tuple[str, nn.Parameter]]:
-        """Named gate and α parameters (all adapters, or one)."""
-        named = []
-        for container_name, container in self.tuner_modules():
-            for name, module in container.items():
-                if adapter_name is None or name == adapter_name:
-                    named.extend((f"{container_name}.{name}.{n}", p) for n, p in module.named_parameters())
-        return named
-
-    def depth_optimizer_groups(self, base_lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """One optimizer group per adapter for its gates and α, with ``gate_lr`` / ``gate_weight_decay``.
-
-        Named ``"gate"`` (``"gate.<adapter>"`` with several adapters) so that ``DepthSFTConfig.gate_learning_rate``
-        and ``gate_weight_decay`` override them.
-        """
-        groups = []
-        adapters = [name for name in self.peft_config if name in self._plans]
-        for adapter_name in adapters:
-            config: MoLExConfig = self.peft_config[adapter_name]
-            params = [p for _, p in self.gate_parameters(adapter_name)]
-            if not params:
-                continue
-            groups.append(
-                {
-                    "name": "gate" if len(adapters) == 1 else f"gate.{adapter_name}",
-                    "params": params,
-                    "lr": base_lr if config.gate_lr is None else config.gate_lr,
-                    "weight_decay": weight_decay if config.gate_weight_decay is None else config.gate_weight_decay,
-                }
-            )
-        return groups
 
 
 # ---------------------------------------------------------------------- helpers

@@ -20,12 +20,17 @@ class MoLExDecision:
         chosen: ``[N]`` expert layer used by each token (for padding tokens in ``"token"`` mode: the layer itself).
         row_choice: ``[batch]`` layer chosen per sequence (``"sequence"``), else None.
         experts: the distinct chosen layers, ascending (Python ints; each other than the layer itself costs a pass).
+        base_path: ``[N]`` tokens that take the layer's own output unmixed, because their routing scores (or, for
+            ``"sequence"``, those of a real token of their row) were not finite.
+        voters: ``[N]`` tokens counted in the decision and the statistics: real (not padding), finite scores.
     """
 
     probs: torch.Tensor
     chosen: torch.Tensor
     row_choice: torch.Tensor | None
     experts: list[int]
+    base_path: torch.Tensor
+    voters: torch.Tensor
 
 
 @dataclass
@@ -38,6 +43,7 @@ class LayerRecord:
     num_candidates: int
     alpha: float
     chosen: int | list[int]  # the voted j (batch_vote), per-sequence j (sequence), distinct j's (token)
+    base_path: torch.Tensor | None = None  # [N] tokens that took the layer's own output (non-finite scores)
 
 
 def _votes(chosen: torch.Tensor, weights: torch.Tensor, num_layers: int) -> torch.Tensor:
@@ -52,58 +58,61 @@ def decide(
     routing: str,
     shape: tuple[int, int],
     token_mask: torch.Tensor | None,
+    nonfinite: torch.Tensor,
     own_index: int,
     context: RoutingContext,
 ) -> MoLExDecision:
     """Route the tokens of one layer.
 
     ``logits [N, L]`` come from the gate; non-candidates are masked out before the softmax. Padding tokens
-    (``token_mask`` False) never vote. ``"batch_vote"`` sums the votes over processes when the routing context syncs,
-    so every process picks the same j for the global batch.
+    (``token_mask`` False) and tokens with non-finite scores (``nonfinite`` True, ``core.nonfinite``) never vote, so
+    one bad request cannot move another row's choice; the latter take the layer's own output. ``"batch_vote"`` sums
+    the votes over processes when the routing context syncs, so every process picks the same j for the global batch.
     """
     batch, seq = shape
     num_layers = logits.shape[-1]
-    probs = torch.softmax(logits.float().masked_fill(~candidate_mask, float("-inf")), dim=-1)
+    finite_logits = torch.where(nonfinite.unsqueeze(-1), torch.zeros_like(logits), logits)
+    probs = torch.softmax(finite_logits.float().masked_fill(~candidate_mask, float("-inf")), dim=-1)
     top1 = probs.detach().argmax(dim=-1)
     real = torch.ones_like(top1, dtype=torch.bool) if token_mask is None else token_mask
+    voters = real & ~nonfinite
+    base_path = nonfinite
     row_choice = None
     if routing == "batch_vote":
-        votes = context.reduce_sum(_votes(top1, real, num_layers))
-        if votes.sum() == 0:  # no real token anywhere: let every token vote
-            votes = _votes(top1, torch.ones_like(real), num_layers)
-        # argmax takes the lowest index among ties, a deterministic stand-in for the official torch.mode
-        j = int(votes.argmax())
+        votes = context.reduce_sum(_votes(top1, voters, num_layers))
+        if votes.sum() == 0:  # no real token anywhere: let every finite token vote
+            votes = _votes(top1, ~nonfinite, num_layers)
+        # argmax takes the lowest index among ties, a deterministic stand-in for the official torch.mode; with no
+        # finite token at all every token takes the base path and the layer itself stands as the choice
+        j = int(votes.argmax()) if votes.sum() > 0 else own_index
         chosen = torch.full_like(top1, j)
         experts = [j]
     elif routing == "sequence":
-        row_real = real.view(batch, seq)
+        row_real, row_bad = real.view(batch, seq), (real & nonfinite).view(batch, seq).any(dim=-1)
         # a row without real tokens lets all its tokens vote
-        row_real = row_real | ~row_real.any(dim=-1, keepdim=True)
-        row_choice = _votes(top1.view(batch, seq), row_real, num_layers).argmax(dim=-1)
+        row_voters = (row_real | ~row_real.any(dim=-1, keepdim=True)) & ~nonfinite.view(batch, seq)
+        row_choice = _votes(top1.view(batch, seq), row_voters, num_layers).argmax(dim=-1)
+        row_choice = torch.where(row_bad, torch.full_like(row_choice, own_index), row_choice)
         chosen = row_choice.repeat_interleave(seq)
         experts = sorted(set(row_choice.tolist()))
+        base_path = row_bad.repeat_interleave(seq)
+        voters = voters & ~base_path
     elif routing == "token":
         # padding tokens take the layer itself: their outputs are ignored, so they must not cost an expert pass
-        chosen = torch.where(real, top1, torch.full_like(top1, own_index))
+        chosen = torch.where(voters, top1, torch.full_like(top1, own_index))
         experts = torch.unique(chosen).tolist()
     else:
         raise ValueError(f"Unknown routing {routing!r}.")
-    return MoLExDecision(probs=probs, chosen=chosen, row_choice=row_choice, experts=experts)
+    return MoLExDecision(
+        probs=probs, chosen=chosen, row_choice=row_choice, experts=experts, base_path=base_path, voters=voters
+    )
 
 
-def layer_statistics(
-    decision: MoLExDecision, token_mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(prob_sums [L] with gradient, counts [L], num_tokens)`` over the real tokens."""
-    probs = decision.probs
-    if token_mask is None:
-        prob_sums = probs.sum(dim=0)
-        chosen = decision.chosen
-        num_tokens = torch.tensor(float(probs.shape[0]), device=probs.device)
-    else:
-        weights = token_mask.to(probs.dtype)
-        prob_sums = weights @ probs
-        chosen = decision.chosen[token_mask]
-        num_tokens = weights.sum()
-    counts = torch.bincount(chosen, minlength=probs.shape[-1]).to(probs.dtype)
-    return prob_sums, counts, num_tokens
+def layer_statistics(decision: MoLExDecision) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(prob_sums [L] with gradient, counts [L], num_tokens)`` over the voting tokens (no device sync)."""
+    probs, voters = decision.probs, decision.voters
+    prob_sums = torch.where(voters.unsqueeze(-1), probs, torch.zeros_like(probs)).sum(dim=0)
+    weights = voters.to(probs.dtype)
+    counts = torch.zeros(probs.shape[-1], dtype=probs.dtype, device=probs.device)
+    counts.scatter_add_(0, decision.chosen, weights)
+    return prob_sums, counts, weights.sum()
