@@ -41,8 +41,10 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from peft import PeftConfig, PeftModel
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, get_peft_model_state_dict
+from torch import nn
 
 from ..core.config import DepthPeftConfig
+from ..core.snapshot import ModelSnapshot
 from .model_card import write_model_card
 from .safetensors_check import check_safetensors_file
 
@@ -256,46 +258,81 @@ def _wrap_load_peft_weights(original: Any) -> Any:
     return _mark(load_peft_weights)
 
 
+def _is_depth_load(model_id: Any, config: Any, hub_kwargs: dict[str, Any]) -> bool:
+    if config is not None:
+        return isinstance(config, DepthPeftConfig)
+    keys = ("subfolder", *_HUB_KWARGS)
+    return isinstance(model_id, (str, os.PathLike)) and is_depth_adapter_source(
+        str(model_id), **{k: hub_kwargs[k] for k in keys if k in hub_kwargs}
+    )
+
+
 def _wrap_load_adapter(original: Any) -> Any:
     @functools.wraps(original)
     def load_adapter(self: PeftModel, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
-        existed = adapter_name in self.peft_config
+        existing = isinstance(self.peft_config.get(adapter_name), DepthPeftConfig)
+        if not existing and not _is_depth_load(model_id, None, kwargs):
+            return original(self, model_id, adapter_name, *args, **kwargs)
+        # a failed load leaves the model exactly as it was: no half-built adapter, hook or rewired layer
+        snapshot = ModelSnapshot(self)
         _LAST_LOADED.keys = None
         _LOAD_TARGET.value = (self, adapter_name)  # read by load_peft_weights, called inside peft's load_adapter
         try:
             result = original(self, model_id, adapter_name, *args, **kwargs)
-        except Exception:
-            if not existed and adapter_name in self.peft_config and len(self.peft_config) > 1:
-                self.delete_adapter(adapter_name)  # leave no half-loaded adapter behind
+            _check_loaded_keys(self, model_id, adapter_name, result)
+        except BaseException:
+            snapshot.restore()
             raise
         finally:
             _LOAD_TARGET.value = None
-        loaded_keys, _LAST_LOADED.keys = _LAST_LOADED.keys, None
-        if not isinstance(self.peft_config.get(adapter_name), DepthPeftConfig) or result is None:
-            return result
-        # peft's own missing-key list keeps only keys containing the method prefix, which drops e.g. the lora_A/B of
-        # methods that carry LoRA; so compare with the full set of keys this adapter saves.
-        missing = list(getattr(result, "missing_keys", []) or [])
-        if loaded_keys is not None:
-            expected = get_peft_model_state_dict(self, adapter_name=adapter_name, save_embedding_layers=False)
-            missing = sorted(set(missing) | (set(expected) - loaded_keys))
-        unexpected = list(getattr(result, "unexpected_keys", []) or [])
-        if missing or unexpected:
-            if not existed and len(self.peft_config) > 1:
-                self.delete_adapter(adapter_name)  # leave no half-loaded adapter behind
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-            raise ValueError(
-                f"Adapter {adapter_name!r} from {model_id!r} does not match the adapter its config builds: "
-                + " and ".join(parts)
-                + " keys. peft-depth refuses partial loads; the weights file belongs to another config or model."
-            )
+            _LAST_LOADED.keys = None
         return result
 
     return _mark(load_adapter)
+
+
+def _check_loaded_keys(model: PeftModel, model_id: Any, adapter_name: str, result: Any) -> None:
+    loaded_keys = _LAST_LOADED.keys
+    if not isinstance(model.peft_config.get(adapter_name), DepthPeftConfig) or result is None:
+        return
+    # peft's own missing-key list keeps only keys containing the method prefix (or the adapter name), which drops
+    # e.g. the lora_A/B of methods that carry LoRA; so compare with the full set of keys this adapter saves.
+    missing = list(getattr(result, "missing_keys", []) or [])
+    if loaded_keys is not None:
+        expected = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+        missing = sorted(set(expected) - loaded_keys)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        raise ValueError(
+            f"Adapter {adapter_name!r} from {model_id!r} does not match the adapter its config builds: "
+            + " and ".join(parts)
+            + " keys. peft-depth refuses partial loads; the weights file belongs to another config or model."
+        )
+
+
+def _wrap_from_pretrained(original: Any) -> Any:
+    function = original.__func__
+
+    @functools.wraps(function)
+    def from_pretrained(cls: type, model: Any, model_id: Any, *args: Any, **kwargs: Any) -> Any:
+        config = kwargs.get("config")
+        if len(args) >= 3:  # (adapter_name, is_trainable, config, ...)
+            config = args[2]
+        if not isinstance(model, nn.Module) or not _is_depth_load(model_id, config, kwargs):
+            return function(cls, model, model_id, *args, **kwargs)
+        snapshot = ModelSnapshot(model)
+        try:
+            return function(cls, model, model_id, *args, **kwargs)
+        except BaseException:
+            snapshot.restore()  # the caller's base model, exactly as it was
+            raise
+
+    return _mark(classmethod(from_pretrained))
 
 
 def _wrap_inject_adapter_in_model(original: Any) -> Any:
@@ -330,6 +367,8 @@ def install() -> None:
         current = getattr(owner, name)
         if not getattr(current, "_peft_depth_hook", False):
             setattr(owner, name, wrap(current))
+    if not getattr(PeftModel.__dict__["from_pretrained"], "_peft_depth_hook", False):
+        PeftModel.from_pretrained = _wrap_from_pretrained(PeftModel.__dict__["from_pretrained"])
     if not getattr(peft.peft_model.load_peft_weights, "_peft_depth_hook", False):
         peft.peft_model.load_peft_weights = _wrap_load_peft_weights(peft.peft_model.load_peft_weights)
     # transformers imports it from the package at call time; direct users may import it from peft.mapping

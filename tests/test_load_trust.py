@@ -1,0 +1,114 @@
+"""Loads change only what they load: a failed load leaves the caller's model exactly as it was.
+
+``ModelSnapshot`` (core.snapshot) is the mechanism; these tests state the guarantee from outside: after a refused
+``PeftModel.from_pretrained(base, bad)`` or ``peft_model.load_adapter(bad, name)`` the model's weights, config, hooks,
+module tree, flags and outputs are bitwise what they were, and a retry with the good adapter on the same object
+gives exactly the adapter's outputs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hub_cases import METHODS, adapted, fresh_copy
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+
+BATCH = {"input_ids": torch.tensor([[3, 5, 7, 9, 11], [2, 4, 6, 8, 10]]), "attention_mask": torch.ones(2, 5)}
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**BATCH).logits
+
+
+def fingerprint(model: torch.nn.Module) -> dict:
+    """Everything a load could change, in comparable form."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "config": model.config.to_dict() if hasattr(model, "config") else None,
+        "modules": [(n, type(m).__name__, m.training) for n, m in model.named_modules()],
+        "hooks": [
+            (n, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks), "forward" in m.__dict__)
+            for n, m in model.named_modules()
+        ],
+        "logits": _logits(model),
+    }
+
+
+def assert_same(before: dict, after: dict) -> None:
+    assert before["state"].keys() == after["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(value, after["state"][key]), key
+    for key in ("requires_grad", "config", "modules", "hooks"):
+        assert before[key] == after[key], key
+    assert torch.equal(before["logits"], after["logits"])
+
+
+def _saved(tmp_path, method):
+    model, pristine = adapted(method)
+    path = tmp_path / method
+    model.save_pretrained(path)
+    return _logits(model), pristine, path
+
+
+def _break(path, how: str) -> None:
+    file = path / "adapter_model.safetensors"
+    weights = load_file(file)
+    if how == "missing":
+        weights.pop(sorted(weights)[-1])
+    elif how == "nan":
+        name = sorted(weights)[-1]
+        weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, file)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("how", ["missing", "nan"])
+def test_failed_from_pretrained_leaves_the_base_exactly_as_it_was(tmp_path, method, how):
+    expected, pristine, good = _saved(tmp_path, method)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for file in good.iterdir():
+        (bad / file.name).write_bytes(file.read_bytes())
+    _break(bad, how)
+    base = fresh_copy(pristine)
+    handle = base.model.layers[0].register_forward_hook(lambda *a: None)  # a caller's own hook survives and removes
+    before = fingerprint(base)
+    with pytest.raises(ValueError):
+        PeftModel.from_pretrained(base, bad)
+    assert_same(before, fingerprint(base))
+    # the retry on the very same object is exactly the adapter
+    retried = PeftModel.from_pretrained(base, good)
+    assert torch.equal(_logits(retried), expected)
+    handle.remove()
+    assert not any(len(m._forward_hooks) for m in retried.get_base_model().model.layers[0].modules())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_failed_load_adapter_leaves_the_peft_model_exactly_as_it_was(tmp_path, method):
+    _, pristine, good = _saved(tmp_path, method)
+    _break(good, "missing")
+    model, _ = adapted(method, base=fresh_copy(pristine), seed=1)
+    before = fingerprint(model)
+    configs_before = list(model.peft_config)
+    with pytest.raises(ValueError):
+        model.load_adapter(good, adapter_name="other")
+    assert list(model.peft_config) == configs_before
+    assert_same(before, fingerprint(model))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_failed_config_check_leaves_the_base_unchanged(tmp_path, method):
+    _, pristine, path = _saved(tmp_path, method)
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["base_model_facts"]["num_layers"] = 6  # saved from another model
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    base = fresh_copy(pristine)
+    before = fingerprint(base)
+    with pytest.raises(ValueError, match="number of layers"):
+        PeftModel.from_pretrained(base, path)
+    assert_same(before, fingerprint(base))
