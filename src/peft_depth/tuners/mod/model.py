@@ -10,7 +10,8 @@ How a forward runs (all per adapter that is active; nothing happens inside ``dis
    ``N_L(h_L) + g · Σ_l w_l (N_l(h_l) − N_L(h_L))`` (logit-space mixing through a linear head is exactly mixing the
    normalised states before one head projection). Every consumer of ``last_hidden_state`` (the model's own LM head,
    ``logits_to_keep``, generate, TRL's fused LM head) therefore sees the ensemble. The same hook computes the
-   distillation loss through the frozen head in chunks (``distill.py``) and the routing record.
+   distillation loss through the frozen head in chunks (``distill.py``) and the routing record
+   (``ensemble_head.py``); the sequence router's running mean is in ``sequence_router.py``.
 4. For ``mix_space="log_probs"`` step 3 leaves the state alone and a forward hook on the LM head adds
    ``g · Σ_l w_l (log_softmax(z_l) − log_softmax(z_L))`` to its logits.
 
@@ -27,7 +28,6 @@ the attention mask. The loss is computed in training mode, or in eval mode when 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,80 +36,21 @@ from peft.utils.constants import DUMMY_TARGET_MODULES
 from torch import nn
 
 from ...core.aux import AuxLossTerm
-from ...core.cache_state import RowFollowingState, attach_state, attached_states
+from ...core.cache_state import attach_state, attached_states
 from ...core.layer_call import output_cache
 from ...core.layer_stack import find_final_norm
 from ...core.lora_layer import DepthLoraLayer
 from ...core.targets import ALL_PROJECTIONS_TARGET_MODULES_MAPPING
 from ...core.tuner import DepthTuner
 from .config import MoDConfig
-from .distill import chunked_distillation_kl
+from .ensemble_head import distill_mask, log_prob_mix, make_record, mix_delta
+from .forward_state import CallInfo, MoDRecord
 from .layer import MoDEnsemble
+from .sequence_router import sequence_router_input
 
 __all__ = ["MoDModel"]
 
 _ENSEMBLE = "mod_ensemble"
-
-
-@dataclass
-class _CallInfo:
-    """What the pre-hook on the top-level model saw for the current forward."""
-
-    labels: torch.Tensor | None = None
-    shift_labels: torch.Tensor | None = None
-    past_length: int = 0
-    cache: Any = None  # the KV cache object this forward continues (None: none passed in)
-    fused_lm_head: bool = False
-    logits_to_keep: Any = 0
-
-
-@dataclass
-class _Record:
-    """One adapter's record of the last forward (tensors detached except ``distill_loss``)."""
-
-    layers: list[int]
-    mean_weight: torch.Tensor
-    num_tokens: torch.Tensor | int
-    gate: torch.Tensor
-    distill_loss: torch.Tensor | None = None
-    distill_kl: torch.Tensor | None = None
-    distill_positions: int = 0
-
-
-@dataclass
-class _SequenceState(RowFollowingState):
-    """Cumulative sum and count of the sequence router's input over real tokens, at every position of a KV cache.
-
-    Attached to the cache (``core.cache_state``), so beam search's row reordering and assisted decoding's cropping
-    apply to it too; chunks are ``[B, t, H]`` / ``[B, t, 1]``, one per cached forward.
-    """
-
-    totals: list[torch.Tensor]
-    counts: list[torch.Tensor]
-
-    @property
-    def seen(self) -> int:
-        return sum(chunk.shape[1] for chunk in self.totals)
-
-    @property
-    def batch(self) -> int:
-        return self.totals[0].shape[0]
-
-    def last(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.totals[-1][:, -1], self.counts[-1][:, -1]
-
-    def append(self, total: torch.Tensor, count: torch.Tensor) -> None:
-        self.totals.append(total)
-        self.counts.append(count)
-
-    def map_rows(self, rows) -> None:
-        self.totals = [rows(t) for t in self.totals]
-        self.counts = [rows(c) for c in self.counts]
-
-    def crop(self, tokens_to_remove: int) -> None:
-        keep = self.seen - tokens_to_remove
-        self.totals = [torch.cat(self.totals, dim=1)[:, :keep]]
-        self.counts = [torch.cat(self.counts, dim=1)[:, :keep]]
 
 
 class MoDModel(DepthTuner):
@@ -252,6 +193,10 @@ class MoDModel(DepthTuner):
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         return getattr(text_config, "final_logit_softcapping", None)
 
+    def _frozen_head(self) -> nn.Linear:
+        head = self.model.get_output_embeddings()
+        return head.get_base_layer() if isinstance(head, BaseTunerLayer) else head
+
     def _active_ensembles(self) -> list[tuple[str, MoDEnsemble]]:
         if not self.depth_adapters_enabled:
             return []
@@ -269,7 +214,7 @@ class MoDModel(DepthTuner):
     def _record_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         # the cache by what it is (its keyword was renamed in transformers 5.24): ``core.forward_context`` made it
         forward = self.routing_context.forward
-        info = _CallInfo(
+        info = CallInfo(
             labels=kwargs.get("labels"),
             shift_labels=kwargs.get("shift_labels"),
             past_length=forward.past_length,
@@ -315,7 +260,7 @@ class MoDModel(DepthTuner):
 
     def _mix_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         captured: dict[int, torch.Tensor] = self.__dict__.pop("_mod_captured", {})
-        info: _CallInfo = self.__dict__.pop("_mod_call", None) or _CallInfo()
+        info: CallInfo = self.__dict__.pop("_mod_call", None) or CallInfo()
         ensembles = self._active_ensembles()
         if not ensembles:
             self.__dict__["_mod_records"] = {}
@@ -334,15 +279,22 @@ class MoDModel(DepthTuner):
         flat_mask = self.routing_context.flat_mask(base.shape)
         mask = None if flat_mask is None else flat_mask.view(batch, seq)
         granularities = {self.peft_config[name].router_granularity for name, _ in ensembles}
-        sequence_input = self._sequence_router_input(base, mask, info) if "sequence" in granularities else None
+        sequence_input = None
+        if "sequence" in granularities:
+            sequence_input, pending_state = sequence_router_input(
+                base, mask, info.cache, info.past_length, self._sequence_state_key
+            )
+            if pending_state is not None:
+                self.__dict__["_mod_sequence_pending"] = pending_state
         mix_spaces = {self.peft_config[name].mix_space for name, _ in ensembles}
         if len(mix_spaces) > 1:
             raise ValueError(
                 "Active MoD adapters mix in different spaces (`mix_space` 'logits' and 'log_probs'); activate adapters "
                 "with the same `mix_space` together."
             )
-        distill_mask = self._distill_mask(info, mask, batch, seq)
-        records: dict[str, _Record] = {}
+        distilled = distill_mask(info, mask, batch, seq, self.model.training, base.device)
+        head, softcap = self._frozen_head(), self._softcap(self.model)
+        records: dict[str, MoDRecord] = {}
         pending = []
         delta_total = None
         for name, ensemble in ensembles:
@@ -351,13 +303,11 @@ class MoDModel(DepthTuner):
             router_input = {"token": base, "sequence": sequence_input, "static": None}[config.router_granularity]
             weights = ensemble.router(router_input, (batch, seq))  # [B, T, K] float32
             if config.mix_space == "logits":
-                diff = states - base.unsqueeze(0).to(states.dtype)
-                delta = torch.einsum("btk,kbtd->btd", weights[..., :-1].to(diff.dtype), diff)
-                delta = delta * ensemble.gate.to(delta.dtype)
+                delta = mix_delta(states, base, weights, ensemble.gate)
                 delta_total = delta if delta_total is None else delta_total + delta
             else:
                 pending.append((states, weights, ensemble.gate))
-            records[name] = self._make_record(ensemble, config, states, base, weights, mask, distill_mask)
+            records[name] = make_record(ensemble, config, states, base, weights, mask, distilled, head, softcap)
         self.__dict__["_mod_pending"] = pending or None
         self.__dict__["_mod_records"] = records
         if delta_total is None:
@@ -368,127 +318,11 @@ class MoDModel(DepthTuner):
         pending = self.__dict__.pop("_mod_pending", None)
         if not pending:
             return None
-        keep = args[0].shape[1]
-        weight, bias = module.weight, module.bias
-        base_log_probs = torch.log_softmax(output.float(), dim=-1)
-        # Adding g·Σ w_l (log q_l − log p_L) to the logits z_L mixes log-probabilities exactly (z_L and log p_L differ
-        # by a per-position constant that softmax ignores), and leaves the logits bit-identical when g = 0.
-        delta = None
-        for states, weights, gate in pending:
-            states, weights = states[:, :, -keep:], weights[:, -keep:]
-            for k in range(states.shape[0]):
-                layer_logits = torch.nn.functional.linear(states[k].to(weight.dtype), weight, bias).float()
-                term = weights[..., k : k + 1] * (torch.log_softmax(layer_logits, dim=-1) - base_log_probs)
-                term = term * gate.float()
-                delta = term if delta is None else delta + term
-        return (output.float() + delta).to(output.dtype)
-
-    # ------------------------------------------------------------------ routing and distillation pieces
-
-    def _sequence_router_input(self, base: torch.Tensor, mask: torch.Tensor | None, info: _CallInfo) -> torch.Tensor:
-        """Causal running mean of the normalised final states over real tokens, continued across a KV cache."""
-        batch, seq = base.shape[0], base.shape[1]
-        weights = (
-            torch.ones(batch, seq, 1, dtype=torch.float32, device=base.device)
-            if mask is None
-            else mask.unsqueeze(-1).float()
-        )
-        total = (base.float() * weights).cumsum(dim=1)
-        count = weights.cumsum(dim=1)
-        state: _SequenceState | None = None
-        if info.past_length > 0:
-            state = attached_states(info.cache).get(self._sequence_state_key) if info.cache is not None else None
-            if state is None or state.seen != info.past_length or state.batch != batch:
-                raise ValueError(
-                    "MoD `router_granularity`='sequence' continues a running mean across KV-cached forwards, but this "
-                    f"forward continues a cache of {info.past_length} positions that MoD did not see (a cache filled "
-                    "without this adapter, or edited outside reorder/crop/select); run without a cache or use "
-                    "'token' routing."
-                )
-            last_total, last_count = state.last()
-            total = total + last_total.unsqueeze(1)
-            count = count + last_count.unsqueeze(1)
-        if state is not None:
-            state.append(total.detach(), count.detach())
-        elif info.cache is not None:
-            attach_state(info.cache, self._sequence_state_key, _SequenceState([total.detach()], [count.detach()]))
-        else:
-            # no cache passed in: the model may create one; the forward hook attaches this state to it
-            self.__dict__["_mod_sequence_pending"] = _SequenceState([total.detach()], [count.detach()])
-        return (total / count.clamp(min=1)).to(base.dtype)
-
-    def _distill_mask(self, info: _CallInfo, mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:
-        """``[B, T]`` bool: positions whose next-token prediction is distilled (None: distillation off)."""
-        has_labels = info.labels is not None or info.shift_labels is not None
-        if not (self.model.training or has_labels):
-            return None
-        if info.shift_labels is not None and tuple(info.shift_labels.shape) == (batch, seq):
-            return info.shift_labels.to(device=self._device_of(mask, info.shift_labels)) != -100
-        if info.labels is not None and tuple(info.labels.shape) == (batch, seq):
-            valid = torch.zeros(batch, seq, dtype=torch.bool, device=info.labels.device)
-            valid[:, :-1] = info.labels[:, 1:] != -100
-            return valid
-        if mask is not None:
-            return mask.bool()
-        return torch.ones(batch, seq, dtype=torch.bool, device=self._device_of(mask, None))
-
-    def _device_of(self, *tensors: torch.Tensor | None) -> torch.device:
-        for tensor in tensors:
-            if tensor is not None:
-                return tensor.device
-        return next(self.model.parameters()).device
-
-    def _make_record(
-        self,
-        ensemble: MoDEnsemble,
-        config: MoDConfig,
-        states: torch.Tensor,
-        base: torch.Tensor,
-        weights: torch.Tensor,
-        mask: torch.Tensor | None,
-        distill_mask: torch.Tensor | None,
-    ) -> _Record:
-        with torch.no_grad():
-            if mask is None:
-                mean_weight = weights.mean(dim=(0, 1))
-                num_tokens = weights.shape[0] * weights.shape[1]
-            else:
-                m = mask.unsqueeze(-1).to(weights.dtype)
-                num_tokens = mask.sum()
-                mean_weight = (weights * m).sum(dim=(0, 1)) / num_tokens.clamp(min=1)
-        record = _Record(
-            layers=list(ensemble.layer_indices),
-            mean_weight=mean_weight.detach(),
-            num_tokens=num_tokens,
-            gate=ensemble.gate.detach().float(),  # read lazily: no device sync per forward
-        )
-        if distill_mask is None or config.distill_loss_coef == 0:
-            return record
-        positions = distill_mask.to(states.device).reshape(-1).nonzero().squeeze(1)
-        if config.distill_fraction < 1.0 and positions.numel() > 0:
-            keep = max(1, round(config.distill_fraction * positions.numel()))
-            positions = positions[torch.randperm(positions.numel(), device=positions.device)[:keep]]
-        num_layers, hidden = states.shape[0], states.shape[-1]
-        head = self.model.get_output_embeddings()
-        if isinstance(head, BaseTunerLayer):
-            head = head.get_base_layer()
-        kl = chunked_distillation_kl(
-            states.reshape(num_layers, -1, hidden)[:, positions],
-            base.reshape(-1, hidden)[positions],
-            head.weight,
-            head.bias,
-            temperature=config.distill_temperature,
-            softcap=self._softcap(self.model),
-            chunk_size=config.distill_chunk_size,
-        )
-        record.distill_loss = kl.sum() * config.distill_temperature**2
-        record.distill_kl = kl.detach()
-        record.distill_positions = int(positions.numel())
-        return record
+        return log_prob_mix(module, args[0], output, pending)
 
     # ------------------------------------------------------------------ aux losses and statistics
 
-    def _records(self) -> dict[str, _Record]:
+    def _records(self) -> dict[str, MoDRecord]:
         return self.__dict__.get("_mod_records", {})
 
     def depth_aux_terms(self) -> dict[str, AuxLossTerm]:
@@ -500,17 +334,5 @@ class MoDModel(DepthTuner):
         return terms
 
     def depth_routing_stats(self) -> dict[str, Any]:
-        report = {}
-        for name, record in self._records().items():
-            mean_weight = record.mean_weight.float().tolist()
-            report[name] = {
-                "layers": record.layers,
-                "mean_weight": mean_weight,
-                "final_layer_weight": mean_weight[-1],
-                "gate": float(record.gate),
-                "num_tokens": int(record.num_tokens),
-                "distill_kl": None if record.distill_kl is None else record.distill_kl.float().tolist(),
-                "distill_kl_sum": None if record.distill_kl is None else float(record.distill_kl.sum()),
-                "distill_positions": record.distill_positions,
-            }
+        report = {name: record.as_stats() for name, record in self._records().items()}
         return {"mod": report} if report else {}

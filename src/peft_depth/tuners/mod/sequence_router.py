@@ -1,0 +1,90 @@
+"""The sequence router's input: a causal running mean of the normalised final states over real tokens, continued
+across KV-cached forwards through state attached to the cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache
+
+from ...core.cache_state import RowFollowingState, attach_state, attached_states
+
+__all__ = ["SequenceRouterState", "sequence_router_input"]
+
+
+@dataclass
+class SequenceRouterState(RowFollowingState):
+    """Cumulative sum and count of the sequence router's input over real tokens, at every position of a KV cache.
+
+    Attached to the cache (``core.cache_state``), so beam search's row reordering and assisted decoding's cropping
+    apply to it too; chunks are ``[B, t, H]`` / ``[B, t, 1]``, one per cached forward.
+    """
+
+    totals: list[torch.Tensor]
+    counts: list[torch.Tensor]
+
+    @property
+    def seen(self) -> int:
+        return sum(chunk.shape[1] for chunk in self.totals)
+
+    @property
+    def batch(self) -> int:
+        return self.totals[0].shape[0]
+
+    def last(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.totals[-1][:, -1], self.counts[-1][:, -1]
+
+    def append(self, total: torch.Tensor, count: torch.Tensor) -> None:
+        self.totals.append(total)
+        self.counts.append(count)
+
+    def map_rows(self, rows) -> None:
+        self.totals = [rows(t) for t in self.totals]
+        self.counts = [rows(c) for c in self.counts]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        keep = self.seen - tokens_to_remove
+        self.totals = [torch.cat(self.totals, dim=1)[:, :keep]]
+        self.counts = [torch.cat(self.counts, dim=1)[:, :keep]]
+
+
+def sequence_router_input(
+    base: torch.Tensor, mask: torch.Tensor | None, cache: Cache | None, past_length: int, state_key: Any
+) -> tuple[torch.Tensor, SequenceRouterState | None]:
+    """The running mean ``[B, T, H]`` of ``base`` over real tokens, continued from ``cache``'s attached state.
+
+    Returns it with the state to attach to a cache the model creates in this forward (``cache`` is None: none was
+    passed in), or None when the state already lives on ``cache``.
+    """
+    batch, seq = base.shape[0], base.shape[1]
+    weights = (
+        torch.ones(batch, seq, 1, dtype=torch.float32, device=base.device)
+        if mask is None
+        else mask.unsqueeze(-1).float()
+    )
+    total = (base.float() * weights).cumsum(dim=1)
+    count = weights.cumsum(dim=1)
+    state: SequenceRouterState | None = None
+    if past_length > 0:
+        state = attached_states(cache).get(state_key) if cache is not None else None
+        if state is None or state.seen != past_length or state.batch != batch:
+            raise ValueError(
+                "MoD `router_granularity`='sequence' continues a running mean across KV-cached forwards, but this "
+                f"forward continues a cache of {past_length} positions that MoD did not see (a cache filled "
+                "without this adapter, or edited outside reorder/crop/select); run without a cache or use "
+                "'token' routing."
+            )
+        last_total, last_count = state.last()
+        total = total + last_total.unsqueeze(1)
+        count = count + last_count.unsqueeze(1)
+    pending = None
+    if state is not None:
+        state.append(total.detach(), count.detach())
+    elif cache is not None:
+        attach_state(cache, state_key, SequenceRouterState([total.detach()], [count.detach()]))
+    else:
+        # no cache passed in: the model may create one; the caller attaches this state to it after the forward
+        pending = SequenceRouterState([total.detach()], [count.detach()])
+    return (total / count.clamp(min=1)).to(base.dtype), pending
