@@ -5,7 +5,7 @@ How a forward runs (all per adapter that is active; nothing happens inside ``dis
 1. A forward pre-hook on the top-level model records what the backbone never sees: ``labels`` / ``shift_labels``
    (which positions the distillation uses), the KV-cache length (the sequence router's running state), whether
    TRL's fused LM head is used, and ``logits_to_keep``.
-2. Forward hooks on the K−1 earlier late blocks keep their output hidden states h_l (overwritten every forward).
+2. Forward hooks on the K−1 earlier late blocks keep their output hidden states h_l for this forward.
 3. A forward hook on the final norm, whose output is N_L(h_L), replaces that output with
    ``N_L(h_L) + g · Σ_l w_l (N_l(h_l) − N_L(h_L))`` (logit-space mixing through a linear head is exactly mixing the
    normalised states before one head projection). Every consumer of ``last_hidden_state`` (the model's own LM head,
@@ -14,6 +14,10 @@ How a forward runs (all per adapter that is active; nothing happens inside ``dis
    (``ensemble_head.py``); the sequence router's running mean is in ``sequence_router.py``.
 4. For ``mix_space="log_probs"`` step 3 leaves the state alone and a forward hook on the LM head adds
    ``g · Σ_l w_l (log_softmax(z_l) − log_softmax(z_L))`` to its logits.
+
+Everything a forward keeps between these hooks, and its records, lives in that forward's ``ForwardContext``
+(``forward_state.py``), never on the tuner: concurrent inference on one model equals serial inference, and
+``routing_stats`` / ``aux_losses`` read the calling thread's last forward.
 
 Final-logit soft-capping (Gemma 2/3) and other post-head logit transforms act on the mixed logits, because mixing
 happens before the head; the distillation compares soft-capped per-layer logits.
@@ -44,7 +48,7 @@ from ...core.targets import ALL_PROJECTIONS_TARGET_MODULES_MAPPING
 from ...core.tuner import DepthTuner
 from .config import MoDConfig
 from .ensemble_head import distill_mask, log_prob_mix, make_record, mix_delta
-from .forward_state import CallInfo, MoDRecord
+from .forward_state import CallInfo, MoDForwardState, MoDRecord, begin_forward_state, forward_state
 from .layer import MoDEnsemble
 from .sequence_router import sequence_router_input
 
@@ -180,7 +184,9 @@ class MoDModel(DepthTuner):
             self._check_merge_allowed()
         model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
         self._remove_hooks()
-        self.__dict__["_mod_records"] = {}
+        state = self._forward_state()
+        if state is not None:
+            state.records = {}
         return model
 
     # ------------------------------------------------------------------ hooks
@@ -236,7 +242,11 @@ class MoDModel(DepthTuner):
                 "MoD `mix_space`='log_probs' supports an int `logits_to_keep` only (it must know which positions the "
                 "LM head receives); use `mix_space`='logits' for index tensors."
             )
-        self.__dict__["_mod_call"] = info
+        begin_forward_state(forward, info)
+
+    def _forward_state(self) -> MoDForwardState | None:
+        """MoD's state of this thread's latest forward of the model."""
+        return forward_state(self.routing_context.forward)
 
     @property
     def _sequence_state_key(self) -> tuple[str, int]:
@@ -246,25 +256,31 @@ class MoDModel(DepthTuner):
     def _attach_sequence_state(self, module: nn.Module, args: tuple, output: Any) -> None:
         """A cache created inside the forward (``use_cache=True`` without ``past_key_values``) gets the sequence
         router's state of that forward, so that the next forward can continue it."""
-        pending = self.__dict__.pop("_mod_sequence_pending", None)
+        state = self._forward_state()
+        pending = None if state is None else state.pending_sequence_state
+        if pending is None:
+            return
+        state.pending_sequence_state = None
         cache = output_cache(output)
-        if pending is not None and cache is not None and self._sequence_state_key not in attached_states(cache):
+        if cache is not None and self._sequence_state_key not in attached_states(cache):
             attach_state(cache, self._sequence_state_key, pending)
 
     def _capture_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            hidden = output[0] if isinstance(output, (tuple, list)) else output
-            self.__dict__.setdefault("_mod_captured", {})[index] = hidden
+            state = self._forward_state()
+            if state is not None and state.captured is not None:  # None: recomputation after the forward
+                state.captured[index] = output[0] if isinstance(output, (tuple, list)) else output
 
         return hook
 
     def _mix_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        captured: dict[int, torch.Tensor] = self.__dict__.pop("_mod_captured", {})
-        info: CallInfo = self.__dict__.pop("_mod_call", None) or CallInfo()
+        # a final norm called outside a model forward gets a state of its own (and fails below if MoD is active)
+        state = self._forward_state() or begin_forward_state(self.routing_context.forward, CallInfo())
+        captured, state.captured = state.captured or {}, None
+        info = state.call
+        state.records, state.pending_log_probs = {}, None
         ensembles = self._active_ensembles()
         if not ensembles:
-            self.__dict__["_mod_records"] = {}
-            self.__dict__["_mod_pending"] = None
             return None
         base = output
         batch, seq = base.shape[0], base.shape[1]
@@ -284,8 +300,7 @@ class MoDModel(DepthTuner):
             sequence_input, pending_state = sequence_router_input(
                 base, mask, info.cache, info.past_length, self._sequence_state_key
             )
-            if pending_state is not None:
-                self.__dict__["_mod_sequence_pending"] = pending_state
+            state.pending_sequence_state = pending_state
         mix_spaces = {self.peft_config[name].mix_space for name, _ in ensembles}
         if len(mix_spaces) > 1:
             raise ValueError(
@@ -308,22 +323,25 @@ class MoDModel(DepthTuner):
             else:
                 pending.append((states, weights, ensemble.gate))
             records[name] = make_record(ensemble, config, states, base, weights, mask, distilled, head, softcap)
-        self.__dict__["_mod_pending"] = pending or None
-        self.__dict__["_mod_records"] = records
+        state.pending_log_probs = pending or None
+        state.records = records
         if delta_total is None:
             return None
         return (base.to(delta_total.dtype) + delta_total).to(base.dtype)
 
     def _log_prob_mix_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        pending = self.__dict__.pop("_mod_pending", None)
+        state = self._forward_state()
+        pending = None if state is None else state.pending_log_probs
         if not pending:
             return None
+        state.pending_log_probs = None
         return log_prob_mix(module, args[0], output, pending)
 
     # ------------------------------------------------------------------ aux losses and statistics
 
     def _records(self) -> dict[str, MoDRecord]:
-        return self.__dict__.get("_mod_records", {})
+        state = self._forward_state()
+        return {} if state is None else state.records
 
     def depth_aux_terms(self) -> dict[str, AuxLossTerm]:
         records = {name: rec for name, rec in self._records().items() if rec.distill_loss is not None}
