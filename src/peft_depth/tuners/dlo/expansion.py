@@ -1,0 +1,167 @@
+"""Building DLO's expansion: where the new layers go, what they start as, their LoRA and their routers.
+
+Everything here is built once per adapter at injection and held by the tuner (``dlo_new_layers``, ``dlo_routers``);
+``installation`` then puts them into the model's forward. A new layer is a plain copy of an original one, set to
+exactly what ``initial_state`` computes from the base weights, so that a load can rebuild unchanged tensors instead of
+reading them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ...core.rewiring import plain_layer_copy, plain_state_dict
+from .config import DLOConfig
+from .layer import NewLayerLoraLinear
+
+__all__ = [
+    "DEFAULT_ZERO_OUT_MODULES",
+    "build_new_layers",
+    "build_routers",
+    "expanded_layout",
+    "hidden_size",
+    "initial_state",
+    "matches_module_name",
+    "merge_new_layer_lora",
+]
+
+#: Output projections zeroed by init='zero_out' when `zero_out_modules` is not set (suffix match inside a layer).
+DEFAULT_ZERO_OUT_MODULES = ("o_proj", "down_proj", "c_proj", "out_proj", "fc2", "dense_4h_to_h", "w2")
+
+
+def expanded_layout(plan: list[tuple[int, int]], num_layers: int) -> list[tuple[str, int]]:
+    """The expanded stack as ``("orig", i)`` / ``("new", source)`` entries, new layers right after their anchor."""
+    inserts: dict[int, list[int]] = defaultdict(list)
+    for after, source in plan:
+        inserts[after].append(source)
+    layout: list[tuple[str, int]] = []
+    for index in range(num_layers):
+        layout.append(("orig", index))
+        layout.extend(("new", source) for source in inserts[index])
+    return layout
+
+
+def matches_module_name(module_path: str, names: Sequence[str]) -> bool:
+    """Whether ``module_path`` is one of ``names`` or ends with ``.<name>`` (peft's suffix match)."""
+    return any(module_path == name or module_path.endswith("." + name) for name in names)
+
+
+def hidden_size(model: nn.Module) -> int:
+    """The model's hidden size, read from its (text) config."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    hidden = getattr(text_config, "hidden_size", None) or getattr(text_config, "n_embd", None)
+    if hidden is None:
+        raise ValueError("DLO could not read the hidden size from the model config (`hidden_size`).")
+    return int(hidden)
+
+
+def initial_state(config: DLOConfig, originals: Sequence[nn.Module], source: int) -> dict[str, torch.Tensor]:
+    """What a new copy of ``originals[source]`` starts as (plain keys), computed the same way at build and at load."""
+    state = plain_state_dict(originals[source])
+    if config.init == "mean" and source > 0:
+        previous = plain_state_dict(originals[source - 1])
+        return {k: (v + previous[k]) / 2 if torch.is_floating_point(v) else v.clone() for k, v in state.items()}
+    if config.init == "zero_out":
+        names = config.zero_out_modules or DEFAULT_ZERO_OUT_MODULES
+        return {
+            k: torch.zeros_like(v) if matches_module_name(k.rpartition(".")[0], names) else v for k, v in state.items()
+        }
+    return state
+
+
+def build_new_layers(
+    config: DLOConfig,
+    layout: list[tuple[str, int]],
+    originals: Sequence[nn.Module],
+    init_weights: Callable[[nn.Module], None] | None,
+) -> nn.ModuleDict:
+    """The new layers of ``layout`` as ``{"new<position>": layer}``.
+
+    ``init_weights`` is the model's own initialiser (transformers' ``_init_weights``), used by ``init='random'``.
+    """
+    new_layers = nn.ModuleDict()
+    for position, (kind, source) in enumerate(layout):
+        if kind != "new":
+            continue
+        layer = plain_layer_copy(originals[source])
+        if config.init == "random":
+            _random_init(layer, init_weights)
+        else:
+            if config.init == "zero_out":
+                names = config.zero_out_modules or DEFAULT_ZERO_OUT_MODULES
+                if not any(matches_module_name(n, names) for n, _ in layer.named_modules() if n):
+                    raise ValueError(
+                        f"`zero_out_modules` ({list(names)}) matches no module of {type(layer).__name__}; name "
+                        "its attention-output and MLP-down projections."
+                    )
+            # Built exactly as a load rebuilds it (`initial_state`), so unchanged tensors need not be saved.
+            layer.load_state_dict(initial_state(config, originals, source))
+        if config.new_layer_training == "lora":
+            _wrap_new_layer_lora(layer, config)
+        layer.train(originals[source].training)
+        new_layers[f"new{position}"] = layer
+    return new_layers
+
+
+def _random_init(layer: nn.Module, init_weights: Callable[[nn.Module], None] | None) -> None:
+    for module in layer.modules():
+        for param in module.parameters(recurse=False):
+            # transformers skips modules it has marked as initialised (loaded from a checkpoint)
+            param.__dict__.pop("_is_hf_initialized", None)
+        module.__dict__.pop("_is_hf_initialized", None)
+        if callable(init_weights):
+            init_weights(module)
+        elif hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
+def _wrap_new_layer_lora(layer: nn.Module, config: DLOConfig) -> None:
+    targets = config.new_layer_target_modules
+    for name, module in list(layer.named_modules()):
+        if not isinstance(module, nn.Linear) or not name:
+            continue
+        if targets is not None and not matches_module_name(name, targets):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = layer.get_submodule(parent_name) if parent_name else layer
+        wrapped = NewLayerLoraLinear(module, config.r, config.lora_alpha, config.lora_dropout)
+        wrapped.to(module.weight.device)
+        setattr(parent, child, wrapped)
+    if not any(isinstance(m, NewLayerLoraLinear) for m in layer.modules()):
+        raise ValueError(
+            f"`new_layer_target_modules` ({targets}) matches no linear of the new layers; list some of their "
+            "linear layers (e.g. q_proj, v_proj)."
+        )
+
+
+def merge_new_layer_lora(layer: nn.Module) -> None:
+    """Replace every ``NewLayerLoraLinear`` inside ``layer`` by its base linear with the LoRA update added."""
+    for name, module in list(layer.named_modules()):
+        if isinstance(module, NewLayerLoraLinear):
+            parent_name, _, child = name.rpartition(".")
+            parent = layer.get_submodule(parent_name) if parent_name else layer
+            setattr(parent, child, module.merged_linear())
+
+
+def build_routers(
+    config: DLOConfig, layout: list[tuple[str, int]], originals: Sequence[nn.Module], model: nn.Module
+) -> nn.ModuleDict:
+    """One zero-initialised ``Linear(hidden, 1, bias=False)`` per routed position, as ``{"l<position>": router}``."""
+    routers = nn.ModuleDict()
+    if config.routed_layers == "none":
+        return routers
+    hidden = hidden_size(model)
+    reference = next(originals[0].parameters())
+    for position, (kind, _) in enumerate(layout):
+        if config.routed_layers == "new" and kind != "new":
+            continue
+        router = nn.Linear(hidden, 1, bias=False, device=reference.device, dtype=reference.dtype)
+        nn.init.zeros_(router.weight)  # s = 0.5 for every token: a fresh adapter runs every layer
+        router.train(originals[0].training)
+        routers[f"l{position}"] = router
+    return routers

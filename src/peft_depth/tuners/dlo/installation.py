@@ -1,0 +1,153 @@
+"""Putting the active DLO adapter's expanded stack into the model's forward, and taking it out again.
+
+The expansion is installed as a shadow of the model's block list (``core.rewiring.StackRewiring``): routed layers
+are wrapped in ``DLOBlock``s, new layers come from the tuner, every ``layer_idx`` and the config's depth follow. peft
+operations that walk the model by module name run with the shadow removed (``_rewiring_suspended``), so names always
+mean the original layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from ...core.rewiring import StackRewiring
+from .config import DLOConfig
+from .expansion import merge_new_layer_lora
+from .layer import DLOBlock
+
+__all__ = ["StackInstallation", "install_output_capture"]
+
+
+class StackInstallation:
+    """Mixin of ``DLOModel``: installs the active adapter's expanded stack.
+
+    Uses the tuner's ``_dlo`` state (``rewiring``, ``layouts``, ``blocks``, ``installed``, ``suspended``), its
+    ``dlo_new_layers`` / ``dlo_routers`` and its ``routing_context``.
+    """
+
+    @contextlib.contextmanager
+    def _rewiring_suspended(self) -> Iterator[None]:
+        """Run with the original stack in place (peft walks the model by registered module names)."""
+        state = self._dlo
+        state["suspended"] += 1
+        self._uninstall()
+        try:
+            yield
+        finally:
+            state["suspended"] -= 1
+            self._reinstall()
+
+    def _active_dlo_adapter(self) -> str | None:
+        names = [n for n in self.active_adapters if n in self._dlo["layouts"]]
+        if len(names) > 1:
+            raise ValueError(
+                f"DLO adapters {names} are active together, but each one defines its own layer stack; activate one "
+                "DLO adapter at a time."
+            )
+        return names[0] if names else None
+
+    def _uninstall(self) -> None:
+        state = self._dlo
+        for block in state["blocks"]:
+            block.detach()
+        state["blocks"] = []
+        if state["rewiring"] is not None:
+            state["rewiring"].uninstall()
+        state["installed"] = None
+
+    def _reinstall(self) -> None:
+        state = self._dlo
+        if state["suspended"] or state["rewiring"] is None:
+            return
+        self._uninstall()
+        if not self.depth_adapters_enabled:
+            return
+        adapter_name = self._active_dlo_adapter()
+        if adapter_name is None:
+            return
+        config: DLOConfig = self.peft_config[adapter_name]
+        rewiring: StackRewiring = state["rewiring"]
+        originals = rewiring.original_blocks
+        new_layers = self.dlo_new_layers[adapter_name]
+        routers = self.dlo_routers[adapter_name]
+        blocks: list[nn.Module] = []
+        sources: list[int] = []
+        wrappers: list[DLOBlock] = []
+        for position, (kind, source) in enumerate(state["layouts"][adapter_name]):
+            layer = originals[source] if kind == "orig" else new_layers[f"new{position}"]
+            if kind == "new":
+                install_output_capture(rewiring.parent, layer, f"{rewiring.stack.path}.{position}")
+            router = routers[f"l{position}"] if f"l{position}" in routers else None
+            if router is None and kind == "orig":
+                blocks.append(layer)
+            else:
+                block = DLOBlock(
+                    layer,
+                    router,
+                    position=position,
+                    is_new=kind == "new",
+                    skip_mode=config.skip_mode,
+                    scale_gap=config.scale_gap,
+                    context=self.routing_context,
+                    owner=self,
+                    adapter_name=adapter_name,
+                    checkpoint_reference=originals[0],
+                )
+                block.attach()
+                wrappers.append(block)
+                blocks.append(block)
+            sources.append(source)
+        extra = {"use_cache": False} if config.skip_mode == "block" and config.routed_layers != "none" else None
+        rewiring.install(blocks, sources, extra_config=extra)
+        state["blocks"] = wrappers
+        state["installed"] = adapter_name
+
+    def _make_expansion_permanent(self, adapter_name: str) -> None:
+        """Merge-and-unload of dense expansion: the new layers (LoRA merged in) become the model's registered stack."""
+        state = self._dlo
+        rewiring: StackRewiring = state["rewiring"]
+        blocks, sources = [], []
+        for position, (kind, source) in enumerate(state["layouts"][adapter_name]):
+            if kind == "orig":
+                blocks.append(rewiring.original_blocks[source])
+            else:
+                layer = self.dlo_new_layers[adapter_name][f"new{position}"]
+                merge_new_layer_lora(layer)
+                blocks.append(layer)
+            sources.append(source)
+        rewiring.install(blocks, sources)
+        rewiring.make_permanent()
+
+
+def install_output_capture(backbone: nn.Module, layer: nn.Module, name: str) -> None:
+    """Give a new layer the output-recording hooks transformers puts on the registered layers.
+
+    transformers collects ``output_hidden_states`` / ``output_attentions`` through forward hooks it installs once on
+    the modules registered in the model; the new layers live on the tuner, so they get the same hooks here.
+    """
+    if getattr(layer, "_dlo_output_capture", False):
+        return
+    try:
+        from transformers.utils.output_capturing import (
+            _CAN_RECORD_REGISTRY,
+            OutputRecorder,
+            recursively_install_hooks,
+        )
+    except ImportError:  # another transformers layout: hidden states of new layers are then not reported
+        return
+    tasks: list[tuple[str, Any]] = []
+    for key, specs in _CAN_RECORD_REGISTRY.get(backbone).items():
+        for spec in specs if isinstance(specs, list) else [specs]:
+            if not isinstance(spec, OutputRecorder):
+                spec = OutputRecorder(
+                    target_class=None if isinstance(spec, str) else spec,
+                    index=0 if "hidden_states" in key else 1,
+                    class_name=spec if isinstance(spec, str) else None,
+                )
+            tasks.append((key, spec))
+    recursively_install_hooks(layer, name, tasks)
+    layer._dlo_output_capture = True
