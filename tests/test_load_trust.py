@@ -112,3 +112,17 @@ def test_failed_config_check_leaves_the_base_unchanged(tmp_path, method):
     with pytest.raises(ValueError, match="number of layers"):
         PeftModel.from_pretrained(base, path)
     assert_same(before, fingerprint(base))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_second_adapter_whose_name_is_part_of_parameter_paths_loads_exactly(tmp_path, method):
+    """peft filters keys with ``adapter_name in key``: names such as "a" or "proj" used to be refused, listing the
+    other adapter's keys as missing."""
+    expected, pristine, path = _saved(tmp_path, method)
+    model, _ = adapted(method, base=fresh_copy(pristine), seed=1)
+    for name in ["a", "b", "model", "proj", "layer", "new"]:
+        model.load_adapter(path, adapter_name=name)
+        model.set_adapter(name)
+        assert torch.equal(_logits(model), expected), name
+    model.set_adapter("default")
+    assert not torch.equal(_logits(model), expected)

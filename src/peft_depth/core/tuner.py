@@ -12,6 +12,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from .adapter_keys import adapter_key_prefixes, select_adapter_entries
 from .aux import DepthAuxSource
 from .context import RoutingContext
 from .layer_stack import LayerStack, find_layer_stack
@@ -176,6 +177,19 @@ class DepthTuner(BaseTuner, DepthAuxSource):
                 for param in container[adapter_name].parameters():
                     if param.dtype in (torch.float16, torch.bfloat16):
                         param.data = param.data.float()
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        # peft hands over a state dict already filtered by substrings of the other adapters' names, which can drop
+        # this adapter's own entries (core.adapter_keys); when it is the model's own, take the unfiltered one.
+        full = model.state_dict()
+        if set(state_dict) <= set(full):
+            state_dict = {key: state_dict.get(key, value) for key, value in full.items()}
+        selected = select_adapter_entries(
+            state_dict, adapter_key_prefixes(model, adapter_name, cls.tuner_module_names)
+        )
+        selected.update(cls._get_learnable_bias_state_dict(model, state_dict, config))
+        return selected
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:

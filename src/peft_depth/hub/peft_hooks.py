@@ -95,12 +95,22 @@ def _wrap_save_pretrained(original: Any) -> Any:
                 "peft-depth adapters are saved as safetensors only (adapter_model.bin is a pickle, which can run code "
                 "when loaded); drop `safe_serialization=False`."
             )
+        embedding_layers = arguments.get("save_embedding_layers", "auto")
+        if embedding_layers is True:
+            raise ValueError(
+                "peft-depth adapters do not save whole embedding layers (`save_embedding_layers=True`), and their "
+                "loads refuse them: an adapter never overwrites base weights. Train embeddings through "
+                "`trainable_token_indices` or `modules_to_save`, which are saved as the adapter's own tensors."
+            )
+        if "save_embedding_layers" in signature.parameters:
+            # "auto" would look the base model's config up on the Hub to see whether the vocabulary grew
+            arguments["save_embedding_layers"] = False
         facts = getattr(self.base_model, "base_model_facts", None)
         for name in depth:
             config = self.peft_config[name]
             if config.base_model_facts is None and facts:
                 config.base_model_facts = dict(facts)
-        result = original(self, save_directory, *args, **kwargs)
+        result = original(*bound.args, **bound.kwargs)
         if arguments.get("is_main_process", True):
             _write_card_or_warn(self, save_directory, adapter_names=depth)
         return result
