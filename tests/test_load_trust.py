@@ -126,3 +126,73 @@ def test_a_second_adapter_whose_name_is_part_of_parameter_paths_loads_exactly(tm
         assert torch.equal(_logits(model), expected), name
     model.set_adapter("default")
     assert not torch.equal(_logits(model), expected)
+
+
+# ------------------------------------------------------------------------------------------ hostile configs and files
+
+COMMON_HOSTILE = [
+    ({"lora_alpha": float("nan")}, "`lora_alpha` must be a finite number"),
+    ({"lora_alpha": float("inf")}, "`lora_alpha` must be a finite number"),
+    ({"lora_alpha": 1e308}, "`lora_alpha` must be a finite number"),
+    ({"peft_depth_version": True}, "`peft_depth_version` must be an integer"),
+    ({"target_modules": [1]}, "`target_modules` must be None, a regex string, or a list of module names"),
+    ({"exclude_modules": [None]}, "`exclude_modules` must be"),
+    ({"modules_to_save": [1]}, "`modules_to_save` must be None or a list of module names"),
+    ({"trainable_token_indices": [-1]}, "`trainable_token_indices` must be"),
+    ({"trainable_token_indices": [10**6]}, r"`trainable_token_indices` holds token id 1000000.*128 rows"),
+    ({"nonfinite_routing": "ignore"}, "`nonfinite_routing` must be one of 'base_path', 'raise'"),
+]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("overrides, message", COMMON_HOSTILE, ids=lambda v: str(v)[:40])
+def test_hostile_common_config_values_are_refused_naming_the_field(tmp_path, method, overrides, message):
+    _, pristine, path = _saved(tmp_path, method)
+    config = json.loads((path / "adapter_config.json").read_text())
+    config.update(overrides)
+    (path / "adapter_config.json").write_text(json.dumps(config))  # NaN/Infinity as Python's json writes them
+    base = fresh_copy(pristine)
+    before = fingerprint(base)
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(base, path)
+    assert_same(before, fingerprint(base))
+
+
+@pytest.mark.parametrize("name", ["/tmp/escaped", "../escaped", "a/b", "", ".."])
+def test_adapter_names_that_are_paths_are_refused(tmp_path, name):
+    _, pristine, path = _saved(tmp_path, "mola")
+    with pytest.raises(ValueError, match="Adapter name .* is not allowed"):
+        PeftModel.from_pretrained(fresh_copy(pristine), path, adapter_name=name)
+    model, _ = adapted("mola", base=fresh_copy(pristine))
+    with pytest.raises(ValueError, match="Adapter name .* is not allowed"):
+        model.load_adapter(path, adapter_name=name)
+    assert list(model.peft_config) == ["default"]
+
+
+def _write_raw_safetensors(file, header: bytes, data: bytes = b"") -> None:
+    file.write_bytes(len(header).to_bytes(8, "little") + header + data)
+
+
+def test_a_deeply_nested_header_is_a_clear_error(tmp_path):
+    _, pristine, path = _saved(tmp_path, "mola")
+    _write_raw_safetensors(path / "adapter_model.safetensors", b"[" * 200_000 + b"]" * 200_000)
+    with pytest.raises(ValueError, match="nests too deeply|exceeds"):
+        PeftModel.from_pretrained(fresh_copy(pristine), path)
+
+
+def test_a_header_listing_a_million_empty_tensors_is_refused_before_parsing(tmp_path):
+    """71 MiB of header used to cost +1.4 GB and 41 s before the refusal; its length alone gives it away."""
+    import resource
+    import time
+
+    _, pristine, path = _saved(tmp_path, "mola")
+    entry = '"t{}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}'
+    header = ("{" + ",".join(entry.format(i) for i in range(1_000_000)) + "}").encode()
+    _write_raw_safetensors(path / "adapter_model.safetensors", header)
+    base = fresh_copy(pristine)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="exceeds the .*-byte limit for the tensors this adapter holds"):
+        PeftModel.from_pretrained(base, path)
+    assert time.perf_counter() - start < 5
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024 < 200

@@ -53,6 +53,34 @@ def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
         raise ValueError(f"`{name}` must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}.")
 
 
+def _check_module_names(name: str, value: Any, *, allow_regex: bool) -> None:
+    names_ok = isinstance(value, (list, set, tuple)) and all(isinstance(v, str) and v for v in value)
+    if value is None or names_ok or (allow_regex and isinstance(value, str) and value):
+        return
+    allowed = "None, a regex string, or a list of module names" if allow_regex else "None or a list of module names"
+    raise ValueError(f"`{name}` must be {allowed} (non-empty strings), got {value!r}.")
+
+
+def _check_token_indices(value: Any) -> None:
+    def indices_ok(indices: Any) -> bool:
+        return isinstance(indices, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices
+        )
+
+    if value is None or indices_ok(value):
+        return
+    if isinstance(value, dict) and all(isinstance(k, str) and k and indices_ok(v) for k, v in value.items()):
+        return
+    raise ValueError(
+        "`trainable_token_indices` must be None, a list of token ids (integers >= 0), or a dict from embedding "
+        f"module name to such a list, got {value!r}."
+    )
+
+
+#: Largest |lora_alpha| accepted: beyond float16's range the scaled update overflows to inf/NaN in half precision.
+MAX_LORA_ALPHA = 65504.0
+
+
 @dataclass
 class DepthPeftConfig(PeftConfig):
     """Fields every peft-depth config has, including the ones TRL's SFTTrainer writes into a PEFT config."""
@@ -106,6 +134,10 @@ class DepthPeftConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name in ("target_modules", "exclude_modules"):
+            _check_module_names(name, getattr(self, name), allow_regex=True)
+        _check_module_names("modules_to_save", self.modules_to_save, allow_regex=False)
+        _check_token_indices(self.trainable_token_indices)
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
@@ -129,6 +161,21 @@ class DepthPeftConfig(PeftConfig):
                     f"`base_model_facts` must be None or a dict of str/int values (architecture, model_type, "
                     f"num_layers, hidden_size), got {facts!r}."
                 )
+
+    def check_against_base(self, model: Any) -> None:
+        """Check the fields that depend on the base model, before anything is built on it (ValueError naming the
+        field). Methods extend this for their own fields (e.g. layer indices against the depth)."""
+        if self.trainable_token_indices is None:
+            return
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        vocab = getattr(getattr(embeddings, "weight", None), "shape", (None,))[0]
+        indices = self.trainable_token_indices
+        flat = indices if isinstance(indices, list) else [i for v in indices.values() for i in v]
+        if vocab is not None and flat and max(flat) >= vocab:
+            raise ValueError(
+                f"`trainable_token_indices` holds token id {max(flat)}, but the model's input embeddings have {vocab} "
+                f"rows (allowed ids: 0..{vocab - 1})."
+            )
 
 
 @dataclass
@@ -162,8 +209,14 @@ class LoraFieldsConfig(DepthPeftConfig):
             pass
         else:
             check_positive_int("r", self.r)
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
-            raise ValueError(f"`lora_alpha` must be a number, got {self.lora_alpha!r}.")
+        if (
+            isinstance(self.lora_alpha, bool)
+            or not isinstance(self.lora_alpha, (int, float))
+            or not abs(self.lora_alpha) <= MAX_LORA_ALPHA  # also False for NaN
+        ):
+            raise ValueError(
+                f"`lora_alpha` must be a finite number with |lora_alpha| <= {MAX_LORA_ALPHA:g}, got {self.lora_alpha!r}."
+            )
         check_probability("lora_dropout", self.lora_dropout, allow_one=False)
         if not isinstance(self.init_lora_weights, bool):
             raise ValueError(f"`init_lora_weights` must be True or False, got {self.init_lora_weights!r}.")

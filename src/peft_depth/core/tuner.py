@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
@@ -23,6 +24,18 @@ from .state_marker import install_state_marker, remove_state_marker
 __all__ = ["DepthTuner"]
 
 
+def check_adapter_name(adapter_name: Any) -> None:
+    """An adapter name becomes a folder name on save (``save_pretrained`` writes ``<dir>/<name>``): it must be one
+    plain path component, or a save writes outside the folder it was given."""
+    ok = isinstance(adapter_name, str) and adapter_name not in ("", ".", "..")
+    ok = ok and not any(sep in adapter_name for sep in ("/", "\\", os.sep, "\0")) and not os.path.isabs(adapter_name)
+    if not ok:
+        raise ValueError(
+            f"Adapter name {adapter_name!r} is not allowed: it must be a non-empty name without path separators "
+            "(not '.', '..' or an absolute path), since saving writes the adapter to a folder of that name."
+        )
+
+
 def _guard_injection(inject: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap ``inject_adapter``: check the base model against the config's recorded facts, then inject under an
     allocation budget, so that an untrusted config fails with a clear error before any module is created."""
@@ -37,8 +50,11 @@ def _guard_injection(inject: Callable[..., Any]) -> Callable[..., Any]:
         if facts is None:
             # First injection: the model is still the pristine base model (DLO changes the depth afterwards).
             facts = self.__dict__["_depth_base_model_facts"] = base_model_facts(model)
+        check_adapter_name(adapter_name)
         config = self.peft_config.get(adapter_name)
         check_base_model_facts(getattr(config, "base_model_facts", None), facts, adapter_name=adapter_name)
+        if config is not None:
+            config.check_against_base(model)
         budget = AllocationBudget(
             adapter_allocation_limit(model), what=f"{type(self).__name__} adapter {adapter_name!r}"
         )

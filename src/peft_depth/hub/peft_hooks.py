@@ -45,6 +45,7 @@ from torch import nn
 
 from ..core.config import DepthPeftConfig
 from ..core.snapshot import ModelSnapshot
+from ..core.tuner import check_adapter_name
 from .model_card import write_model_card
 from .safetensors_check import check_safetensors_file
 
@@ -90,6 +91,8 @@ def _wrap_save_pretrained(original: Any) -> Any:
         depth = _depth_adapter_names(self, arguments.get("selected_adapters"))
         if not depth:
             return original(self, save_directory, *args, **kwargs)
+        for name in depth:
+            check_adapter_name(name)  # a name is a folder under save_directory: never a path out of it
         if not arguments.get("safe_serialization", True):
             raise ValueError(
                 "peft-depth adapters are saved as safetensors only (adapter_model.bin is a pickle, which can run code "
@@ -178,14 +181,20 @@ def resolve_safetensors_file(model_id: str, **hub_kwargs: Any) -> str:
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
-def _check_header_matches_adapter(path: str, header: dict[str, dict], target: tuple[PeftModel, str]) -> None:
+def _header_budget(expected: dict[str, Any]) -> int:
+    """Most header bytes a file holding exactly ``expected`` can need: each entry's name, dtype, shape and offsets
+    (generously), plus room for metadata."""
+    return 64 * 1024 + sum(len(name) + 256 + 24 * len(tensor.shape) for name, tensor in expected.items())
+
+
+def _check_header_matches_adapter(
+    path: str, header: dict[str, dict], expected: dict[str, Any], adapter_name: str
+) -> None:
     """The file must hold exactly the adapter's own keys, with their shapes, as floating-point tensors.
 
     Checked from the header, before any tensor data is read: a key outside the adapter (e.g. a base weight such as
     ``lm_head.weight``) would otherwise be written into the base model by ``load_state_dict(strict=False)``.
     """
-    model, adapter_name = target
-    expected = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     unexpected = sorted(set(header) - set(expected))
     missing = sorted(set(expected) - set(header))
     wrong_shape = [
@@ -251,9 +260,13 @@ def _wrap_load_peft_weights(original: Any) -> Any:
         if not depth_target and not is_depth_adapter_source(model_id, **hub_kwargs):
             return original(model_id, device=device, key_mapping=key_mapping, **hub_kwargs)
         path = resolve_safetensors_file(model_id, **hub_kwargs)
-        header = check_safetensors_file(path)
         if depth_target:
-            _check_header_matches_adapter(path, _remapped(header, key_mapping), target)
+            model, adapter_name = target
+            expected = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
+            header = check_safetensors_file(path, max_header_bytes=_header_budget(expected))
+            _check_header_matches_adapter(path, _remapped(header, key_mapping), expected, adapter_name)
+        else:
+            check_safetensors_file(path)
         try:
             # The folder now holds a validated safetensors file, which peft's loader prefers; no Hub access remains.
             weights = original(os.path.dirname(path), device=device, key_mapping=key_mapping)

@@ -38,8 +38,13 @@ _DTYPE_BYTES = {
 }
 
 
-def check_safetensors_file(path: str | os.PathLike) -> dict[str, dict]:
-    """Return the tensor entries of the header of ``path``; ValueError if the file is truncated or corrupt."""
+def check_safetensors_file(path: str | os.PathLike, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str, dict]:
+    """Return the tensor entries of the header of ``path``; ValueError if the file is truncated or corrupt.
+
+    ``max_header_bytes``: refuse a longer header before parsing it. A caller that knows which tensors the file must
+    hold passes a bound from them, so a small file listing a million empty tensors cannot cost gigabytes of parsed
+    JSON before it is refused.
+    """
     path = os.fspath(path)
     size = os.path.getsize(path)
 
@@ -52,8 +57,12 @@ def check_safetensors_file(path: str | os.PathLike) -> dict[str, dict]:
         raise fail(f"{size} bytes, shorter than the 8-byte header length")
     with open(path, "rb") as handle:
         header_len = int.from_bytes(handle.read(8), "little")
-        if header_len > MAX_HEADER_BYTES:
-            raise fail(f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
+        limit = min(max_header_bytes, MAX_HEADER_BYTES)
+        if header_len > limit:
+            raise fail(
+                f"header length {header_len} exceeds the {limit}-byte limit"
+                + (" for the tensors this adapter holds" if limit < MAX_HEADER_BYTES else "")
+            )
         if header_len > size - 8:
             raise fail(f"header length {header_len} but only {size - 8} bytes follow")
         raw = handle.read(header_len)
@@ -61,6 +70,8 @@ def check_safetensors_file(path: str | os.PathLike) -> dict[str, dict]:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise fail(f"header is not JSON: {error}") from None
+    except RecursionError:
+        raise fail("header JSON nests too deeply") from None
     if not isinstance(header, dict):
         raise fail("header is not a JSON object")
     data_bytes = size - 8 - header_len
