@@ -5,29 +5,62 @@ so one LM-head projection of the sum equals mixing per-layer logits); ``log_prob
 ``g · Σ_l w_l (log_softmax(z_l) − log_softmax(z_L))`` to the head's logits for ``mix_space="log_probs"``.
 ``make_record`` reduces the routing weights over real tokens and computes the distillation loss through the frozen
 head (``distill.py``).
+
+Non-finite routing (``nonfinite_routing``, ``core.nonfinite``): ``route`` flags the rows whose routing scores are NaN
+or infinite. Under ``"base_path"`` those rows get no ensemble contribution (their output is the base model's
+final-layer output, exactly), are left out of the mean weights and the distillation, and are counted in the record,
+all with ``torch.where``-style masking and no device sync; every other row computes what it computes alone. A row is
+a token; for ``router_granularity="sequence"`` the running mean carries a non-finite value to every later position of
+that sequence, so the sequence takes the base path from its first non-finite position on (earlier positions were
+routed before it, as in cached generation), and ``nonfinite_rows`` counts sequences. Under ``"raise"`` ``route``
+raises ``NonFiniteRoutingError`` naming the adapter and its layers.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from ...core.nonfinite import check_routing_scores
 from .config import MoDConfig
 from .distill import chunked_distillation_kl
 from .forward_state import CallInfo, MoDRecord
 from .layer import MoDEnsemble
 
-__all__ = ["distill_mask", "log_prob_mix", "make_record", "mix_delta", "PendingLogProbMix"]
-
-#: One adapter's log-probability mix waiting for the LM head: states ``[K−1, B, T, d]``, weights ``[B, T, K]``, gate.
-PendingLogProbMix = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+__all__ = ["PendingLogProbMix", "distill_mask", "log_prob_mix", "make_record", "mix_delta", "route"]
 
 
-def mix_delta(states: torch.Tensor, base: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """``[B, T, d]``: ``g · Σ_l w_l (states_l − base)`` over the earlier late layers (logit-space mixing)."""
+@dataclass
+class PendingLogProbMix:
+    """One adapter's log-probability mix waiting for the LM head."""
+
+    states: torch.Tensor  # [K−1, B, T, d] normalised states of the earlier late layers
+    weights: torch.Tensor  # [B, T, K] routing weights
+    gate: torch.Tensor  # [1]
+    nonfinite: torch.Tensor  # [B, T] rows that take the base path
+
+
+def route(
+    ensemble: MoDEnsemble, router_input: torch.Tensor | None, shape: tuple[int, int], policy: str, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([B, T, K] float32 weights, [B, T] bool non-finite rows)`` of ``ensemble``'s router under ``policy``."""
+    scores = ensemble.router(router_input, shape)
+    nonfinite = check_routing_scores(scores, policy, where)
+    # finite stand-in scores for those rows (their mix is dropped anyway), so neither softmax nor its backward is NaN
+    weights = torch.softmax(scores.masked_fill(nonfinite.unsqueeze(-1), 0.0), dim=-1)
+    return weights, nonfinite
+
+
+def mix_delta(
+    states: torch.Tensor, base: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor, nonfinite: torch.Tensor
+) -> torch.Tensor:
+    """``[B, T, d]``: ``g · Σ_l w_l (states_l − base)`` over the earlier late layers (logit-space mixing), zero on
+    the ``nonfinite`` rows."""
     diff = states - base.unsqueeze(0).to(states.dtype)
     delta = torch.einsum("btk,kbtd->btd", weights[..., :-1].to(diff.dtype), diff)
-    return delta * gate.to(delta.dtype)
+    return (delta * gate.to(delta.dtype)).masked_fill(nonfinite.unsqueeze(-1), 0.0)
 
 
 def log_prob_mix(head: nn.Linear, hidden: torch.Tensor, logits: torch.Tensor, pending: list[PendingLogProbMix]):
@@ -40,12 +73,12 @@ def log_prob_mix(head: nn.Linear, hidden: torch.Tensor, logits: torch.Tensor, pe
     weight, bias = head.weight, head.bias
     base_log_probs = torch.log_softmax(logits.float(), dim=-1)
     delta = None
-    for states, weights, gate in pending:
-        states, weights = states[:, :, -keep:], weights[:, -keep:]
+    for mix in pending:
+        states, weights, nonfinite = mix.states[:, :, -keep:], mix.weights[:, -keep:], mix.nonfinite[:, -keep:]
         for k in range(states.shape[0]):
             layer_logits = torch.nn.functional.linear(states[k].to(weight.dtype), weight, bias).float()
             term = weights[..., k : k + 1] * (torch.log_softmax(layer_logits, dim=-1) - base_log_probs)
-            term = term * gate.float()
+            term = (term * mix.gate.float()).masked_fill(nonfinite.unsqueeze(-1), 0.0)
             delta = term if delta is None else delta + term
     return (logits.float() + delta).to(logits.dtype)
 
@@ -74,29 +107,30 @@ def make_record(
     states: torch.Tensor,
     base: torch.Tensor,
     weights: torch.Tensor,
+    nonfinite: torch.Tensor,
     mask: torch.Tensor | None,
     distill_positions_mask: torch.Tensor | None,
     head: nn.Linear,
     softcap: float | None,
 ) -> MoDRecord:
-    """The routing statistics of one adapter over real tokens and, when distillation runs, its loss."""
+    """The routing statistics of one adapter over real tokens with finite scores and, when distillation runs, its
+    loss over the distilled positions among them."""
     with torch.no_grad():
-        if mask is None:
-            mean_weight = weights.mean(dim=(0, 1))
-            num_tokens = weights.shape[0] * weights.shape[1]
-        else:
-            m = mask.unsqueeze(-1).to(weights.dtype)
-            num_tokens = mask.sum()
-            mean_weight = (weights * m).sum(dim=(0, 1)) / num_tokens.clamp(min=1)
+        counted = ~nonfinite if mask is None else mask.bool() & ~nonfinite
+        num_tokens = counted.sum()
+        mean_weight = weights.masked_fill(~counted.unsqueeze(-1), 0.0).sum(dim=(0, 1)) / num_tokens.clamp(min=1)
     record = MoDRecord(
         layers=list(ensemble.layer_indices),
         mean_weight=mean_weight.detach(),
         num_tokens=num_tokens,
         gate=ensemble.gate.detach().float(),  # read lazily: no device sync per forward
+        nonfinite=nonfinite if mask is None else nonfinite & mask.bool(),
+        rows_are_sequences=config.router_granularity == "sequence",
     )
     if distill_positions_mask is None or config.distill_loss_coef == 0:
         return record
-    positions = distill_positions_mask.to(states.device).reshape(-1).nonzero().squeeze(1)
+    distilled = distill_positions_mask.to(states.device) & ~nonfinite.to(states.device)
+    positions = distilled.reshape(-1).nonzero().squeeze(1)
     if config.distill_fraction < 1.0 and positions.numel() > 0:
         keep = max(1, round(config.distill_fraction * positions.numel()))
         positions = positions[torch.randperm(positions.numel(), device=positions.device)[:keep]]

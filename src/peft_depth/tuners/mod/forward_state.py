@@ -44,6 +44,16 @@ class MoDRecord:
     distill_loss: torch.Tensor | None = None
     distill_kl: torch.Tensor | None = None
     distill_positions: int = 0
+    #: [B, T] real positions whose routing scores were not finite (they took the base path); counted when read
+    nonfinite: torch.Tensor | None = None
+    #: whether ``nonfinite_rows`` counts sequences (router_granularity='sequence') rather than tokens
+    rows_are_sequences: bool = False
+
+    def nonfinite_rows(self) -> int:
+        if self.nonfinite is None:
+            return 0
+        flags = self.nonfinite.any(dim=1) if self.rows_are_sequences else self.nonfinite
+        return int(flags.sum())
 
     def as_stats(self) -> dict[str, Any]:
         """The record as plain Python numbers (the device sync happens here, when statistics are read)."""
@@ -57,6 +67,7 @@ class MoDRecord:
             "distill_kl": None if self.distill_kl is None else self.distill_kl.float().tolist(),
             "distill_kl_sum": None if self.distill_kl is None else float(self.distill_kl.sum()),
             "distill_positions": self.distill_positions,
+            "nonfinite_rows": self.nonfinite_rows(),
         }
 
 

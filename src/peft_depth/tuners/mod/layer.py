@@ -33,7 +33,7 @@ def copy_norm(norm: nn.Module) -> nn.Module:
 
 
 class MoDRouter(nn.Module):
-    """Softmax weights over the K late layers, from the normalised final hidden state (or a static vector).
+    """Scores whose softmax weighs the K late layers, from the normalised final hidden state (or a static vector).
 
     Zero-initialised, so the weights start uniform; the gate (not the router) keeps a fresh adapter equal to the base.
     For ``"static"`` only ``bias`` exists: one vector of K logits shared by every token.
@@ -59,12 +59,14 @@ class MoDRouter(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_layers, **factory))
 
     def forward(self, router_input: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
-        """``[batch, seq, K]`` float32 weights; ``router_input`` is ``[batch, seq, hidden]`` (None for static)."""
+        """``[batch, seq, K]`` float32 routing scores logits / τ; the weights are their softmax, taken by the caller
+        after the non-finite check (``core.nonfinite``). ``router_input`` is ``[batch, seq, hidden]`` (None for
+        static)."""
         if self.weight is None:
             logits = self.bias.float().expand(*shape, -1)
         else:
             logits = torch.nn.functional.linear(router_input.to(self.weight.dtype), self.weight, self.bias).float()
-        return torch.softmax(logits / self.temperature, dim=-1)
+        return logits / self.temperature
 
 
 class MoDEnsemble(nn.Module):

@@ -47,7 +47,7 @@ from ...core.lora_layer import DepthLoraLayer
 from ...core.targets import ALL_PROJECTIONS_TARGET_MODULES_MAPPING
 from ...core.tuner import DepthTuner
 from .config import MoDConfig
-from .ensemble_head import distill_mask, log_prob_mix, make_record, mix_delta
+from .ensemble_head import PendingLogProbMix, distill_mask, log_prob_mix, make_record, mix_delta, route
 from .forward_state import CallInfo, MoDForwardState, MoDRecord, begin_forward_state, forward_state
 from .layer import MoDEnsemble
 from .sequence_router import sequence_router_input
@@ -64,8 +64,10 @@ class MoDModel(DepthTuner):
     read with ``peft_depth.aux_losses(model)`` (key ``"distill"``; ``"distill.<adapter>"`` when several adapters are
     active) and the routing weights with ``peft_depth.routing_stats(model)["mod"][adapter]``: ``layers`` (the K block
     indices), ``mean_weight`` (router weight per late layer, averaged over real tokens), ``final_layer_weight``,
-    ``gate``, ``num_tokens``, and when the distillation ran ``distill_kl`` (per earlier late layer), ``distill_kl_sum``
-    and ``distill_positions``.
+    ``gate``, ``num_tokens`` (the real tokens averaged over), ``nonfinite_rows`` (real tokens, or sequences for
+    ``router_granularity="sequence"``, whose routing scores were NaN or infinite: they took the base path and are not
+    in the averages; see ``ensemble_head``), and when the distillation ran ``distill_kl`` (per earlier late layer),
+    ``distill_kl_sum`` and ``distill_positions``. Both read the calling thread's last forward.
     """
 
     prefix: str = "mod_"
@@ -316,13 +318,16 @@ class MoDModel(DepthTuner):
             config: MoDConfig = self.peft_config[name]
             states = ensemble.normalised_states(captured)  # [K-1, B, T, d]
             router_input = {"token": base, "sequence": sequence_input, "static": None}[config.router_granularity]
-            weights = ensemble.router(router_input, (batch, seq))  # [B, T, K] float32
+            where = f"MoD adapter {name!r} (router over layers {ensemble.layer_indices})"
+            weights, nonfinite = route(ensemble, router_input, (batch, seq), config.nonfinite_routing, where)
             if config.mix_space == "logits":
-                delta = mix_delta(states, base, weights, ensemble.gate)
+                delta = mix_delta(states, base, weights, ensemble.gate, nonfinite)
                 delta_total = delta if delta_total is None else delta_total + delta
             else:
-                pending.append((states, weights, ensemble.gate))
-            records[name] = make_record(ensemble, config, states, base, weights, mask, distilled, head, softcap)
+                pending.append(PendingLogProbMix(states, weights, ensemble.gate, nonfinite))
+            records[name] = make_record(
+                ensemble, config, states, base, weights, nonfinite, mask, distilled, head, softcap
+            )
         state.pending_log_probs = pending or None
         state.records = records
         if delta_total is None:

@@ -59,13 +59,14 @@ def sequence_router_input(
     passed in), or None when the state already lives on ``cache``.
     """
     batch, seq = base.shape[0], base.shape[1]
-    weights = (
-        torch.ones(batch, seq, 1, dtype=torch.float32, device=base.device)
-        if mask is None
-        else mask.unsqueeze(-1).float()
-    )
-    total = (base.float() * weights).cumsum(dim=1)
-    count = weights.cumsum(dim=1)
+    if mask is None:
+        total = base.float().cumsum(dim=1)
+        count = torch.ones(batch, seq, 1, dtype=torch.float32, device=base.device).cumsum(dim=1)
+    else:
+        real = mask.unsqueeze(-1).bool()
+        # where, not a product with the mask: a non-finite value at a padding position must not reach real tokens
+        total = torch.where(real, base.float(), 0.0).cumsum(dim=1)
+        count = real.float().cumsum(dim=1)
     state: SequenceRouterState | None = None
     if past_length > 0:
         state = attached_states(cache).get(state_key) if cache is not None else None
