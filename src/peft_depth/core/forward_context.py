@@ -13,6 +13,7 @@ key of their own rather than as attributes of their modules.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -58,6 +59,16 @@ class ForwardContextTracker:
         self.key = next(_KEYS)
         self._where = f"{type(model).__name__}.forward"
         self._handle = model.register_forward_pre_hook(self._begin, with_kwargs=True)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ForwardContextTracker:
+        # A deep copy tracks another model (``copy.deepcopy(peft_model)``): it needs its own key, or the two models'
+        # forwards would replace each other's contexts.
+        duplicate = type(self).__new__(type(self))
+        memo[id(self)] = duplicate
+        for name, value in self.__dict__.items():
+            setattr(duplicate, name, copy.deepcopy(value, memo))
+        duplicate.key = next(_KEYS)
+        return duplicate
 
     def _begin(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("attention_mask")

@@ -25,7 +25,8 @@ __all__ = ["StackInstallation", "install_output_capture"]
 class StackInstallation:
     """Mixin of ``DLOModel``: installs the active adapter's expanded stack.
 
-    Uses the tuner's ``_dlo`` state (``rewiring``, ``layouts``, ``blocks``, ``installed``, ``suspended``), its
+    Uses the tuner's ``_dlo`` state (``rewiring``, ``layouts``, ``blocks``, ``installed``, ``installation``,
+    ``suspended``), its
     ``dlo_new_layers`` / ``dlo_routers`` and its ``routing_context``.
     """
 
@@ -77,6 +78,7 @@ class StackInstallation:
         blocks: list[nn.Module] = []
         sources: list[int] = []
         wrappers: list[DLOBlock] = []
+        state["installation"] += 1
         for position, (kind, source) in enumerate(state["layouts"][adapter_name]):
             layer = originals[source] if kind == "orig" else new_layers[f"new{position}"]
             if kind == "new":
@@ -95,6 +97,7 @@ class StackInstallation:
                     context=self.routing_context,
                     owner=self,
                     adapter_name=adapter_name,
+                    installation=state["installation"],
                     checkpoint_reference=originals[0],
                 )
                 block.attach()

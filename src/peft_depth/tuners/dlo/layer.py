@@ -9,11 +9,14 @@ registered modules without changing any state-dict key):
   scaled result back (skipped tokens get exactly zero: the residual passes through); in training it runs every token,
   because the router labels need every token's MLP output, and zeroes the unselected ones.
 - the pre-MLP norm -> ``ResidualTap``: records the residual stream ``h'`` entering the MLP, for the cosine labels.
+
+The shadows are shared by every forward; the plan is not. It lives in the calling thread's forward context
+(``forward_state``), where the shadows look it up by the block's position, so concurrent forwards never see each
+other's plans.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +26,7 @@ from torch import nn
 from ...core.context import RoutingContext
 from ...core.layer_call import bind_block_call, checkpointing_active
 from ...core.low_rank import init_low_rank, low_rank_delta
+from .forward_state import DLORecord, RoutingPlan, read_forward_state, write_forward_state
 from .selection import select_top_fraction
 
 __all__ = ["DLOBlock", "DLORecord", "NewLayerLoraLinear", "ResidualTap", "RoutingPlan", "SkipMLP"]
@@ -54,38 +58,20 @@ class _Delegating(nn.Module):
             return getattr(self._modules["inner"], name)
 
 
-@dataclass
-class RoutingPlan:
-    """What one routed layer does with the tokens of the current forward (flattened to ``[N]``)."""
-
-    training: bool
-    selected: torch.Tensor  # [N] bool
-    index: torch.Tensor | None  # [k] positions of the selected tokens; None: every token runs
-    scale: torch.Tensor  # [N] fp32, 1 + scale_gap·(s − 0.5)
-    want_cos: bool
-    residual: torch.Tensor | None = None  # h' entering the MLP (set by ResidualTap)
-    cos: torch.Tensor | None = None  # [N] cosine(h', h' + MLP(h')) (set by SkipMLP / the block)
-
-
-@dataclass
-class DLORecord:
-    """One routed layer's routing in the last forward, for the router loss and the statistics."""
-
-    logits: torch.Tensor  # [N] fp32 router logits (carry gradient in training)
-    valid: torch.Tensor | None  # [N] real-token mask (None: all real)
-    selected: torch.Tensor  # [N] bool
-    cos: torch.Tensor | None  # [N] or None (eval, or no labels wanted)
-    capacity: float | None  # training capacity used (None in eval threshold mode)
-    training: bool
-
-
 class SkipMLP(_Delegating):
-    """Runs the wrapped MLP on the plan's selected tokens only (eval) or on all and masks (training)."""
+    """Runs the wrapped MLP on the plan's selected tokens only (eval) or on all and masks (training).
 
-    def __init__(self, mlp: nn.Module) -> None:
+    The plan is the current forward's, read through the block that owns this shadow (``DLOBlock.current_plan``).
+    """
+
+    def __init__(self, mlp: nn.Module, block: DLOBlock) -> None:
         super().__init__()
         self.inner = mlp
-        self.plan: RoutingPlan | None = None
+        self._block = (block,)  # a plain tuple, not a child: the block wraps the layer this shadow sits in
+
+    @property
+    def plan(self) -> RoutingPlan | None:
+        return self._block[0].current_plan()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.plan
@@ -115,14 +101,19 @@ class SkipMLP(_Delegating):
 class ResidualTap(_Delegating):
     """The pre-MLP norm, recording its input (the residual stream ``h'``) into the plan when labels are wanted."""
 
-    def __init__(self, norm: nn.Module) -> None:
+    def __init__(self, norm: nn.Module, block: DLOBlock) -> None:
         super().__init__()
         self.inner = norm
-        self.plan: RoutingPlan | None = None
+        self._block = (block,)
+
+    @property
+    def plan(self) -> RoutingPlan | None:
+        return self._block[0].current_plan()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.plan is not None and self.plan.want_cos:
-            self.plan.residual = x.detach()
+        plan = self.plan
+        if plan is not None and plan.want_cos:
+            plan.residual = x.detach()
         return self.inner(x, *args, **kwargs)
 
 
@@ -174,6 +165,7 @@ class DLOBlock(_Delegating):
             want_labels, inference_capacity_or_None)`` for this layer right now (the tuner owns the annealing
             schedule and the per-layer capacities).
         adapter_name: the adapter this block belongs to.
+        installation: which installation of the expanded stack this block belongs to (stamps what it records).
         checkpoint_reference: an original decoder layer whose gradient-checkpointing switch a new layer follows
             (``gradient_checkpointing_enable`` only reaches modules registered in the transformers model).
     """
@@ -190,6 +182,7 @@ class DLOBlock(_Delegating):
         context: RoutingContext,
         owner: nn.Module,
         adapter_name: str,
+        installation: int,
         checkpoint_reference: nn.Module | None,
     ) -> None:
         super().__init__()
@@ -204,16 +197,29 @@ class DLOBlock(_Delegating):
         # the model then maps them to their copies)
         self._owner = (owner,)
         self._adapter_name = adapter_name
+        self._installation = installation
         # a plain tuple: registering the reference as a child would renumber its layer_idx with this block's
         self._checkpoint_reference = (checkpoint_reference,)
-        self.last_record: DLORecord | None = None
         self._mlp_shadow: SkipMLP | None = None
         self._norm_shadow: ResidualTap | None = None
         if router is not None and skip_mode == "mlp":
             mlp_name, norm_name = find_mlp_and_norm(layer)
             self._mlp_name, self._norm_name = mlp_name, norm_name
-            self._mlp_shadow = SkipMLP(layer._modules[mlp_name])
-            self._norm_shadow = ResidualTap(layer._modules[norm_name])
+            self._mlp_shadow = SkipMLP(layer._modules[mlp_name], self)
+            self._norm_shadow = ResidualTap(layer._modules[norm_name], self)
+
+    # ----------------------------------------------------------------- this thread's current forward
+
+    def current_plan(self) -> RoutingPlan | None:
+        """This layer's plan in the calling thread's current forward (None outside a routed forward)."""
+        state = read_forward_state(self._context.tracker.current, self._installation)
+        return None if state is None else state.plans.get(self.position)
+
+    @property
+    def last_record(self) -> DLORecord | None:
+        """This layer's routing in the calling thread's last forward through the installed stack."""
+        state = read_forward_state(self._context.tracker.current, self._installation)
+        return None if state is None else state.records.get(self.position)
 
     # ----------------------------------------------------------------- shadows on the decoder layer
 
@@ -226,8 +232,6 @@ class DLOBlock(_Delegating):
         if self._mlp_shadow is not None:
             self.inner.__dict__.pop(self._mlp_name, None)
             self.inner.__dict__.pop(self._norm_name, None)
-            self._mlp_shadow.plan = self._norm_shadow.plan = None
-        self.last_record = None
 
     # ----------------------------------------------------------------- forward
 
@@ -268,7 +272,7 @@ class DLOBlock(_Delegating):
         else:
             output, cos = self._forward_block_skip(hidden_states, args, kwargs, training, selected, scale, want_cos)
         # Publish at the end only: checkpoint recomputation may stop part-way through a forward.
-        self.last_record = DLORecord(
+        write_forward_state(self._context.forward, self._installation).records[self.position] = DLORecord(
             logits=logits,
             valid=valid,
             selected=selected.detach(),
@@ -283,8 +287,8 @@ class DLOBlock(_Delegating):
         if not training and not bool(selected.all()):
             index = selected.nonzero().squeeze(-1)
         plan = RoutingPlan(training=training, selected=selected, index=index, scale=scale, want_cos=want_cos)
-        self._mlp_shadow.plan = plan
-        self._norm_shadow.plan = plan
+        # read by this layer's MLP and norm shadows, now and when checkpointing recomputes the layer in backward
+        write_forward_state(self._context.forward, self._installation).plans[self.position] = plan
         output = self.inner(hidden_states, *args, **kwargs)
         return output, plan.cos
 

@@ -35,8 +35,9 @@ from ...core.tuner import DepthTuner
 from .capacities import CapacitySchedule
 from .config import DLOConfig, expansion_plan
 from .expansion import build_new_layers, build_routers, expanded_layout, initial_state
+from .forward_state import DLOForwardState, DLORecord, read_forward_state
 from .installation import StackInstallation
-from .layer import DLORecord, find_mlp_and_norm
+from .layer import find_mlp_and_norm
 from .router_loss import router_labels, router_loss
 from .state_dict import AdapterStateDict
 from .statistics import routing_summary
@@ -81,7 +82,7 @@ class DLOModel(CapacitySchedule, StackInstallation, AdapterStateDict, DepthTuner
                 "installed": None,  # adapter whose expansion is installed
                 "blocks": [],
                 "capacities": {},  # adapter -> {position: capacity} from cos_global
-                "loss": {},  # adapter -> router loss of the last training forward
+                "installation": 0,  # stamps each forward's records with the installation that wrote them
                 "hook": None,
                 "suspended": 0,
             }
@@ -219,7 +220,6 @@ class DLOModel(CapacitySchedule, StackInstallation, AdapterStateDict, DepthTuner
                 self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
             self._dlo["layouts"].pop(adapter_name, None)
             self._dlo["capacities"].pop(adapter_name, None)
-            self._dlo["loss"].pop(adapter_name, None)
 
     def _unload_and_optionally_merge(
         self,
@@ -247,45 +247,51 @@ class DLOModel(CapacitySchedule, StackInstallation, AdapterStateDict, DepthTuner
 
     # ------------------------------------------------------------------ after each forward: the router loss
 
+    def _forward_state(self) -> DLOForwardState | None:
+        """What the calling thread's last forward through the installed stack recorded (None: nothing yet)."""
+        state = self._dlo
+        if state["installed"] is None:
+            return None
+        return read_forward_state(self.routing_context.tracker.current, state["installation"])
+
     def _records(self) -> dict[int, DLORecord]:
-        return {block.position: block.last_record for block in self._dlo["blocks"] if block.last_record is not None}
+        forward = self._forward_state()
+        return {} if forward is None else dict(forward.records)
 
     def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
-        state = self._dlo
-        adapter_name = state["installed"]
-        if adapter_name is None:
+        forward = self._forward_state()
+        if forward is None:
             return
+        adapter_name = self._dlo["installed"]
         config: DLOConfig = self.peft_config[adapter_name]
         records = {
-            p: r for p, r in self._records().items() if r.training and r.cos is not None and r.logits.requires_grad
+            p: r for p, r in forward.records.items() if r.training and r.cos is not None and r.logits.requires_grad
         }
         if not records or config.router_loss_coef == 0:
-            state["loss"].pop(adapter_name, None)
             return
         context = self.routing_context
         sync = context if context.syncing else None
         reduce = context.reduce_sum if sync is not None else None
         labels, capacities = router_labels(config, records, config.capacity_at(self.dlo_step), sync, reduce)
         if capacities is not None:
-            state["capacities"][adapter_name] = capacities
-        state["loss"][adapter_name] = router_loss(records, labels, reduce)
+            # training state, not per forward: the next forward's capacities (training is single-threaded)
+            self._dlo["capacities"][adapter_name] = capacities
+        forward.router_loss = router_loss(records, labels, reduce)
 
     def depth_aux_terms(self) -> dict[str, AuxLossTerm]:
-        state = self._dlo
-        adapter_name = state["installed"]
-        if adapter_name is None or adapter_name not in state["loss"]:
+        forward = self._forward_state()
+        if forward is None or forward.router_loss is None:
             return {}
-        config: DLOConfig = self.peft_config[adapter_name]
-        return {"router": AuxLossTerm(state["loss"][adapter_name], float(config.router_loss_coef))}
+        config: DLOConfig = self.peft_config[self._dlo["installed"]]
+        return {"router": AuxLossTerm(forward.router_loss, float(config.router_loss_coef))}
 
     def depth_routing_stats(self) -> dict[str, Any]:
-        state = self._dlo
-        adapter_name = state["installed"]
         records = self._records()
-        if adapter_name is None or not records:
+        if not records:
             return {}
+        adapter_name = self._dlo["installed"]
         config: DLOConfig = self.peft_config[adapter_name]
-        summary = routing_summary(records, state["layouts"][adapter_name], config, self.dlo_step)
+        summary = routing_summary(records, self._dlo["layouts"][adapter_name], config, self.dlo_step)
         return {"dlo": {adapter_name: summary}}
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DLOConfig
-from .layer import DLORecord
+from .forward_state import DLORecord
 from .selection import CrossProcessGather, select_top_fraction
 
 __all__ = ["router_labels", "router_loss"]

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .config import DLOConfig
-from .layer import DLORecord
+from .forward_state import DLORecord
 
 __all__ = ["routing_summary"]
 
@@ -40,7 +40,7 @@ def routing_summary(
                 "new": layout[position][0] == "new",
                 "num_tokens": tokens,
                 "executed_fraction": executed / tokens if tokens else 0.0,
-                "capacity": record.capacity if record.capacity is not None else float("nan"),
+                "capacity": record.capacity,  # None in eval threshold mode
                 "mean_score": mean_score,
             }
         )
