@@ -196,3 +196,26 @@ def test_a_header_listing_a_million_empty_tensors_is_refused_before_parsing(tmp_
         PeftModel.from_pretrained(base, path)
     assert time.perf_counter() - start < 5
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024 < 200
+
+
+def test_auto_peft_model_refuses_to_resize_the_base_for_a_larger_tokenizer(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    model, pristine = adapted("mola")
+    pristine.save_pretrained(tmp_path / "base")
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    expected = _logits(model)
+    vocab = {f"w{i}": i for i in range(200)}  # the base has 128 embedding rows
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0")))
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="has 200 tokens but the base model .* has 128 embedding rows"):
+        AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    # a tokenizer that fits loads as usual
+    small = {f"w{i}": i for i in range(100)}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab=small, unk_token="w0"))).save_pretrained(
+        tmp_path / "adapter"
+    )
+    assert torch.equal(_logits(AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")), expected)

@@ -358,6 +358,48 @@ def _wrap_from_pretrained(original: Any) -> Any:
     return _mark(classmethod(from_pretrained))
 
 
+def _check_tokenizer_fits_base(adapter_path: str, peft_config: PeftConfig, kwargs: dict[str, Any]) -> None:
+    """Refuse the embedding resize ``AutoPeftModel*`` makes when the adapter folder ships a larger tokenizer.
+
+    peft then calls ``resize_token_embeddings``, which writes new, randomly initialised rows into the base model; a
+    peft-depth adapter never holds embedding rows, so those tokens would run on noise. Checked from the two configs,
+    before the base model is loaded.
+    """
+    from peft.utils.constants import TOKENIZER_CONFIG_NAME
+    from transformers import AutoConfig, AutoTokenizer
+
+    if not os.path.isfile(os.path.join(adapter_path, TOKENIZER_CONFIG_NAME)):
+        return
+    tokenizer_size = len(AutoTokenizer.from_pretrained(adapter_path))
+    base_path = peft_config.base_model_name_or_path
+    base_config = AutoConfig.from_pretrained(
+        base_path, revision=peft_config.revision, trust_remote_code=kwargs.get("trust_remote_code", False)
+    )
+    text_config = base_config.get_text_config() if hasattr(base_config, "get_text_config") else base_config
+    vocab_size = getattr(text_config, "vocab_size", None)
+    if vocab_size is not None and tokenizer_size > vocab_size:
+        raise ValueError(
+            f"The tokenizer in {adapter_path} has {tokenizer_size} tokens but the base model {base_path!r} has "
+            f"{vocab_size} embedding rows: AutoPeftModel would resize the embeddings, giving the new tokens random "
+            "vectors the adapter does not hold (peft-depth adapters never write base weights). Load the base "
+            "yourself, decide how to initialise new rows, and call `PeftModel.from_pretrained(base, path)`."
+        )
+
+
+def _wrap_auto_from_pretrained(original: Any) -> Any:
+    function = original.__func__
+
+    @functools.wraps(function)
+    def from_pretrained(cls: type, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        path = os.fspath(pretrained_model_name_or_path)
+        if os.path.isdir(path) and is_depth_adapter_source(path):
+            config = kwargs.get("config") or PeftConfig.from_pretrained(path, revision=kwargs.get("revision"))
+            _check_tokenizer_fits_base(path, config, kwargs)
+        return function(cls, pretrained_model_name_or_path, *args, **kwargs)
+
+    return _mark(classmethod(from_pretrained))
+
+
 def _wrap_inject_adapter_in_model(original: Any) -> Any:
     @functools.wraps(original)
     def inject_adapter_in_model(peft_config: PeftConfig, model: Any, *args: Any, **kwargs: Any) -> Any:
@@ -392,6 +434,10 @@ def install() -> None:
             setattr(owner, name, wrap(current))
     if not getattr(PeftModel.__dict__["from_pretrained"], "_peft_depth_hook", False):
         PeftModel.from_pretrained = _wrap_from_pretrained(PeftModel.__dict__["from_pretrained"])
+    from peft.auto import _BaseAutoPeftModel
+
+    if not getattr(_BaseAutoPeftModel.__dict__["from_pretrained"], "_peft_depth_hook", False):
+        _BaseAutoPeftModel.from_pretrained = _wrap_auto_from_pretrained(_BaseAutoPeftModel.__dict__["from_pretrained"])
     if not getattr(peft.peft_model.load_peft_weights, "_peft_depth_hook", False):
         peft.peft_model.load_peft_weights = _wrap_load_peft_weights(peft.peft_model.load_peft_weights)
     # transformers imports it from the package at call time; direct users may import it from peft.mapping
