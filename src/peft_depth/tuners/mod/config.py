@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
-from ...core.config import (
-    LoraFieldsConfig,
-    check_choice,
-    check_non_negative_number,
-    check_positive_int,
-    check_probability,
-)
+from peft.tuners.tuners_utils import check_target_module_exists
+from torch import nn
+
+from ...core.config import LoraFieldsConfig, check_choice, check_positive_int, check_probability
 from ...core.peft_registration import add_peft_type
+from .base_parts import final_logit_softcap, find_base_parts
 
 __all__ = ["MoDConfig", "ROUTER_GRANULARITIES", "MIX_SPACES"]
 
@@ -26,11 +25,20 @@ MOD = add_peft_type("MOD")
 ROUTER_GRANULARITIES = ("token", "sequence", "static")
 MIX_SPACES = ("logits", "log_probs")
 
+#: Allowed temperatures (router and distillation): scores and logits are divided by them in float32, and below 1e-3
+#: ordinary logits overflow to inf (1e-300 made every routing weight NaN); above 1e3 every softmax is uniform.
+TEMPERATURE_RANGE = (1e-3, 1e3)
+#: Allowed |gate_init|: g = 1 already replaces the final layer by the full mix; beyond 10 the output is an
+#: extrapolation far outside the layers' range (and 1e308 overflowed the float32 gate).
+GATE_INIT_BOUND = 10.0
+#: Largest distill_loss_coef: the summed KL starts near 30 (see the field), so beyond 1e3 it is all the loss there is.
+MAX_DISTILL_LOSS_COEF = 1e3
 
-def _check_positive_number(name: str, value) -> None:
-    check_non_negative_number(name, value)
-    if value == 0:
-        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+
+def _check_number_in(name: str, value: Any, low: float, high: float, why: str) -> None:
+    """A real number (not a bool) in ``[low, high]``; NaN fails every comparison and is refused too."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"`{name}` must be a finite number in [{low:g}, {high:g}] ({why}), got {value!r}.")
 
 
 @dataclass
@@ -62,8 +70,8 @@ class MoDConfig(LoraFieldsConfig):
     num_late_layers: int = field(
         default=4,
         metadata={
-            "help": "K: how many of the last blocks form the ensemble, counting the final block. At least 2 and at "
-            "most the model's depth."
+            "help": "K: how many of the last blocks form the ensemble, counting the final block. An integer, at "
+            "least 2 and at most the model's depth (checked against the base model before anything is built)."
         },
     )
     router_granularity: str = field(
@@ -71,13 +79,14 @@ class MoDConfig(LoraFieldsConfig):
         metadata={
             "help": "What the routing weights depend on. 'token': a linear router on each token's normalised final "
             "hidden state. 'sequence': the same router on the running mean of those states over the real tokens up "
-            "to each position (causal, so generation with a KV cache equals generation without; beam search is not "
-            "supported with it, since the running mean is not reordered with the beams). 'static': one learned "
-            "vector of K logits shared by all tokens."
+            "to each position (causal, so generation with a KV cache equals generation without; the running mean "
+            "rides on the cache and follows beam reordering and assisted decoding's cropping). 'static': one "
+            "learned vector of K logits shared by all tokens."
         },
     )
     router_temperature: float = field(
-        default=1.0, metadata={"help": "The router's softmax temperature τ (w = softmax(logits / τ)); > 0."}
+        default=1.0,
+        metadata={"help": "The router's softmax temperature τ (w = softmax(logits / τ)); a number in [0.001, 1000]."},
     )
     mix_space: str = field(
         default="logits",
@@ -92,8 +101,8 @@ class MoDConfig(LoraFieldsConfig):
     gate_init: float = field(
         default=0.0,
         metadata={
-            "help": "Initial value of the gate g. 0 (default) makes a fresh adapter equal the base model; the gate "
-            "still gets gradient at 0, and the router once the gate has moved."
+            "help": "Initial value of the gate g, a number in [-10, 10]. 0 (default) makes a fresh adapter equal the "
+            "base model; the gate still gets gradient at 0, and the router once the gate has moved."
         },
     )
     distill_loss_coef: float = field(
@@ -102,48 +111,58 @@ class MoDConfig(LoraFieldsConfig):
             "help": "λ: weight of the distillation loss Σ_l KL(softmax(z_L/T) ‖ softmax(z_l/T)) · T² over the "
             "earlier late layers, reported by `peft_depth.aux_losses` as 'distill'. The paper gives no value; 0.1 "
             "because the summed KL starts near 30 on SmolLM2-135M with K=4 (measured), ten times the LM loss, and "
-            "would otherwise dominate. 0 turns it off (and skips its computation)."
+            "would otherwise dominate. 0 turns it off (and skips its computation). A number in [0, 1000]."
         },
     )
     distill_temperature: float = field(
-        default=1.0, metadata={"help": "T: temperature of both distributions in the distillation KL; > 0."}
+        default=1.0,
+        metadata={"help": "T: temperature of both distributions in the distillation KL; a number in [0.001, 1000]."},
     )
     distill_fraction: float = field(
         default=1.0,
         metadata={
             "help": "Fraction of the label-carrying positions the distillation loss uses, drawn at random each "
-            "forward (at least one position). 1.0 distils on all of them."
+            "forward (at least one position); in (0, 1]. 1.0 distils on all of them."
         },
     )
     distill_chunk_size: int = field(
         default=128,
         metadata={
             "help": "Positions per chunk when the distillation projects hidden states through the LM head; peak "
-            "extra memory is about (K+2) × chunk × vocabulary floats, independent of the sequence length."
+            "extra memory is about (K+2) × chunk × vocabulary floats, independent of the sequence length. A "
+            "positive integer."
         },
     )
 
     def __post_init__(self) -> None:
         # LoraFieldsConfig requires r > 0; MoD allows r = 0 (MoD alone), so validate the LoRA fields ourselves.
         super(LoraFieldsConfig, self).__post_init__()
+        if isinstance(self.r, bool):  # False == 0 would otherwise pass as "MoD alone"
+            raise ValueError(f"`r` must be an integer >= 0 (0: MoD alone, no LoRA), got {self.r!r}.")
         self._check_lora_fields(allow_zero_rank=True)
         self.peft_type = MOD
         check_choice("bias", self.bias, ("none", "all", "mod_only"))
-        check_positive_int("num_late_layers", self.num_late_layers)
-        if self.num_late_layers < 2:
+        if (
+            isinstance(self.num_late_layers, bool)
+            or not isinstance(self.num_late_layers, int)
+            or self.num_late_layers < 2
+        ):
             raise ValueError(
-                f"`num_late_layers` must be >= 2 (the final layer plus at least one earlier layer to mix with), got "
-                f"{self.num_late_layers!r}."
+                "`num_late_layers` must be an integer >= 2 (the final layer plus at least one earlier layer to mix "
+                f"with) and at most the model's depth, got {self.num_late_layers!r}."
             )
         check_choice("router_granularity", self.router_granularity, ROUTER_GRANULARITIES)
         check_choice("mix_space", self.mix_space, MIX_SPACES)
-        _check_positive_number("router_temperature", self.router_temperature)
-        _check_positive_number("distill_temperature", self.distill_temperature)
-        check_non_negative_number("distill_loss_coef", self.distill_loss_coef)
+        _check_number_in(
+            "router_temperature", self.router_temperature, *TEMPERATURE_RANGE, "routing scores are divided by it"
+        )
+        _check_number_in(
+            "distill_temperature", self.distill_temperature, *TEMPERATURE_RANGE, "logits are divided by it"
+        )
+        _check_number_in("distill_loss_coef", self.distill_loss_coef, 0.0, MAX_DISTILL_LOSS_COEF, "0 turns it off")
         check_probability("distill_fraction", self.distill_fraction, allow_zero=False)
         check_positive_int("distill_chunk_size", self.distill_chunk_size)
-        if isinstance(self.gate_init, bool) or not isinstance(self.gate_init, (int, float)):
-            raise ValueError(f"`gate_init` must be a number, got {self.gate_init!r}.")
+        _check_number_in("gate_init", self.gate_init, -GATE_INIT_BOUND, GATE_INIT_BOUND, "0 starts at the base model")
         if self.r == 0 and self.target_modules:
             warnings.warn(
                 f"MoDConfig has r=0, so `target_modules`={self.target_modules!r} get no LoRA: this adapter is MoD "
@@ -156,3 +175,24 @@ class MoDConfig(LoraFieldsConfig):
     def uses_lora(self) -> bool:
         """Whether this adapter carries LoRA next to the ensemble (r > 0 and some target modules)."""
         return self.r > 0 and bool(self.target_modules)
+
+    def check_against_base(self, model: nn.Module) -> None:
+        """Refuse, before anything is built, a base model MoD cannot plug into or fields that do not fit it."""
+        super().check_against_base(model)
+        parts = find_base_parts(model)
+        depth = parts.stack.num_layers
+        if self.num_late_layers > depth:
+            raise ValueError(
+                f"`num_late_layers` ({self.num_late_layers}) is larger than the model's depth ({depth} blocks in "
+                f"`{parts.stack.path}`); allowed: 2 to {depth}."
+            )
+        if self.uses_lora and parts.head_name and check_target_module_exists(self, parts.head_name):
+            raise ValueError(
+                f"`target_modules` matches the output head `{parts.head_name}`: MoD shares the frozen LM head across "
+                "the late layers (and the final layer is the teacher), so it cannot carry LoRA. Exclude it."
+            )
+        if self.mix_space == "log_probs" and final_logit_softcap(model) is not None:
+            raise ValueError(
+                "`mix_space`='log_probs' is not supported on models with final-logit soft-capping (the cap would act "
+                "on mixed log-probabilities); use `mix_space`='logits', where the cap applies after mixing."
+            )

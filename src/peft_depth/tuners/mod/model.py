@@ -42,10 +42,10 @@ from torch import nn
 from ...core.aux import AuxLossTerm
 from ...core.cache_state import attach_state, attached_states
 from ...core.layer_call import output_cache
-from ...core.layer_stack import find_final_norm
 from ...core.lora_layer import DepthLoraLayer
 from ...core.targets import ALL_PROJECTIONS_TARGET_MODULES_MAPPING
 from ...core.tuner import DepthTuner
+from .base_parts import final_logit_softcap, find_base_parts
 from .config import MoDConfig
 from .ensemble_head import PendingLogProbMix, distill_mask, log_prob_mix, make_record, mix_delta, route
 from .forward_state import CallInfo, MoDForwardState, MoDRecord, begin_forward_state, forward_state
@@ -93,35 +93,10 @@ class MoDModel(DepthTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         config: MoDConfig = self.peft_config[adapter_name]
-        stack = self.layer_stack
-        # Validate against the real model before any module is created.
-        if stack is None:
-            raise ValueError("MoD needs a model with a stack of transformer blocks; none was found in this model.")
-        if config.num_late_layers > stack.num_layers:
-            raise ValueError(
-                f"`num_late_layers` ({config.num_late_layers}) is larger than the model's depth ({stack.num_layers} "
-                f"blocks in `{stack.path}`); use at most {stack.num_layers}."
-            )
-        found = find_final_norm(model, stack)
-        if found is None:
-            raise ValueError(
-                "MoD needs the model's final norm (applied after the last block) to copy into the new per-layer "
-                f"norms; none was found next to `{stack.path}`."
-            )
-        final_norm = found[0]
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if isinstance(head, BaseTunerLayer):
-            head = head.get_base_layer()
-        if not isinstance(head, nn.Linear):
-            raise ValueError(
-                "MoD needs a causal LM with a linear output head (`get_output_embeddings()`), shared by the late "
-                f"layers; this model has {type(head).__name__}. Use an *ForCausalLM model."
-            )
-        if config.mix_space == "log_probs" and self._softcap(model) is not None:
-            raise ValueError(
-                "`mix_space`='log_probs' is not supported on models with final-logit soft-capping (the cap would act "
-                "on mixed log-probabilities); use `mix_space`='logits', where the cap applies after mixing."
-            )
+        # The fields were checked against this model (config.check_against_base, run by DepthTuner's injection guard
+        # before this method): from here on nothing can fail for a reason the config or the model could have told.
+        parts = find_base_parts(model)
+        stack, final_norm, head = parts.stack, parts.final_norm, parts.head
         self.routing_context  # noqa: B018 - install the padding-mask tracker before our hooks run
         layer_indices = list(range(stack.num_layers - config.num_late_layers, stack.num_layers))
         ensemble = MoDEnsemble(
@@ -142,6 +117,8 @@ class MoDModel(DepthTuner):
             super().inject_adapter(model, adapter_name, **kwargs)
         except Exception:
             del container[adapter_name]
+            if not container:  # the first adapter failed: the caller's model keeps no tracker hook either
+                self._release_forward_tracking()
             raise
         self._install_hooks(model, stack, final_norm, head, layer_indices)
 
@@ -181,6 +158,12 @@ class MoDModel(DepthTuner):
         for handle in self.__dict__.pop("_mod_handles", {}).values():
             handle.remove()
 
+    def _release_forward_tracking(self) -> None:
+        """Take the per-forward context's pre-hook off the model (``routing_context`` is made again on next use)."""
+        context = self.__dict__.pop("routing_context", None)
+        if context is not None:
+            context.tracker.remove()
+
     def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any) -> nn.Module:
         if merge:
             self._check_merge_allowed()
@@ -192,14 +175,6 @@ class MoDModel(DepthTuner):
         return model
 
     # ------------------------------------------------------------------ hooks
-
-    @staticmethod
-    def _softcap(model: nn.Module) -> float | None:
-        config = getattr(model, "config", None)
-        if config is None:
-            return None
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        return getattr(text_config, "final_logit_softcapping", None)
 
     def _frozen_head(self) -> nn.Linear:
         head = self.model.get_output_embeddings()
@@ -247,8 +222,10 @@ class MoDModel(DepthTuner):
         begin_forward_state(forward, info)
 
     def _forward_state(self) -> MoDForwardState | None:
-        """MoD's state of this thread's latest forward of the model."""
-        return forward_state(self.routing_context.forward)
+        """MoD's state of this thread's latest forward of the model (None after ``unload()``)."""
+        # not ``self.routing_context``: reading statistics after unload() must not hook the model again
+        context = self.__dict__.get("routing_context")
+        return None if context is None else forward_state(context.forward)
 
     @property
     def _sequence_state_key(self) -> tuple[str, int]:
@@ -310,7 +287,7 @@ class MoDModel(DepthTuner):
                 "with the same `mix_space` together."
             )
         distilled = distill_mask(info, mask, batch, seq, self.model.training, base.device)
-        head, softcap = self._frozen_head(), self._softcap(self.model)
+        head, softcap = self._frozen_head(), final_logit_softcap(self.model)
         records: dict[str, MoDRecord] = {}
         pending = []
         delta_total = None
