@@ -564,6 +564,62 @@ def test_merge_and_unload_is_refused_and_unload_restores_the_base():
     torch.testing.assert_close(logits(unloaded, inputs), expected, rtol=0, atol=0)
 
 
+def _hook_counts(model):
+    kinds = (
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_pre_hooks_with_kwargs",
+        "_backward_hooks",
+        "_backward_pre_hooks",
+        "_state_dict_hooks",
+        "_state_dict_pre_hooks",
+        "_load_state_dict_pre_hooks",
+        "_load_state_dict_post_hooks",
+    )
+    return {
+        (name, kind): len(getattr(m, kind)) for name, m in model.named_modules() for kind in kinds if getattr(m, kind)
+    }
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        dict(router_granularity="sequence", mix_space="log_probs"),
+    ],
+    ids=["mod_alone", "with_lora", "sequence_log_probs"],
+)
+def test_unload_gives_back_the_base_model_exactly_as_it_was(kwargs):
+    """What a failed transactional load relies on: unload() leaves weights, config, hooks and modules as they were."""
+    base = tiny_llama()
+    user_hook = base.model.norm.register_forward_hook(lambda *args: None)  # the caller's own hooks stay
+    modules = [(name, type(module), id(module)) for name, module in base.named_modules()]
+    state = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    config = base.config.to_dict()
+    hooks = _hook_counts(base)
+    attributes = set(base.__dict__)
+    inputs = batch(batch_size=2, seq_len=5, left_pad=2)
+    expected = logits(base, inputs)
+
+    model = nontrivial(mod(base, **kwargs))
+    model(**inputs, labels=inputs["input_ids"])
+    model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    unloaded = model.unload()
+
+    assert unloaded is base
+    assert [(name, type(module), id(module)) for name, module in base.named_modules()] == modules
+    assert _hook_counts(base) == hooks
+    assert base.state_dict().keys() == state.keys()
+    assert all(torch.equal(base.state_dict()[name], tensor) for name, tensor in state.items())
+    assert base.config.to_dict() == config
+    assert set(base.__dict__) == attributes
+    assert peft_depth.routing_stats(model) == {} and _hook_counts(base) == hooks  # reading stats hooks nothing
+    torch.testing.assert_close(logits(base, inputs), expected, rtol=0, atol=0)
+    user_hook.remove()
+
+
 def test_print_trainable_parameters_counts_norms_router_gate_and_lora():
     model = mod(tiny_llama(), target_modules=["q_proj"], r=2)
     expected = sum(p.numel() for n, p in model.named_parameters() if "mod_ensemble" in n or ".lora_" in n)

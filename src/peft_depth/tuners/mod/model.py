@@ -168,10 +168,9 @@ class MoDModel(DepthTuner):
         if merge:
             self._check_merge_allowed()
         model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
+        # the base model goes back exactly as it came: no MoD hook, no forward-context hook, and no statistics left
         self._remove_hooks()
-        state = self._forward_state()
-        if state is not None:
-            state.records = {}
+        self._release_forward_tracking()
         return model
 
     # ------------------------------------------------------------------ hooks
