@@ -63,7 +63,9 @@ def mix_delta(
     return (delta * gate.to(delta.dtype)).masked_fill(nonfinite.unsqueeze(-1), 0.0)
 
 
-def log_prob_mix(head: nn.Linear, hidden: torch.Tensor, logits: torch.Tensor, pending: list[PendingLogProbMix]):
+def log_prob_mix(
+    head: nn.Linear, hidden: torch.Tensor, logits: torch.Tensor, pending: list[PendingLogProbMix]
+) -> torch.Tensor:
     """``logits`` plus each pending adapter's ``g · Σ w_l (log q_l − log p_L)`` at the positions the head received.
 
     Adding it to the logits z_L mixes log-probabilities exactly (z_L and log p_L differ by a per-position constant

@@ -260,6 +260,12 @@ class MoDModel(DepthTuner):
         ensembles = self._active_ensembles()
         if not ensembles:
             return None
+        mix_spaces = {self.peft_config[name].mix_space for name, _ in ensembles}
+        if len(mix_spaces) > 1:
+            raise ValueError(
+                "Active MoD adapters mix in different spaces (`mix_space` 'logits' and 'log_probs'); activate adapters "
+                "with the same `mix_space` together."
+            )
         base = output
         batch, seq = base.shape[0], base.shape[1]
         for name, ensemble in ensembles:
@@ -279,12 +285,6 @@ class MoDModel(DepthTuner):
                 base, mask, info.cache, info.past_length, self._sequence_state_key
             )
             state.pending_sequence_state = pending_state
-        mix_spaces = {self.peft_config[name].mix_space for name, _ in ensembles}
-        if len(mix_spaces) > 1:
-            raise ValueError(
-                "Active MoD adapters mix in different spaces (`mix_space` 'logits' and 'log_probs'); activate adapters "
-                "with the same `mix_space` together."
-            )
         distilled = distill_mask(info, mask, batch, seq, self.model.training, base.device)
         head, softcap = self._frozen_head(), final_logit_softcap(self.model)
         records: dict[str, MoDRecord] = {}
