@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from hub_cases import METHODS, adapted, fresh_copy
+from hub_cases import METHODS, adapted, fresh_copy, method_configs, tiny_base
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
@@ -219,3 +219,20 @@ def test_auto_peft_model_refuses_to_resize_the_base_for_a_larger_tokenizer(tmp_p
         tmp_path / "adapter"
     )
     assert torch.equal(_logits(AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")), expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unload_hands_back_the_base_exactly(method):
+    """unload() after use leaves no hook, module, flag or config change on the base (the failed-load restore does not
+    rely on it, but users do)."""
+    from peft import get_peft_model
+
+    base = tiny_base()
+    before = fingerprint(base)
+    model = get_peft_model(base, method_configs()[method])
+    _logits(model.eval())
+    restored = model.unload()
+    assert restored is base
+    after = fingerprint(restored)
+    before["requires_grad"] = after["requires_grad"]  # peft leaves base parameters frozen, as it does for LoRA
+    assert_same(before, after)

@@ -23,7 +23,7 @@ from typing import Any
 
 __all__ = ["RoutingAccumulator"]
 
-_SUMMED_KEYS = ("num_tokens", "distill_positions")
+_SUMMED_KEYS = ("num_tokens", "distill_positions", "nonfinite_rows")
 _UNION_KEYS = ("chosen",)
 
 

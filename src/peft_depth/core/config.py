@@ -218,5 +218,7 @@ class LoraFieldsConfig(DepthPeftConfig):
                 f"`lora_alpha` must be a finite number with |lora_alpha| <= {MAX_LORA_ALPHA:g}, got {self.lora_alpha!r}."
             )
         check_probability("lora_dropout", self.lora_dropout, allow_one=False)
+        if not isinstance(self.fan_in_fan_out, bool):
+            raise ValueError(f"`fan_in_fan_out` must be True or False, got {self.fan_in_fan_out!r}.")
         if not isinstance(self.init_lora_weights, bool):
             raise ValueError(f"`init_lora_weights` must be True or False, got {self.init_lora_weights!r}.")

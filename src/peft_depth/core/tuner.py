@@ -254,6 +254,9 @@ class DepthTuner(BaseTuner, DepthAuxSource):
     def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any) -> nn.Module:
         model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
         remove_state_marker(self, model)
+        context = self.__dict__.get("routing_context")  # only if made; reading the property would make one
+        if context is not None:
+            context.tracker.remove()  # its pre-hook sits on the base model, which is handed back
         return model
 
     def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
