@@ -37,7 +37,8 @@ class RoutingPlan:
 
     training: bool
     selected: torch.Tensor  # [N] bool
-    index: torch.Tensor | None  # [k] positions of the selected tokens; None: every token runs
+    index: torch.Tensor | None  # [k] positions the router chose (eval); None: every token runs
+    base_index: torch.Tensor | None  # [j] positions on the base path (non-finite score); None when index is None
     scale: torch.Tensor  # [N] fp32, 1 + scale_gap·(s − 0.5)
     want_cos: bool
     residual: torch.Tensor | None = None  # h' entering the MLP (set by ResidualTap)
@@ -54,6 +55,13 @@ class DLORecord:
     cos: torch.Tensor | None  # [N] or None (eval, or no labels wanted)
     capacity: float | None  # training capacity used (None in eval threshold mode)
     training: bool
+    nonfinite: torch.Tensor  # [N] bool: score NaN or infinite, so the token took the base path
+
+    @property
+    def counted(self) -> torch.Tensor:
+        """``[N]`` tokens that enter batch statistics, labels and the loss: real, with a finite router score."""
+        finite = ~self.nonfinite
+        return finite if self.valid is None else self.valid & finite
 
 
 @dataclass

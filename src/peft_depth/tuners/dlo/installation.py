@@ -94,6 +94,7 @@ class StackInstallation:
                     is_new=kind == "new",
                     skip_mode=config.skip_mode,
                     scale_gap=config.scale_gap,
+                    nonfinite_routing=config.nonfinite_routing,
                     context=self.routing_context,
                     owner=self,
                     adapter_name=adapter_name,

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.context import RoutingContext
-from ...core.layer_call import bind_block_call, checkpointing_active
 from ...core.low_rank import init_low_rank, low_rank_delta
+from ...core.nonfinite import check_routing_scores
+from .block_skip import forward_block_skip
 from .forward_state import DLORecord, RoutingPlan, read_forward_state, write_forward_state
 from .selection import select_top_fraction
 
@@ -90,11 +91,14 @@ class SkipMLP(_Delegating):
             return self.inner(x) * plan.scale.to(x.dtype).view(*shape[:-1], 1)
         flat = x.reshape(-1, shape[-1])
         result = flat.new_zeros(flat.shape)
-        if plan.index.numel():
-            # Only the selected tokens go through the MLP: this is where inference saves compute.
-            chosen = self.inner(flat.index_select(0, plan.index).unsqueeze(0)).squeeze(0)
-            chosen = chosen * plan.scale.index_select(0, plan.index).to(chosen.dtype).unsqueeze(-1)
-            result = result.index_copy(0, plan.index, chosen.to(result.dtype))
+        # Only the selected tokens go through the MLP: this is where inference saves compute. Base-path tokens (a
+        # non-finite router score) run in a call of their own, so the chosen tokens' call is the same, bit for bit,
+        # as in a batch without them.
+        for index in (plan.index, plan.base_index):
+            if index.numel():
+                chosen = self.inner(flat.index_select(0, index).unsqueeze(0)).squeeze(0)
+                chosen = chosen * plan.scale.index_select(0, index).to(chosen.dtype).unsqueeze(-1)
+                result = result.index_copy(0, index, chosen.to(result.dtype))
         return result.view(shape)
 
 
@@ -150,6 +154,17 @@ class NewLayerLoraLinear(nn.Module):
         return base
 
 
+def gather_indices(chosen: torch.Tensor, base_path: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(chosen positions, base-path positions)`` of ``[N]`` masks, each ascending; ``(None, None)`` when every
+    token runs. One device sync (the two counts), as the gather needs sizes."""
+    num_chosen, num_base = (int(n) for n in torch.stack([chosen.sum(), (base_path & ~chosen).sum()]).tolist())
+    if num_chosen + num_base == chosen.numel():
+        return None, None
+    group = torch.where(chosen, 0, torch.where(base_path, 1, 2))  # chosen first, then base path, then skipped
+    order = torch.argsort(group, stable=True)
+    return order[:num_chosen], order[num_chosen : num_chosen + num_base]
+
+
 class DLOBlock(_Delegating):
     """A decoder layer of the expanded stack, with its router (None: always runs) and skip logic.
 
@@ -160,6 +175,8 @@ class DLOBlock(_Delegating):
         is_new: whether the layer is one of the inserted copies.
         skip_mode: 'mlp' or 'block'.
         scale_gap: the ŝ = 1 + scale_gap·(s − 0.5) slope.
+        nonfinite_routing: what a token whose router score is NaN or infinite does ('base_path': the layer runs on
+            it unscaled and it stays out of every batch-wide selection; 'raise': ``NonFiniteRoutingError``).
         context: the tuner's routing context (padding mask, cross-process sums).
         owner: the tuner; ``owner.dlo_layer_settings(adapter_name, position)`` returns ``(training_capacity,
             want_labels, inference_capacity_or_None)`` for this layer right now (the tuner owns the annealing
@@ -179,6 +196,7 @@ class DLOBlock(_Delegating):
         is_new: bool,
         skip_mode: str,
         scale_gap: float,
+        nonfinite_routing: str,
         context: RoutingContext,
         owner: nn.Module,
         adapter_name: str,
@@ -192,6 +210,8 @@ class DLOBlock(_Delegating):
         self.is_new = is_new
         self.skip_mode = skip_mode
         self.scale_gap = scale_gap
+        self.nonfinite_routing = nonfinite_routing
+        self._where = f"DLO layer {position} ({'new' if is_new else 'original'}) of adapter {adapter_name!r}"
         self._context = context
         # plain tuples, not children: the owner and the reference layer are registered elsewhere (and a deep copy of
         # the model then maps them to their copies)
@@ -249,28 +269,28 @@ class DLOBlock(_Delegating):
         training = self.inner.training
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         logits = self.router(flat.to(self.router.weight.dtype)).float().squeeze(-1)  # [N]
-        scores = torch.sigmoid(logits)
+        # [N] device mask, no sync (one under nonfinite_routing='raise'): those tokens take the base path below
+        nonfinite = check_routing_scores(logits.detach().unsqueeze(-1), self.nonfinite_routing, self._where)
+        scores = torch.sigmoid(logits.masked_fill(nonfinite, 0.0))  # finite everywhere, so no NaN reaches a gradient
         valid = self._context.flat_mask(hidden_states.shape)
         if valid is not None:
             valid = valid.to(scores.device)
         capacity, want_cos, inference_capacity = self._owner[0].dlo_layer_settings(self._adapter_name, self.position)
-        sync = self._context if self._context.syncing else None
-        if training:
-            selected = select_top_fraction(scores, valid, capacity, sync)
-        elif inference_capacity is not None:
-            selected = select_top_fraction(scores, valid, inference_capacity, sync)
-        else:
-            # Execute when s >= 0.5 (official: s > 0.5). A zero-initialised router gives s = 0.5 exactly, so with the
-            # official strict test a fresh adapter would skip every MLP; >= makes it run everything and equal the base.
-            selected = scores >= 0.5
-            if self.skip_mode == "block" and valid is not None:
-                selected = selected & valid
-        scale = 1.0 + self.scale_gap * (scores - 0.5)
+        chosen = self._select(scores, valid, ~nonfinite, training, capacity, inference_capacity)
+        # The base path of a token with non-finite scores: the layer runs on it, unscaled, as in the base model. It
+        # joins the selection only after the batch-wide choice above, which never saw it.
+        base_path = nonfinite if self.skip_mode == "mlp" or valid is None else nonfinite & valid
+        selected = chosen | base_path
+        scale = torch.where(nonfinite, 1.0, 1.0 + self.scale_gap * (scores - 0.5))
         want_cos = want_cos and training
         if self.skip_mode == "mlp":
-            output, cos = self._forward_mlp_skip(hidden_states, args, kwargs, training, selected, scale, want_cos)
+            output, cos = self._forward_mlp_skip(
+                hidden_states, args, kwargs, training, chosen, base_path, scale, want_cos
+            )
         else:
-            output, cos = self._forward_block_skip(hidden_states, args, kwargs, training, selected, scale, want_cos)
+            output, cos = forward_block_skip(
+                self.inner, hidden_states, args, kwargs, chosen, base_path, scale, want_cos
+            )
         # Publish at the end only: checkpoint recomputation may stop part-way through a forward.
         write_forward_state(self._context.forward, self._installation).records[self.position] = DLORecord(
             logits=logits,
@@ -279,69 +299,46 @@ class DLOBlock(_Delegating):
             cos=cos,
             capacity=capacity if training else inference_capacity,
             training=training,
+            nonfinite=nonfinite,
         )
         return output
 
-    def _forward_mlp_skip(self, hidden_states, args, kwargs, training, selected, scale, want_cos):
-        index = None
-        if not training and not bool(selected.all()):
-            index = selected.nonzero().squeeze(-1)
-        plan = RoutingPlan(training=training, selected=selected, index=index, scale=scale, want_cos=want_cos)
+    def _select(
+        self,
+        scores: torch.Tensor,
+        valid: torch.Tensor | None,
+        finite: torch.Tensor,
+        training: bool,
+        capacity: float,
+        inference_capacity: float | None,
+    ) -> torch.Tensor:
+        """``[N]`` tokens the router chooses; batch-wide selections rank and count real tokens with finite scores."""
+        sync = self._context if self._context.syncing else None
+        ranked = finite if valid is None else valid & finite
+        if training:
+            return select_top_fraction(scores, ranked, capacity, sync)
+        if inference_capacity is not None:
+            return select_top_fraction(scores, ranked, inference_capacity, sync)
+        # Execute when s >= 0.5 (official: s > 0.5). A zero-initialised router gives s = 0.5 exactly, so with the
+        # official strict test a fresh adapter would skip every MLP; >= makes it run everything and equal the base.
+        selected = (scores >= 0.5) & finite
+        if self.skip_mode == "block" and valid is not None:
+            selected = selected & valid
+        return selected
+
+    def _forward_mlp_skip(self, hidden_states, args, kwargs, training, chosen, base_path, scale, want_cos):
+        index = base_index = None
+        if not training:
+            index, base_index = gather_indices(chosen, base_path)
+        plan = RoutingPlan(
+            training=training,
+            selected=chosen | base_path,
+            index=index,
+            base_index=base_index,
+            scale=scale,
+            want_cos=want_cos,
+        )
         # read by this layer's MLP and norm shadows, now and when checkpointing recomputes the layer in backward
         write_forward_state(self._context.forward, self._installation).plans[self.position] = plan
         output = self.inner(hidden_states, *args, **kwargs)
         return output, plan.cos
-
-    def _forward_block_skip(self, hidden_states, args, kwargs, training, selected, scale, want_cos):
-        # the cache by what it is, under whichever keyword (or position) this transformers release passes it
-        call = bind_block_call(self.inner, self.inner.forward, (hidden_states, *args), kwargs)
-        if call.cache is not None or (call.arguments.get("use_cache") and not checkpointing_active(self.inner)):
-            raise ValueError(
-                "DLO with skip_mode='block' runs each routed layer's attention over its selected tokens only, so no KV "
-                "cache can be kept (as in the official code). Call the model / generate with use_cache=False, or use "
-                "skip_mode='mlp'."
-            )
-        # every argument by name from here on: the attention mask and positions are replaced below, and blocks that take
-        # them positionally (GPT-2) would otherwise receive them twice
-        args, kwargs = (), dict(call.arguments)
-        batch, seq, dim = hidden_states.shape
-        chosen = selected.view(batch, seq)
-        counts = chosen.sum(dim=1)
-        width = int(counts.max())
-        cos = None
-        if want_cos:
-            with torch.no_grad():
-                full = self.inner(hidden_states, *args, **kwargs)
-                before = hidden_states.reshape(-1, dim).float()
-                cos = F.cosine_similarity(before, full.reshape(-1, dim).float(), dim=-1)
-        if width == 0:
-            return hidden_states, cos
-        if bool(chosen.all()):
-            output = self.inner(hidden_states, *args, **kwargs)
-            return hidden_states + scale.view(batch, seq, 1).to(output.dtype) * (output - hidden_states), cos
-        positions = torch.arange(seq, device=hidden_states.device)
-        # selected positions first, in their original order, then the rest
-        order = torch.where(chosen, positions, positions + seq).argsort(dim=1)[:, :width]  # [B, K]
-        slot_valid = torch.arange(width, device=hidden_states.device) < counts.unsqueeze(1)  # [B, K]
-        packed = hidden_states.gather(1, order.unsqueeze(-1).expand(-1, -1, dim))
-        kwargs = dict(kwargs)
-        cos_sin = kwargs.get("position_embeddings")
-        if cos_sin is not None:
-            kwargs["position_embeddings"] = tuple(
-                t.expand(batch, -1, -1).gather(1, order.unsqueeze(-1).expand(-1, -1, t.shape[-1])) for t in cos_sin
-            )
-        position_ids = kwargs.get("position_ids")
-        if position_ids is not None:
-            kwargs["position_ids"] = position_ids.expand(batch, -1).gather(1, order)
-        # Causal attention among the selected tokens of each row (packing keeps their order); empty slots see only
-        # themselves so that no row of the softmax is empty.
-        causal = torch.ones(width, width, dtype=torch.bool, device=hidden_states.device).tril()
-        allowed = causal & slot_valid.unsqueeze(1) & slot_valid.unsqueeze(2)
-        allowed = allowed | torch.eye(width, dtype=torch.bool, device=hidden_states.device)
-        bias = torch.zeros(allowed.shape, dtype=hidden_states.dtype, device=hidden_states.device)
-        kwargs["attention_mask"] = bias.masked_fill(~allowed, torch.finfo(hidden_states.dtype).min).unsqueeze(1)
-        out_packed = self.inner(packed, *args, **kwargs)
-        packed_scale = scale.view(batch, seq).gather(1, order).to(out_packed.dtype)
-        update = (out_packed - packed) * (packed_scale * slot_valid.to(out_packed.dtype)).unsqueeze(-1)
-        delta = torch.zeros_like(hidden_states).scatter(1, order.unsqueeze(-1).expand(-1, -1, dim), update)
-        return hidden_states + delta, cos

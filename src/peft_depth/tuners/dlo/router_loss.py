@@ -38,17 +38,12 @@ def router_labels(
     if config.loss_type == "cos":
         for position in positions:
             record = records[position]
-            labels[position] = select_top_fraction(-record.cos, record.valid, record.capacity, sync)
+            labels[position] = select_top_fraction(-record.cos, record.counted, record.capacity, sync)
         return labels, None
     # One ranking over every (layer, token): the lowest cosine similarities overall are labelled "execute"; each
     # layer's share becomes its capacity for the next forward.
     scores = torch.stack([-records[p].cos for p in positions])  # [layers, N]
-    first_valid = records[positions[0]].valid
-    valid = (
-        torch.ones_like(scores, dtype=torch.bool)
-        if first_valid is None
-        else first_valid.unsqueeze(0).expand_as(scores)  # every layer sees the same tokens
-    )
+    valid = torch.stack([records[p].counted for p in positions])  # a token with a non-finite score is never ranked
     chosen = select_top_fraction(scores, valid, capacity, sync)
     counts = torch.stack([chosen.sum(dim=1), valid.sum(dim=1)], dim=1).to(torch.float64)  # [layers, 2]
     if reduce is not None:
@@ -66,19 +61,21 @@ def router_loss(
     labels: dict[int, torch.Tensor],
     reduce: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> torch.Tensor:
-    """Mean over routed layers of the BCE between router logits and labels, over real tokens (global batch)."""
-    losses = []
+    """Mean over routed layers of the BCE between router logits and labels, over the real tokens with a finite score
+    (global batch). A layer where no token counts (every score non-finite) is left out of the mean."""
+    losses, has_tokens = [], []
     for position in sorted(records):
         record = records[position]
+        counted = record.counted
         target = labels[position].to(record.logits.dtype)
-        per_token = F.binary_cross_entropy_with_logits(record.logits, target, reduction="none")
-        if record.valid is not None:
-            weight = record.valid.to(per_token.dtype)
-            total, count = (per_token * weight).sum(), weight.sum()
-        else:
-            total = per_token.sum()
-            count = torch.tensor(float(per_token.numel()), device=per_token.device)
+        # where, not a product with the mask: 0 · NaN would still be NaN, in the loss and in its gradient
+        logits = torch.where(counted, record.logits, 0.0)
+        per_token = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        total = torch.where(counted, per_token, 0.0).sum()
+        count = counted.sum().to(per_token.dtype)
         if reduce is not None:
             total, count = reduce(total), reduce(count.detach())
         losses.append(total / count.clamp_min(1))
-    return torch.stack(losses).mean()
+        has_tokens.append(count > 0)
+    weights = torch.stack(has_tokens).to(losses[0].dtype)
+    return (torch.stack(losses) * weights).sum() / weights.sum().clamp_min(1)

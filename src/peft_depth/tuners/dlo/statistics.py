@@ -6,6 +6,7 @@ never waits for the device.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -19,34 +20,42 @@ __all__ = ["routing_summary"]
 def routing_summary(
     records: dict[int, DLORecord], layout: list[tuple[str, int]], config: DLOConfig, step: int
 ) -> dict[str, Any]:
-    """``{"layers": [...], "executed_fraction", "capacity_target", "step"}`` of one adapter's last forward."""
+    """``{"layers": [...], "executed_fraction", "nonfinite_rows", "capacity_target", "step"}`` of one adapter's
+    last forward.
+
+    Per layer: ``num_tokens`` (real tokens with a finite router score), ``executed_fraction`` (the share of them the
+    router executed; NaN when there are none), ``nonfinite_rows`` (real tokens whose score was NaN or infinite: they
+    took the base path, i.e. the layer ran on them unscaled, and are in no other number), ``capacity`` (None in eval
+    threshold mode) and ``mean_score``.
+    """
     rows = []
-    executed_total, tokens_total = 0, 0
+    executed_total, tokens_total, nonfinite_total = 0, 0, 0
     for position in sorted(records):
         record = records[position]
-        selected = record.selected
-        if record.valid is not None:
-            executed = int((selected & record.valid).sum())
-            tokens = int(record.valid.sum())
-            mean_score = float(torch.sigmoid(record.logits.detach())[record.valid].mean()) if tokens else 0.0
-        else:
-            executed, tokens = int(selected.sum()), selected.numel()
-            mean_score = float(torch.sigmoid(record.logits.detach()).mean())
+        counted = record.counted
+        real = record.valid if record.valid is not None else torch.ones_like(counted)
+        tokens = int(counted.sum())
+        executed = int((record.selected & counted).sum())
+        nonfinite = int((record.nonfinite & real).sum())
+        mean_score = float(torch.sigmoid(record.logits.detach())[counted].mean()) if tokens else 0.0
         executed_total += executed
         tokens_total += tokens
+        nonfinite_total += nonfinite
         rows.append(
             {
                 "layer": position,
                 "new": layout[position][0] == "new",
                 "num_tokens": tokens,
-                "executed_fraction": executed / tokens if tokens else 0.0,
+                "executed_fraction": executed / tokens if tokens else math.nan,
                 "capacity": record.capacity,  # None in eval threshold mode
                 "mean_score": mean_score,
+                "nonfinite_rows": nonfinite,
             }
         )
     return {
         "layers": rows,
-        "executed_fraction": executed_total / tokens_total if tokens_total else 0.0,
+        "executed_fraction": executed_total / tokens_total if tokens_total else math.nan,
+        "nonfinite_rows": nonfinite_total,
         "capacity_target": config.capacity_at(step),
         "step": step,
     }

@@ -1,0 +1,111 @@
+"""``skip_mode='block'``: a routed layer runs, attention included, on each row's selected tokens only.
+
+The selected tokens of every row are packed to the front (in their order) and the layer runs on the packed batch with
+a causal mask among them, as in the official code; the others pass through unchanged. No KV cache can be kept, since
+each layer's attention sees another subset of the tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.layer_call import bind_block_call, checkpointing_active
+
+__all__ = ["forward_block_skip"]
+
+
+def forward_block_skip(
+    layer: nn.Module,
+    hidden_states: torch.Tensor,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    chosen: torch.Tensor,
+    base_path: torch.Tensor,
+    scale: torch.Tensor,
+    want_cos: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(output, cos)`` of ``layer`` run on the ``[N]`` ``chosen`` tokens, scaled by ``scale``.
+
+    ``base_path`` tokens (non-finite router scores) run the layer as the base model does (full attention over their
+    row, unscaled), in a call of their own, so the chosen tokens' call is the one a batch without them makes. ``cos``
+    (``want_cos``): per token, cosine similarity of the residual stream before and after the whole layer.
+    """
+    # the cache by what it is, under whichever keyword (or position) this transformers release passes it
+    call = bind_block_call(layer, layer.forward, (hidden_states, *args), kwargs)
+    if call.cache is not None or (call.arguments.get("use_cache") and not checkpointing_active(layer)):
+        raise ValueError(
+            "DLO with skip_mode='block' runs each routed layer's attention over its selected tokens only, so no KV "
+            "cache can be kept (as in the official code). Call the model / generate with use_cache=False, or use "
+            "skip_mode='mlp'."
+        )
+    # every argument by name from here on: the attention mask and positions are replaced for the packed call, and
+    # blocks that take them positionally (GPT-2) would otherwise receive them twice
+    kwargs = dict(call.arguments)
+    batch, seq, dim = hidden_states.shape
+    chosen_rows = chosen.view(batch, seq)
+    counts = chosen_rows.sum(dim=1)
+    # one device sync: the packing needs its width
+    width, fewest, num_base = (int(v) for v in torch.stack([counts.max(), counts.min(), base_path.sum()]).tolist())
+    cos = None
+    if want_cos:
+        with torch.no_grad():
+            full = layer(hidden_states, **kwargs)
+            before = hidden_states.reshape(-1, dim).float()
+            cos = F.cosine_similarity(before, full.reshape(-1, dim).float(), dim=-1)
+    if num_base == 0:
+        if width == 0:
+            return hidden_states, cos
+        if fewest == seq:  # every token chosen: one plain call
+            output = layer(hidden_states, **kwargs)
+            return hidden_states + scale.view(batch, seq, 1).to(output.dtype) * (output - hidden_states), cos
+        return hidden_states + _packed_delta(layer, hidden_states, kwargs, chosen_rows, counts, width, scale), cos
+    delta = (
+        _packed_delta(layer, hidden_states, kwargs, chosen_rows, counts, width, scale)
+        if width
+        else torch.zeros_like(hidden_states)
+    )
+    base_output = layer(hidden_states, **kwargs)
+    delta = torch.where(base_path.view(batch, seq, 1), base_output - hidden_states, delta)
+    return hidden_states + delta, cos
+
+
+def _packed_delta(
+    layer: nn.Module,
+    hidden_states: torch.Tensor,
+    kwargs: dict[str, Any],
+    chosen_rows: torch.Tensor,
+    counts: torch.Tensor,
+    width: int,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """The scaled update ``layer`` makes to each row's chosen tokens (zero elsewhere), run on the packed tokens."""
+    batch, seq, dim = hidden_states.shape
+    positions = torch.arange(seq, device=hidden_states.device)
+    # chosen positions first, in their original order, then the rest
+    order = torch.where(chosen_rows, positions, positions + seq).argsort(dim=1)[:, :width]  # [B, K]
+    slot_valid = torch.arange(width, device=hidden_states.device) < counts.unsqueeze(1)  # [B, K]
+    packed = hidden_states.gather(1, order.unsqueeze(-1).expand(-1, -1, dim))
+    kwargs = dict(kwargs)
+    cos_sin = kwargs.get("position_embeddings")
+    if cos_sin is not None:
+        kwargs["position_embeddings"] = tuple(
+            t.expand(batch, -1, -1).gather(1, order.unsqueeze(-1).expand(-1, -1, t.shape[-1])) for t in cos_sin
+        )
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids.expand(batch, -1).gather(1, order)
+    # Causal attention among the chosen tokens of each row (packing keeps their order); empty slots see only
+    # themselves so that no row of the softmax is empty.
+    causal = torch.ones(width, width, dtype=torch.bool, device=hidden_states.device).tril()
+    allowed = causal & slot_valid.unsqueeze(1) & slot_valid.unsqueeze(2)
+    allowed = allowed | torch.eye(width, dtype=torch.bool, device=hidden_states.device)
+    bias = torch.zeros(allowed.shape, dtype=hidden_states.dtype, device=hidden_states.device)
+    kwargs["attention_mask"] = bias.masked_fill(~allowed, torch.finfo(hidden_states.dtype).min).unsqueeze(1)
+    out_packed = layer(packed, **kwargs)
+    packed_scale = scale.view(batch, seq).gather(1, order).to(out_packed.dtype)
+    update = (out_packed - packed) * (packed_scale * slot_valid.to(out_packed.dtype)).unsqueeze(-1)
+    return torch.zeros_like(hidden_states).scatter(1, order.unsqueeze(-1).expand(-1, -1, dim), update)
