@@ -10,24 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 from concurrency import assert_concurrent_equals_serial, decoder_blocks, run_lockstep
-from peft import get_peft_model
-from tiny_models import batch, tiny_llama
+from test_mod_nonfinite import _nontrivial
+from tiny_models import batch
 
 import peft_depth
-from peft_depth import MoDConfig
-
-
-def _nontrivial(**kwargs):
-    model = get_peft_model(tiny_llama(), MoDConfig(task_type="CAUSAL_LM", num_late_layers=3, **kwargs))
-    generator = torch.Generator().manual_seed(0)
-    ensemble = model.base_model.mod_ensemble["default"]
-    with torch.no_grad():
-        for param in ensemble.router.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 2)
-        ensemble.gate.fill_(0.7)
-        for norm in ensemble.norms.values():
-            norm.weight.mul_(1.5)
-    return model.eval()
 
 
 def _two_batches():
