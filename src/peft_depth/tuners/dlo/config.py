@@ -57,7 +57,12 @@ def expansion_plan(
                 )
             plan = [(end - 1, j) for j in range(start, end)]
     else:
-        bad = [i for i in expansion if not 0 <= i < num_layers]
+        if len(expansion) > num_layers:
+            raise ValueError(
+                f"`expansion` lists {len(expansion)} new layers for a {num_layers}-layer model; DLO adds at most as many "
+                "layers as the model has (at most doubling its depth)."
+            )
+        bad = sorted({i for i in expansion if not 0 <= i < num_layers})[:10]
         if bad:
             raise ValueError(
                 f"`expansion` lists source layers {bad} outside the model's {num_layers} layers (valid: 0..{num_layers - 1})."
@@ -69,6 +74,14 @@ def expansion_plan(
             "lower `expand_every` or list the source layers."
         )
     return plan
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_list(value: object) -> bool:
+    return isinstance(value, (list, tuple))
 
 
 @dataclass
@@ -213,8 +226,8 @@ class DLOConfig(LoraFieldsConfig):
     capacity_lr_scaling: bool = field(
         default=False,
         metadata={
-            "help": "Official 'dynamic LR': `DLOModel.dlo_param_groups` scales each layer's learning rate by "
-            "capacity_l + (1 − mean capacity). Only read by `dlo_param_groups` / `update_dlo_learning_rates`."
+            "help": "Official 'dynamic LR': `DLOModel.depth_optimizer_groups` (used by DepthSFTTrainer) gives each "
+            "routed layer's router and new-layer weights a learning rate scaled by capacity_l + (1 − mean capacity)."
         },
     )
     min_capacity: float = field(
@@ -230,26 +243,9 @@ class DLOConfig(LoraFieldsConfig):
         super().__post_init__()
         self.peft_type = DLO
         check_choice("bias", self.bias, ("none", "all", "dlo_only"))
-        if isinstance(self.expansion, (list, tuple)):
-            if not self.expansion:
-                raise ValueError(
-                    "`expansion` must be 'interleave', 'stack' or a non-empty list of layer indices; got []."
-                )
-            self.expansion = [int(i) if isinstance(i, int) and not isinstance(i, bool) else i for i in self.expansion]
-            for i, index in enumerate(self.expansion):
-                if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-                    raise ValueError(f"`expansion[{i}]` must be a layer index >= 0, got {index!r}.")
-        else:
-            check_choice("expansion", self.expansion, EXPANSIONS)
+        self._check_expansion()
         check_positive_int("expand_every", self.expand_every)
-        if self.stack_range is not None:
-            if not isinstance(self.stack_range, (list, tuple)) or len(self.stack_range) != 2:
-                raise ValueError(f"`stack_range` must be [start, end), got {self.stack_range!r}.")
-            self.stack_range = [int(v) for v in self.stack_range]
-            if not 0 <= self.stack_range[0] < self.stack_range[1]:
-                raise ValueError(
-                    f"`stack_range` must be [start, end) with 0 <= start < end, got {self.stack_range!r}."
-                )
+        self._check_stack_range()
         check_choice("init", self.init, INITS)
         check_choice("new_layer_training", self.new_layer_training, NEW_LAYER_TRAINING)
         if self.new_layer_training == "lora" and self.r == 0:
@@ -292,9 +288,41 @@ class DLOConfig(LoraFieldsConfig):
         for name in ("zero_out_modules", "new_layer_target_modules"):
             value = getattr(self, name)
             if value is not None:
-                if isinstance(value, str) or not all(isinstance(v, str) for v in value) or not value:
-                    raise ValueError(f"`{name}` must be a non-empty list of module names, got {value!r}.")
+                if not _is_list(value) or not value or not all(isinstance(v, str) and v for v in value):
+                    raise ValueError(f"`{name}` must be null or a non-empty list of module names, got {value!r}.")
                 setattr(self, name, list(value))
+
+    def _check_expansion(self) -> None:
+        if _is_list(self.expansion):
+            if not self.expansion:
+                raise ValueError(
+                    "`expansion` must be 'interleave', 'stack' or a non-empty list of layer indices; got []."
+                )
+            for i, index in enumerate(self.expansion):
+                if not _is_int(index) or index < 0:
+                    raise ValueError(f"`expansion[{i}]` must be a layer index (an integer >= 0), got {index!r}.")
+            self.expansion = list(self.expansion)
+        elif not isinstance(self.expansion, str) or self.expansion not in EXPANSIONS:
+            raise ValueError(
+                f"`expansion` must be one of {', '.join(repr(e) for e in EXPANSIONS)} or a list of layer indices; "
+                f"got {self.expansion!r}."
+            )
+
+    def _check_stack_range(self) -> None:
+        if self.stack_range is None:
+            return
+        bounds = self.stack_range
+        if (
+            not _is_list(bounds)
+            or len(bounds) != 2
+            or not all(_is_int(v) for v in bounds)
+            or not 0 <= bounds[0] < bounds[1]
+        ):
+            raise ValueError(
+                f"`stack_range` must be null or [start, end): two integers with 0 <= start < end (the original layers "
+                f"start..end-1 are repeated); got {bounds!r}."
+            )
+        self.stack_range = list(bounds)
 
     @property
     def is_dense(self) -> bool:

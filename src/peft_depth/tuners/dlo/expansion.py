@@ -12,16 +12,18 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...core.rewiring import plain_layer_copy, plain_state_dict
-from .config import DLOConfig
-from .layer import NewLayerLoraLinear
+from .config import DLOConfig, expansion_plan
+from .layer import NewLayerLoraLinear, find_mlp_and_norm
 
 __all__ = [
     "DEFAULT_ZERO_OUT_MODULES",
     "build_new_layers",
     "build_routers",
+    "checked_layout",
     "expanded_layout",
     "hidden_size",
     "initial_state",
@@ -74,6 +76,49 @@ def initial_state(config: DLOConfig, originals: Sequence[nn.Module], source: int
     return state
 
 
+def checked_layout(config: DLOConfig, originals: Sequence[nn.Module], model: nn.Module) -> list[tuple[str, int]]:
+    """The expanded layout of ``config`` on ``originals``, after every check against the base model.
+
+    Runs before anything is built or hooked, so that a config that does not fit the model (indices or a stack range
+    beyond its depth, more new layers than it has, module names it lacks) fails at once with the field named.
+    """
+    plan = expansion_plan(config.expansion, len(originals), config.expand_every, config.stack_range)
+    layout = expanded_layout(plan, len(originals))
+    if config.routed_layers != "none":
+        hidden_size(model)
+        if config.skip_mode == "mlp":
+            find_mlp_and_norm(originals[0])
+    source = plan[0][1]
+    modules = _plain_modules(originals[source])  # every original layer has the same structure
+    name = type(originals[source]).__name__
+    if config.init == "zero_out":
+        names = config.zero_out_modules or DEFAULT_ZERO_OUT_MODULES
+        if not any(matches_module_name(path, names) for path in modules if path):
+            raise ValueError(
+                f"`zero_out_modules` ({list(names)}) matches no module of {name}; name its attention-output and "
+                "MLP-down projections."
+            )
+    if config.new_layer_training == "lora":
+        targets = config.new_layer_target_modules
+        linears = [path for path, module in modules.items() if path and isinstance(module, nn.Linear)]
+        if not any(targets is None or matches_module_name(path, targets) for path in linears):
+            raise ValueError(
+                f"`new_layer_target_modules` ({targets}) matches no linear of the new layers ({name}); list some of "
+                f"their linear layers (e.g. {', '.join(linears[:4]) or 'q_proj, v_proj'})."
+            )
+    return layout
+
+
+def _plain_modules(layer: nn.Module) -> dict[str, nn.Module]:
+    """The modules of ``layer`` that hold tensors, by their name in a plain copy (adapter wrappers unwrapped)."""
+    modules = {}
+    for key in plain_state_dict(layer):
+        path = key.rpartition(".")[0]
+        module = layer.get_submodule(path) if path else layer
+        modules[path] = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+    return modules
+
+
 def build_new_layers(
     config: DLOConfig,
     layout: list[tuple[str, int]],
@@ -92,13 +137,6 @@ def build_new_layers(
         if config.init == "random":
             _random_init(layer, init_weights)
         else:
-            if config.init == "zero_out":
-                names = config.zero_out_modules or DEFAULT_ZERO_OUT_MODULES
-                if not any(matches_module_name(n, names) for n, _ in layer.named_modules() if n):
-                    raise ValueError(
-                        f"`zero_out_modules` ({list(names)}) matches no module of {type(layer).__name__}; name "
-                        "its attention-output and MLP-down projections."
-                    )
             # Built exactly as a load rebuilds it (`initial_state`), so unchanged tensors need not be saved.
             layer.load_state_dict(initial_state(config, originals, source))
         if config.new_layer_training == "lora":
@@ -132,11 +170,6 @@ def _wrap_new_layer_lora(layer: nn.Module, config: DLOConfig) -> None:
         wrapped = NewLayerLoraLinear(module, config.r, config.lora_alpha, config.lora_dropout)
         wrapped.to(module.weight.device)
         setattr(parent, child, wrapped)
-    if not any(isinstance(m, NewLayerLoraLinear) for m in layer.modules()):
-        raise ValueError(
-            f"`new_layer_target_modules` ({targets}) matches no linear of the new layers; list some of their "
-            "linear layers (e.g. q_proj, v_proj)."
-        )
 
 
 def merge_new_layer_lora(layer: nn.Module) -> None:

@@ -33,11 +33,10 @@ from ...core.rewiring import StackRewiring
 from ...core.targets import ALL_PROJECTIONS_TARGET_MODULES_MAPPING
 from ...core.tuner import DepthTuner
 from .capacities import CapacitySchedule
-from .config import DLOConfig, expansion_plan
-from .expansion import build_new_layers, build_routers, expanded_layout, initial_state
+from .config import DLOConfig
+from .expansion import build_new_layers, build_routers, checked_layout, expanded_layout, initial_state
 from .forward_state import DLOForwardState, DLORecord, read_forward_state
 from .installation import StackInstallation
-from .layer import find_mlp_and_norm
 from .router_loss import router_labels, router_loss
 from .state_dict import AdapterStateDict
 from .statistics import routing_summary
@@ -127,26 +126,24 @@ class DLOModel(CapacitySchedule, StackInstallation, AdapterStateDict, DepthTuner
         if stack is None:
             raise ValueError("DLO needs a model with a stack of transformer blocks; none was found in this model.")
         state = self._dlo
-        if state["rewiring"] is None:
+        first = state["rewiring"] is None
+        originals = list(stack.layers) if first else state["rewiring"].original_blocks
+        layout = checked_layout(config, originals, model)  # every check against the base, before anything is built
+        if first:
             state["rewiring"] = StackRewiring(model, stack)
             state["hook"] = model.register_forward_hook(self._after_forward)
-        rewiring: StackRewiring = state["rewiring"]
-        originals = rewiring.original_blocks
-        plan = expansion_plan(config.expansion, len(originals), config.expand_every, config.stack_range)
-        layout = expanded_layout(plan, len(originals))
-        if config.routed_layers != "none" and config.skip_mode == "mlp":
-            find_mlp_and_norm(originals[0])  # ValueError before anything is built
         with self._rewiring_suspended():
-            new_layers = build_new_layers(config, layout, originals, getattr(self.model, "_init_weights", None))
-            self.ensure_tuner_module_dict("dlo_new_layers")[adapter_name] = new_layers
-            self.ensure_tuner_module_dict("dlo_routers")[adapter_name] = build_routers(
-                config, layout, originals, self.model
-            )
-            state["layouts"][adapter_name] = layout
             try:
+                new_layers = build_new_layers(config, layout, originals, getattr(self.model, "_init_weights", None))
+                self.ensure_tuner_module_dict("dlo_new_layers")[adapter_name] = new_layers
+                routers = build_routers(config, layout, originals, self.model)
+                self.ensure_tuner_module_dict("dlo_routers")[adapter_name] = routers
+                state["layouts"][adapter_name] = layout
                 super().inject_adapter(model, adapter_name, **kwargs)
             except Exception:
                 self._drop_adapter_state(adapter_name)
+                if first:
+                    self._release_model()  # nothing of DLO stays on the caller's model
                 raise
         self._sync_tuner_module_trainability()
 
@@ -239,11 +236,19 @@ class DLOModel(CapacitySchedule, StackInstallation, AdapterStateDict, DepthTuner
         )
         if merge and adapter_name is not None:
             self._make_expansion_permanent(adapter_name)
+        self._release_model()
+        return model
+
+    def _release_model(self) -> None:
+        """Take DLO's hooks off the model (the forward-context pre-hook and the router-loss hook) and forget the
+        rewiring; the stack must already be uninstalled."""
+        state = self._dlo
         if state["hook"] is not None:
             state["hook"].remove()
             state["hook"] = None
-        self.routing_context.tracker.remove()
-        return model
+        state["rewiring"] = None
+        if "routing_context" in self.__dict__:  # a cached_property: only remove what was made
+            self.routing_context.tracker.remove()
 
     # ------------------------------------------------------------------ after each forward: the router loss
 
