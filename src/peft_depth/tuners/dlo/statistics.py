@@ -6,7 +6,6 @@ never waits for the device.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -24,9 +23,9 @@ def routing_summary(
     last forward.
 
     Per layer: ``num_tokens`` (real tokens with a finite router score), ``executed_fraction`` (the share of them the
-    router executed; NaN when there are none), ``nonfinite_rows`` (real tokens whose score was NaN or infinite: they
-    took the base path, i.e. the layer ran on them unscaled, and are in no other number), ``capacity`` (None in eval
-    threshold mode) and ``mean_score``.
+    router executed; 0.0 when there are none, so that token-weighted merges stay finite), ``nonfinite_rows`` (real
+    tokens whose score was NaN or infinite: they took the base path, i.e. the layer ran on them unscaled, and are in
+    no other number), ``capacity`` (None in eval threshold mode) and ``mean_score``.
     """
     rows = []
     executed_total, tokens_total, nonfinite_total = 0, 0, 0
@@ -46,7 +45,7 @@ def routing_summary(
                 "layer": position,
                 "new": layout[position][0] == "new",
                 "num_tokens": tokens,
-                "executed_fraction": executed / tokens if tokens else math.nan,
+                "executed_fraction": executed / tokens if tokens else 0.0,
                 "capacity": record.capacity,  # None in eval threshold mode
                 "mean_score": mean_score,
                 "nonfinite_rows": nonfinite,
@@ -54,7 +53,7 @@ def routing_summary(
         )
     return {
         "layers": rows,
-        "executed_fraction": executed_total / tokens_total if tokens_total else math.nan,
+        "executed_fraction": executed_total / tokens_total if tokens_total else 0.0,
         "nonfinite_rows": nonfinite_total,
         "capacity_target": config.capacity_at(step),
         "step": step,
