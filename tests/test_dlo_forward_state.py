@@ -1,7 +1,8 @@
 """DLO keeps what a forward decides and records with that forward: another thread's forward never shows through.
 
-The lockstep two-thread test (``test_concurrency.py``) covers interleaved inference; these cover the readers: the
-router loss and the statistics a thread reads are those of its own last forward, also in training.
+The lockstep two-thread test (``test_concurrency.py``) covers interleaved inference; these cover the readers (the
+router loss and the statistics a thread reads are those of its own last forward, also in training) and a backward
+that runs on another thread than its forward, as CUDA's autograd does.
 """
 
 from __future__ import annotations
@@ -32,11 +33,16 @@ def _in_thread(function):
     result = {}
 
     def work():
-        result["value"] = function()
+        try:
+            result["value"] = function()
+        except BaseException as error:  # re-raised in the calling thread
+            result["error"] = error
 
     thread = threading.Thread(target=work)
     thread.start()
     thread.join()
+    if "error" in result:
+        raise result["error"]
     return result["value"]
 
 
@@ -66,3 +72,28 @@ def test_a_thread_that_has_not_run_a_forward_reads_nothing():
         model(**batch())
     assert peft_depth.routing_stats(model)
     assert _in_thread(lambda: peft_depth.routing_stats(model)) == {}
+
+
+def _gradients(checkpointing: bool, backward_on_another_thread: bool) -> dict[str, torch.Tensor]:
+    model = _dlo_model(capacity_annealing_steps=0).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    inputs = batch(batch_size=2, seq_len=7, left_pad=2)
+    out = model(**inputs, labels=inputs["input_ids"])
+    loss = out.loss + sum(peft_depth.aux_losses(model).values())
+    if backward_on_another_thread:
+        _in_thread(loss.backward)
+    else:
+        loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_checkpoint_replay_on_another_thread_sees_the_plans_of_its_forward():
+    """CUDA runs backward on autograd's worker thread, where this thread's context is not visible; the replay of a
+    checkpointed layer must still execute exactly the tokens its forward chose."""
+    expected = _gradients(checkpointing=False, backward_on_another_thread=False)
+    replayed = _gradients(checkpointing=True, backward_on_another_thread=True)
+    assert replayed.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(replayed[name], grad, rtol=1e-5, atol=1e-7, msg=name)

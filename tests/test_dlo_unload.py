@@ -171,3 +171,20 @@ def test_an_injection_that_fails_part_way_takes_its_hooks_off_the_base(monkeypat
     with pytest.raises(ValueError, match="would allocate more than"):
         get_peft_model(base, DLOConfig(task_type="CAUSAL_LM", expand_every=2))
     assert_same_base(before, base_snapshot(base))
+
+
+def test_unload_after_checkpointed_training_gives_back_the_layers_checkpoint_functions():
+    """DLO wraps a routed layer's checkpoint function so that the replay in backward finds its plan; unloading must
+    hand back transformers' own function. (peft itself leaves its input-require-grads hook on the embeddings of a base
+    with checkpointing on, so the whole-base snapshot does not apply here.)"""
+    base = tiny_llama().eval()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = list(base.model.layers)
+    functions = [layer._gradient_checkpointing_func for layer in layers]
+    model = get_peft_model(base, DLOConfig(task_type="CAUSAL_LM", expand_every=2))
+    _use(model)
+    assert any(
+        type(layer.__dict__["_gradient_checkpointing_func"]).__name__ == "PlanCarryingCheckpoint" for layer in layers
+    )
+    model.unload()
+    assert all(layer._gradient_checkpointing_func is function for layer, function in zip(layers, functions))

@@ -1,20 +1,29 @@
 """What one forward of a DLO model decides and records, kept with that forward rather than on shared modules.
 
-A routed layer decides which tokens execute (a ``RoutingPlan``), its MLP shadow reads that decision, and the tuner
-later reads what happened (a ``DLORecord`` per layer, the router loss). Two threads running one model must not see
-each other's decisions, so all of it lives in the forward's ``ForwardContext`` (``core.forward_context``: one per
-thread, made when the model's top-level forward starts and kept until that thread's next forward, so that
-activation-checkpoint recomputation in backward finds the same plans), under ``context.state["dlo"]``.
+Two threads running one model must not see each other's decisions, so nothing of a forward lives on a module:
 
-Each state is stamped with the *installation* of the expanded stack that wrote it: after ``set_adapter``,
-``disable_adapter()`` or a reinstall, records of earlier forwards no longer describe the model and are not read.
+- A routed layer's *plan* (which tokens execute, their scale) belongs to one call of that layer: ``running_plan``
+  makes it visible to the layer's MLP and norm shadows for the duration of the call, through a ``ContextVar`` (per
+  thread and per asyncio task). Activation checkpointing replays the layer in backward, possibly on another thread
+  (CUDA's autograd worker), which sees none of this thread's context; ``PlanCarryingCheckpoint`` therefore hands the
+  replay the plans in effect when the layer was checkpointed.
+- What the tuner reads afterwards (a ``DLORecord`` per routed layer, the router loss) lives in the forward's
+  ``ForwardContext`` (``core.forward_context``: one per thread, kept until that thread's next forward) under
+  ``context.state["dlo"]``, stamped with the *installation* of the expanded stack that wrote it: after
+  ``set_adapter``, ``disable_adapter()`` or a reinstall, records of earlier forwards are not read.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 import torch
+from torch import nn
 
 from ...core.forward_context import ForwardContext
 
@@ -22,8 +31,13 @@ __all__ = [
     "DLOForwardState",
     "DLORecord",
     "FORWARD_STATE_KEY",
+    "PlanCarryingCheckpoint",
     "RoutingPlan",
+    "carry_plans_into_checkpointing",
     "read_forward_state",
+    "running_plan",
+    "running_plan_of",
+    "stop_carrying_plans",
     "write_forward_state",
 ]
 
@@ -66,17 +80,15 @@ class DLORecord:
 
 @dataclass
 class DLOForwardState:
-    """Everything DLO's layers wrote during one top-level forward, by position in the expanded stack.
+    """What DLO's layers recorded during one top-level forward, by position in the expanded stack.
 
     Attributes:
         installation: the installation of the expanded stack that ran this forward.
-        plans: each routed layer's plan, read by its MLP and norm shadows (again when checkpointing recomputes).
         records: each routed layer's routing, published when the layer's forward completes.
         router_loss: the router loss of this forward (training with labels), set after the forward.
     """
 
     installation: int
-    plans: dict[int, RoutingPlan] = field(default_factory=dict)
     records: dict[int, DLORecord] = field(default_factory=dict)
     router_loss: torch.Tensor | None = None
 
@@ -95,3 +107,62 @@ def write_forward_state(context: ForwardContext, installation: int) -> DLOForwar
     if state is None:
         state = context.state[FORWARD_STATE_KEY] = DLOForwardState(installation)
     return state
+
+
+# The plans of the routed-layer calls in progress on this thread (or task), by block. Always replaced, never mutated.
+_RUNNING_PLANS: ContextVar[Mapping[nn.Module, RoutingPlan]] = ContextVar(
+    "peft_depth_dlo_running_plans", default=MappingProxyType({})
+)
+
+
+@contextlib.contextmanager
+def running_plan(block: nn.Module, plan: RoutingPlan) -> Iterator[None]:
+    """Make ``plan`` the plan of ``block`` for the call inside the ``with``, on this thread only."""
+    token = _RUNNING_PLANS.set(MappingProxyType({**_RUNNING_PLANS.get(), block: plan}))
+    try:
+        yield
+    finally:
+        _RUNNING_PLANS.reset(token)
+
+
+def running_plan_of(block: nn.Module) -> RoutingPlan | None:
+    """The plan of ``block``'s call in progress on this thread (None outside one)."""
+    return _RUNNING_PLANS.get().get(block)
+
+
+class PlanCarryingCheckpoint:
+    """Stands in for a decoder layer's ``_gradient_checkpointing_func`` (transformers' checkpoint function).
+
+    Called when the layer is checkpointed, in the forward's thread, it captures the plans in effect; the function it
+    hands to the real checkpoint sets them again before running the layer, so the replay in backward finds them on
+    whatever thread it runs.
+    """
+
+    def __init__(self, checkpoint: Callable[..., Any]) -> None:
+        self.checkpoint = checkpoint
+
+    def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        plans = _RUNNING_PLANS.get()
+
+        def with_plans(*inner_args: Any, **inner_kwargs: Any) -> Any:
+            token = _RUNNING_PLANS.set(plans)
+            try:
+                return function(*inner_args, **inner_kwargs)
+            finally:
+                _RUNNING_PLANS.reset(token)
+
+        return self.checkpoint(with_plans, *args, **kwargs)
+
+
+def carry_plans_into_checkpointing(layer: nn.Module) -> None:
+    """Wrap the checkpoint function transformers gave ``layer`` (if any) in a ``PlanCarryingCheckpoint``."""
+    checkpoint = layer.__dict__.get("_gradient_checkpointing_func")
+    if checkpoint is not None and not isinstance(checkpoint, PlanCarryingCheckpoint):
+        layer._gradient_checkpointing_func = PlanCarryingCheckpoint(checkpoint)
+
+
+def stop_carrying_plans(layer: nn.Module) -> None:
+    """Give ``layer`` back the checkpoint function ``carry_plans_into_checkpointing`` wrapped."""
+    checkpoint = layer.__dict__.get("_gradient_checkpointing_func")
+    if isinstance(checkpoint, PlanCarryingCheckpoint):
+        layer._gradient_checkpointing_func = checkpoint.checkpoint

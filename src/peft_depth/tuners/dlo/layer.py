@@ -10,9 +10,9 @@ registered modules without changing any state-dict key):
   because the router labels need every token's MLP output, and zeroes the unselected ones.
 - the pre-MLP norm -> ``ResidualTap``: records the residual stream ``h'`` entering the MLP, for the cosine labels.
 
-The shadows are shared by every forward; the plan is not. It lives in the calling thread's forward context
-(``forward_state``), where the shadows look it up by the block's position, so concurrent forwards never see each
-other's plans.
+The shadows are shared by every forward; the plan is not. It belongs to the block's call in progress on the calling
+thread (``forward_state.running_plan``), also when checkpointing replays the layer in backward, so concurrent
+forwards never see each other's plans.
 """
 
 from __future__ import annotations
@@ -27,7 +27,16 @@ from ...core.context import RoutingContext
 from ...core.low_rank import init_low_rank, low_rank_delta
 from ...core.nonfinite import check_routing_scores
 from .block_skip import forward_block_skip
-from .forward_state import DLORecord, RoutingPlan, read_forward_state, write_forward_state
+from .forward_state import (
+    DLORecord,
+    RoutingPlan,
+    carry_plans_into_checkpointing,
+    read_forward_state,
+    running_plan,
+    running_plan_of,
+    stop_carrying_plans,
+    write_forward_state,
+)
 from .selection import select_top_fraction
 
 __all__ = ["DLOBlock", "DLORecord", "NewLayerLoraLinear", "ResidualTap", "RoutingPlan", "SkipMLP"]
@@ -231,9 +240,8 @@ class DLOBlock(_Delegating):
     # ----------------------------------------------------------------- this thread's current forward
 
     def current_plan(self) -> RoutingPlan | None:
-        """This layer's plan in the calling thread's current forward (None outside a routed forward)."""
-        state = read_forward_state(self._context.tracker.current, self._installation)
-        return None if state is None else state.plans.get(self.position)
+        """This layer's plan for its call in progress on the calling thread (None outside one)."""
+        return running_plan_of(self)
 
     @property
     def last_record(self) -> DLORecord | None:
@@ -252,6 +260,7 @@ class DLOBlock(_Delegating):
         if self._mlp_shadow is not None:
             self.inner.__dict__.pop(self._mlp_name, None)
             self.inner.__dict__.pop(self._norm_name, None)
+            stop_carrying_plans(self.inner)
 
     # ----------------------------------------------------------------- forward
 
@@ -261,6 +270,9 @@ class DLOBlock(_Delegating):
             self.inner.gradient_checkpointing = reference.gradient_checkpointing
             if hasattr(reference, "_gradient_checkpointing_func"):
                 self.inner._gradient_checkpointing_func = reference._gradient_checkpointing_func
+        if self._mlp_shadow is not None:
+            # the shadows need the plan again when checkpointing replays the layer, maybe on another thread
+            carry_plans_into_checkpointing(self.inner)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._sync_checkpointing()
@@ -338,7 +350,6 @@ class DLOBlock(_Delegating):
             scale=scale,
             want_cos=want_cos,
         )
-        # read by this layer's MLP and norm shadows, now and when checkpointing recomputes the layer in backward
-        write_forward_state(self._context.forward, self._installation).plans[self.position] = plan
-        output = self.inner(hidden_states, *args, **kwargs)
+        with running_plan(self, plan):  # read by this layer's MLP and norm shadows during the call
+            output = self.inner(hidden_states, *args, **kwargs)
         return output, plan.cos
