@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .aux_watch import note_aux_read
+
 __all__ = ["AuxLossTerm", "DepthAuxSource", "aux_losses", "raw_aux_losses", "routing_stats"]
 
 
@@ -45,6 +47,7 @@ def raw_aux_losses(model: nn.Module) -> dict[str, AuxLossTerm]:
     """Auxiliary losses of the last forward with their config coefficients, not yet weighted."""
     terms: dict[str, AuxLossTerm] = {}
     for source in _sources(model):
+        note_aux_read(source)
         for name, term in source.depth_aux_terms().items():
             if name in terms:
                 previous = terms[name]

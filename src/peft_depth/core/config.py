@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from peft.config import PeftConfig
 
@@ -161,6 +161,15 @@ class DepthPeftConfig(PeftConfig):
                     f"`base_model_facts` must be None or a dict of str/int values (architecture, model_type, "
                     f"num_layers, hidden_size), got {facts!r}."
                 )
+
+    #: Config fields holding auxiliary-loss coefficients: a nonzero one is a loss a stock Trainer drops.
+    aux_loss_fields: ClassVar[tuple[str, ...]] = ()
+
+    def training_needs(self) -> tuple[list[str], list[str]]:
+        """``(auxiliary losses, schedules)`` this adapter trains with besides the LM loss, as ``field=value`` text;
+        ``core.aux_watch`` warns when a training loop drops them."""
+        losses = [f"{name}={getattr(self, name)}" for name in self.aux_loss_fields if getattr(self, name)]
+        return losses, []
 
     def check_against_base(self, model: Any) -> None:
         """Check the fields that depend on the base model, before anything is built on it (ValueError naming the

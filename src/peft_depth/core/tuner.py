@@ -15,6 +15,7 @@ from torch import nn
 
 from .adapter_keys import adapter_key_prefixes, select_adapter_entries
 from .aux import DepthAuxSource
+from .aux_watch import install_aux_watch, remove_aux_watch
 from .context import RoutingContext
 from .layer_stack import LayerStack, find_layer_stack
 from .lora_layer import DepthLoraLayer, DepthLoraLinear
@@ -61,7 +62,9 @@ def _guard_injection(inject: Callable[..., Any]) -> Callable[..., Any]:
         self.__dict__["_depth_injecting"] = True
         try:
             with budget:
-                return inject(self, model, adapter_name, *args, **kwargs)
+                result = inject(self, model, adapter_name, *args, **kwargs)
+            install_aux_watch(self)
+            return result
         finally:
             self.__dict__["_depth_injecting"] = False
 
@@ -254,6 +257,7 @@ class DepthTuner(BaseTuner, DepthAuxSource):
     def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any) -> nn.Module:
         model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
         remove_state_marker(self, model)
+        remove_aux_watch(self)
         context = self.__dict__.get("routing_context")  # only if made; reading the property would make one
         if context is not None:
             context.tracker.remove()  # its pre-hook sits on the base model, which is handed back

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...core.aux_watch import note_schedule_advanced
 from .config import DLOConfig
 
 __all__ = ["CapacitySchedule"]
@@ -25,6 +26,7 @@ class CapacitySchedule:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"`step` must be an integer >= 0, got {step!r}.")
         self.dlo_step = step
+        note_schedule_advanced(self)
 
     def set_training_step(self, step: int) -> None:
         """Hook called by ``DepthSFTTrainer`` before every training micro-batch (same as ``set_dlo_step``)."""

@@ -103,6 +103,8 @@ class DLOConfig(LoraFieldsConfig):
     frozen). ``routed_layers="none"`` is dense expansion, the LLaMA-Pro baseline, which can be merged.
     """
 
+    aux_loss_fields = ("router_loss_coef",)
+
     r: int = field(
         default=0,
         metadata={
@@ -238,6 +240,12 @@ class DLOConfig(LoraFieldsConfig):
     def _check_lora_fields(self, *, allow_zero_rank: bool) -> None:
         # r=0 is the default (no LoRA on the original layers), so every DLO config allows it.
         super()._check_lora_fields(allow_zero_rank=True)
+
+    def training_needs(self) -> tuple[list[str], list[str]]:
+        losses, schedules = super().training_needs()
+        if self.capacity_annealing_steps > 0:
+            schedules.append(f"capacity annealing (capacity_annealing_steps={self.capacity_annealing_steps})")
+        return losses, schedules
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -59,6 +59,8 @@ class MoDConfig(LoraFieldsConfig):
     ``target_modules`` (and ``r`` > 0) to combine MoD with LoRA in the same adapter.
     """
 
+    aux_loss_fields = ("distill_loss_coef",)
+
     target_modules: list[str] | str | None = field(
         default=None,
         metadata={

@@ -41,6 +41,8 @@ class MoLAConfig(LoraFieldsConfig):
     split the stack into equal contiguous groups.
     """
 
+    aux_loss_fields = ("balance_loss_coef",)
+
     num_experts: int | list[int] | None = field(
         default=None,
         metadata={

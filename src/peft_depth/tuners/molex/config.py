@@ -61,6 +61,8 @@ class MoLExConfig(LoraFieldsConfig):
     expert pass gets its own cache, so layer j's real cache slot is never written by layer i's expert call.
     """
 
+    aux_loss_fields = ("balance_loss_coef",)
+
     molex_layers: list[int] | None = field(
         default=None,
         metadata={

@@ -1,0 +1,93 @@
+"""One clear warning when a training loop drops what a depth adapter needs besides the LM loss.
+
+A stock ``transformers.Trainer`` / ``trl.SFTTrainer`` trains a depth adapter on the LM loss alone: MoLA's and MoLEx's
+balance losses, MoD's distillation and DLO's router loss never reach the gradient, and DLO's capacity annealing never
+advances - silently (a 100x coefficient gave an identical curve). The watch sees it from the model's side: a
+training forward (train mode, gradients on) starts while the previous one's auxiliary losses were never read
+(``peft_depth.aux_losses`` / ``raw_aux_losses``), or while the training step never advanced a schedule. It then warns
+once per tuner, naming what is dropped and ``DepthSFTTrainer``. Reading the losses each step (``DepthSFTTrainer``, or a
+custom loop adding them) or setting the coefficients to 0 keeps it quiet.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["AuxReadWatch", "install_aux_watch", "note_aux_read", "note_schedule_advanced"]
+
+_ATTRIBUTE = "_peft_depth_aux_watch"
+
+
+class AuxReadWatch:
+    """Forward pre-hook on a tuner's model that notices auxiliary losses or schedules left behind."""
+
+    def __init__(self, tuner: Any) -> None:
+        self.tuner = tuner
+        self.aux_unread = False
+        self.schedule_stalled = False
+        self.warned = False
+        self._handle = tuner.model.register_forward_pre_hook(self._before_forward)
+
+    def _needs(self) -> tuple[list[str], list[str]]:
+        losses, schedules = [], []
+        for name in getattr(self.tuner, "active_adapters", []):
+            config = self.tuner.peft_config.get(name)
+            if config is None or not hasattr(config, "training_needs"):
+                continue
+            adapter_losses, adapter_schedules = config.training_needs()
+            losses += [f"{type(config).__name__} {item}" for item in adapter_losses]
+            schedules += [f"{type(config).__name__} {item}" for item in adapter_schedules]
+        return losses, schedules
+
+    def _before_forward(self, module: nn.Module, args: Any) -> None:
+        if not (module.training and torch.is_grad_enabled()) or self.warned:
+            return
+        losses, schedules = self._needs()
+        dropped = (losses if self.aux_unread else []) + (schedules if self.schedule_stalled else [])
+        if dropped:
+            self.warned = True
+            warnings.warn(
+                "peft-depth: this training loop drops what the depth adapter trains with besides the LM loss: "
+                + "; ".join(dropped)
+                + ". A stock transformers Trainer / trl.SFTTrainer does that. Train with peft_depth.DepthSFTTrainer "
+                "(a drop-in SFTTrainer), or add sum(peft_depth.aux_losses(model).values()) to the loss and call "
+                "peft_depth.trainer.set_training_step(model, step) every step.",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        self.aux_unread = bool(losses)
+        self.schedule_stalled = bool(schedules)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def install_aux_watch(tuner: Any) -> None:
+    """Watch ``tuner`` (idempotent)."""
+    if _ATTRIBUTE not in tuner.__dict__:
+        tuner.__dict__[_ATTRIBUTE] = AuxReadWatch(tuner)
+
+
+def remove_aux_watch(tuner: Any) -> None:
+    watch = tuner.__dict__.pop(_ATTRIBUTE, None)
+    if watch is not None:
+        watch.remove()
+
+
+def note_aux_read(source: Any) -> None:
+    """The auxiliary losses of ``source``'s last forward were read."""
+    watch = getattr(source, "__dict__", {}).get(_ATTRIBUTE)
+    if watch is not None:
+        watch.aux_unread = False
+
+
+def note_schedule_advanced(tuner: Any) -> None:
+    """The training loop set ``tuner``'s training step."""
+    watch = getattr(tuner, "__dict__", {}).get(_ATTRIBUTE)
+    if watch is not None:
+        watch.schedule_stalled = False
