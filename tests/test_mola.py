@@ -438,3 +438,28 @@ def test_plain_mlp_without_layer_stack():
     assert set(peft_depth.aux_losses(model)) == {"routing"}
     with pytest.raises(ValueError, match="block stack"):
         get_peft_model(MLP(), MoLAConfig(target_modules=["fc1"], expert_pattern=[2, 4]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_one_expert_mola_merges_exactly(arch):
+    """One expert always gets router weight 1: the adapter is a plain LoRA and merges into the base weights."""
+    base = tiny_llama() if arch == "llama" else tiny_gpt2()
+    targets = ["q_proj", "v_proj", "down_proj"] if arch == "llama" else ["c_attn", "c_fc"]
+    model = get_peft_model(base, MoLAConfig(num_experts=1, top_k=1, target_modules=targets, init_lora_weights=False))
+    model.eval()
+    inputs = batch()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        model.merge_adapter()
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=1e-6)
+        merged = model.merge_and_unload()
+        assert not any("mola" in name for name, _ in merged.named_modules())
+        torch.testing.assert_close(merged(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_names_the_layers_with_several_experts():
+    model = get_peft_model(tiny_llama(), MoLAConfig(num_experts=[1, 1, 2, 1], top_k=1, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"layers \[2\] have more than one expert"):
+        model.merge_and_unload()

@@ -15,7 +15,33 @@ from transformers.pytorch_utils import Conv1D
 
 from .low_rank import init_low_rank, linear_features, low_rank_delta
 
-__all__ = ["DepthLoraLayer", "DepthLoraLinear"]
+__all__ = ["DepthLoraLayer", "DepthLoraLinear", "WeightDeltaMerge", "storage_layout"]
+
+
+def storage_layout(delta: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+    """An ``[out, in]`` weight update in the base layer's storage layout (``[in, out]`` for GPT-2's Conv1D)."""
+    return delta.T if isinstance(base_layer, Conv1D) else delta
+
+
+class WeightDeltaMerge:
+    """``merge`` / ``unmerge`` for a tuner layer whose adapter is a fixed weight delta (``get_delta_weight``)."""
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        for adapter_name in check_adapters_to_merge(self, adapter_names):
+            if adapter_name not in getattr(self, self.adapter_layer_names[0]):
+                continue
+            weight = self.get_base_layer().weight
+            merged = weight.data + self.get_delta_weight(adapter_name).to(weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights; adapter {adapter_name} seems to be broken.")
+            weight.data = merged
+            self.merged_adapters.append(adapter_name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            adapter_name = self.merged_adapters.pop()
+            weight = self.get_base_layer().weight
+            weight.data -= self.get_delta_weight(adapter_name).to(weight.dtype)
 
 
 class DepthLoraLayer(BaseTunerLayer):
@@ -58,10 +84,10 @@ class DepthLoraLayer(BaseTunerLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Weight update in the base layer's storage layout (``[out, in]``, or ``[in, out]`` for Conv1D)."""
         delta = (self.lora_B[adapter_name] @ self.lora_A[adapter_name]) * self.lora_scaling[adapter_name]
-        return delta.T if isinstance(self.get_base_layer(), Conv1D) else delta
+        return storage_layout(delta, self.get_base_layer())
 
 
-class DepthLoraLinear(nn.Module, DepthLoraLayer):
+class DepthLoraLinear(WeightDeltaMerge, nn.Module, DepthLoraLayer):
     """``y = W0 x + B A dropout(x) · α/r`` on an ``nn.Linear`` or ``Conv1D``; mergeable."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **update_kwargs: Any) -> None:
@@ -69,23 +95,6 @@ class DepthLoraLinear(nn.Module, DepthLoraLayer):
         DepthLoraLayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, **update_kwargs)
-
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        for adapter_name in check_adapters_to_merge(self, adapter_names):
-            if adapter_name not in self.lora_A:
-                continue
-            weight = self.get_base_layer().weight
-            merged = weight.data + self.get_delta_weight(adapter_name).to(weight.dtype)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights; adapter {adapter_name} seems to be broken.")
-            weight.data = merged
-            self.merged_adapters.append(adapter_name)
-
-    def unmerge(self) -> None:
-        while self.merged_adapters:
-            adapter_name = self.merged_adapters.pop()
-            weight = self.get_base_layer().weight
-            weight.data -= self.get_delta_weight(adapter_name).to(weight.dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:

@@ -10,6 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...core.context import RoutingContext
+from ...core.lora_layer import WeightDeltaMerge, storage_layout
 from ...core.low_rank import init_low_rank, linear_features, low_rank_delta
 from ...core.nonfinite import check_routing_scores
 from ...core.routing import RoutingDecision, RoutingStatistics, masked_routing_statistics, route_top_k
@@ -116,7 +117,7 @@ class _Routed:
         self.statistics: RoutingStatistics | None = None
 
 
-class MoLALinear(nn.Module, MoLALayer):
+class MoLALinear(WeightDeltaMerge, nn.Module, MoLALayer):
     """An ``nn.Linear`` / ``Conv1D`` plus routed LoRA experts: ``y = W0 x + Σ_top-k w_e B_e A_e dropout(x) · α/r``."""
 
     def __init__(
@@ -134,19 +135,23 @@ class MoLALinear(nn.Module, MoLALayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, **update_kwargs)
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        raise ValueError(
-            "MoLA adapters cannot be merged into the base weights: which experts apply depends on each token's input "
-            "(the router), so there is no single weight delta. Keep the adapter unmerged for inference."
-        )
-
-    def unmerge(self) -> None:
-        # Nothing can ever be merged (see `merge`), so there is nothing to undo.
-        return None
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The weight update of a one-expert adapter: its router always gives that expert weight 1, so it is plain
+        LoRA. With more experts which ones apply depends on each token (the router): no fixed delta exists."""
+        if self.mola_num_experts[adapter_name] != 1:
+            raise ValueError(
+                f"MoLA adapter {adapter_name!r} has {self.mola_num_experts[adapter_name]} experts on layer "
+                f"{self.mola_layer_index}: which experts apply depends on each token's input (the router), so there is "
+                "no single weight delta to merge. Only one-expert MoLA adapters merge; keep this one unmerged."
+            )
+        delta = (self.mola_B[adapter_name] @ self.mola_A[adapter_name]) * self.mola_scaling[adapter_name]
+        return storage_layout(delta, self.get_base_layer())
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters and self.merged:
+            self.unmerge()
         result = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters:
+        if self.disable_adapters or self.merged:
             self._publish({})
             return result
         # Build the records aside and publish them at the end: torch's non-reentrant checkpointing may stop a

@@ -27,10 +27,25 @@ class MoLAModel(DepthTuner):
     prefix: str = "mola_"
     tuner_layer_cls = MoLALayer
     target_module_mapping = ALL_PROJECTIONS_TARGET_MODULES_MAPPING
-    merge_refusal_reason = (
-        "the experts applied to each token are chosen by a router from that token's input, so the adapter is not a "
-        "fixed weight delta. Keep it unmerged (inference runs the same routing as training)."
-    )
+
+    @property
+    def merge_refusal_reason(self) -> str | None:  # type: ignore[override]
+        """None when every MoLA layer has one expert (always weight 1: plain LoRA, merged exactly)."""
+        routed = sorted(
+            {
+                module.mola_layer_index if module.mola_layer_index is not None else name
+                for name, module in self.model.named_modules()
+                if isinstance(module, MoLALayer) and any(n != 1 for n in module.mola_num_experts.values())
+            },
+            key=str,
+        )
+        if not routed:
+            return None
+        return (
+            f"the experts applied to each token are chosen by a router from that token's input (layers {routed} have "
+            "more than one expert), so the adapter is not a fixed weight delta. Keep it unmerged (inference runs the "
+            "same routing as training); only one-expert MoLA adapters merge."
+        )
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         config: MoLAConfig = self.peft_config[adapter_name]
