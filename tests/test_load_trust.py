@@ -138,6 +138,7 @@ COMMON_HOSTILE = [
     ({"target_modules": [1]}, "`target_modules` must be None, a regex string, or a list of module names"),
     ({"exclude_modules": [None]}, "`exclude_modules` must be"),
     ({"modules_to_save": [1]}, "`modules_to_save` must be None or a list of module names"),
+    ({"modules_to_save": ["not_a_module"]}, r"name module\(s\) \['not_a_module'\] that the model does not have"),
     ({"trainable_token_indices": [-1]}, "`trainable_token_indices` must be"),
     ({"trainable_token_indices": [10**6]}, r"`trainable_token_indices` holds token id 1000000.*128 rows"),
     ({"nonfinite_routing": "ignore"}, "`nonfinite_routing` must be one of 'base_path', 'raise'"),

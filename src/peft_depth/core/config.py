@@ -174,6 +174,17 @@ class DepthPeftConfig(PeftConfig):
     def check_against_base(self, model: Any) -> None:
         """Check the fields that depend on the base model, before anything is built on it (ValueError naming the
         field). Methods extend this for their own fields (e.g. layer indices against the depth)."""
+        names = [name for name, _ in model.named_modules()] if hasattr(model, "named_modules") else []
+        named = list(self.modules_to_save or [])
+        if isinstance(self.trainable_token_indices, dict):
+            named += list(self.trainable_token_indices)
+        # peft matches these names as suffixes of module paths; a name matching nothing would silently train nothing
+        unknown = [n for n in named if names and not any(m == n or m.endswith("." + n) for m in names)]
+        if unknown:
+            raise ValueError(
+                f"`modules_to_save` / `trainable_token_indices` name module(s) {unknown} that the model does not have "
+                "(names match the end of a module path, e.g. 'lm_head' or 'embed_tokens')."
+            )
         if self.trainable_token_indices is None:
             return
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
