@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -201,7 +202,9 @@ class MoLExModel(MoLExStatistics, DepthTuner):
         current = block.__dict__.get("forward")
         if current is not None and not isinstance(current, _BlockForward):
             return current
-        return type(block).forward.__get__(block)
+        # A function of the block, not ``block.forward``: a bound method of a module's ``forward`` is traced by
+        # torch.compile as a call to the instance's ``forward`` attribute, which is this wrapper (infinite recursion).
+        return functools.partial(type(block).forward, block)
 
     def _routing_adapter(self) -> str | None:
         if not self.depth_adapters_enabled:
