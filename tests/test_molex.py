@@ -1,5 +1,7 @@
 """MoLEx behaves as a PEFT method and computes the paper's layer mixture exactly."""
 
+import math
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -572,3 +574,22 @@ def test_qwen3_with_layer_types_routes_only_to_same_type_layers():
         fractions = row["expert_fraction"]
         assert all(fractions[j] == 0 for j in range(4) if types[j] != types[row["layer"]])
         assert all(p == 0 for j, p in enumerate(row["mean_prob"]) if types[j] != types[row["layer"]])
+
+
+@pytest.mark.parametrize("start, expected", [("official", 1 / (1 + math.exp(-0.9))), ("alpha", 0.95)])
+def test_learned_alpha_starts_where_the_official_code_starts_it(start, expected):
+    """use_learn_weight starts (w_own, w_other) at (0.95, 0.05): α = softmax = 0.711, not 0.95."""
+    model = molex(tiny_llama(), molex_layers=[1], alpha=0.95, learn_alpha=True, learned_alpha_start=start)
+    alpha = model.base_model.molex_alpha["default"](1)
+    assert float(alpha) == pytest.approx(expected, abs=1e-6)
+
+
+def test_task_presets_are_the_official_scripts_settings():
+    sst2 = MoLExConfig.for_task("sst2", task_type="SEQ_CLS")
+    assert (sst2.gate_type, sst2.gate_proj_dim, sst2.gate_lr, sst2.gate_weight_decay) == ("cosine", 128, 0.1, 0.1)
+    mrpc = MoLExConfig.for_task("MRPC")
+    assert mrpc.learn_alpha and mrpc.balance_loss_coef == 0.0
+    assert not MoLExConfig.for_task("rte").shared_gate
+    assert MoLExConfig.for_task("sst2", gate_proj_dim=64).gate_proj_dim == 64  # overrides win
+    with pytest.raises(ValueError, match="`task` must be one of .*'sst2'"):
+        MoLExConfig.for_task("squad")

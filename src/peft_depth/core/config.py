@@ -175,15 +175,22 @@ class DepthPeftConfig(PeftConfig):
         """Check the fields that depend on the base model, before anything is built on it (ValueError naming the
         field). Methods extend this for their own fields (e.g. layer indices against the depth)."""
         names = [name for name, _ in model.named_modules()] if hasattr(model, "named_modules") else []
-        named = list(self.modules_to_save or [])
-        if isinstance(self.trainable_token_indices, dict):
-            named += list(self.trainable_token_indices)
-        # peft matches these names as suffixes of module paths; a name matching nothing would silently train nothing
-        unknown = [n for n in named if names and not any(m == n or m.endswith("." + n) for m in names)]
-        if unknown:
+
+        def missing(wanted: list[str]) -> list[str]:
+            # peft matches these names as suffixes of module paths; one matching nothing trains nothing
+            return [n for n in wanted if names and not any(m == n or m.endswith("." + n) for m in names)]
+
+        unknown_saved = missing(list(self.modules_to_save or []))
+        # peft itself lists alternatives for sequence classification ("classifier", "score"): one must exist
+        if self.modules_to_save and len(unknown_saved) == len(self.modules_to_save):
             raise ValueError(
-                f"`modules_to_save` / `trainable_token_indices` name module(s) {unknown} that the model does not have "
-                "(names match the end of a module path, e.g. 'lm_head' or 'embed_tokens')."
+                f"`modules_to_save` names {unknown_saved}, none of which the model has (names match the end of a "
+                "module path, e.g. 'lm_head' or 'classifier')."
+            )
+        if isinstance(self.trainable_token_indices, dict) and missing(list(self.trainable_token_indices)):
+            raise ValueError(
+                f"`trainable_token_indices` names module(s) {missing(list(self.trainable_token_indices))} that the "
+                "model does not have (e.g. 'embed_tokens')."
             )
         if self.trainable_token_indices is None:
             return

@@ -3,6 +3,7 @@ Upcycling", Teo & Nguyen, ICLR 2025, arXiv 2503.11144)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ...core.config import (
@@ -20,6 +21,22 @@ MOLEX = add_peft_type("MOLEX")
 
 ROUTING_MODES = ("batch_vote", "sequence", "token")
 GATE_TYPES = ("linear", "cosine")
+LEARNED_ALPHA_STARTS = ("official", "alpha")
+
+#: Per-task settings of the official GLUE scripts (methods.md: gate type and projection size, shared or per-layer gate,
+#: balance coefficient - 0 where a script omits `--use_load_balance` -, learned or fixed α), with the scripts' gate
+#: optimizer group (lr 0.1, weight decay 0.1). Tasks not listed use the defaults.
+_GLUE_GATE_GROUP = dict(gate_lr=0.1, gate_weight_decay=0.1)
+TASK_PRESETS: dict[str, dict] = {
+    "sst2": dict(gate_type="cosine", gate_proj_dim=128, shared_gate=True, balance_loss_coef=0.01, **_GLUE_GATE_GROUP),
+    "mrpc": dict(shared_gate=True, balance_loss_coef=0.0, learn_alpha=True, **_GLUE_GATE_GROUP),
+    "rte": dict(shared_gate=False, balance_loss_coef=0.001, **_GLUE_GATE_GROUP),
+    "stsb": dict(shared_gate=False, balance_loss_coef=0.001, **_GLUE_GATE_GROUP),
+    "qnli": dict(gate_type="cosine", gate_proj_dim=96, balance_loss_coef=0.0, **_GLUE_GATE_GROUP),
+    "mnli": dict(gate_type="cosine", gate_proj_dim=416, balance_loss_coef=0.005, **_GLUE_GATE_GROUP),
+    "qqp": dict(gate_type="cosine", gate_proj_dim=384, balance_loss_coef=0.01, **_GLUE_GATE_GROUP),
+    "cola": dict(alpha=0.95, balance_loss_coef=0.01, **_GLUE_GATE_GROUP),
+}
 #: The paper's fixed mixing weights: 0.5 on GLUE (encoders), 0.95 for GPT-2 on E2E (a pretrained decoder mixed at
 #: 0.5 in every layer starts far from the base model).
 DEFAULT_ALPHA_ENCODER = 0.5
@@ -100,6 +117,14 @@ class MoLExConfig(LoraFieldsConfig):
             "`use_learn_weight`)."
         },
     )
+    learned_alpha_start: str = field(
+        default="official",
+        metadata={
+            "help": "Where a learned α starts. 'official': as `use_learn_weight`, whose two weights start at (α0, 1−α0) "
+            "and α = softmax of them, so α starts at 1/(1+exp(1−2α0)) (0.5 for α0 = 0.5, 0.71 for 0.95). 'alpha': "
+            "exactly at α0. Only the start differs (α depends on the weights' difference only)."
+        },
+    )
     gate_type: str = field(
         default="linear",
         metadata={
@@ -153,6 +178,7 @@ class MoLExConfig(LoraFieldsConfig):
         check_choice("bias", self.bias, ("none", "all"))
         check_choice("routing", self.routing, ROUTING_MODES)
         check_choice("gate_type", self.gate_type, GATE_TYPES)
+        check_choice("learned_alpha_start", self.learned_alpha_start, LEARNED_ALPHA_STARTS)
         check_positive_int("gate_proj_dim", self.gate_proj_dim)
         check_non_negative_number("balance_loss_coef", self.balance_loss_coef)
         if self.alpha is not None:
@@ -182,6 +208,27 @@ class MoLExConfig(LoraFieldsConfig):
         return list(molex), list(experts)
 
     def resolve_alpha(self, *, causal: bool) -> float:
-        if self.alpha is not None:
-            return float(self.alpha)
-        return DEFAULT_ALPHA_DECODER if causal else DEFAULT_ALPHA_ENCODER
+        """α of the mixture: the fixed value, or where a learned α starts (``learned_alpha_start``)."""
+        alpha = (
+            float(self.alpha)
+            if self.alpha is not None
+            else (DEFAULT_ALPHA_DECODER if causal else DEFAULT_ALPHA_ENCODER)
+        )
+        if self.learn_alpha and self.learned_alpha_start == "official":
+            return 1.0 / (1.0 + math.exp(1.0 - 2.0 * alpha))  # softmax((α0, 1 − α0))[0]
+        return alpha
+
+    @classmethod
+    def for_task(cls, task: str, **overrides) -> MoLExConfig:
+        """The official GLUE script's MoLEx settings for ``task`` (``TASK_PRESETS``), with ``overrides`` on top.
+
+        E.g. ``MoLExConfig.for_task("sst2", task_type="SEQ_CLS", target_modules=["query", "value"])``. The presets
+        cover the gate and α; LoRA's rank, the learning rate and the epochs of the scripts are the trainer's business
+        (methods.md lists them).
+        """
+        key = task.lower().replace("-", "")
+        if key not in TASK_PRESETS:
+            raise ValueError(
+                f"`task` must be one of {sorted(TASK_PRESETS)} (official MoLEx GLUE scripts); got {task!r}."
+            )
+        return cls(**{**TASK_PRESETS[key], **overrides})
