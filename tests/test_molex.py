@@ -419,7 +419,8 @@ def test_optimizer_groups_carry_gate_lr_and_decay():
         "molex_alpha.default.weights.layer1",
     ]
     alpha = model.base_model.molex_alpha["default"]
-    assert float(alpha(1).detach()) == pytest.approx(0.95)  # learned α starts at the fixed default
+    # learned α starts where the official use_learn_weight starts it: softmax((0.95, 0.05))[0]
+    assert float(alpha(1).detach()) == pytest.approx(1 / (1 + math.exp(-0.9)))
 
 
 def test_merge_and_unload_is_refused_and_unload_restores_the_base():
