@@ -19,12 +19,15 @@ from transformers import (
 VOCAB = 128
 
 
-def tiny_llama(num_layers: int = 4, seed: int = 0, **overrides) -> LlamaForCausalLM:
+def tiny_llama(
+    num_layers: int = 4, seed: int = 0, hidden_size: int = 32, intermediate_size: int = 64, **overrides
+) -> LlamaForCausalLM:
+    """``hidden_size`` >= 64 for bitsandbytes' CPU 4-bit kernels (they quantize in blocks of 64 inputs)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,

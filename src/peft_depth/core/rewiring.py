@@ -22,6 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .layer_stack import LayerStack
+from .quantization import dequantized_linear, dequantized_weight, floating_dtype, is_quantized_linear
 
 __all__ = [
     "StackRewiring",
@@ -62,9 +63,17 @@ def _unwrap_tuner_layers(module: nn.Module) -> None:
 def plain_layer_copy(layer: nn.Module) -> nn.Module:
     """A deep copy of ``layer`` with any PEFT adapter wrappers inside replaced by their base layers.
 
-    Merged adapters are not undone: copy before merging.
+    Quantized linears (bitsandbytes 4-bit / 8-bit) are copied as plain ``nn.Linear``s holding their dequantized
+    weights, in the dtype the layer computes in (its norms' dtype): a copy is trained or kept apart from the quantized
+    base, and its weights are exactly what the quantized layer computes with. Merged adapters are not undone: copy
+    before merging.
     """
-    duplicate = copy.deepcopy(layer)
+    dtype = floating_dtype(layer)
+    # each quantized linear is copied as its dequantized twin, without copying its quantized data first
+    memo: dict[int, Any] = {
+        id(module): dequantized_linear(module, dtype) for module in layer.modules() if is_quantized_linear(module)
+    }
+    duplicate = copy.deepcopy(layer, memo)
     if isinstance(duplicate, BaseTunerLayer):
         return duplicate.get_base_layer()
     _unwrap_tuner_layers(duplicate)
@@ -72,7 +81,8 @@ def plain_layer_copy(layer: nn.Module) -> nn.Module:
 
 
 def plain_state_dict(layer: nn.Module) -> dict[str, Any]:
-    """State dict of ``layer`` as it would be without PEFT wrappers (base weights only, ``base_layer.`` removed)."""
+    """State dict of ``layer`` as it would be without PEFT wrappers (base weights only, ``base_layer.`` removed),
+    quantized linears dequantized as in ``plain_layer_copy``."""
     adapter_prefixes = []
     for name, module in layer.named_modules():
         if isinstance(module, BaseTunerLayer):
@@ -81,8 +91,20 @@ def plain_state_dict(layer: nn.Module) -> dict[str, Any]:
                     adapter_prefixes.append(f"{name}.{child_name}." if name else f"{child_name}.")
             for param_name, _ in module.named_parameters(recurse=False):
                 adapter_prefixes.append(f"{name}.{param_name}" if name else param_name)
+    # a quantized linear's entries (packed weight, scales, quantization state) become its dequantized weight and its
+    # bias, as in plain_layer_copy
+    dtype = floating_dtype(layer)
+    quantized = {name: module for name, module in layer.named_modules() if is_quantized_linear(module)}
+    state = layer.state_dict()
+    for name, module in quantized.items():
+        prefix = f"{name}." if name else ""
+        for key in [k for k in state if k.startswith(prefix)]:
+            del state[key]
+        state[prefix + "weight"] = dequantized_weight(module, dtype)
+        if module.bias is not None:
+            state[prefix + "bias"] = module.bias.detach().to(dtype)
     plain = {}
-    for key, value in layer.state_dict().items():
+    for key, value in state.items():
         if any(key.startswith(prefix) or key == prefix.rstrip(".") for prefix in adapter_prefixes):
             continue
         plain[key.replace(".base_layer.", ".").removeprefix("base_layer.")] = value

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .layer_stack import find_layer_stack
+from .quantization import logical_bytes
 
 __all__ = [
     "AllocationBudget",
@@ -86,7 +87,8 @@ def check_base_model_facts(recorded: dict[str, Any] | None, actual: dict[str, An
 
 
 def adapter_allocation_limit(model: nn.Module) -> int:
-    """Bytes an adapter injection may allocate: ``$PEFT_DEPTH_MAX_ADAPTER_BYTES``, else max(2x the model, 1 GiB)."""
+    """Bytes an adapter injection may allocate: ``$PEFT_DEPTH_MAX_ADAPTER_BYTES``, else max(2x the model, 1 GiB),
+    the model's quantized weights counted dequantized."""
     override = os.environ.get(MAX_ADAPTER_BYTES_ENV)
     if override:
         try:
@@ -95,7 +97,8 @@ def adapter_allocation_limit(model: nn.Module) -> int:
             raise ValueError(
                 f"${MAX_ADAPTER_BYTES_ENV} must be an integer number of bytes, got {override!r}."
             ) from None
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # a quantized weight counts at its dequantized size: DLO's copy of a 4-bit layer is full precision
+    model_bytes = sum(logical_bytes(p) for p in model.parameters())
     model_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
     return max(_BASE_MODEL_MULTIPLE * model_bytes, _MIN_BUDGET_BYTES)
 

@@ -15,6 +15,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ...core.quantization import floating_parameter
 from ...core.rewiring import plain_layer_copy, plain_state_dict
 from .config import DLOConfig, expansion_plan
 from .layer import NewLayerLoraLinear, find_mlp_and_norm
@@ -189,7 +190,10 @@ def build_routers(
     if config.routed_layers == "none":
         return routers
     hidden = hidden_size(model)
-    reference = next(originals[0].parameters())
+    # a floating parameter: a quantized weight's dtype (uint8) is storage, not the dtype the layer computes in
+    reference = floating_parameter(originals[0])
+    if reference is None:
+        reference = next(originals[0].parameters())
     for position, (kind, _) in enumerate(layout):
         if config.routed_layers == "new" and kind != "new":
             continue

@@ -14,6 +14,7 @@ from torch import nn
 from ...core.layer_call import BlockCall, bind_block_call
 from ...core.lora_layer import DepthLoraLayer
 from ...core.nonfinite import check_routing_scores
+from ...core.quantization import floating_parameter
 from ...core.tuner import DepthTuner
 from .config import MoLExConfig
 from .expert_cache import expert_cache_state
@@ -143,7 +144,13 @@ class MoLExModel(MoLExStatistics, DepthTuner):
 
     def _create_tuner_modules(self, adapter_name: str, config: MoLExConfig, plan: _AdapterPlan) -> None:
         layers = self.layer_stack.layers
-        reference = next(layers[0].parameters())
+        # a floating parameter: a quantized weight's dtype (uint8) is storage, not the dtype the block computes in
+        reference = floating_parameter(layers[0])
+        if reference is None:
+            raise ValueError(
+                f"MoLEx could not tell the dtype the blocks compute in: {type(layers[0]).__name__} has no floating-point "
+                "parameter outside quantized weights and adapters."
+            )
         hidden_size = getattr(_text_config(self.model), "hidden_size", None)
         if hidden_size is None:
             raise ValueError("MoLEx needs `config.hidden_size` to size its gates.")
