@@ -19,6 +19,7 @@ from .aux_watch import install_aux_watch, remove_aux_watch
 from .context import RoutingContext
 from .layer_stack import LayerStack, find_layer_stack
 from .lora_layer import DepthLoraLayer, DepthLoraLinear
+from .quantization import check_merge_into_quantized
 from .safety import AllocationBudget, adapter_allocation_limit, base_model_facts, check_base_model_facts
 from .state_marker import install_state_marker, remove_state_marker
 
@@ -252,6 +253,7 @@ class DepthTuner(BaseTuner, DepthAuxSource):
     def _check_merge_allowed(self) -> None:
         if self.merge_refusal_reason is not None:
             raise ValueError(f"{type(self).__name__} adapters cannot be merged: {self.merge_refusal_reason}")
+        check_merge_into_quantized(self.model, f"A {type(self).__name__} adapter")
         super()._check_merge_allowed()
 
     def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any) -> nn.Module:
