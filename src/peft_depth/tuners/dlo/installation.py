@@ -14,10 +14,12 @@ from typing import Any
 
 from torch import nn
 
+from ...core.quantization import floating_dtype
 from ...core.rewiring import StackRewiring
 from .config import DLOConfig
 from .expansion import merge_new_layer_lora
 from .layer import DLOBlock
+from .precision import PrecisionBridge, new_layer_weight
 
 __all__ = ["StackInstallation", "install_output_capture"]
 
@@ -103,12 +105,21 @@ class StackInstallation:
                 )
                 block.attach()
                 wrappers.append(block)
-                blocks.append(block)
+                blocks.append(self._bridged(block, layer, originals) if kind == "new" else block)
             sources.append(source)
         extra = {"use_cache": False} if config.skip_mode == "block" and config.routed_layers != "none" else None
         rewiring.install(blocks, sources, extra_config=extra)
         state["blocks"] = wrappers
         state["installed"] = adapter_name
+
+    @staticmethod
+    def _bridged(block: nn.Module, layer: nn.Module, originals: list[nn.Module]) -> nn.Module:
+        """``block`` of a new layer, bridged to the stack's dtype when the layer is in another (float32 weights
+        kept by peft's autocast on a half-precision or quantized base)."""
+        weight = new_layer_weight(layer)
+        if weight is None or weight.dtype == floating_dtype(originals[0], default=weight.dtype):
+            return block
+        return PrecisionBridge(block, weight)
 
     def _make_expansion_permanent(self, adapter_name: str) -> None:
         """Merge-and-unload of dense expansion: the new layers (LoRA merged in) become the model's registered stack."""
@@ -121,6 +132,9 @@ class StackInstallation:
             else:
                 layer = self.dlo_new_layers[adapter_name][f"new{position}"]
                 merge_new_layer_lora(layer)
+                # a plain transformers model runs every layer in its own dtype (float32 weights kept by peft's
+                # autocast are rounded to it, as peft rounds a LoRA update merged into a half-precision weight)
+                layer.to(floating_dtype(rewiring.original_blocks[0], default=floating_dtype(layer)))
                 blocks.append(layer)
             sources.append(source)
         rewiring.install(blocks, sources)

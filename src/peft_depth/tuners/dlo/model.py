@@ -15,6 +15,15 @@ What is saved
 Routers, LoRA weights, and only those new-layer tensors that differ from what loading rebuilds from the base model
 with the config's recipe (``expansion`` + ``init``). A freshly expanded zero-out layer saves nothing but its routers;
 after training, its changed tensors are saved in full. ``init='random'`` layers cannot be rebuilt and are saved whole.
+
+Quantized and half-precision bases
+----------------------------------
+A new layer copied from a bitsandbytes 4-bit / 8-bit layer is built from its dequantized weights, as plain linears in
+the dtype the copied layer computes in (``core.rewiring.plain_layer_copy``): a full-precision layer's memory each
+(202 M parameters for a Llama-2-7B layer, 0.75 GiB in float32), while the original layers stay quantized. Trained in
+full, new layers are adapter weights: with peft's ``autocast_adapter_dtype=True`` (the default) they are kept in
+float32 on a bf16/fp16 base, like the routers and every LoRA, and run in float32 behind a ``PrecisionBridge`` that
+hands their output back in the stack's dtype. Merging into a quantized base is refused (``core.quantization``).
 """
 
 from __future__ import annotations
@@ -181,21 +190,30 @@ class DLOModel(CapacitySchedule, StackInstallation, AdapterStateDict, DepthTuner
                         param.requires_grad_(False)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        # LoRA on the original layers: peft's usual upcast. New layers keep the base dtype (they are whole decoder
-        # layers and must run in the model's dtype); their LoRA and the routers are upcast like adapter weights.
+        # LoRA on the original layers: peft's usual upcast. What trains of the new layers (every weight with
+        # new_layer_training='full', their LoRA with 'lora') and the routers are upcast like adapter weights; frozen
+        # copies keep the base dtype, like the frozen base. A float32 new layer runs in float32 behind a
+        # PrecisionBridge (installed by _reinstall), its output handed back in the stack's dtype.
         BaseTuner._cast_adapter_dtype(self, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         if not autocast_adapter_dtype:
             return
-        params = []
+        config: DLOConfig = self.peft_config[adapter_name]
+        tensors = []
         if adapter_name in getattr(self, "dlo_routers", {}):
-            params += list(self.dlo_routers[adapter_name].parameters())
+            tensors += list(self.dlo_routers[adapter_name].parameters())
         if adapter_name in getattr(self, "dlo_new_layers", {}):
-            params += [
-                p for n, p in self.dlo_new_layers[adapter_name].named_parameters() if n.endswith(("lora_A", "lora_B"))
-            ]
-        for param in params:
-            if param.dtype in (torch.float16, torch.bfloat16):
-                param.data = param.data.float()
+            new_layers = self.dlo_new_layers[adapter_name]
+            if config.new_layer_training == "full":
+                tensors += list(new_layers.parameters()) + list(new_layers.buffers())
+            else:
+                tensors += [p for n, p in new_layers.named_parameters() if n.endswith(("lora_A", "lora_B"))]
+        cast = False
+        for tensor in tensors:
+            if tensor.dtype in (torch.float16, torch.bfloat16):
+                tensor.data = tensor.data.float()
+                cast = True
+        if cast:
+            self._reinstall()  # bridges the new layers that now run in another dtype than the stack
 
     # ------------------------------------------------------------------ peft operations that walk the model
 
