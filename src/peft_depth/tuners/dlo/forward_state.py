@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -136,6 +136,11 @@ class PlanCarryingCheckpoint:
     Called when the layer is checkpointed, in the forward's thread, it captures the plans in effect; the function it
     hands to the real checkpoint sets them again before running the layer, so the replay in backward finds them on
     whatever thread it runs.
+
+    The plans' scales carry the routers' gradient into the layer's output, so they go through the checkpoint as
+    arguments: reentrant checkpointing (``use_reentrant=True``) connects its replay to the rest of the graph only
+    through its arguments, and a replay that read the forward's scale tensor directly would backpropagate the
+    router's part of the graph a second time.
     """
 
     def __init__(self, checkpoint: Callable[..., Any]) -> None:
@@ -143,15 +148,24 @@ class PlanCarryingCheckpoint:
 
     def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         plans = _RUNNING_PLANS.get()
+        blocks = list(plans)
+        num_args = len(args)
 
         def with_plans(*inner_args: Any, **inner_kwargs: Any) -> Any:
-            token = _RUNNING_PLANS.set(plans)
+            scales = inner_args[num_args:]
+            # the forward gets the plans' own scales (and its shadows write into those plans); a reentrant replay gets
+            # detached copies, connected to the router through the checkpoint
+            current = {
+                block: plan if scale is plan.scale else replace(plan, scale=scale)
+                for block, plan, scale in zip(blocks, (plans[block] for block in blocks), scales)
+            }
+            token = _RUNNING_PLANS.set(MappingProxyType(current))
             try:
-                return function(*inner_args, **inner_kwargs)
+                return function(*inner_args[:num_args], **inner_kwargs)
             finally:
                 _RUNNING_PLANS.reset(token)
 
-        return self.checkpoint(with_plans, *args, **kwargs)
+        return self.checkpoint(with_plans, *args, *(plans[block].scale for block in blocks), **kwargs)
 
 
 def carry_plans_into_checkpointing(layer: nn.Module) -> None:
