@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -9,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ...core.checkpointing import NO_GRAD_FORWARD, REPLAY, DeferredGradient, checkpoint_pass
 from ...core.context import RoutingContext
 from ...core.lora_layer import WeightDeltaMerge, storage_layout
 from ...core.low_rank import init_low_rank, linear_features, low_rank_delta
@@ -94,7 +96,13 @@ class MoLALayer(BaseTunerLayer):
         for routed in records.values():
             if routed.statistics is None:
                 routed.statistics = masked_routing_statistics(routed.decision, routed.token_mask)
-        return {name: routed.statistics for name, routed in records.items()}
+        return {
+            name: routed.statistics
+            if routed.deferred is None
+            # recorded in a reentrant checkpoint's no-grad pass: the gradient reaches the router in the replay
+            else replace(routed.statistics, prob_sums=routed.deferred.attach(routed.statistics.prob_sums))
+            for name, routed in records.items()
+        }
 
     def last_nonfinite_rows(self) -> dict[str, int]:
         """Tokens of this thread's last forward whose routing scores were not finite, per adapter (a device sync)."""
@@ -108,13 +116,21 @@ _STATE_KEY = "mola"
 class _Routed:
     """One adapter's routing in one forward of one layer."""
 
-    __slots__ = ("decision", "token_mask", "nonfinite", "statistics")
+    __slots__ = ("decision", "token_mask", "nonfinite", "statistics", "deferred")
 
-    def __init__(self, decision: RoutingDecision, token_mask: torch.Tensor, nonfinite: torch.Tensor) -> None:
+    def __init__(
+        self,
+        decision: RoutingDecision,
+        token_mask: torch.Tensor,
+        nonfinite: torch.Tensor,
+        deferred: DeferredGradient | None = None,
+    ) -> None:
         self.decision = decision
         self.token_mask = token_mask  # real (non-padding) tokens with finite routing scores
         self.nonfinite = nonfinite
         self.statistics: RoutingStatistics | None = None
+        # set when recorded without gradient in a reentrant checkpoint's forward (core.checkpointing)
+        self.deferred = deferred
 
 
 class MoLALinear(WeightDeltaMerge, nn.Module, MoLALayer):
@@ -158,6 +174,9 @@ class MoLALinear(WeightDeltaMerge, nn.Module, MoLALayer):
         # recomputation part-way through this forward once it has what backward needs.
         records: dict[str, _Routed] = {}
         padding_mask = None
+        grad_pass = checkpoint_pass()
+        # A replay of a checkpointed forward is no forward of its own: the forward's records stay.
+        recorded = self._routing_context.forward.state.get(_STATE_KEY, {}).get(self, {}) if grad_pass == REPLAY else {}
         for adapter_name in self.active_adapters:
             if adapter_name not in self.mola_A:
                 continue
@@ -180,12 +199,20 @@ class MoLALinear(WeightDeltaMerge, nn.Module, MoLALayer):
                 self.mola_dropout[adapter_name],
                 gates=decision.gates,
             )
+            forward_record = recorded.get(adapter_name)
+            if forward_record is not None and forward_record.deferred is not None:
+                live = masked_routing_statistics(decision, forward_record.token_mask).prob_sums
+                delta = forward_record.deferred.inject(delta, live)
             result = result + delta.view(result.shape).to(result.dtype)
             if padding_mask is None:
                 padding_mask = self._routing_context.flat_mask(x.shape)
             token_mask = ~nonfinite if padding_mask is None else padding_mask & ~nonfinite
-            records[adapter_name] = _Routed(decision, token_mask, nonfinite)
-        self._publish(records)
+            deferred = None
+            if grad_pass == NO_GRAD_FORWARD:  # the balance loss also trains what feeds x, even with a frozen router
+                deferred = DeferredGradient(f"MoLA adapter {adapter_name!r} on layer {self.mola_layer_index}")
+            records[adapter_name] = _Routed(decision, token_mask, nonfinite, deferred)
+        if grad_pass != REPLAY:
+            self._publish(records)
         return result
 
     def _where(self, adapter_name: str) -> str:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ...core.aux import AuxLossTerm
+from ...core.checkpointing import replay_checkpointed_layers
 from ...core.routing import RoutingStatistics, switch_balance_loss, usage_entropy
 from ...core.targets import ALL_PROJECTIONS_TARGET_MODULES_MAPPING
 from ...core.tuner import DepthTuner
@@ -53,6 +54,13 @@ class MoLAModel(DepthTuner):
         # Validate the allocation against the real depth before any module is created.
         config.allocation(stack.num_layers if stack is not None else None)
         super().inject_adapter(model, adapter_name, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # Under reentrant checkpointing the routers' balance-loss gradient reaches them through the blocks' replays
+        # (core.checkpointing); gradient_checkpointing_enable may have been called at any time before this forward.
+        if self.layer_stack is not None:
+            replay_checkpointed_layers(self.layer_stack.layers)
+        return super().forward(*args, **kwargs)
 
     def _create_and_replace(
         self,
