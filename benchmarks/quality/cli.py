@@ -1,0 +1,239 @@
+"""Command line of the quality harness: budgets, measure, plan, run, report, crosscheck."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+__all__ = ["build_parser", "main"]
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N such as 0/2, got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"expected 0 <= I < N, got {text!r}")
+    return index, count
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _csv(text: str) -> list[str]:
+    return [part for part in text.split(",") if part]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .sweep import RESULTS, SUITES
+
+    parser = argparse.ArgumentParser(prog="quality.py", description=__doc__)
+    parser.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's choice)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    budgets = commands.add_parser("budgets", help="print the matched-budget pairing table of a model's arms")
+    budgets.add_argument("--model", default="smollm2", help="smollm2, minilm or a local model folder")
+    budgets.add_argument("--task", default=None, help="task (encoders: the MoLEx preset depends on it)")
+
+    measure = commands.add_parser("measure", help="time one training step of every arm (writes step_times_*.json)")
+    measure.add_argument("--model", default="smollm2")
+    measure.add_argument("--task", default="boolq")
+    measure.add_argument("--suite", default=None, help="take batch size and max length from this suite")
+    measure.add_argument("--steps", type=_positive, default=3, help="steps per arm; the first is a warm-up")
+    measure.add_argument("--arms", type=_csv, default=None, help="comma list of arms (default: all)")
+    measure.add_argument("--output", default=None, help="default: results/quality/step_times_<model>.json")
+
+    plan = commands.add_parser("plan", help="write the sweep plan with its CPU-hour estimate")
+    plan.add_argument("--suites", type=_csv, default=list(SUITES))
+    plan.add_argument("--output", default=str(RESULTS / "plan.md"))
+
+    run = commands.add_parser("run", help="run (or resume) a suite's sweep, appending to its JSONL")
+    run.add_argument("--suite", required=True, choices=sorted(SUITES))
+    run.add_argument("--shard", type=_shard, default=(0, 1), help="I/N: run only this share of the (task, arm)s")
+    run.add_argument("--model", default=None, help="override the suite's model (a local folder, for smoke runs)")
+    run.add_argument("--tasks", type=_csv, default=None, help="override the suite's tasks (jsonl:DIR allowed)")
+    run.add_argument("--arms", type=_csv, default=None, help="only these arms (LoRA partners are kept)")
+    run.add_argument("--seeds", type=lambda t: tuple(int(s) for s in _csv(t)), default=None)
+    run.add_argument("--steps", type=_positive, default=None, help="override the training steps (smoke runs)")
+    run.add_argument("--batch-size", type=_positive, default=None)
+    run.add_argument("--scorer", choices=("peft_depth", "lm_eval"), default=None, help="override the test scorer")
+    run.add_argument("--results-dir", default=str(RESULTS), help="where the JSONL ledger lives")
+    run.add_argument("--adapters-dir", default=None, help="where dev-phase adapters are kept (default outputs/)")
+    run.add_argument("--no-progress", action="store_true")
+
+    report = commands.add_parser("report", help="write <suite>.md and <suite>.png from the suite's JSONL")
+    report.add_argument("--suite", required=True)
+    report.add_argument("--scorer", default=None, help="only test records of this scorer (default: the suite's)")
+    report.add_argument("--results-dir", default=str(RESULTS))
+
+    check = commands.add_parser("crosscheck", help="our scorer vs lm-evaluation-harness on the same rows")
+    check.add_argument("--model", default="smollm2")
+    check.add_argument("--tasks", type=_csv, default=["boolq", "piqa"])
+    check.add_argument("--rows", type=_positive, default=100, help="test rows per task")
+    check.add_argument("--arm", default="lora", help="adapter (random, non-zero LoRA weights; 'none' = base)")
+    check.add_argument("--output", default=str(RESULTS / "crosscheck.json"))
+    return parser
+
+
+def _suite(args):
+    from .sweep import SUITES
+
+    suite = SUITES[args.suite]
+    settings = suite.settings
+    if args.steps is not None:
+        settings = replace(settings, steps=args.steps)
+    if args.batch_size is not None:
+        settings = replace(settings, batch_size=args.batch_size)
+    return replace(
+        suite,
+        model=args.model or suite.model,
+        tasks=tuple(args.tasks) if args.tasks else suite.tasks,
+        seeds=args.seeds or suite.seeds,
+        settings=settings,
+        test_scorer=args.scorer or suite.test_scorer,
+    )
+
+
+def _arms(spec, steps: int, task: str | None, only: list[str] | None):
+    from .arms import arms_for
+    from .budget import format_budget_table, plan_budgets
+
+    arms, rows = plan_budgets(arms_for(spec, steps), spec, task)
+    if only:
+        unknown = sorted(set(only) - {a.name for a in arms})
+        if unknown:
+            raise SystemExit(f"quality.py: no arm(s) {unknown}; arms: {', '.join(a.name for a in arms)}")
+        keep = set(only) | {row.partner for row in rows if row.arm in only}
+        arms = [a for a in arms if a.name in keep]
+    return arms, rows, format_budget_table(rows, arms)
+
+
+def _budgets(args) -> int:
+    from .models import resolve_model
+
+    print(_arms(resolve_model(args.model), 1, args.task, None)[2])
+    return 0
+
+
+def _run(args) -> int:
+    from .models import resolve_model
+    from .sweep import ADAPTERS, run_suite
+
+    suite = _suite(args)
+    spec = resolve_model(suite.model)
+    arms, rows, table = _arms(spec, suite.settings.steps, suite.tasks[0], args.arms)
+    print(table, flush=True)
+    adapters = Path(args.adapters_dir) if args.adapters_dir else ADAPTERS
+    for record in run_suite(
+        suite, spec, arms, rows, Path(args.results_dir), adapters, args.shard, progress=not args.no_progress
+    ):
+        print(
+            f"{record['task']} {record['arm']} lr={record['lr']:g} seed={record['seed']} {record['split']}: "
+            f"accuracy {record['accuracy']:.4f} ({record['wall_s']:.0f} s)",
+            flush=True,
+        )
+    return 0
+
+
+def _measure(args) -> int:
+    from .data import load_splits
+    from .models import resolve_model
+    from .sweep import RESULTS, SUITES
+    from .timing import measure
+
+    spec = resolve_model(args.model)
+    suite = SUITES[args.suite] if args.suite else next(s for s in SUITES.values() if s.model == args.model)
+    settings = replace(suite.settings, steps=args.steps)
+    arms, _, table = _arms(spec, suite.settings.steps, args.task, args.arms)
+    print(table, flush=True)
+    output = args.output or RESULTS / f"step_times_{spec.name}.json"
+    measure(spec, args.task, load_splits(args.task), arms, settings, output=output)
+    print(f"wrote {output}")
+    return 0
+
+
+def _plan(args) -> int:
+    from .arms import arms_for
+    from .budget import format_budget_table, plan_budgets
+    from .models import resolve_model
+    from .plan import load_timing, render_plan, suite_cost
+    from .sweep import RESULTS, SUITES
+
+    entries, tables = [], {}
+    for name in args.suites:
+        suite = SUITES[name]
+        spec = resolve_model(suite.model)
+        arms, rows = plan_budgets(arms_for(spec, suite.settings.steps), spec, suite.tasks[0])
+        tables.setdefault(spec.name, format_budget_table(rows, arms))
+        timing = load_timing(RESULTS / f"step_times_{spec.name}.json")
+        entries.append((suite, spec, arms, timing, suite_cost(suite, spec, arms, timing)))
+    Path(args.output).write_text(render_plan(entries, tables))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _report(args) -> int:
+    from .ledger import read_records
+    from .report import write_report
+    from .sweep import SUITES, ledger_path
+
+    scorer = args.scorer or (SUITES[args.suite].test_scorer if args.suite in SUITES else None)
+    records = read_records(ledger_path(args.suite, Path(args.results_dir)))
+    path = write_report(records, args.suite, args.results_dir, scorer)
+    print(f"wrote {path}")
+    return 0
+
+
+def _crosscheck(args) -> int:
+    from peft import get_peft_model
+
+    from .arms import arm_by_name, arms_for, build_config
+    from .crosscheck import crosscheck
+    from .data import load_splits
+    from .models import load_model, load_tokenizer, resolve_model
+
+    spec = resolve_model(args.model)
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec)
+    if args.arm != "none":
+        config = build_config(arm_by_name(arms_for(spec, 1), args.arm), spec)
+        config.init_lora_weights = False  # random B: the adapter changes the outputs, so it is really scored
+        model = get_peft_model(model, config)
+    model.eval()
+    results = []
+    for task in args.tasks:
+        result = crosscheck(model, tokenizer, task, load_splits(task).test[: args.rows])
+        print(json.dumps(result), flush=True)
+        results.append({**result, "model": spec.name, "arm": args.arm})
+    Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    handlers = {
+        "budgets": _budgets,
+        "measure": _measure,
+        "plan": _plan,
+        "run": _run,
+        "report": _report,
+        "crosscheck": _crosscheck,
+    }
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

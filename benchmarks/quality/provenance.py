@@ -1,0 +1,65 @@
+"""Where and with what a run was made: hardware, library versions, git commit (and whether the source was edited)."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["hardware", "versions", "git_state"]
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "peft-depth", "lm_eval")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware() -> dict[str, Any]:
+    """CPU model, cores and torch threads, or the GPU's name when one is used; comparisons never mix the two."""
+    info: dict[str, Any] = {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    info["device"] = "gpu" if "gpu" in info else "cpu"
+    return info
+
+
+@functools.cache
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip()
+
+
+def git_state() -> dict[str, Any]:
+    """HEAD's commit and whether ``src/`` differs from it (then the run's code is not exactly that commit)."""
+    return {
+        "git_commit": _git("rev-parse", "HEAD") or None,
+        "git_src_dirty": bool(_git("status", "--porcelain", "src")),
+    }

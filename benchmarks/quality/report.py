@@ -1,0 +1,210 @@
+"""The report of a suite: a markdown table per task and a PNG, from the suite's JSONL ledger alone.
+
+Per arm: the learning rate it ran at, accuracy mean ± std over seeds, the per-seed paired difference to its
+budget-matched LoRA with the 95% bootstrap interval and the smallest effect the design could detect (``stats``), the
+difference to the arm its paper claim names (DLO vs dense expansion, MoLA ▽ vs □), trainable parameters, training
+FLOPs and training time. When a training run appears more than once for a (task, arm, seed) (a config default
+changed between sweeps), the latest record counts.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .models import MINILM, MINILM_NOTE, SMOLLM2, SMOLLM2_NOTE
+from .stats import MDE_FACTOR, PairedSummary, mean_std, paired_summary
+
+__all__ = ["latest_test_results", "summarise", "render_markdown", "plot", "write_report"]
+
+_NOTES = {SMOLLM2: SMOLLM2_NOTE, MINILM: MINILM_NOTE}
+Results = dict[str, dict[str, dict[int, dict[str, Any]]]]  # task -> arm -> seed -> record
+
+
+def latest_test_results(records: list[dict[str, Any]], scorer: str | None = None) -> Results:
+    """task -> arm -> seed -> the latest test record (of ``scorer`` when given)."""
+    results: Results = defaultdict(lambda: defaultdict(dict))
+    for record in records:
+        if record["split"] != "test" or (scorer is not None and record.get("scorer") != scorer):
+            continue
+        results[record["task"]][record["arm"]][record["seed"]] = record
+    return results
+
+
+def _paired(results: dict[str, dict[int, dict[str, Any]]], arm: str, reference: str | None) -> PairedSummary | None:
+    if reference is None or reference == arm or reference not in results:
+        return None
+    seeds = sorted(set(results[arm]) & set(results[reference]))
+    if not seeds:
+        return None
+    return paired_summary(
+        [results[arm][s]["accuracy"] for s in seeds], [results[reference][s]["accuracy"] for s in seeds]
+    )
+
+
+def summarise(results: Results) -> dict[str, list[dict[str, Any]]]:
+    """task -> one row per arm with every number the table and the plot show."""
+    table: dict[str, list[dict[str, Any]]] = {}
+    for task, arms in results.items():
+        rows = []
+        for arm, by_seed in arms.items():
+            records = [by_seed[s] for s in sorted(by_seed)]
+            first = records[0]
+            accuracy, spread = mean_std([r["accuracy"] for r in records])
+            rows.append(
+                {
+                    "arm": arm,
+                    "label": first.get("arm_label", arm),
+                    "method": first["method"],
+                    "lr": sorted({r["lr"] for r in records}),
+                    "seeds": sorted(by_seed),
+                    "accuracies": [r["accuracy"] for r in records],
+                    "accuracy": accuracy,
+                    "std": spread,
+                    "f1": statistics.fmean(r["f1"] for r in records) if all("f1" in r for r in records) else None,
+                    "partner": first.get("budget_partner"),
+                    "vs_partner": _paired(arms, arm, first.get("budget_partner")),
+                    "claim_reference": first.get("claim_reference"),
+                    "vs_claim": _paired(arms, arm, first.get("claim_reference")),
+                    "trainable_params": first["trainable_params"],
+                    "train_flops": statistics.fmean(r["train_flops"] for r in records),
+                    "train_wall_s": statistics.fmean(r["train_wall_s"] for r in records),
+                }
+            )
+        rows.sort(key=lambda row: (row["method"] != "lora", row["trainable_params"] if row["method"] == "lora" else 0))
+        table[task] = rows
+    return table
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:+.1f}"
+
+
+def _difference(summary: PairedSummary | None, reference: str | None) -> tuple[str, str, str]:
+    if summary is None:
+        return "–", "–", "–"
+    per_seed = ", ".join(_pct(d) for d in summary.differences)
+    if len(summary.differences) == 1:
+        return f"{_pct(summary.mean)} vs {reference}", "1 seed: none", "–"
+    interval = f"[{_pct(summary.low)}, {_pct(summary.high)}]" + (" excl. 0" if summary.excludes_zero else "")
+    return f"{_pct(summary.mean)} vs {reference} ({per_seed})", interval, f"{100 * summary.detectable:.1f}"
+
+
+def _header(records: list[dict[str, Any]], suite: str, scorer: str | None) -> list[str]:
+    models = sorted({r["model"] for r in records})
+    commits = sorted(
+        {(r.get("git_commit") or "?")[:10] + ("+edits" if r.get("git_src_dirty") else "") for r in records}
+    )
+    hardware = sorted(
+        {
+            f"{r['hardware'].get('gpu') or r['hardware']['cpu']} ({r['hardware']['torch_threads']} threads)"
+            for r in records
+        }
+    )
+    versions = records[-1]["versions"]
+    recipe = sorted({(r["steps"], r["batch_size"], r.get("max_length")) for r in records})
+    lines = [f"# Quality comparison: `{suite}`", ""]
+    for model in models:
+        lines.append(f"- **Model**: {_NOTES.get(model, model)}.")
+    lines += [
+        "- **Recipe**: "
+        + "; ".join(f"{s} steps of {b} examples, max length {m}" for s, b, m in recipe)
+        + "; fp32; linear schedule with 10% warm-up; learning rate per arm chosen on the dev split from its grid "
+        "(3 values for LoRA, 2 per method; seed 0), then every seed at that rate.",
+        f"- **Scorer** (test): {scorer or 'any'}; accuracy = the choice with the highest summed log-likelihood "
+        "(decoders) or the classifier's argmax (encoders).",
+        f"- **Hardware**: {'; '.join(hardware)}. **Code**: {', '.join(commits)}. **Versions**: "
+        + ", ".join(f"{k} {v}" for k, v in versions.items() if v),
+        f"- **Statistics**: Δ = arm − reference on the same seed (percentage points), mean and per seed; 95% interval "
+        "= percentile bootstrap of the mean Δ over seeds (exact enumeration up to 6 seeds; with 3 seeds it is "
+        f"[min Δ, max Δ]); detectable = (z₀.₉₇₅ + z₀.₈₀) · SE = {MDE_FACTOR:.2f} · SE, SE = the bootstrap standard "
+        "deviation of the mean Δ: the smallest true difference this design finds 80% of the time at α = 0.05. "
+        "The test set is fixed, so its sampling noise is not in the interval.",
+    ]
+    return lines
+
+
+def render_markdown(records: list[dict[str, Any]], suite: str, scorer: str | None = None) -> str:
+    tests = [r for r in records if r["split"] == "test" and (scorer is None or r.get("scorer") == scorer)]
+    if not tests:
+        return f"# Quality comparison: `{suite}`\n\nNo finished test runs yet.\n"
+    lines = _header(tests, suite, scorer)
+    sizes = {r["task"]: (r["split_sizes"], r["split_fingerprint"]) for r in tests}
+    for task, rows in summarise(latest_test_results(tests, scorer)).items():
+        split, fingerprint = sizes[task]
+        lines += [
+            "",
+            f"## {task}",
+            "",
+            f"train {split['train']} / dev {split['dev']} / test {split['test']} (data fingerprint `{fingerprint}`)",
+            "",
+            "| arm | lr | seeds | accuracy (mean ± std) | Δ vs budget-matched LoRA, pp | 95% interval | detectable, pp"
+            " | Δ vs claim reference, pp | claim interval | trainable params | train FLOPs | train time |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            partner = _difference(row["vs_partner"], row["partner"])
+            claim = _difference(row["vs_claim"], row["claim_reference"])
+            f1 = f", F1 {row['f1']:.3f}" if row["f1"] is not None else ""
+            lines.append(
+                f"| {row['label']} | {', '.join(f'{lr:g}' for lr in row['lr'])} | {len(row['seeds'])} | "
+                f"{row['accuracy']:.4f} ± {row['std']:.4f}{f1} | {partner[0]} | {partner[1]} | {partner[2]} | "
+                f"{claim[0]} | {claim[1]} | {row['trainable_params']:,} | {row['train_flops']:.3g} | "
+                f"{row['train_wall_s']:.0f} s |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict[str, Any]], path: str | Path, scorer: str | None = None) -> None:
+    """Accuracy per seed and mean (top), paired difference to the budget-matched LoRA with its interval (bottom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = summarise(latest_test_results(records, scorer))
+    if not table:
+        return
+    figure, axes = plt.subplots(2, len(table), figsize=(4.5 * len(table), 7), squeeze=False)
+    for column, (task, rows) in enumerate(table.items()):
+        top, bottom = axes[0][column], axes[1][column]
+        for x, row in enumerate(rows):
+            top.scatter([x] * len(row["accuracies"]), row["accuracies"], s=14, color="tab:blue", alpha=0.7)
+            top.hlines(row["accuracy"], x - 0.3, x + 0.3, color="black")
+            summary = row["vs_partner"]
+            if summary is not None:
+                bottom.errorbar(
+                    x,
+                    100 * summary.mean,
+                    yerr=[[100 * (summary.mean - summary.low)], [100 * (summary.high - summary.mean)]],
+                    fmt="o",
+                    color="tab:red" if summary.excludes_zero else "tab:gray",
+                    capsize=3,
+                )
+        labels = [row["label"] for row in rows]
+        for axis in (top, bottom):
+            axis.set_xticks(range(len(rows)))
+            axis.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+        top.set_title(task)
+        top.set_ylabel("test accuracy")
+        bottom.axhline(0, color="black", linewidth=0.8)
+        bottom.set_ylabel("Δ vs matched LoRA (pp), 95% CI")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_report(records: list[dict[str, Any]], suite: str, folder: str | Path, scorer: str | None = None) -> Path:
+    """Write ``<suite>.md`` and ``<suite>.png`` into ``folder``; returns the markdown path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    markdown = folder / f"{suite}.md"
+    figure = folder / f"{suite}.png"
+    text = render_markdown(records, suite, scorer)
+    if any(r["split"] == "test" for r in records):
+        plot(records, figure, scorer)
+        text += f"\n![{suite}]({figure.name})\n"
+    markdown.write_text(text)
+    return markdown

@@ -1,0 +1,210 @@
+"""One run of the sweep: train (or reuse a saved adapter of the same training run), score one split, append a record.
+
+A training run is identified by ``run_key`` (model, task data, arm config, learning rate, seed, settings). Its dev
+run saves the adapter; when the same training run is later needed on the test split (the learning rate chosen on
+dev, seed 0), that adapter is loaded and scored instead of training again. Records of both carry the training's
+cost and provenance.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+
+from .arms import Arm, build_config
+from .data import TaskSplits, choice_examples, pair_examples
+from .ledger import append_record, record_key, run_key, to_jsonable
+from .models import CAUSAL, ModelSpec, load_model, load_tokenizer
+from .provenance import git_state, hardware, versions
+from .train_causal import RunSettings, TrainedModel, train_causal
+from .train_encoder import predict, train_encoder
+
+__all__ = ["RunRequest", "execute", "OURS", "LM_EVAL", "SCORERS"]
+
+OURS = "peft_depth"
+LM_EVAL = "lm_eval"
+SCORERS = (OURS, LM_EVAL)
+#: What a record says about the training run (copied when a saved adapter of that run is scored again).
+TRAINING_FIELDS = (
+    "trainable_params",
+    "train_flops",
+    "train_wall_s",
+    "train_examples_used",
+    "train_examples_dropped",
+    "final_train_loss",
+)
+PROVENANCE_FIELDS = ("hardware", "versions", "git_commit", "git_src_dirty")
+#: Config fields that describe where a config came from, not what it trains: left out of run keys.
+_METADATA_FIELDS = (
+    "peft_version",
+    "revision",
+    "base_model_name_or_path",
+    "auto_mapping",
+    "inference_mode",
+    "base_model_facts",
+    "peft_depth_version",
+)
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """One (training run, split to score) of a sweep."""
+
+    suite: str
+    model: ModelSpec
+    task: str
+    splits: TaskSplits
+    arm: Arm
+    lr: float
+    seed: int
+    settings: RunSettings
+    split: str
+    scorer: str = OURS
+    eval_batch_size: int = 16
+    #: The LoRA arm this arm's budget is matched with (recorded for the report; not part of the run key).
+    partner: str | None = None
+
+    def config(self):
+        return build_config(self.arm, self.model, self.task)
+
+    @property
+    def run_key(self) -> str:
+        config = {k: v for k, v in self.config().to_dict().items() if k not in _METADATA_FIELDS}
+        return run_key(
+            {
+                "model": self.model.name,
+                "task": self.task,
+                "data": self.splits.fingerprint,
+                "arm": self.arm.name,
+                "config": config,
+                "lr": self.lr,
+                "seed": self.seed,
+                "settings": asdict(self.settings),
+            }
+        )
+
+    @property
+    def record_key(self) -> str:
+        return record_key(self.run_key, self.split, self.scorer)
+
+
+def _train(request: RunRequest) -> TrainedModel:
+    if request.model.family == CAUSAL:
+        examples = choice_examples(request.task, request.splits.train)
+        return train_causal(request.model, request.config(), examples, request.lr, request.seed, request.settings)
+    pairs = pair_examples(request.task, request.splits.train)
+    return train_encoder(request.model, request.config(), pairs, request.lr, request.seed, request.settings)
+
+
+def _score(request: RunRequest, model, tokenizer) -> dict[str, Any]:
+    """Accuracy on the requested split (F1 too for MRPC), and per-row correctness where the scorer gives it."""
+    rows = getattr(request.splits, request.split)
+    if not rows:
+        raise ValueError(f"Task {request.task!r} has no {request.split} rows.")
+    if request.model.family != CAUSAL:
+        from peft_depth.metrics import load_metric
+
+        pairs = pair_examples(request.task, rows)
+        predictions = predict(model, tokenizer, pairs, request.settings.max_length, request.eval_batch_size)
+        references = [label for _, _, label in pairs]
+        scores = {
+            "accuracy": load_metric("accuracy").compute(predictions=predictions, references=references)["accuracy"]
+        }
+        if request.task == "mrpc":
+            scores["f1"] = load_metric("f1").compute(predictions=predictions, references=references)["f1"]
+        scores["correct"] = "".join("1" if p == r else "0" for p, r in zip(predictions, references))
+        return scores
+    if request.scorer == LM_EVAL:
+        from .lm_eval_scorer import lm_eval_score
+
+        result = lm_eval_score(model, tokenizer, request.task, rows, request.eval_batch_size)
+        return {"accuracy": result.accuracy, "correct": "".join("1" if c else "0" for c in result.correct)}
+    from peft_depth.tasks import multiple_choice_accuracy
+
+    examples = choice_examples(request.task, rows)
+    return {"accuracy": multiple_choice_accuracy(model, tokenizer, examples, batch_size=request.eval_batch_size)}
+
+
+def _save_adapter(model, folder: Path) -> None:
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    partial.rename(folder)  # a kill mid-save never leaves a folder that looks complete
+
+
+def _training_fields(trained: TrainedModel) -> dict[str, Any]:
+    values = (
+        trained.trainable_params,
+        trained.train_flops,
+        trained.train_wall_s,
+        trained.train_examples_used,
+        trained.train_examples_dropped,
+        trained.final_loss,
+    )
+    return dict(zip(TRAINING_FIELDS, values))
+
+
+def execute(
+    request: RunRequest,
+    ledger: str | Path,
+    adapters_dir: str | Path | None,
+    trained_by: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Run ``request`` and append its record to ``ledger``; returns the record.
+
+    ``trained_by`` maps run keys to an earlier record of the same training run (from the ledger): with its adapter
+    saved under ``adapters_dir``, the adapter is scored instead of training again.
+    """
+    key = request.run_key
+    folder = Path(adapters_dir) / key if adapters_dir is not None else None
+    earlier = (trained_by or {}).get(key)
+    start = time.perf_counter()
+    if earlier is not None and folder is not None and (folder / "adapter_config.json").is_file():
+        model = PeftModel.from_pretrained(load_model(request.model), str(folder)).eval()
+        tokenizer = load_tokenizer(request.model)
+        training = {name: earlier[name] for name in TRAINING_FIELDS}
+        provenance = {name: earlier[name] for name in PROVENANCE_FIELDS}
+        reused = True
+    else:
+        trained = _train(request)
+        model, tokenizer = trained.model, trained.tokenizer
+        training = _training_fields(trained)
+        provenance = {"hardware": hardware(), "versions": versions(), **git_state()}
+        reused = False
+        if folder is not None and request.split == "dev":
+            _save_adapter(model, folder)
+    scores = _score(request, model, tokenizer)
+    record = {
+        "run_key": key,
+        "split": request.split,
+        "scorer": request.scorer,
+        "suite": request.suite,
+        "model": request.model.name,
+        "task": request.task,
+        "arm": request.arm.name,
+        "arm_label": request.arm.label,
+        "method": request.arm.method,
+        "budget_partner": request.partner or request.arm.name,
+        "claim_reference": request.arm.claim_reference,
+        "claim": request.arm.claim,
+        "config": to_jsonable(request.config().to_dict()),
+        "seed": request.seed,
+        "lr": request.lr,
+        "steps": request.settings.steps,
+        "batch_size": request.settings.batch_size,
+        "max_length": request.settings.max_length,
+        "split_sizes": request.splits.sizes,
+        "split_fingerprint": request.splits.fingerprint,
+        "adapter_reused": reused,
+        "wall_s": time.perf_counter() - start,
+        **training,
+        **provenance,
+        **scores,
+    }
+    append_record(ledger, record)
+    return record

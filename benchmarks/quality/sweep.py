@@ -1,0 +1,217 @@
+"""Which runs a sweep needs, the learning rate each arm gets, and the resumable loop that runs them.
+
+A suite is a model, its tasks, seeds and one training recipe. For every task, in order:
+
+1. **dev phase**: each arm trains once (seed ``grid_seed``) at every learning rate of its grid and is scored on the
+   dev split (this repository's scorer); the adapter is kept.
+2. **test phase**: each arm's learning rate is the grid value with the best dev accuracy (ties: the smaller); the
+   arm trains at it with every seed and is scored on the test split with the suite's test scorer. Seed ``grid_seed``
+   reuses the dev phase's adapter (the same training run), so it is scored, not trained again.
+
+An *indicative* suite has no dev phase: an arm takes the learning rate with the best dev accuracy averaged over the
+tasks of the suite named in ``lr_from``, and runs one seed.
+
+Every finished (training run, split) is a line of the suite's JSONL; a restarted sweep skips the lines it finds, so
+it resumes where it stopped (a run cut off mid-training is simply run again).
+"""
+
+from __future__ import annotations
+
+import statistics
+import zlib
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .arms import Arm
+from .budget import BudgetRow
+from .data import TaskSplits, load_splits
+from .ledger import finished_keys, read_records
+from .models import ModelSpec
+from .runner import LM_EVAL, OURS, RunRequest, execute
+from .train_causal import RunSettings
+
+__all__ = ["Suite", "SUITES", "ledger_path", "choose_lr", "dev_requests", "test_requests", "run_suite", "RESULTS"]
+
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "quality"
+ADAPTERS = Path(__file__).resolve().parents[2] / "outputs" / "quality" / "adapters"
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    model: str
+    tasks: tuple[str, ...]
+    seeds: tuple[int, ...]
+    settings: RunSettings
+    test_scorer: str = LM_EVAL
+    lr_from: str | None = None
+    grid_seed: int = 0
+    eval_batch_size: int = 16
+
+    @property
+    def indicative(self) -> bool:
+        return self.lr_from is not None
+
+
+#: The sweeps of issue 14 (steps and batch sizes from the measured step times: see results/quality/plan.md).
+SUITES: dict[str, Suite] = {
+    suite.name: suite
+    for suite in (
+        Suite("smollm2-main", "smollm2", ("boolq", "piqa"), (0, 1, 2), RunSettings(steps=100, batch_size=8)),
+        Suite(
+            "smollm2-indicative",
+            "smollm2",
+            ("arc_easy", "arc_challenge", "sciq", "sst2"),
+            (0,),
+            RunSettings(steps=100, batch_size=8),
+            lr_from="smollm2-main",
+        ),
+        Suite(
+            "minilm",
+            "minilm",
+            ("sst2", "mrpc", "rte", "boolq"),
+            (0, 1, 2, 3, 4),
+            RunSettings(steps=300, batch_size=16, max_length=256),
+            test_scorer=OURS,
+        ),
+    )
+}
+
+
+def ledger_path(suite: str, results: Path = RESULTS) -> Path:
+    return results / f"{suite}.jsonl"
+
+
+def choose_lr(arm: Arm, dev_accuracy: dict[float, float]) -> float:
+    """The grid value with the best dev accuracy; ties go to the smaller learning rate. Every grid value needed."""
+    missing = [lr for lr in arm.lr_grid if lr not in dev_accuracy]
+    if missing:
+        raise ValueError(f"Arm {arm.name!r} has no dev result at lr {missing}; run its dev phase first.")
+    return max(sorted(arm.lr_grid), key=lambda lr: (dev_accuracy[lr], -lr))
+
+
+def _dev_scores(records: list[dict[str, Any]], task: str | None = None) -> dict[tuple[str, str], dict[float, float]]:
+    """(task, arm) -> {lr: dev accuracy} from dev records (mean when a grid point was run more than once)."""
+    found: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        if record["split"] == "dev" and (task is None or record["task"] == task):
+            found[(record["task"], record["arm"])][record["lr"]].append(record["accuracy"])
+    return {key: {lr: statistics.fmean(v) for lr, v in by_lr.items()} for key, by_lr in found.items()}
+
+
+def _request(suite: Suite, spec: ModelSpec, task: str, splits: TaskSplits, arm: Arm, **fields) -> RunRequest:
+    return RunRequest(
+        suite=suite.name,
+        model=spec,
+        task=task,
+        splits=splits,
+        arm=arm,
+        settings=suite.settings,
+        eval_batch_size=suite.eval_batch_size,
+        **fields,
+    )
+
+
+def dev_requests(suite: Suite, spec: ModelSpec, task: str, splits: TaskSplits, arms: list[Arm]) -> list[RunRequest]:
+    if suite.indicative:
+        return []
+    return [
+        _request(suite, spec, task, splits, arm, lr=lr, seed=suite.grid_seed, split="dev", scorer=OURS)
+        for arm in arms
+        for lr in arm.lr_grid
+    ]
+
+
+def _lr_for(suite: Suite, task: str, arm: Arm, records: list[dict[str, Any]], lr_from: list[dict[str, Any]]) -> float:
+    if not suite.indicative:
+        return choose_lr(arm, _dev_scores(records, task).get((task, arm.name), {}))
+    per_task = [scores for (_, name), scores in _dev_scores(lr_from).items() if name == arm.name]
+    if not per_task:
+        raise ValueError(f"Suite {suite.lr_from!r} has no dev results for arm {arm.name!r}; run it first.")
+    averaged = {lr: statistics.fmean(s[lr] for s in per_task if lr in s) for lr in arm.lr_grid}
+    return choose_lr(arm, averaged)
+
+
+def test_requests(
+    suite: Suite,
+    spec: ModelSpec,
+    task: str,
+    splits: TaskSplits,
+    arms: list[Arm],
+    records: list[dict[str, Any]],
+    lr_from: list[dict[str, Any]] | None = None,
+) -> list[RunRequest]:
+    """Test runs of every arm at its chosen learning rate (needs the dev phase's records)."""
+    return [
+        _request(
+            suite,
+            spec,
+            task,
+            splits,
+            arm,
+            lr=_lr_for(suite, task, arm, records, lr_from or []),
+            seed=seed,
+            split="test",
+            scorer=suite.test_scorer,
+        )
+        for arm in arms
+        for seed in suite.seeds
+    ]
+
+
+def _in_shard(task: str, arm: Arm, shard: tuple[int, int]) -> bool:
+    # Whole (task, arm) groups per shard, so each shard can choose its arms' learning rates by itself.
+    index, count = shard
+    return zlib.crc32(f"{task}/{arm.name}".encode()) % count == index
+
+
+def run_suite(
+    suite: Suite,
+    spec: ModelSpec,
+    arms: list[Arm],
+    budgets: list[BudgetRow],
+    results: Path = RESULTS,
+    adapters: Path | None = ADAPTERS,
+    shard: tuple[int, int] = (0, 1),
+    splits_of=load_splits,
+    progress: bool = True,
+) -> Iterator[dict[str, Any]]:
+    """Run every pending run of the suite (task by task: dev phase, then test phase); yields each new record.
+
+    ``shard=(i, n)`` runs only the (task, arm) groups whose hash is i mod n, so n processes can share a sweep (and
+    its ledger); the progress bar counts the other shards' runs as done.
+    """
+    from tqdm.auto import tqdm
+
+    ledger = ledger_path(suite.name, results)
+    lr_from = read_records(ledger_path(suite.lr_from, results)) if suite.indicative else None
+    partners = {row.arm: row.partner for row in budgets}
+    per_task = len(arms) * len(suite.seeds) + (0 if suite.indicative else sum(len(a.lr_grid) for a in arms))
+    done = finished_keys(read_records(ledger))
+    bar = tqdm(total=per_task * len(suite.tasks), desc=suite.name, unit="run", disable=not progress)
+    for task in suite.tasks:
+        mine = [arm for arm in arms if _in_shard(task, arm, shard)]
+        bar.update(per_task - sum(len(a.lr_grid) * (not suite.indicative) + len(suite.seeds) for a in mine))
+        if not mine:
+            continue
+        splits = splits_of(task)
+        for phase in ("dev", "test"):
+            records = read_records(ledger)
+            if phase == "dev":
+                requests = dev_requests(suite, spec, task, splits, mine)
+            else:
+                requests = test_requests(suite, spec, task, splits, mine, records, lr_from)
+            todo = [r for r in requests if r.record_key not in done]
+            bar.update(len(requests) - len(todo))
+            trained_by = {r["run_key"]: r for r in records if r["split"] == "dev"}
+            for request in todo:
+                request = replace(request, partner=partners.get(request.arm.name, request.arm.name))
+                bar.set_postfix_str(f"{task} {request.arm.name} lr={request.lr:g} seed={request.seed} {phase}")
+                record = execute(request, ledger, adapters, trained_by)
+                done.add(request.record_key)
+                bar.update(1)
+                yield record
+    bar.close()

@@ -1,0 +1,140 @@
+"""One training run of a causal LM on a multiple-choice task with ``DepthSFTTrainer`` (auxiliary losses included).
+
+The data is TRL's prompt-completion format (``peft_depth.tasks.to_sft_dataset``: loss on the answer only); the
+prompts are ``peft_depth.tasks``'s. Training rows longer than ``max_length`` tokens are dropped rather than cut, since
+TRL truncates from the end and would cut the answer away (their count is recorded). Scoring is left to the caller.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import PeftConfig, get_peft_model
+from transformers import set_seed
+
+import peft_depth
+from peft_depth.tasks import ChoiceExample, collate_answer_batch, encode_answer_only, to_sft_dataset
+
+from .flops import step_flops
+from .models import ModelSpec, load_model, load_tokenizer
+
+__all__ = ["RunSettings", "TrainedModel", "train_causal", "fit_examples"]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything about training besides the arm, the learning rate and the seed (part of every run key)."""
+
+    steps: int
+    batch_size: int
+    max_length: int = 320
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainedModel:
+    """A trained (adapted) model, ready to score, and what its training cost."""
+
+    model: Any
+    tokenizer: Any
+    train_wall_s: float
+    train_flops: float
+    trainable_params: int
+    train_examples_used: int
+    train_examples_dropped: int
+    final_loss: float | None
+
+
+def fit_examples(examples: list[ChoiceExample], tokenizer, max_length: int) -> tuple[list[ChoiceExample], list[int]]:
+    """The examples whose prompt + answer fit ``max_length`` tokens, and those examples' token counts."""
+    kept, lengths = [], []
+    for example, row in zip(examples, encode_answer_only(examples, tokenizer)):
+        if len(row["input_ids"]) <= max_length:
+            kept.append(example)
+            lengths.append(len(row["input_ids"]))
+    return kept, lengths
+
+
+def _flops_per_token(model, tokenizer, examples: list[ChoiceExample]) -> float:
+    batch = collate_answer_batch(encode_answer_only(examples, tokenizer), tokenizer.pad_token_id)
+
+    def loss() -> torch.Tensor:
+        out = model(**batch)
+        return out.loss + sum(peft_depth.aux_losses(model).values())
+
+    model.train()
+    flops = step_flops(loss)
+    model.zero_grad(set_to_none=True)
+    return flops / int(batch["attention_mask"].sum())
+
+
+def train_causal(
+    spec: ModelSpec,
+    config: PeftConfig,
+    train_examples: list[ChoiceExample],
+    lr: float,
+    seed: int,
+    settings: RunSettings,
+    output_dir: str | None = None,
+    callbacks: list | None = None,
+) -> TrainedModel:
+    """Train ``config`` on ``spec`` for ``settings.steps`` steps at ``lr`` from ``seed`` (adapter init and data order)."""
+    from peft_depth import DepthSFTConfig, DepthSFTTrainer
+
+    tokenizer = load_tokenizer(spec)
+    kept, lengths = fit_examples(train_examples, tokenizer, settings.max_length)
+    if not kept:
+        raise ValueError(f"No training example fits max_length={settings.max_length} tokens.")
+    set_seed(seed)
+    model = get_peft_model(load_model(spec), config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    scratch = tempfile.TemporaryDirectory(prefix="quality-run-") if output_dir is None else None
+    args = DepthSFTConfig(
+        output_dir=output_dir or scratch.name,
+        max_steps=settings.steps,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=lr,
+        lr_scheduler_type="linear",
+        warmup_steps=int(settings.warmup_fraction * settings.steps),
+        weight_decay=settings.weight_decay,
+        max_length=settings.max_length,
+        seed=seed,
+        data_seed=seed,
+        logging_steps=max(1, settings.steps // 10),
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+    trainer = DepthSFTTrainer(
+        model=model, args=args, train_dataset=to_sft_dataset(kept), processing_class=tokenizer, callbacks=callbacks
+    )
+    start = time.perf_counter()
+    output = trainer.train()
+    wall = time.perf_counter() - start
+    if scratch is not None:
+        scratch.cleanup()
+    # Counted after training, so that the counting forward cannot change any training state (e.g. DLO capacities).
+    per_token = _flops_per_token(model, tokenizer, kept[: settings.batch_size])
+    mean_tokens = sum(lengths) / len(lengths)
+    model.eval()
+    return TrainedModel(
+        model=model,
+        tokenizer=tokenizer,
+        train_wall_s=wall,
+        train_flops=per_token * mean_tokens * settings.batch_size * settings.steps,
+        trainable_params=trainable,
+        train_examples_used=len(kept),
+        train_examples_dropped=len(train_examples) - len(kept),
+        final_loss=getattr(output, "training_loss", None),
+    )

