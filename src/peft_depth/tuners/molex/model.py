@@ -11,6 +11,7 @@ import torch
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
+from ...core.distributed import calls_on_every_process, fsdp_gathered
 from ...core.layer_call import BlockCall, bind_block_call
 from ...core.lora_layer import DepthLoraLayer
 from ...core.nonfinite import check_routing_scores
@@ -245,10 +246,13 @@ class MoLExModel(MoLExStatistics, DepthTuner):
             expert_state = expert_cache_state(call.cache, key, _text_config(self.model), call.past_length(index))
         own = original(call.hidden, **call.arguments)
         own_hidden = _first(own)
-        other = self._expert_outputs(index, call, decision, own_hidden, expert_state)
+        # Sharded blocks: every process also runs the layers only other processes chose (their shards are gathered
+        # collectively), and mixes as one process holding all rows would.
+        experts = calls_on_every_process(self.layer_stack.layers, decision.experts, call.hidden.device)
+        other = self._expert_outputs(index, call, decision, experts, own_hidden, expert_state)
         if expert_state is not None:
             expert_state.append(call.hidden, call.arguments)
-        mixed, alpha = self._combine(adapter, index, own_hidden, other, decision)
+        mixed, alpha = self._combine(adapter, index, own_hidden, other, decision, experts)
         self._record(adapter, index, decision, alpha)
         return (mixed, *own[1:]) if isinstance(own, tuple) else mixed
 
@@ -279,21 +283,24 @@ class MoLExModel(MoLExStatistics, DepthTuner):
             self.routing_context,
         )
 
-    def _expert_outputs(self, index, call: BlockCall, decision: MoLExDecision, own_hidden, expert_state):
+    def _expert_outputs(self, index, call: BlockCall, decision: MoLExDecision, experts, own_hidden, expert_state):
         """``u_j`` per token: the output of the expert layer it chose (its own output where it chose block ``index``).
 
-        One pass per distinct chosen layer; with per-sequence choices, a layer only runs on the rows that chose it.
+        One pass per layer of ``experts`` (the distinct chosen layers; with sharded blocks, those of every process);
+        with per-sequence choices, a layer only runs on the rows that chose it.
         """
         batch, seq = call.hidden.shape[0], call.hidden.shape[1]
         other = own_hidden
-        for j in decision.experts:
+        layers = self.layer_stack.layers
+        for j in experts:
             if j == index:
                 continue
-            expert_forward = self._original_forward(j)
+            # block j's own forward, past its hooks (it is no layer of this forward), but with its FSDP shards gathered
+            expert_forward = fsdp_gathered(layers[j], self._original_forward(j))
+            rows = None if decision.row_choice is None else decision.row_choice == j
             if expert_state is not None:
                 out_j = self._run_expert_with_cache(expert_forward, j, call, expert_state)
-            elif decision.row_choice is not None and not bool((decision.row_choice == j).all()):
-                rows = decision.row_choice == j
+            elif rows is not None and 0 < int(rows.sum()) < batch:
                 out_j = _run_on_rows(expert_forward, call.hidden, call.without_cache(), rows)
                 other = torch.where(rows.view(batch, 1, 1), out_j, other)
                 continue
@@ -303,7 +310,7 @@ class MoLExModel(MoLExStatistics, DepthTuner):
             other = torch.where(selected, out_j.to(other.dtype), other)
         return other
 
-    def _combine(self, adapter: str, index: int, own_hidden, other, decision: MoLExDecision):
+    def _combine(self, adapter: str, index: int, own_hidden, other, decision: MoLExDecision, experts: list[int]):
         """``(α·u_i + (1−α)·u_j, α)``; tokens on the base path keep ``u_i`` exactly."""
         config: MoLExConfig = self.peft_config[adapter]
         batch, seq = own_hidden.shape[0], own_hidden.shape[1]
@@ -311,7 +318,7 @@ class MoLExModel(MoLExStatistics, DepthTuner):
             alpha = self.molex_alpha[adapter](index)
         else:
             alpha = torch.tensor(self._plans[adapter].alpha, device=own_hidden.device)
-        mixes = any(j != index for j in decision.experts)
+        mixes = any(j != index for j in experts)
         if config.straight_through_gate:
             # forward value unchanged (ratio 1), gradient of the chosen probability reaches the gate
             chosen_prob = decision.probs.gather(1, decision.chosen[:, None])
