@@ -9,7 +9,9 @@ the number of blocks run (the forward loop slices by it and ``DynamicCache`` pre
 ``__dict__`` gets an unregistered ``ModuleList`` under the stack's attribute name. Python finds an instance attribute
 before ``nn.Module.__getattr__`` consults ``_modules``, so the model's forward loop iterates the new order, while the
 registered original ``ModuleList`` (and so every state-dict key, ``parameters()``, ``.to()``, ``.train()``) is
-untouched. Removing the shadow restores the original model exactly.
+untouched. Removing the shadow restores the original model exactly. Looked up by name (``get_submodule``, torch's
+distributed checkpoint), the shadow's blocks are the registered ones, so a name always means what its state-dict key
+means (``RunOrder``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .layer_stack import LayerStack
 from .quantization import dequantized_linear, dequantized_weight, floating_dtype, is_quantized_linear
 
 __all__ = [
+    "RunOrder",
     "StackRewiring",
     "clear_shadow_attribute",
     "plain_layer_copy",
@@ -111,6 +114,28 @@ def plain_state_dict(layer: nn.Module) -> dict[str, Any]:
     return plain
 
 
+class RunOrder(nn.ModuleList):
+    """The installed stack: positions follow the run order, names mean the registered blocks.
+
+    ``stack[i]``, iteration and slices (the model's forward loop) give the blocks in the order they run. A name, looked
+    up as an attribute (``getattr(stack, "2")``: ``get_submodule("model.layers.2")``, torch's distributed
+    state-dict helpers resolving parameter names), means the registered block of that name, as in ``named_modules()``
+    and every state-dict key, never the block that happens to run at that position.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module] | None = None, registered: nn.ModuleList | None = None) -> None:
+        super().__init__(modules)
+        self.__dict__["_registered_blocks"] = registered  # a plain reference, not a child
+
+    def __getattr__(self, name: str) -> Any:
+        registered = self.__dict__.get("_registered_blocks")
+        if registered is not None and name.isdigit():
+            if name in registered._modules:
+                return registered._modules[name]
+            raise AttributeError(f"the model registers no block {name!r} in this stack ({len(registered)} blocks)")
+        return super().__getattr__(name)
+
+
 class StackRewiring:
     """Runs a model's block stack in a different order (``install``) and back (``uninstall``), reversibly.
 
@@ -143,7 +168,7 @@ class StackRewiring:
             self.uninstall()
         if len(blocks) != len(sources):
             raise ValueError("`blocks` and `sources` must have the same length.")
-        blocks = nn.ModuleList(blocks)
+        blocks = RunOrder(blocks, registered=self.stack.layers)
         config = self.config
         if config is not None:
             saved = {"num_hidden_layers": getattr(config, "num_hidden_layers", None)}

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.context import RoutingContext
+from ...core.distributed import sharded_across_processes, sharded_by_fsdp
 from ...core.low_rank import init_low_rank, low_rank_delta
 from ...core.nonfinite import check_routing_scores
 from .block_skip import forward_block_skip
@@ -40,6 +41,25 @@ from .forward_state import (
 from .selection import select_top_fraction
 
 __all__ = ["DLOBlock", "DLORecord", "NewLayerLoraLinear", "ResidualTap", "RoutingPlan", "SkipMLP"]
+
+#: Why fully_shard refuses a DLOBlock, and what to shard instead.
+SHARDED_BLOCK_MESSAGE = (
+    "fully_shard was applied to a DLOBlock, DLO's routing wrapper around a decoder layer: while a DLO adapter is "
+    "active, the model's layer list (e.g. `model.model.layers`) is the expanded stack of these wrappers and the new "
+    "layers, rebuilt on every set_adapter / disable_adapter, so FSDP would shard a module the model no longer runs "
+    "and the registered layer inside would be sharded twice. Shard the decoder layers themselves, found by class as "
+    "accelerate's TRANSFORMER_BASED_WRAP does, which reaches DLO's inserted layers too: `for module in "
+    "model.modules(): if isinstance(module, LlamaDecoderLayer): fully_shard(module)`, then `fully_shard(model)`. "
+    "The layers inside the wrappers are sharded by now: build the model again."
+)
+
+#: Why skip_mode='block' stops when the layer is sharded over processes.
+SHARDED_BLOCK_SKIP_MESSAGE = (
+    "skip_mode='block' runs the layer once, twice or not at all, depending on which of this process's tokens its "
+    "router selected, but FSDP2 gathers the layer's shards with a collective that every process must join equally "
+    "often (the processes would deadlock or crash). Train with skip_mode='mlp' (the default) under FSDP2, or with "
+    "skip_mode='block' under DDP."
+)
 
 #: Names of the norm that feeds the MLP, by architecture family (Llama/Qwen/Mistral, Gemma, GPT-2, OLMo-2 has none).
 PRE_MLP_NORM_NAMES = ("post_attention_layernorm", "pre_feedforward_layernorm", "ln_2")
@@ -196,6 +216,13 @@ class DLOBlock(_Delegating):
             (``gradient_checkpointing_enable`` only reaches modules registered in the transformers model).
     """
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # FSDP2's fully_shard ends by re-classing the module it wraps as a subclass (``FSDP<Name>``): this is the one
+        # place to stop a DLOBlock from being sharded, at the user's own call.
+        if sharded_by_fsdp(cls):
+            raise TypeError(SHARDED_BLOCK_MESSAGE)
+
     def __init__(
         self,
         layer: nn.Module,
@@ -300,6 +327,8 @@ class DLOBlock(_Delegating):
                 hidden_states, args, kwargs, training, chosen, base_path, scale, want_cos
             )
         else:
+            if sharded_across_processes(self.inner):
+                raise NotImplementedError(f"{self._where}: {SHARDED_BLOCK_SKIP_MESSAGE}")
             output, cos = forward_block_skip(
                 self.inner, hidden_states, args, kwargs, chosen, base_path, scale, want_cos
             )
