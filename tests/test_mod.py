@@ -342,6 +342,19 @@ def test_fresh_gate_gets_gradient_and_router_after_one_step():
     assert ensemble.router.weight.grad.abs().max() > 0
 
 
+def test_routing_stats_report_the_gate_of_their_forward_after_an_optimizer_step():
+    """The record keeps the gate's value, not the parameter (which the step moves, and FSDP2 frees once resharded)."""
+    model = mod(tiny_llama())
+    model.train()
+    inputs = batch(batch_size=2, seq_len=8)
+    ensemble = model.base_model.mod_ensemble["default"]
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    before = ensemble.gate.detach().item()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    assert ensemble.gate.detach().item() != before
+    assert peft_depth.routing_stats(model)["mod"]["default"]["gate"] == before
+
+
 # ---------------------------------------------------------------- training
 
 

@@ -125,7 +125,9 @@ def make_record(
         layers=list(ensemble.layer_indices),
         mean_weight=mean_weight.detach(),
         num_tokens=num_tokens,
-        gate=ensemble.gate.detach().float(),  # read lazily: no device sync per forward
+        # read lazily (no device sync per forward), from a copy: the parameter itself changes with the next optimizer
+        # step, and under FSDP2 its gathered storage is freed once the gradients are reduced
+        gate=ensemble.gate.detach().to(torch.float32, copy=True),
         nonfinite=nonfinite if mask is None else nonfinite & mask.bool(),
         rows_are_sequences=config.router_granularity == "sequence",
     )
