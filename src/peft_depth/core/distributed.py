@@ -1,4 +1,4 @@
-"""Sharded training: calling a block that FSDP2 shards from outside its ``__call__``.
+"""Sharded training: calling a block that FSDP2 shards from outside its ``__call__``, and refusing DeepSpeed ZeRO-3.
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) keeps each wrapped block's parameters as shards (``DTensor``) and
 gathers them only inside that block's own forward hooks; the same hooks arrange for the gathered parameters to be
@@ -9,6 +9,10 @@ torch.Tensor and DTensor``). ``fsdp_gathered`` wraps such a direct forward in th
 post-forward (torch's public ``register_fsdp_forward_method``), and in nothing else. Those gathers are collectives,
 so a block that runs only for some rows (the expert layer the gate picked) must run on every process that any
 process runs it on: ``calls_on_every_process``.
+
+DeepSpeed ZeRO-3 partitions parameters too but gathers them in module hooks that a direct call bypasses, with
+nothing like FSDP2's forward methods to route it through (and TRL forces reentrant activation checkpointing for any
+peft model under ZeRO-3), so ``refuse_deepspeed_zero3`` stops such a run with an error that names FSDP2 instead.
 """
 
 from __future__ import annotations
@@ -28,8 +32,11 @@ except ImportError:  # a torch build without distributed support: nothing can be
     register_fsdp_forward_method = None  # type: ignore[assignment]
 
 __all__ = [
+    "ZERO3_MESSAGE",
     "calls_on_every_process",
+    "deepspeed_zero3_enabled",
     "fsdp_gathered",
+    "refuse_deepspeed_zero3",
     "sharded_across_processes",
     "sharded_by_fsdp",
 ]
@@ -85,3 +92,30 @@ def calls_on_every_process(blocks: Sequence[nn.Module], chosen: Sequence[int], d
     wanted[list(chosen)] = 1
     dist.all_reduce(wanted, op=dist.ReduceOp.MAX)
     return wanted.nonzero().flatten().tolist()
+
+
+def deepspeed_zero3_enabled(training_args: Any = None) -> bool:
+    """Whether DeepSpeed ZeRO-3 is on: transformers' global flag (set while a ZeRO-3 ``TrainingArguments`` lives) or
+    the ``deepspeed_plugin`` of ``training_args``."""
+    plugin = getattr(training_args, "deepspeed_plugin", None)
+    if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
+        return True
+    try:
+        from transformers.integrations import deepspeed
+    except ImportError:
+        return False
+    return bool(deepspeed.is_deepspeed_zero3_enabled())
+
+
+ZERO3_MESSAGE = (
+    "peft-depth adapters do not run under DeepSpeed ZeRO-3: ZeRO-3 gathers each layer's partitioned weights in module "
+    "hooks, which MoLEx's calls into other layers and DLO's layer copies bypass, and under it TRL switches PEFT models "
+    "to reentrant activation checkpointing. Shard with FSDP2 instead (accelerate `fsdp_version: 2`, see "
+    "examples/accelerate_fsdp2.yaml and the README section 'Training on more than one GPU'), or use ZeRO stage 1 or 2."
+)
+
+
+def refuse_deepspeed_zero3(what: str, training_args: Any = None) -> None:
+    """Raise ``ValueError`` naming ``what`` and FSDP2 when DeepSpeed ZeRO-3 is on."""
+    if deepspeed_zero3_enabled(training_args):
+        raise ValueError(f"{what}: {ZERO3_MESSAGE}")

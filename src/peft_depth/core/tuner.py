@@ -17,6 +17,7 @@ from .adapter_keys import adapter_key_prefixes, select_adapter_entries
 from .aux import DepthAuxSource
 from .aux_watch import install_aux_watch, remove_aux_watch
 from .context import RoutingContext
+from .distributed import refuse_deepspeed_zero3
 from .layer_stack import LayerStack, find_layer_stack
 from .lora_layer import DepthLoraLayer, DepthLoraLinear
 from .quantization import check_merge_into_quantized
@@ -48,6 +49,7 @@ def _guard_injection(inject: Callable[..., Any]) -> Callable[..., Any]:
     def guarded(self: DepthTuner, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
         if self.__dict__.get("_depth_injecting"):  # a subclass override calling super(): guarded once, outermost
             return inject(self, model, adapter_name, *args, **kwargs)
+        refuse_deepspeed_zero3(f"{type(self).__name__} adapter {adapter_name!r}")
         facts = self.__dict__.get("_depth_base_model_facts")
         if facts is None:
             # First injection: the model is still the pristine base model (DLO changes the depth afterwards).

@@ -8,14 +8,18 @@ their auxiliary-loss ingredients during the forward instead; this trainer reads 
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from typing import Any
 
 import torch
+from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
+from ..core.config import DepthPeftConfig
+from ..core.distributed import refuse_deepspeed_zero3
 from ..hub.model_card import write_model_card
 from .config import DepthSFTConfig
 from .hooks import (
@@ -45,6 +49,17 @@ def _arg(args: Any, name: str) -> Any:
     return getattr(args, name, _DEFAULTS[name].default)
 
 
+def _refuse_deepspeed_zero3(args: tuple, kwargs: dict[str, Any]) -> None:
+    """A depth adapter (already in the model, or in ``peft_config``) under DeepSpeed ZeRO-3 stops here, naming FSDP2."""
+    try:
+        bound = inspect.signature(SFTTrainer.__init__).bind_partial(None, *args, **kwargs).arguments
+    except TypeError:
+        return  # SFTTrainer reports its own arguments
+    model, peft_config = bound.get("model"), bound.get("peft_config")
+    if isinstance(peft_config, DepthPeftConfig) or (isinstance(model, nn.Module) and depth_tuners(model)):
+        refuse_deepspeed_zero3("DepthSFTTrainer with a peft-depth adapter", bound.get("args"))
+
+
 class DepthSFTTrainer(SFTTrainer):
     """``SFTTrainer`` for peft-depth adapters (MoLA, MoLEx, MoD, DLO), and for any plain peft adapter.
 
@@ -60,7 +75,8 @@ class DepthSFTTrainer(SFTTrainer):
       when they expose any, and saves / restores their ``depth_checkpoint_state`` with each checkpoint;
     - computes the LM loss from real logits instead of TRL's fused LM head when an adapter sets
       ``needs_full_logits`` (MoD's log-probability mixing), with the same normalisation;
-    - builds DDP without the unused-parameter search (parameters trained only by an auxiliary loss break it);
+    - builds DDP without the unused-parameter search (parameters trained only by an auxiliary loss break it), and
+      refuses DeepSpeed ZeRO-3 with a depth adapter, naming FSDP2 (``core.distributed``);
     - saves the training arguments as ``training_args.json`` instead of Trainer's pickled ``training_args.bin``
       (Trainer never reads it back; a saved adapter folder then holds no pickle), and makes ``push_to_hub`` upload
       peft-depth's model card (method, usage, config) with TRL's metadata, not TRL's generic SFT card.
@@ -71,6 +87,7 @@ class DepthSFTTrainer(SFTTrainer):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _refuse_deepspeed_zero3(args, kwargs)  # before SFTTrainer switches on reentrant checkpointing for ZeRO-3
         super().__init__(*args, **kwargs)
         self._aux_overrides: dict[str, float] = (
             self.args.aux_coefficient_overrides() if isinstance(self.args, DepthSFTConfig) else {}
