@@ -109,7 +109,7 @@ def lora_suite(model: Path, task: str, seeds=(0,)) -> Suite:
 
 
 def lora_only(spec):
-    arms, rows = plan_budgets([arm_by_name(arms_for(spec, SETTINGS.steps), BASELINE)], spec)
+    arms, rows = plan_budgets([arm_by_name(arms_for(spec), BASELINE)], spec)
     return arms, rows
 
 
@@ -127,7 +127,7 @@ def test_closest_rank_is_the_rank_nearest_the_target():
 
 def test_budget_matching_gives_the_stated_ratio(tiny_causal):
     spec = resolve_model(str(tiny_causal))
-    arms, rows = plan_budgets(arms_for(spec, SETTINGS.steps), spec)
+    arms, rows = plan_budgets(arms_for(spec), spec)
     by_name = {arm.name: arm for arm in arms}
 
     def count(name: str) -> int:  # counted on a real (not meta) model, independently of the planner
@@ -336,7 +336,7 @@ def test_append_refuses_a_record_with_a_missing_field(tmp_path):
 
 def test_run_keys_are_stable_and_follow_what_changes_the_run(tiny_causal, choice_task):
     spec = resolve_model(str(tiny_causal))
-    arm = arm_by_name(arms_for(spec, 2), BASELINE)
+    arm = arm_by_name(arms_for(spec), BASELINE)
     splits = load_splits(choice_task)
     request = RunRequest("s", spec, choice_task, splits, arm, 1e-3, 0, SETTINGS, "dev")
     assert (
@@ -364,7 +364,7 @@ def test_encoder_suite_runs_lora_and_molex_with_the_shipped_metrics(tiny_encoder
     task = write_task(tmp_path / "enc", rows[:12], rows[12:18], rows[18:])
     spec = resolve_model(str(tiny_encoder))
     assert spec.family == "encoder"
-    arms, budget_rows = plan_budgets(arms_for(spec, 2), spec)
+    arms, budget_rows = plan_budgets(arms_for(spec), spec)
     suite = Suite("enc", str(tiny_encoder), (task,), (0,), SETTINGS, test_scorer=OURS)
     records = list(run_suite(suite, spec, arms, budget_rows, tmp_path, tmp_path / "adapters", progress=False))
     assert sorted({r["arm"] for r in records}) == ["lora", "molex_lora"]
@@ -479,7 +479,7 @@ def test_lm_eval_and_our_scorer_agree_on_a_tiny_model(arm, tmp_path):
     tiny_llama().save_pretrained(folder)
     word_tokenizer().save_pretrained(folder)
     spec = resolve_model(str(folder))
-    config = build_config(arm_by_name(arms_for(spec, 2), arm), spec)
+    config = build_config(arm_by_name(arms_for(spec), arm), spec)
     config.init_lora_weights = False  # non-zero adapters, so the PeftModel differs from the base
     torch.manual_seed(0)
     model = get_peft_model(tiny_llama(), config).eval()

@@ -23,6 +23,8 @@ __all__ = ["Arm", "BASELINE_RANK", "arms_for", "lora_arm", "build_config", "arm_
 
 #: LoRA rank of the baseline every matched budget is built around (the MoLA/MoLEx papers' r=8).
 BASELINE_RANK = 8
+#: Arm option (not a config field): DLO's capacity annealing length as a fraction of the run's steps.
+CAPACITY_ANNEALING_FRACTION = "capacity_annealing_fraction"
 #: Name of the baseline LoRA arm; LoRA partners at other ranks are named "lora_r{rank}".
 BASELINE = "lora"
 
@@ -53,7 +55,7 @@ def lora_arm(family: str, rank: int = BASELINE_RANK) -> Arm:
     return Arm(name, f"LoRA r={rank}", "lora", grid, "baseline", "the baseline", rank=rank)
 
 
-def _causal_arms(steps: int) -> list[Arm]:
+def _causal_arms() -> list[Arm]:
     method_grid = (3e-4, 1e-3)
     return [
         lora_arm(CAUSAL),
@@ -103,7 +105,7 @@ def _causal_arms(steps: int) -> list[Arm]:
             {
                 "new_layer_training": "lora",
                 "lora_on_original_layers": False,
-                "capacity_annealing_steps": max(1, steps // 2),
+                CAPACITY_ANNEALING_FRACTION: 0.5,
             },
         ),
         Arm(
@@ -126,9 +128,9 @@ def _encoder_arms() -> list[Arm]:
     ]
 
 
-def arms_for(spec: ModelSpec, steps: int) -> list[Arm]:
+def arms_for(spec: ModelSpec) -> list[Arm]:
     """The arms compared on this model family (before budget matching fixes partner and DLO ranks)."""
-    return _causal_arms(steps) if spec.family == CAUSAL else _encoder_arms()
+    return _causal_arms() if spec.family == CAUSAL else _encoder_arms()
 
 
 def arm_by_name(arms: list[Arm], name: str) -> Arm:
@@ -165,8 +167,8 @@ def _molex_task_preset(task: str | None) -> dict[str, Any]:
     return {k: v for k, v in preset.to_dict().items() if k in MOLEX_PRESET_FIELDS}
 
 
-def build_config(arm: Arm, spec: ModelSpec, task: str | None = None):
-    """The peft config of ``arm`` on ``spec`` (fresh object each call)."""
+def build_config(arm: Arm, spec: ModelSpec, task: str | None = None, steps: int = 1):
+    """The peft config of ``arm`` on ``spec`` for a run of ``steps`` training steps (fresh object each call)."""
     from peft import LoraConfig
 
     import peft_depth
@@ -196,4 +198,6 @@ def build_config(arm: Arm, spec: ModelSpec, task: str | None = None):
         common = {k: v for k, v in common.items() if k in ("task_type",)}  # MoD alone: no LoRA at all
     if arm.method == "molex" and not causal:
         options = {**_molex_task_preset(task), **options}
+    if CAPACITY_ANNEALING_FRACTION in options:
+        options["capacity_annealing_steps"] = max(1, round(options.pop(CAPACITY_ANNEALING_FRACTION) * steps))
     return builders[arm.method](**common, **options)

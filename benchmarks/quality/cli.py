@@ -88,8 +88,9 @@ def _suite(args):
 
     suite = SUITES[args.suite]
     settings = suite.settings
+    task_steps = suite.task_steps
     if args.steps is not None:
-        settings = replace(settings, steps=args.steps)
+        settings, task_steps = replace(settings, steps=args.steps), ()
     if args.batch_size is not None:
         settings = replace(settings, batch_size=args.batch_size)
     return replace(
@@ -98,15 +99,16 @@ def _suite(args):
         tasks=tuple(args.tasks) if args.tasks else suite.tasks,
         seeds=args.seeds or suite.seeds,
         settings=settings,
+        task_steps=task_steps,
         test_scorer=args.scorer or suite.test_scorer,
     )
 
 
-def _arms(spec, steps: int, task: str | None, only: list[str] | None):
+def _arms(spec, task: str | None, only: list[str] | None):
     from .arms import arms_for
     from .budget import format_budget_table, plan_budgets
 
-    arms, rows = plan_budgets(arms_for(spec, steps), spec, task)
+    arms, rows = plan_budgets(arms_for(spec), spec, task)
     if only:
         unknown = sorted(set(only) - {a.name for a in arms})
         if unknown:
@@ -119,7 +121,7 @@ def _arms(spec, steps: int, task: str | None, only: list[str] | None):
 def _budgets(args) -> int:
     from .models import resolve_model
 
-    print(_arms(resolve_model(args.model), 1, args.task, None)[2])
+    print(_arms(resolve_model(args.model), args.task, None)[2])
     return 0
 
 
@@ -129,7 +131,7 @@ def _run(args) -> int:
 
     suite = _suite(args)
     spec = resolve_model(suite.model)
-    arms, rows, table = _arms(spec, suite.settings.steps, suite.tasks[0], args.arms)
+    arms, rows, table = _arms(spec, suite.tasks[0], args.arms)
     print(table, flush=True)
     adapters = Path(args.adapters_dir) if args.adapters_dir else ADAPTERS
     for record in run_suite(
@@ -152,7 +154,7 @@ def _measure(args) -> int:
     spec = resolve_model(args.model)
     suite = SUITES[args.suite] if args.suite else next(s for s in SUITES.values() if s.model == args.model)
     settings = replace(suite.settings, steps=args.steps)
-    arms, _, table = _arms(spec, suite.settings.steps, args.task, args.arms)
+    arms, _, table = _arms(spec, args.task, args.arms)
     print(table, flush=True)
     output = args.output or RESULTS / f"step_times_{spec.name}.json"
     measure(spec, args.task, load_splits(args.task), arms, settings, output=output)
@@ -171,7 +173,7 @@ def _plan(args) -> int:
     for name in args.suites:
         suite = SUITES[name]
         spec = resolve_model(suite.model)
-        arms, rows = plan_budgets(arms_for(spec, suite.settings.steps), spec, suite.tasks[0])
+        arms, rows = plan_budgets(arms_for(spec), spec, suite.tasks[0])
         tables.setdefault(spec.name, format_budget_table(rows, arms))
         timing = load_timing(RESULTS / f"step_times_{spec.name}.json")
         entries.append((suite, spec, arms, timing, suite_cost(suite, spec, arms, timing)))
@@ -204,7 +206,7 @@ def _crosscheck(args) -> int:
     tokenizer = load_tokenizer(spec)
     model = load_model(spec)
     if args.arm != "none":
-        config = build_config(arm_by_name(arms_for(spec, 1), args.arm), spec)
+        config = build_config(arm_by_name(arms_for(spec), args.arm), spec)
         config.init_lora_weights = False  # random B: the adapter changes the outputs, so it is really scored
         model = get_peft_model(model, config)
     model.eval()

@@ -63,12 +63,13 @@ def suite_cost(suite: Suite, spec: ModelSpec, arms: list[Arm], timing: dict[str,
     costs = []
     for task in suite.tasks:
         splits = load_splits(task)
-        step_scale, dev_scale, test_scale, padded = _scale(timing, spec, task, suite.settings)
+        settings = suite.settings_for(task)
+        step_scale, dev_scale, test_scale, padded = _scale(timing, spec, task, settings)
         cpu = 0.0
         training = scored = 0
         for arm in arms:
             measured = timing["arms"].get(arm.name) or timing["arms"]["lora"]
-            train = (suite.settings.steps + 1) * measured["step_cpu_s"] * step_scale + RUN_OVERHEAD_S
+            train = (settings.steps + 1) * measured["step_cpu_s"] * step_scale + RUN_OVERHEAD_S
             row = measured["score_cpu_s_per_row"]
             grid = 0 if suite.indicative else len(arm.lr_grid)
             cpu += grid * (train + len(splits.dev) * row * dev_scale)
@@ -141,8 +142,10 @@ def render_plan(
             "",
             f"- model `{spec.name}`; tasks {', '.join(suite.tasks)}; seeds {list(suite.seeds)}"
             + (f"; learning rate from `{suite.lr_from}` (indicative: 1 seed)" if suite.indicative else "")
-            + f"; {suite.settings.steps} steps of {suite.settings.batch_size} examples (max length "
-            f"{suite.settings.max_length}); test scorer `{suite.test_scorer}`.",
+            + "; training steps "
+            + ", ".join(f"{task} {suite.settings_for(task).steps}" for task in suite.tasks)
+            + f", batches of {suite.settings.batch_size} (max length {suite.settings.max_length}); test scorer "
+            f"`{suite.test_scorer}`.",
             f"- {len(arms)} arms, learning-rate grids: {grids}.",
             "",
             "| task | padded tokens / step | training runs | scored runs | CPU-hours |",

@@ -70,7 +70,7 @@ class RunRequest:
     partner: str | None = None
 
     def config(self):
-        return build_config(self.arm, self.model, self.task)
+        return build_config(self.arm, self.model, self.task, self.settings.steps)
 
     @property
     def run_key(self) -> str:

@@ -50,10 +50,15 @@ class Suite:
     lr_from: str | None = None
     grid_seed: int = 0
     eval_batch_size: int = 16
+    #: (task, steps) pairs overriding ``settings.steps`` for that task (long-prompt tasks cost more per step).
+    task_steps: tuple[tuple[str, int], ...] = ()
 
     @property
     def indicative(self) -> bool:
         return self.lr_from is not None
+
+    def settings_for(self, task: str) -> RunSettings:
+        return replace(self.settings, steps=dict(self.task_steps).get(task, self.settings.steps))
 
 
 #: The sweeps of issue 14 (steps and batch sizes from the measured step times: see results/quality/plan.md).
@@ -109,7 +114,7 @@ def _request(suite: Suite, spec: ModelSpec, task: str, splits: TaskSplits, arm: 
         task=task,
         splits=splits,
         arm=arm,
-        settings=suite.settings,
+        settings=suite.settings_for(task),
         eval_batch_size=suite.eval_batch_size,
         **fields,
     )

@@ -126,7 +126,7 @@ def measure(
         "arms": {},
     }
     for arm in arms:
-        config = build_config(arm, spec, task)
+        config = build_config(arm, spec, task, settings.steps)
         steps: list[tuple[float, float]] = []
         if spec.family == CAUSAL:
             clock = _StepClock()
