@@ -110,5 +110,5 @@ def assert_concurrent_equals_serial(
     serial_outputs, serial_stats = run_serial(model, batches, call)
     concurrent_outputs, concurrent_stats = run_lockstep(model, batches, lockstep, call)
     for index, (serial, concurrent) in enumerate(zip(serial_outputs, concurrent_outputs)):
-        torch.testing.assert_close(concurrent, serial, rtol=0, atol=0, msg=lambda m: f"batch {index}: {m}")
+        torch.testing.assert_close(concurrent, serial, rtol=0, atol=0, msg=lambda m, i=index: f"batch {i}: {m}")
     assert concurrent_stats == serial_stats, "routing_stats must be the calling thread's own last forward"

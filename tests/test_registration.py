@@ -3,6 +3,7 @@
 import copy
 import importlib
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -67,7 +68,9 @@ def test_peft_config_from_pretrained_finds_the_plugin_config(tmp_path):
 def test_loading_without_the_plugin_fails_and_works_after_import(tmp_path):
     MoLAConfig(target_modules=["q_proj"]).save_pretrained(tmp_path)
     code = f"from peft import PeftConfig; PeftConfig.from_pretrained({str(tmp_path)!r})"
-    without = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # the autoload hook (src/_peft_depth_autoload.py) would register the methods on `import peft`: switch it off
+    no_autoload = {**os.environ, "PEFT_DEPTH_NO_AUTOLOAD": "1"}
+    without = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=no_autoload)
     assert without.returncode != 0
     with_plugin = subprocess.run([sys.executable, "-c", "import peft_depth; " + code], capture_output=True, text=True)
     assert with_plugin.returncode == 0, with_plugin.stderr
