@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from quality import ledger as ledger_module  # noqa: E402
 from quality.arms import BASELINE, arm_by_name, arms_for, build_config, lora_arm  # noqa: E402
-from quality.budget import TOLERANCE, closest_rank, plan_budgets  # noqa: E402
+from quality.budget import TOLERANCE, closest_rank, plan_budgets, task_arms  # noqa: E402
 from quality.data import TaskSplits, boolq_train_pool, load_splits  # noqa: E402
 from quality.ledger import REQUIRED_FIELDS, append_record, read_records  # noqa: E402
 from quality.models import resolve_model  # noqa: E402
@@ -41,6 +41,7 @@ from quality.sweep import Suite, choose_lr, ledger_path, run_suite  # noqa: E402
 from quality.train_causal import RunSettings  # noqa: E402
 
 SETTINGS = RunSettings(steps=2, batch_size=4, max_length=64)
+ONLY_LORA = (BASELINE,)
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
@@ -109,8 +110,7 @@ def lora_suite(model: Path, task: str, seeds=(0,)) -> Suite:
 
 
 def lora_only(spec):
-    arms, rows = plan_budgets([arm_by_name(arms_for(spec), BASELINE)], spec)
-    return arms, rows
+    return task_arms(spec, None, (BASELINE,))
 
 
 # ------------------------------------------------------------------------------------------------ budgets
@@ -157,6 +157,16 @@ def test_budget_matching_gives_the_stated_ratio(tiny_causal):
         assert miss(arm.rank) <= min(miss(arm.rank - 1), miss(arm.rank + 1))
 
 
+def test_encoder_partners_follow_the_per_task_molex_preset(tiny_encoder):
+    """MoLEx's official SST-2 preset adds a cosine gate (more parameters): its LoRA partner's rank grows with it."""
+    spec = resolve_model(str(tiny_encoder))
+    sst2 = {row.arm: row for row in task_arms(spec, "sst2")[1]}
+    mrpc = {row.arm: row for row in task_arms(spec, "mrpc")[1]}
+    assert sst2["molex_lora"].params > mrpc["molex_lora"].params
+    assert sst2["molex_lora"].matched and mrpc["molex_lora"].matched
+    assert sst2["molex_lora"].partner != mrpc["molex_lora"].partner == BASELINE
+
+
 # ------------------------------------------------------------------------------------------------ data
 
 
@@ -199,7 +209,7 @@ def test_a_run_is_appended_with_every_field(tiny_causal, choice_task, tmp_path):
     spec = resolve_model(str(tiny_causal))
     arms, rows = lora_only(spec)
     suite = lora_suite(tiny_causal, choice_task)
-    new = list(run_suite(suite, spec, arms, rows, tmp_path, tmp_path / "adapters", progress=False))
+    new = list(run_suite(suite, spec, tmp_path, tmp_path / "adapters", only=ONLY_LORA, progress=False))
     records = read_records(ledger_path("tiny", tmp_path))
     assert records == [json.loads(json.dumps(r)) for r in new]
     assert [(r["split"], r["lr"]) for r in records] == [("dev", lr) for lr in arms[0].lr_grid] + [
@@ -229,14 +239,14 @@ def test_a_run_is_appended_with_every_field(tiny_causal, choice_task, tmp_path):
 
 def test_rerun_skips_finished_runs_and_adds_only_new_seeds(tiny_causal, choice_task, tmp_path):
     spec = resolve_model(str(tiny_causal))
-    arms, rows = lora_only(spec)
-    first = list(run_suite(lora_suite(tiny_causal, choice_task), spec, arms, rows, tmp_path, None, progress=False))
+    first = list(run_suite(lora_suite(tiny_causal, choice_task), spec, tmp_path, None, only=ONLY_LORA, progress=False))
     assert len(first) == 4
     assert (
-        list(run_suite(lora_suite(tiny_causal, choice_task), spec, arms, rows, tmp_path, None, progress=False)) == []
+        list(run_suite(lora_suite(tiny_causal, choice_task), spec, tmp_path, None, only=ONLY_LORA, progress=False))
+        == []
     )
     more = list(
-        run_suite(lora_suite(tiny_causal, choice_task, (0, 1)), spec, arms, rows, tmp_path, None, progress=False)
+        run_suite(lora_suite(tiny_causal, choice_task, (0, 1)), spec, tmp_path, None, only=ONLY_LORA, progress=False)
     )
     assert [(r["split"], r["seed"]) for r in more] == [("test", 1)]
     assert len(read_records(ledger_path("tiny", tmp_path))) == 5
@@ -248,7 +258,6 @@ def test_an_interrupted_run_leaves_the_ledger_parseable_and_the_rerun_completes(
     from quality import runner
 
     spec = resolve_model(str(tiny_causal))
-    arms, rows = lora_only(spec)
     real_train = runner._train
     calls = []
 
@@ -260,7 +269,7 @@ def test_an_interrupted_run_leaves_the_ledger_parseable_and_the_rerun_completes(
 
     monkeypatch.setattr(runner, "_train", train_then_die)
     with pytest.raises(KeyboardInterrupt):
-        list(run_suite(lora_suite(tiny_causal, choice_task), spec, arms, rows, tmp_path, None, progress=False))
+        list(run_suite(lora_suite(tiny_causal, choice_task), spec, tmp_path, None, only=ONLY_LORA, progress=False))
     ledger = ledger_path("tiny", tmp_path)
     assert len(read_records(ledger)) == 1
     # a kill during the write of a line leaves half a line: it is skipped, and the next append starts a new line
@@ -272,13 +281,14 @@ def test_an_interrupted_run_leaves_the_ledger_parseable_and_the_rerun_completes(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         resumed = list(
-            run_suite(lora_suite(tiny_causal, choice_task), spec, arms, rows, tmp_path, None, progress=False)
+            run_suite(lora_suite(tiny_causal, choice_task), spec, tmp_path, None, only=ONLY_LORA, progress=False)
         )
         records = read_records(ledger)
     assert len(resumed) == 3 and len(records) == 4
     assert len({(r["run_key"], r["split"]) for r in records}) == 4
 
 
+@pytest.mark.slow  # a real process: imports and the tiny sweep twice, ~15 s on a quiet machine
 def test_a_killed_sweep_process_leaves_the_ledger_parseable(tiny_causal, choice_task, tmp_path):
     """SIGKILL a real sweep (the command line) once it has written a line; rerunning the command finishes it."""
     command = [
@@ -364,9 +374,8 @@ def test_encoder_suite_runs_lora_and_molex_with_the_shipped_metrics(tiny_encoder
     task = write_task(tmp_path / "enc", rows[:12], rows[12:18], rows[18:])
     spec = resolve_model(str(tiny_encoder))
     assert spec.family == "encoder"
-    arms, budget_rows = plan_budgets(arms_for(spec), spec)
     suite = Suite("enc", str(tiny_encoder), (task,), (0,), SETTINGS, test_scorer=OURS)
-    records = list(run_suite(suite, spec, arms, budget_rows, tmp_path, tmp_path / "adapters", progress=False))
+    records = list(run_suite(suite, spec, tmp_path, tmp_path / "adapters", progress=False))
     assert sorted({r["arm"] for r in records}) == ["lora", "molex_lora"]
     assert len(records) == 3 + 2 + 2
     for record in records:

@@ -180,12 +180,8 @@ def build_config(arm: Arm, spec: ModelSpec, task: str | None = None, steps: int 
         "lora_dropout": 0.05 if causal else 0.1,
         "target_modules": spec.target_modules,
     }
-    if causal:
-        common["task_type"] = "CAUSAL_LM"
-    else:
-        # No SEQ_CLS task type: peft then adds "score" to modules_to_save, which BERT lacks and peft-depth refuses;
-        # both arms train the same new classifier head instead.
-        common["modules_to_save"] = ["classifier"]
+    # SEQ_CLS: peft trains (and saves) the new classifier head for every arm alike.
+    common["task_type"] = "CAUSAL_LM" if causal else "SEQ_CLS"
     options = dict(arm.options)
     builders: dict[str, Callable[..., Any]] = {
         "lora": LoraConfig,

@@ -6,15 +6,24 @@ weights are allocated), and the parameters that require grad are summed (new cla
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from peft import get_peft_model
 
-from .arms import BASELINE, Arm, build_config, lora_arm
+from .arms import BASELINE, Arm, arms_for, build_config, lora_arm
 from .models import ModelSpec, meta_model
 
-__all__ = ["BudgetRow", "trainable_parameters", "closest_rank", "plan_budgets", "format_budget_table", "TOLERANCE"]
+__all__ = [
+    "BudgetRow",
+    "trainable_parameters",
+    "closest_rank",
+    "plan_budgets",
+    "task_arms",
+    "format_budget_table",
+    "TOLERANCE",
+]
 
 #: Largest accepted relative difference between an arm's trainable parameters and its LoRA partner's.
 TOLERANCE = 0.10
@@ -101,6 +110,34 @@ def plan_budgets(arms: list[Arm], spec: ModelSpec, task: str | None = None) -> t
         rows.insert(0, BudgetRow(lora.name, lora.label, count_arm(lora), lora.name, count_arm(lora), True))
     extra = [lo for lo in loras.values() if lo.name not in {a.name for a in resolved}]
     return extra + resolved, rows
+
+
+_PLANS: dict[tuple[str, str], tuple[list[Arm], list[BudgetRow]]] = {}
+
+
+def task_arms(
+    spec: ModelSpec, task: str | None, only: tuple[str, ...] | None = None
+) -> tuple[list[Arm], list[BudgetRow]]:
+    """The arms run on ``task`` with ranks and LoRA partners fixed for it (a method's per-task preset can change its
+    parameter count, e.g. MoLEx's cosine gate on SST-2), limited to ``only`` and their partners when given.
+
+    Tasks whose arm configs are identical share one budget plan (counted once per process).
+    """
+    configs = json.dumps(
+        [build_config(arm, spec, task).to_dict() for arm in arms_for(spec)], sort_keys=True, default=str
+    )
+    key = (spec.path, configs)
+    if key not in _PLANS:
+        _PLANS[key] = plan_budgets(arms_for(spec), spec, task)
+    arms, rows = _PLANS[key]
+    if only:
+        unknown = sorted(set(only) - {a.name for a in arms})
+        if unknown:
+            raise ValueError(f"No arm(s) {unknown} on {task!r}; arms: {', '.join(a.name for a in arms)}.")
+        keep = set(only) | {row.partner for row in rows if row.arm in only}
+        arms = [a for a in arms if a.name in keep]
+        rows = [r for r in rows if r.arm in keep]
+    return list(arms), list(rows)
 
 
 def format_budget_table(rows: list[BudgetRow], arms: list[Arm]) -> str:

@@ -104,24 +104,18 @@ def _suite(args):
     )
 
 
-def _arms(spec, task: str | None, only: list[str] | None):
-    from .arms import arms_for
-    from .budget import format_budget_table, plan_budgets
+def _print_budgets(spec, tasks, only) -> None:
+    from .budget import format_budget_table, task_arms
 
-    arms, rows = plan_budgets(arms_for(spec), spec, task)
-    if only:
-        unknown = sorted(set(only) - {a.name for a in arms})
-        if unknown:
-            raise SystemExit(f"quality.py: no arm(s) {unknown}; arms: {', '.join(a.name for a in arms)}")
-        keep = set(only) | {row.partner for row in rows if row.arm in only}
-        arms = [a for a in arms if a.name in keep]
-    return arms, rows, format_budget_table(rows, arms)
+    for task in dict.fromkeys(tasks):
+        arms, rows = task_arms(spec, task, tuple(only) if only else None)
+        print(f"budget pairings on {task}:\n{format_budget_table(rows, arms)}", flush=True)
 
 
 def _budgets(args) -> int:
     from .models import resolve_model
 
-    print(_arms(resolve_model(args.model), args.task, None)[2])
+    _print_budgets(resolve_model(args.model), [args.task], None)
     return 0
 
 
@@ -131,11 +125,11 @@ def _run(args) -> int:
 
     suite = _suite(args)
     spec = resolve_model(suite.model)
-    arms, rows, table = _arms(spec, suite.tasks[0], args.arms)
-    print(table, flush=True)
+    only = tuple(args.arms) if args.arms else None
+    _print_budgets(spec, suite.tasks, only)
     adapters = Path(args.adapters_dir) if args.adapters_dir else ADAPTERS
     for record in run_suite(
-        suite, spec, arms, rows, Path(args.results_dir), adapters, args.shard, progress=not args.no_progress
+        suite, spec, Path(args.results_dir), adapters, args.shard, only, progress=not args.no_progress
     ):
         print(
             f"{record['task']} {record['arm']} lr={record['lr']:g} seed={record['seed']} {record['split']}: "
@@ -146,6 +140,7 @@ def _run(args) -> int:
 
 
 def _measure(args) -> int:
+    from .budget import task_arms
     from .data import load_splits
     from .models import resolve_model
     from .sweep import RESULTS, SUITES
@@ -154,8 +149,8 @@ def _measure(args) -> int:
     spec = resolve_model(args.model)
     suite = SUITES[args.suite] if args.suite else next(s for s in SUITES.values() if s.model == args.model)
     settings = replace(suite.settings, steps=args.steps)
-    arms, _, table = _arms(spec, args.task, args.arms)
-    print(table, flush=True)
+    _print_budgets(spec, [args.task], args.arms)
+    arms = task_arms(spec, args.task, tuple(args.arms) if args.arms else None)[0]
     output = args.output or RESULTS / f"step_times_{spec.name}.json"
     measure(spec, args.task, load_splits(args.task), arms, settings, output=output)
     print(f"wrote {output}")
@@ -163,21 +158,19 @@ def _measure(args) -> int:
 
 
 def _plan(args) -> int:
-    from .arms import arms_for
-    from .budget import format_budget_table, plan_budgets
     from .models import resolve_model
     from .plan import load_timing, render_plan, suite_cost
     from .sweep import RESULTS, SUITES
 
-    entries, tables = [], {}
+    checks = RESULTS / "crosscheck.json"
+    crosschecks = json.loads(checks.read_text()) if checks.is_file() else []
+    entries = []
     for name in args.suites:
         suite = SUITES[name]
         spec = resolve_model(suite.model)
-        arms, rows = plan_budgets(arms_for(spec), spec, suite.tasks[0])
-        tables.setdefault(spec.name, format_budget_table(rows, arms))
         timing = load_timing(RESULTS / f"step_times_{spec.name}.json")
-        entries.append((suite, spec, arms, timing, suite_cost(suite, spec, arms, timing)))
-    Path(args.output).write_text(render_plan(entries, tables))
+        entries.append((suite, spec, timing, suite_cost(suite, spec, timing, crosschecks)))
+    Path(args.output).write_text(render_plan(entries, crosschecks))
     print(f"wrote {args.output}")
     return 0
 
@@ -198,7 +191,7 @@ def _crosscheck(args) -> int:
     from peft import get_peft_model
 
     from .arms import arm_by_name, arms_for, build_config
-    from .crosscheck import crosscheck
+    from .crosscheck import crosscheck, render_crosscheck
     from .data import load_splits
     from .models import load_model, load_tokenizer, resolve_model
 
@@ -215,8 +208,17 @@ def _crosscheck(args) -> int:
         result = crosscheck(model, tokenizer, task, load_splits(task).test[: args.rows])
         print(json.dumps(result), flush=True)
         results.append({**result, "model": spec.name, "arm": args.arm})
-    Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {args.output}")
+    output = Path(args.output)
+    earlier = json.loads(output.read_text()) if output.is_file() else []
+    keep = [
+        r
+        for r in earlier
+        if (r["model"], r["arm"], r["task"]) not in {(x["model"], x["arm"], x["task"]) for x in results}
+    ]
+    results = keep + results
+    output.write_text(json.dumps(results, indent=1) + "\n")
+    output.with_suffix(".md").write_text(render_crosscheck(results, spec.note))
+    print(f"wrote {output} and {output.with_suffix('.md')}")
     return 0
 
 

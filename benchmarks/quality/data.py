@@ -44,7 +44,7 @@ PIQA_TEST = 1000
 
 #: task -> (test rows, dev rows) taken from the validation split (BoolQ: dev from its train pool).
 _SIZES: dict[str, tuple[int, int]] = {
-    "boolq": (BOOLQ_TEST, 400),
+    "boolq": (BOOLQ_TEST, 200),
     "piqa": (PIQA_TEST, 150),
     "arc_easy": (300, 0),
     "arc_challenge": (150, 0),

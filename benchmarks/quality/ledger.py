@@ -7,6 +7,7 @@ by a kill during that write is skipped (with a warning) when read back, and the 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -77,6 +78,7 @@ def append_record(path: str | Path, record: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(to_jsonable(record), sort_keys=True) + "\n"
     with open(path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # shards of one sweep append to the same ledger
         handle.seek(0, os.SEEK_END)
         if handle.tell() > 0:
             handle.seek(-1, os.SEEK_END)

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from .arms import Arm
+from .budget import format_budget_table, task_arms
 from .data import load_splits
-from .models import ModelSpec, load_tokenizer
+from .models import CAUSAL, ModelSpec, load_tokenizer
 from .sweep import Suite
 from .timing import padded_tokens_per_step, tokens_per_row, train_lengths
 
-__all__ = ["TaskCost", "suite_cost", "render_plan", "RUN_OVERHEAD_S", "BUDGET_HOURS"]
+__all__ = ["TaskCost", "suite_cost", "render_plan", "lm_eval_slowdown", "RUN_OVERHEAD_S", "BUDGET_HOURS"]
 
 #: Loading the model and data, building the adapter and the trainer: measured 10-20 CPU-s per run on SmolLM2.
 RUN_OVERHEAD_S = 20.0
@@ -37,10 +38,15 @@ BUDGET_HOURS = {"smollm2": 30.0, "minilm": 6.0}
 @dataclass(frozen=True)
 class TaskCost:
     task: str
+    arms: list[Arm]
     training_runs: int
     scored_runs: int
     cpu_s: float
     padded_tokens_per_step: float
+    #: The part of ``cpu_s`` spent scoring dev and test rows (the rest trains).
+    scoring_cpu_s: float = 0.0
+    #: Scoring seed ``grid_seed`` of every arm again with lm-eval (from the kept adapters), when it is not the scorer.
+    lm_eval_rescore_cpu_s: float = 0.0
 
 
 def _scale(timing: dict[str, Any], spec: ModelSpec, task: str, settings) -> tuple[float, float, float, float]:
@@ -55,17 +61,31 @@ def _scale(timing: dict[str, Any], spec: ModelSpec, task: str, settings) -> tupl
     return padded / timing["padded_tokens_per_step"], dev / measured_row, test / measured_row, padded
 
 
-def suite_cost(suite: Suite, spec: ModelSpec, arms: list[Arm], timing: dict[str, Any]) -> list[TaskCost]:
+def lm_eval_slowdown(timing: dict[str, Any], crosschecks: list[dict[str, Any]], model: str, task: str) -> float:
+    """lm-eval's CPU time over ours on the same rows: from the cross-check of this task (100 rows) when there is one,
+    else from the step-time measurement (a few rows, so start-up weighs more)."""
+    for check in crosschecks:
+        if check.get("model") == model and check["task"] == task and check.get("arm") == "lora":
+            return check["lm_eval_cpu_s"] / check["ours_batched_cpu_s"]
     lora = timing["arms"].get("lora", {})
-    lm_eval_factor = 1.0
-    if suite.test_scorer == "lm_eval" and lora.get("lm_eval_cpu_s_per_row"):
-        lm_eval_factor = lora["lm_eval_cpu_s_per_row"] / lora["score_cpu_s_per_row"]
+    if lora.get("lm_eval_cpu_s_per_row"):
+        return lora["lm_eval_cpu_s_per_row"] / lora["score_cpu_s_per_row"]
+    return 1.0
+
+
+def suite_cost(
+    suite: Suite, spec: ModelSpec, timing: dict[str, Any], crosschecks: list[dict[str, Any]] | None = None
+) -> list[TaskCost]:
     costs = []
     for task in suite.tasks:
+        arms = task_arms(spec, task)[0]
+        slowdown = lm_eval_slowdown(timing, crosschecks or [], spec.name, task) if spec.family == CAUSAL else 0.0
+        lm_eval_factor = slowdown if suite.test_scorer == "lm_eval" else 1.0
+        rescore = 0.0
         splits = load_splits(task)
         settings = suite.settings_for(task)
         step_scale, dev_scale, test_scale, padded = _scale(timing, spec, task, settings)
-        cpu = 0.0
+        cpu = scoring = 0.0
         training = scored = 0
         for arm in arms:
             measured = timing["arms"].get(arm.name) or timing["arms"]["lora"]
@@ -73,14 +93,18 @@ def suite_cost(suite: Suite, spec: ModelSpec, arms: list[Arm], timing: dict[str,
             row = measured["score_cpu_s_per_row"]
             grid = 0 if suite.indicative else len(arm.lr_grid)
             cpu += grid * (train + len(splits.dev) * row * dev_scale)
+            scoring += grid * len(splits.dev) * row * dev_scale
             test_score = len(splits.test) * row * test_scale * lm_eval_factor
+            scoring += len(suite.seeds) * test_score
+            if suite.test_scorer != "lm_eval":
+                rescore += len(splits.test) * row * test_scale * slowdown + RUN_OVERHEAD_S * (slowdown > 0)
             for seed in suite.seeds:
                 reused = not suite.indicative and seed == suite.grid_seed
                 cpu += test_score + (RUN_OVERHEAD_S if reused else train)
                 training += 0 if reused else 1
             training += grid
             scored += grid + len(suite.seeds)
-        costs.append(TaskCost(task, training, scored, cpu, padded))
+        costs.append(TaskCost(task, arms, training, scored, cpu, padded, scoring, rescore))
     return costs
 
 
@@ -93,8 +117,9 @@ def render_timing(timing: dict[str, Any]) -> list[str]:
         f"{timing['padded_tokens_per_step']:.0f} padded tokens per step), {timing['torch_threads']} torch thread(s), "
         f"{hardware['cpu']} ({hardware['cpu_count']} cores); median of {timing['steps_timed']} steps after a warm-up "
         f"step, each arm in turn. Load average (1/5/15 min) before {_load(timing['load_average_before'])}, after "
-        f"{_load(timing['load_average_after'])}: the machine was shared, so wall seconds are upper bounds; CPU "
-        "seconds are this process's own.",
+        f"{_load(timing['load_average_after'])}: the machine was shared, so wall seconds are upper bounds. CPU "
+        "seconds are this process's own, but they too rise while the other core is busy (shared caches and memory "
+        "bandwidth), so ratios to LoRA are approximate; FLOPs / step do not depend on load.",
         "",
         "| arm | trainable params | step CPU-s | × LoRA | step wall-s | FLOPs / step | scoring CPU-s / row |",
         "|---|---|---|---|---|---|---|",
@@ -119,26 +144,37 @@ def _load(values: list[float]) -> str:
 
 
 def render_plan(
-    entries: list[tuple[Suite, ModelSpec, list[Arm], dict[str, Any], list[TaskCost]]], budget_tables: dict[str, str]
+    entries: list[tuple[Suite, ModelSpec, dict[str, Any], list[TaskCost]]], crosschecks: list[dict[str, Any]]
 ) -> str:
     lines = [
         "# Quality sweep plan (issue 14)",
         "",
         "Generated by `python benchmarks/quality.py plan` from the measured step times "
-        "(`step_times_<model>.json`, `python benchmarks/quality.py measure`). Nothing here is run yet.",
+        "(`step_times_<model>.json`, written by `python benchmarks/quality.py measure`) and the scorer cross-check "
+        "(`crosscheck.json`). Nothing here has been run.",
         "",
-        "CPU-hours are process CPU time (core-hours): what the sweep consumes whoever else shares the machine. "
-        "On the 2-core machine, two single-thread shards (`--threads 1 --shard i/2`) finish in about CPU-hours / 2 "
-        "of wall time when nothing else runs.",
+        "**Units.** *Core-hours* are process CPU time (one thread for one hour): what the sweep consumes, whoever else "
+        "shares the machine. *Machine-hours* are hours of this 2-core machine running two single-thread shards "
+        "(`--threads 1 --shard i/2`) = core-hours / 2, if nothing else runs; other users' jobs stretch the wall "
+        "time, not the core-hours. Issue 14's budgets (30 h SmolLM2, 6 h MiniLM) are compared with both below.",
     ]
-    totals: dict[str, float] = {}
-    for suite, spec, arms, _, costs in entries:
+    totals: dict[str, list[float]] = {}
+    tables: dict[str, list[str]] = {}
+    for suite, spec, _, costs in entries:
         hours = sum(c.cpu_s for c in costs) / 3600
-        totals[spec.name] = totals.get(spec.name, 0.0) + hours
-        grids = ", ".join(f"{a.name} {'/'.join(f'{lr:g}' for lr in a.lr_grid)}" for a in arms)
+        scoring = sum(c.scoring_cpu_s for c in costs) / 3600
+        rescore = sum(c.lm_eval_rescore_cpu_s for c in costs) / 3600
+        total = totals.setdefault(spec.name, [0.0, 0.0])
+        total[0] += hours
+        total[1] += scoring
+        arms = {a.name: a for c in costs for a in c.arms}
+        grids = ", ".join(f"{a.name} {'/'.join(f'{lr:g}' for lr in a.lr_grid)}" for a in arms.values())
+        for cost in costs:
+            table = format_budget_table(*reversed(task_arms(spec, cost.task)))
+            tables.setdefault(f"{spec.name}\n{table}", []).append(cost.task)
         lines += [
             "",
-            f"## `{suite.name}`: {hours:.1f} CPU-hours",
+            f"## `{suite.name}`: {hours:.1f} core-hours ({hours / 2:.1f} machine-hours), {scoring:.1f} of them scoring",
             "",
             f"- model `{spec.name}`; tasks {', '.join(suite.tasks)}; seeds {list(suite.seeds)}"
             + (f"; learning rate from `{suite.lr_from}` (indicative: 1 seed)" if suite.indicative else "")
@@ -146,32 +182,102 @@ def render_plan(
             + ", ".join(f"{task} {suite.settings_for(task).steps}" for task in suite.tasks)
             + f", batches of {suite.settings.batch_size} (max length {suite.settings.max_length}); test scorer "
             f"`{suite.test_scorer}`.",
-            f"- {len(arms)} arms, learning-rate grids: {grids}.",
+            f"- {len(arms)} arms (LoRA partners included), learning-rate grids: {grids}.",
+        ]
+        if rescore:
+            lines.append(
+                f"- Optional: the lm-eval numbers for seed {suite.grid_seed} of every arm, scored from the kept "
+                f"adapters (no training): `run --suite {suite.name} --scorer lm_eval --seeds {suite.grid_seed}`, "
+                f"{rescore:.1f} core-hours more."
+            )
+        lines += [
             "",
-            "| task | padded tokens / step | training runs | scored runs | CPU-hours |",
-            "|---|---|---|---|---|",
+            "| task | padded tokens / step | training runs | scored runs | scoring core-hours | core-hours |",
+            "|---|---|---|---|---|---|",
         ]
         for cost in costs:
             lines.append(
                 f"| {cost.task} | {cost.padded_tokens_per_step:.0f} | {cost.training_runs} | {cost.scored_runs} | "
-                f"{cost.cpu_s / 3600:.2f} |"
+                f"{cost.scoring_cpu_s / 3600:.2f} | {cost.cpu_s / 3600:.2f} |"
             )
-    lines += ["", "## Totals against the budgets", "", "| model | CPU-hours | budget |", "|---|---|---|"]
-    for model, hours in totals.items():
+    lines += [
+        "",
+        "## Totals against the budgets",
+        "",
+        "| model | core-hours | of which scoring | machine-hours | budget (h) | in core-hours | in machine-hours |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model, (hours, scoring) in totals.items():
         budget = BUDGET_HOURS.get(model)
-        verdict = "" if budget is None else (" ✓ within" if hours <= budget else " ✗ over")
-        lines.append(f"| {model} | {hours:.1f} | {budget if budget is not None else '–'}{verdict} |")
-    lines += ["", "## Budget pairings", ""]
-    for model, table in budget_tables.items():
-        lines += [f"`{model}`:", "", table, ""]
+        fits = ["–", "–"] if budget is None else ["✓" if h <= budget else "✗ over" for h in (hours, hours / 2)]
+        lines.append(
+            f"| {model} | {hours:.1f} | {scoring:.1f} | {hours / 2:.1f} | {budget if budget is not None else '–'} | "
+            f"{fits[0]} | {fits[1]} |"
+        )
+    lines += ["", design_notes(crosschecks, entries), "", "## Budget pairings", ""]
+    for key, tasks in tables.items():
+        model, table = key.split("\n", 1)
+        lines += [f"`{model}` on {', '.join(dict.fromkeys(tasks))}:", "", table, ""]
     lines += ["## Measured training steps", ""]
     seen = set()
-    for _, spec, _, timing, _ in entries:
+    for _, spec, timing, _ in entries:
         if spec.name not in seen:
             seen.add(spec.name)
             lines += [f"### `{spec.name}`", "", *render_timing(timing), ""]
     lines += ["## Commands", "", COMMANDS]
     return "\n".join(lines) + "\n"
+
+
+def design_notes(crosschecks: list[dict[str, Any]], entries) -> str:
+    """Why the sweep looks the way it does; every number comes from the tables and files it cites."""
+    lora_like = [c for c in crosschecks if c.get("arm") != "molex_lora"]
+    slowdowns = [c["lm_eval_cpu_s"] / c["ours_batched_cpu_s"] for c in lora_like if c.get("ours_batched_cpu_s")]
+    agree = sum(c["rows"] - c["rows_disagreeing"] for c in lora_like)
+    checked = sum(c["rows"] for c in lora_like)
+    adapters = ", ".join(sorted({c["arm"] for c in lora_like})) or "none yet"
+    molex = [c for c in crosschecks if c.get("arm") == "molex_lora"]
+    molex_changed = (
+        f"{sum(c['rows_disagreeing'] for c in molex)} of {sum(c['rows'] for c in molex)}" if molex else "(not checked)"
+    )
+    slowdown = f"{min(slowdowns):.1f}-{max(slowdowns):.1f}x" if slowdowns else "(not measured)"
+    tasks = dict.fromkeys(task for suite, *_ in entries for task in suite.tasks if task in ("boolq", "piqa"))
+    sources = "; ".join(f"{task}: {load_splits(task).source}" for task in tasks)
+    return f"""## Design, and why
+
+- **Scoring dominates.** Every test run scores all of BoolQ's test rows (long passages; on CPU a scored token costs
+  about as much as a training step's forward), so BoolQ's scoring alone is most of SmolLM2's budget, whatever the
+  training length: see "of which scoring" above. Within 30 *core*-hours the issue's sizes (≥ 2,000 BoolQ test rows ×
+  every arm × 3 seeds) leave a handful of training steps per run, so this plan is sized in hours of this 2-core
+  machine (two single-thread shards) and states both units.
+- **Test scorer: this repository's** (`peft_depth.tasks.multiple_choice_accuracy`) **for the sweep, lm-eval as the
+  check.** `crosscheck.md`: {agree} of {checked} rows got the same prediction from both scorers (adapters: {adapters};
+  100 test rows of BoolQ and PIQA each); every row of every split tokenizes to the same ids both ways; the shipped YAML
+  configs render exactly our prompt, choices and label for every validation row (test
+  `test_shipped_lm_eval_task_configs_render_the_package_prompts`). lm-eval took {slowdown} our CPU time there;
+  `--scorer lm_eval` switches, and the optional line under each SmolLM2 suite gives lm-eval's numbers for seed 0 of
+  every arm from the kept adapters.
+- **MoLEx (`batch_vote`) is batch-dependent**: one expert layer per evaluation batch, by vote. With random gates,
+  {molex_changed} cross-check rows changed prediction between batchings. Our scorer batches rows sorted by length with
+  an attention mask; lm-eval runs without a mask, so its padding votes too. Reports mark MoLEx † and compare it under
+  one scorer only.
+- **Learning rates**: 3 for LoRA, 2 per method (issue 14), chosen on dev with seed 0; the seed-0 test score reuses that
+  dev run's adapter (the same training run), so only the other seeds train again. MoD alone trains only its norms,
+  router and gate, so its grid sits 10x higher. The indicative suite borrows each arm's rate from the main suite (best
+  dev accuracy averaged over its tasks) and runs one seed.
+- **Budgets** (tables below): every arm adapts the same linear layers with lora_alpha = 2r. MoLA keeps 8-rank experts
+  (the paper's and the main job's) and is paired with the LoRA whose rank matches it; DLO and dense expansion train
+  their new layers through LoRA of the rank that matches the baseline LoRA; MoD alone is unmatched on purpose (its
+  claim is ~97% fewer parameters). MiniLM's MoLEx takes the official per-task preset (`MoLExConfig.for_task`), which
+  changes its gate and so its partner's rank per task.
+- **MoLA ▽** = 2-4-6-8 experts from the bottom layer group up (more experts higher up: the paper's best allocation and
+  `MoLAConfig`'s definition); □ = 5-5-5-5, as many experts in total.
+- **Defaults**: fields an arm does not set keep the method's defaults at run time (e.g. MoD's `gate_init`); each record
+  stores the full config, which is part of the run key, so a changed default gives new runs rather than reusing old
+  ones. One exception: DLO anneals capacity over half of each run (its default 1,000 steps would not start to bite).
+- **Steps** (per suite above): a BoolQ step costs ~3x a PIQA step (padded tokens per step), so BoolQ trains fewer
+  steps; MiniLM's GLUE training sets have a few hundred rows, so their steps stop near 8-10 epochs, and MiniLM (cheap)
+  gets 5 seeds for power.
+- **Data**: {sources}. Splits are fixed (seed 1234) and fingerprinted in every record."""
 
 
 #: How to run (and resume) the sweep in the background; rerunning a command resumes it.

@@ -36,12 +36,21 @@ def latest_test_results(records: list[dict[str, Any]], scorer: str | None = None
 def _paired(results: dict[str, dict[int, dict[str, Any]]], arm: str, reference: str | None) -> PairedSummary | None:
     if reference is None or reference == arm or reference not in results:
         return None
-    seeds = sorted(set(results[arm]) & set(results[reference]))
+    # Never pair a GPU run with a CPU run (issue 14): only seeds whose two runs used the same kind of device.
+    seeds = sorted(
+        s
+        for s in set(results[arm]) & set(results[reference])
+        if _device(results[arm][s]) == _device(results[reference][s])
+    )
     if not seeds:
         return None
     return paired_summary(
         [results[arm][s]["accuracy"] for s in seeds], [results[reference][s]["accuracy"] for s in seeds]
     )
+
+
+def _device(record: dict[str, Any]) -> str:
+    return record.get("hardware", {}).get("device", "cpu")
 
 
 def summarise(results: Results) -> dict[str, list[dict[str, Any]]]:
@@ -71,6 +80,7 @@ def summarise(results: Results) -> dict[str, list[dict[str, Any]]]:
                     "trainable_params": first["trainable_params"],
                     "train_flops": statistics.fmean(r["train_flops"] for r in records),
                     "train_wall_s": statistics.fmean(r["train_wall_s"] for r in records),
+                    "batch_dependent": first.get("config", {}).get("routing") == "batch_vote",
                 }
             )
         rows.sort(key=lambda row: (row["method"] != "lora", row["trainable_params"] if row["method"] == "lora" else 0))
@@ -106,6 +116,13 @@ def _header(records: list[dict[str, Any]], suite: str, scorer: str | None) -> li
     versions = records[-1]["versions"]
     recipe = sorted({(r["steps"], r["batch_size"], r.get("max_length")) for r in records})
     lines = [f"# Quality comparison: `{suite}`", ""]
+    devices = sorted({_device(r) for r in records})
+    if len(devices) > 1:
+        lines += [
+            f"**Runs on {' and '.join(devices)} are mixed in this ledger; paired differences only pair runs made on "
+            "the same kind of device.**",
+            "",
+        ]
     for model in models:
         lines.append(f"- **Model**: {_NOTES.get(model, model)}.")
     lines += [
@@ -145,15 +162,23 @@ def render_markdown(records: list[dict[str, Any]], suite: str, scorer: str | Non
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in rows:
+            mark = " †" if row["batch_dependent"] else ""
             partner = _difference(row["vs_partner"], row["partner"])
             claim = _difference(row["vs_claim"], row["claim_reference"])
             f1 = f", F1 {row['f1']:.3f}" if row["f1"] is not None else ""
             lines.append(
-                f"| {row['label']} | {', '.join(f'{lr:g}' for lr in row['lr'])} | {len(row['seeds'])} | "
+                f"| {row['label']}{mark} | {', '.join(f'{lr:g}' for lr in row['lr'])} | {len(row['seeds'])} | "
                 f"{row['accuracy']:.4f} ± {row['std']:.4f}{f1} | {partner[0]} | {partner[1]} | {partner[2]} | "
                 f"{claim[0]} | {claim[1]} | {row['trainable_params']:,} | {row['train_flops']:.3g} | "
                 f"{row['train_wall_s']:.0f} s |"
             )
+    if any(row["batch_dependent"] for rows in summarise(latest_test_results(tests, scorer)).values() for row in rows):
+        lines += [
+            "",
+            "† Routes by a vote over the whole evaluation batch (MoLEx `batch_vote`): its accuracy depends on how the "
+            "scorer batches rows (size, order, padding), so it is comparable only under the same scorer; "
+            "`crosscheck.md` measures how much.",
+        ]
     return "\n".join(lines) + "\n"
 
 

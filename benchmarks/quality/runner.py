@@ -134,6 +134,7 @@ def _save_adapter(model, folder: Path) -> None:
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
+    shutil.rmtree(folder, ignore_errors=True)  # a run retrained after its ledger line was lost replaces its adapter
     partial.rename(folder)  # a kill mid-save never leaves a folder that looks complete
 
 

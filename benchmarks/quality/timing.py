@@ -138,6 +138,7 @@ def measure(
         timed = steps[1:] or steps
         entry = {
             "label": arm.label,
+            "load_average": os.getloadavg(),
             "trainable_params": trained.trainable_params,
             "step_wall_s": statistics.median(w for w, _ in timed),
             "step_cpu_s": statistics.median(c for _, c in timed),
