@@ -319,7 +319,7 @@ def test_a_killed_sweep_process_leaves_the_ledger_parseable(tiny_causal, choice_
         str(tmp_path / "adapters"),
         "--no-progress",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PEFT_DEPTH_NO_AUTOLOAD": "0"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     ledger = tmp_path / "smollm2-main.jsonl"
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300

@@ -147,7 +147,10 @@ def _measure(args) -> int:
     from .timing import measure
 
     spec = resolve_model(args.model)
-    suite = SUITES[args.suite] if args.suite else next(s for s in SUITES.values() if s.model == args.model)
+    suites = [SUITES[args.suite]] if args.suite else [s for s in SUITES.values() if s.model == args.model]
+    if not suites:
+        raise SystemExit(f"quality.py measure: no suite uses {args.model!r}; name one with --suite for its settings.")
+    suite = suites[0]
     settings = replace(suite.settings, steps=args.steps)
     _print_budgets(spec, [args.task], args.arms)
     arms = task_arms(spec, args.task, tuple(args.arms) if args.arms else None)[0]

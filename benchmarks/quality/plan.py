@@ -29,7 +29,8 @@ from .timing import padded_tokens_per_step, tokens_per_row, train_lengths
 
 __all__ = ["TaskCost", "suite_cost", "render_plan", "lm_eval_slowdown", "RUN_OVERHEAD_S", "BUDGET_HOURS"]
 
-#: Loading the model and data, building the adapter and the trainer: measured 10-20 CPU-s per run on SmolLM2.
+#: Loading the model and data, building the adapter and the trainer, per run. A SmolLM2 smoke sweep's whole runs (2
+#: short training steps and 8 scored rows each) took 10-20 s of wall time, so 20 CPU-s is an upper bound.
 RUN_OVERHEAD_S = 20.0
 #: CPU-hour budgets of issue 14, per model.
 BUDGET_HOURS = {"smollm2": 30.0, "minilm": 6.0}
