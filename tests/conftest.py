@@ -29,14 +29,3 @@ def no_deprecations_from_peft_depth(request):
     if caught and "allow_peft_depth_deprecations" not in request.keywords:
         pytest.fail(report(caught), pytrace=False)
 
-
-#: Test files of the benchmark tooling (benchmarks/), not of the package: they train several tiny runs end to end and
-#: take minutes, so they run with `-m slow` like the real-model tests (the default run must stay within CI's budget).
-SLOW_FILES = {"test_quality_harness.py"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before `-m 'not slow'` deselects
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name in SLOW_FILES:
-            item.add_marker(pytest.mark.slow)
