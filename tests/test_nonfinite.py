@@ -64,12 +64,11 @@ def test_a_nonfinite_row_changes_no_other_row_and_is_flagged(case):
     torch.testing.assert_close(poisoned[1:], clean_rows, rtol=0, atol=0)
     method = "molex" if case.startswith("molex") else "mola"
     rows = stats[method]["default"]
-    assert all(row["nonfinite_rows"] > 0 for row in rows), rows
+    # the poisoned row's 6 tokens, once per router that saw them (MoLA: q_proj and v_proj in each block)
+    per_layer = 6 if method == "molex" else 12
+    assert all(row["nonfinite_rows"] == per_layer for row in rows), rows
     # real tokens with finite scores only: 2 rows of 6
     assert all(row["num_tokens"] == 12 for row in rows), rows
-    if case == "molex_token":
-        # the poisoned tokens stayed on their own layer: the clean rows alone decide which experts ran
-        assert all(row["chosen"] for row in rows)
 
 
 @pytest.mark.parametrize("case", CASES)
