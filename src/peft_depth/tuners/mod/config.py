@@ -107,6 +107,22 @@ class MoDConfig(LoraFieldsConfig):
             "base model; the gate still gets gradient at 0, and the router once the gate has moved."
         },
     )
+    gate_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the gate g, reported by `MoDModel.depth_optimizer_groups` as the group 'gate' "
+            "(so `DepthSFTConfig.gate_learning_rate` overrides it). None: the trainer's learning rate. While g is 0 "
+            "the router and the new norms get no gradient from the LM loss (their effect is multiplied by g), so a "
+            "higher gate learning rate (or `gate_init` > 0) makes the ensemble start learning sooner."
+        },
+    )
+    router_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the router and the new norms (group 'router'). None: the trainer's learning "
+            "rate. Weight decay: the trainer's, except for biases and norm weights (0, as the trainer's own groups)."
+        },
+    )
     distill_loss_coef: float = field(
         default=0.1,
         metadata={
@@ -165,6 +181,10 @@ class MoDConfig(LoraFieldsConfig):
         check_probability("distill_fraction", self.distill_fraction, allow_zero=False)
         check_positive_int("distill_chunk_size", self.distill_chunk_size)
         _check_number_in("gate_init", self.gate_init, -GATE_INIT_BOUND, GATE_INIT_BOUND, "0 starts at the base model")
+        for name in ("gate_lr", "router_lr"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf")):
+                raise ValueError(f"`{name}` must be None (the trainer's learning rate) or a finite number > 0, got {value!r}.")
         if self.r == 0 and self.target_modules:
             warnings.warn(
                 f"MoDConfig has r=0, so `target_modules`={self.target_modules!r} get no LoRA: this adapter is MoD "

@@ -50,6 +50,7 @@ from .config import MoDConfig
 from .ensemble_head import PendingLogProbMix, distill_mask, log_prob_mix, make_record, mix_delta, route
 from .forward_state import CallInfo, MoDForwardState, MoDRecord, begin_forward_state, forward_state
 from .layer import MoDEnsemble
+from .optimizer_groups import ensembles_of, mod_optimizer_groups
 from .sequence_router import sequence_router_input
 
 __all__ = ["MoDModel"]
@@ -331,6 +332,10 @@ class MoDModel(DepthTuner):
             key = "distill" if len(records) == 1 else f"distill.{name}"
             terms[key] = AuxLossTerm(record.distill_loss, float(self.peft_config[name].distill_loss_coef))
         return terms
+
+    def depth_optimizer_groups(self, base_lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """The gate and router/norm groups of adapters that set ``gate_lr`` / ``router_lr`` (``optimizer_groups``)."""
+        return mod_optimizer_groups(ensembles_of(self._modules.get(_ENSEMBLE)), self.peft_config, base_lr, weight_decay)
 
     def depth_routing_stats(self) -> dict[str, Any]:
         report = {name: record.as_stats() for name, record in self._records().items()}
