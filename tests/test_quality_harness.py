@@ -230,6 +230,9 @@ def test_a_run_is_appended_with_every_field(tiny_causal, choice_task, tmp_path):
         assert all(record["versions"][name] for name in ("torch", "transformers", "peft", "trl"))
         assert len(record["git_commit"]) == 40
         assert record["config"]["r"] == 8 and record["budget_partner"] == BASELINE
+        # a fresh LoRA (B = 0) starts exactly at the base model
+        assert record["start_distance"]["mean_kl"] == 0.0 and record["start_distance"]["top1_agreement"] == 1.0
+        assert record["start_distance"]["num_positions"] > 0
     test = records[-1]
     assert test["adapter_reused"]  # seed 0 at the chosen rate is the dev run's adapter, scored again
     dev_keys = {r["lr"]: r["run_key"] for r in records if r["split"] == "dev"}
@@ -436,7 +439,13 @@ def test_report_interval_and_detectable_effect_match_a_hand_computation(tmp_path
     assert MDE_FACTOR == pytest.approx(1.959964 + 0.841621, abs=1e-5)
     assert summary.detectable == pytest.approx(0.03962, abs=1e-5)
     assert row["accuracy"] == pytest.approx(0.76) and row["std"] == pytest.approx(0.036055, abs=1e-6)
+    for record in records:
+        if record["arm"] == "mola":
+            record["start_distance"] = {"mean_kl": 0.25 if record["seed"] else 0.35}
     markdown = render_markdown(records, "synthetic")
+    mola_line = next(line for line in markdown.splitlines() if line.startswith("| mola"))
+    assert mola_line.endswith("| 0.283 |")  # mean start KL over the three seeds
+    assert next(line for line in markdown.splitlines() if line.startswith("| lora")).endswith("| – |")
     assert "+5.0 vs lora (+2.0, +5.0, +8.0)" in markdown and "[+2.0, +8.0] excl. 0" in markdown
     assert "| 4.0 |" in markdown
     path = write_report(records, "synthetic", tmp_path)

@@ -81,11 +81,19 @@ def summarise(results: Results) -> dict[str, list[dict[str, Any]]]:
                     "train_flops": statistics.fmean(r["train_flops"] for r in records),
                     "train_wall_s": statistics.fmean(r["train_wall_s"] for r in records),
                     "batch_dependent": first.get("config", {}).get("routing") == "batch_vote",
+                    "start_kl": _mean_start_kl(records),
                 }
             )
         rows.sort(key=lambda row: (row["method"] != "lora", row["trainable_params"] if row["method"] == "lora" else 0))
         table[task] = rows
     return table
+
+
+def _mean_start_kl(records: list[dict[str, Any]]) -> float | None:
+    """Mean KL(base ‖ untrained adapter) per position on the first training batch; None where not recorded
+    (encoders, older records)."""
+    values = [r["start_distance"]["mean_kl"] for r in records if r.get("start_distance")]
+    return statistics.fmean(values) if values else None
 
 
 def _pct(value: float) -> str:
@@ -158,8 +166,8 @@ def render_markdown(records: list[dict[str, Any]], suite: str, scorer: str | Non
             f"train {split['train']} / dev {split['dev']} / test {split['test']} (data fingerprint `{fingerprint}`)",
             "",
             "| arm | lr | seeds | accuracy (mean ± std) | Δ vs budget-matched LoRA, pp | 95% interval | detectable, pp"
-            " | Δ vs claim reference, pp | claim interval | trainable params | train FLOPs | train time |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            " | Δ vs claim reference, pp | claim interval | trainable params | train FLOPs | train time | start KL |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in rows:
             mark = " †" if row["batch_dependent"] else ""
@@ -170,8 +178,13 @@ def render_markdown(records: list[dict[str, Any]], suite: str, scorer: str | Non
                 f"| {row['label']}{mark} | {', '.join(f'{lr:g}' for lr in row['lr'])} | {len(row['seeds'])} | "
                 f"{row['accuracy']:.4f} ± {row['std']:.4f}{f1} | {partner[0]} | {partner[1]} | {partner[2]} | "
                 f"{claim[0]} | {claim[1]} | {row['trainable_params']:,} | {row['train_flops']:.3g} | "
-                f"{row['train_wall_s']:.0f} s |"
+                f"{row['train_wall_s']:.0f} s | {'–' if row['start_kl'] is None else format(row['start_kl'], '.3g')} |"
             )
+    lines += [
+        "",
+        "Start KL: KL(base ‖ adapted) in nats per position of the untrained adapter on the first training batch "
+        "(`peft_depth.analysis.distance_from_base`): how far the method starts from the base model (0: exactly the base).",
+    ]
     if any(row["batch_dependent"] for rows in summarise(latest_test_results(tests, scorer)).values() for row in rows):
         lines += [
             "",

@@ -37,6 +37,7 @@ TRAINING_FIELDS = (
     "train_examples_used",
     "train_examples_dropped",
     "final_train_loss",
+    "start_distance",
 )
 PROVENANCE_FIELDS = ("hardware", "versions", "git_commit", "git_src_dirty")
 #: Config fields that describe where a config came from, not what it trains: left out of run keys.
@@ -146,6 +147,7 @@ def _training_fields(trained: TrainedModel) -> dict[str, Any]:
         trained.train_examples_used,
         trained.train_examples_dropped,
         trained.final_loss,
+        trained.start_distance,
     )
     return dict(zip(TRAINING_FIELDS, values))
 
@@ -168,7 +170,7 @@ def execute(
     if earlier is not None and folder is not None and (folder / "adapter_config.json").is_file():
         model = PeftModel.from_pretrained(load_model(request.model), str(folder)).eval()
         tokenizer = load_tokenizer(request.model)
-        training = {name: earlier[name] for name in TRAINING_FIELDS}
+        training = {name: earlier.get(name) for name in TRAINING_FIELDS}  # older records lack newer fields
         provenance = {name: earlier[name] for name in PROVENANCE_FIELDS}
         reused = True
     else:

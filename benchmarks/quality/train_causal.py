@@ -17,6 +17,7 @@ from peft import PeftConfig, get_peft_model
 from transformers import set_seed
 
 import peft_depth
+from peft_depth.analysis import distance_from_base
 from peft_depth.tasks import ChoiceExample, collate_answer_batch, encode_answer_only, to_sft_dataset
 
 from .flops import step_flops
@@ -48,6 +49,9 @@ class TrainedModel:
     train_examples_used: int
     train_examples_dropped: int
     final_loss: float | None
+    #: ``peft_depth.analysis.distance_from_base`` of the untrained adapter on the first training batch (None for
+    #: encoders): how far the method starts from the base model.
+    start_distance: dict[str, float] | None = None
 
 
 def fit_examples(examples: list[ChoiceExample], tokenizer, max_length: int) -> tuple[list[ChoiceExample], list[int]]:
@@ -93,6 +97,8 @@ def train_causal(
     set_seed(seed)
     model = get_peft_model(load_model(spec), config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    first = collate_answer_batch(encode_answer_only(kept[: settings.batch_size], tokenizer), tokenizer.pad_token_id)
+    start_distance = distance_from_base(model, first["input_ids"], first["attention_mask"]).as_dict()
 
     scratch = tempfile.TemporaryDirectory(prefix="quality-run-") if output_dir is None else None
     args = DepthSFTConfig(
@@ -137,4 +143,5 @@ def train_causal(
         train_examples_used=len(kept),
         train_examples_dropped=len(train_examples) - len(kept),
         final_loss=getattr(output, "training_loss", None),
+        start_distance=start_distance,
     )
