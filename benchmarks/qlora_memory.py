@@ -39,7 +39,7 @@ GIB = 2**30
 #: The methods with their default configs (and DLO with frozen copies + LoRA, its low-memory variant).
 DEFAULT_CONFIGS = {
     "LoRA (peft, r=8 on q/v)": lambda: LoraConfig(task_type="CAUSAL_LM"),
-    "MoLA (8 experts r=8, all projections)": lambda: peft_depth.MoLAConfig(task_type="CAUSAL_LM"),
+    "MoLA (8 experts r=8, all projections)": lambda: peft_depth.MoLAConfig(task_type="CAUSAL_LM", num_experts=8),
     "MoLEx (LoRA r=8 on q/v + gates)": lambda: peft_depth.MoLExConfig(task_type="CAUSAL_LM"),
     "MoD (4 late layers)": lambda: peft_depth.MoDConfig(task_type="CAUSAL_LM"),
     "DLO (8 new layers, trained in full)": lambda: peft_depth.DLOConfig(task_type="CAUSAL_LM"),

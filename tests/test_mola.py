@@ -463,3 +463,31 @@ def test_merge_names_the_layers_with_several_experts():
     model = get_peft_model(tiny_llama(), MoLAConfig(num_experts=[1, 1, 2, 1], top_k=1, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=r"layers \[2\] have more than one expert"):
         model.merge_and_unload()
+
+
+# ---------------------------------------------------------------- default allocation (issue 14)
+
+
+def test_default_allocation_is_the_papers_increasing_pattern_and_is_saved_explicitly(tmp_path):
+    model = mola(tiny_llama(), target_modules=["q_proj"])
+    experts = [
+        model.base_model.model.model.layers[i].self_attn.q_proj.mola_router["default"].out_features for i in range(4)
+    ]
+    assert experts == [2, 4, 6, 8]  # ▽ over 4 layers: one layer per group
+    model.save_pretrained(tmp_path)
+    saved = MoLAConfig.from_pretrained(tmp_path)
+    assert saved.expert_pattern == [2, 4, 6, 8] and saved.num_experts is None
+    assert saved.peft_depth_version == 2
+
+
+def test_a_version_1_config_without_an_allocation_keeps_its_meaning():
+    # Written by peft-depth before the default changed: neither field meant 8 experts in every layer.
+    old = MoLAConfig(peft_depth_version=1, target_modules=["q_proj"])
+    assert (old.num_experts, old.expert_pattern) == (8, None)
+    model = get_peft_model(tiny_llama(), old)
+    assert {layer.self_attn.q_proj.mola_router["default"].out_features for layer in model.base_model.model.model.layers} == {8}
+
+
+def test_a_top_k_above_the_default_patterns_smallest_group_says_the_pattern_is_the_default():
+    with pytest.raises(ValueError, match=r"`top_k` \(3\) .* \(2\) \(the default ▽ pattern; set `num_experts`"):
+        MoLAConfig(top_k=3)

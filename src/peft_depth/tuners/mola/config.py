@@ -10,7 +10,11 @@ from ...core.peft_registration import add_peft_type
 __all__ = ["MoLAConfig", "expand_expert_pattern"]
 
 MOLA = add_peft_type("MOLA")
-DEFAULT_NUM_EXPERTS = 8
+#: The paper's best allocation (▽: more experts in higher layers, "Higher Layers Need More LoRA Experts"), the default
+#: of configs written with `peft_depth_version` >= 2.
+DEFAULT_EXPERT_PATTERN = (2, 4, 6, 8)
+#: What a config with neither field meant in `peft_depth_version` 1: 8 experts in every layer (□).
+V1_DEFAULT_NUM_EXPERTS = 8
 
 
 def expand_expert_pattern(pattern: list[int], num_layers: int) -> list[int]:
@@ -47,7 +51,9 @@ class MoLAConfig(LoraFieldsConfig):
         default=None,
         metadata={
             "help": "LoRA experts per target linear: one int for every layer, or a list with one entry per layer of "
-            f"the block stack. Default {DEFAULT_NUM_EXPERTS} when `expert_pattern` is not set either."
+            "the block stack. When neither this nor `expert_pattern` is set, `expert_pattern` becomes the paper's ▽ "
+            f"{list(DEFAULT_EXPERT_PATTERN)} (configs saved with `peft_depth_version` 1 keep their meaning: "
+            f"{V1_DEFAULT_NUM_EXPERTS} experts in every layer)."
         },
     )
     top_k: int | list[int] = field(
@@ -56,9 +62,9 @@ class MoLAConfig(LoraFieldsConfig):
     expert_pattern: list[int] | None = field(
         default=None,
         metadata={
-            "help": "Experts per contiguous group of layers, e.g. [2, 4, 6, 8] (the paper's ▽), [8, 6, 4, 2] (△), "
-            "[8, 2, 2, 8] (▷◁), [5, 5, 5, 5] (□). Earlier groups get one layer more when the depth does not divide. "
-            "Mutually exclusive with `num_experts`."
+            "help": "Experts per contiguous group of layers, e.g. [2, 4, 6, 8] (the paper's ▽, the default), "
+            "[8, 6, 4, 2] (△), [8, 2, 2, 8] (▷◁), [5, 5, 5, 5] (□). Earlier groups get one layer more when the depth "
+            "does not divide. Mutually exclusive with `num_experts`."
         },
     )
     balance_loss_coef: float = field(
@@ -74,6 +80,13 @@ class MoLAConfig(LoraFieldsConfig):
         self.peft_type = MOLA
         check_choice("bias", self.bias, ("none", "all", "mola_only"))
         check_non_negative_number("balance_loss_coef", self.balance_loss_coef)
+        pattern_is_default = self.num_experts is None and self.expert_pattern is None
+        if pattern_is_default:
+            # Made explicit, so that the saved config says what was trained whatever a later default is.
+            if self.peft_depth_version >= 2:
+                self.expert_pattern = list(DEFAULT_EXPERT_PATTERN)
+            else:
+                self.num_experts = V1_DEFAULT_NUM_EXPERTS
         if self.expert_pattern is not None:
             if self.num_experts is not None:
                 raise ValueError("Set either `num_experts` or `expert_pattern`, not both.")
@@ -101,8 +114,9 @@ class MoLAConfig(LoraFieldsConfig):
         if self.expert_pattern is not None and isinstance(self.top_k, int):
             smallest = min(self.expert_pattern)
             if self.top_k > smallest:
+                default = " (the default ▽ pattern; set `num_experts` or `expert_pattern`)" if pattern_is_default else ""
                 raise ValueError(
-                    f"`top_k` ({self.top_k}) must be <= the smallest entry of `expert_pattern` ({smallest})."
+                    f"`top_k` ({self.top_k}) must be <= the smallest entry of `expert_pattern` ({smallest}){default}."
                 )
 
     @property
@@ -115,7 +129,7 @@ class MoLAConfig(LoraFieldsConfig):
 
         Raises ValueError when a list does not have one entry per layer, or top_k exceeds a layer's experts.
         """
-        experts = DEFAULT_NUM_EXPERTS if self.num_experts is None and self.expert_pattern is None else self.num_experts
+        experts = self.num_experts
         if not self.is_per_layer:
             return experts, self.top_k
         if num_layers is None:
