@@ -405,6 +405,18 @@ def test_gate_learns_only_from_the_balance_loss_unless_straight_through():
     torch.testing.assert_close(logits_st, logits_plain, rtol=1e-6, atol=1e-6)  # outputs unchanged
 
 
+def test_gate_group_defaults_are_the_official_codes_per_model_kind():
+    # Issue 14: the official gates train at 0.1 (weight decay 0.1) in the GLUE scripts and 0.01 in the GPT-2 NLG code.
+    (causal,) = molex(tiny_llama()).base_model.depth_optimizer_groups(5e-4, 0.02)
+    assert (causal["lr"], causal["weight_decay"]) == (0.01, 0.02)
+    encoder = get_peft_model(tiny_bert(), MoLExConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]))
+    (group,) = encoder.base_model.depth_optimizer_groups(5e-4, 0.02)
+    assert (group["lr"], group["weight_decay"]) == (0.1, 0.1)
+    # a config written before the defaults changed keeps the trainer's settings
+    (old,) = molex(tiny_llama(), peft_depth_version=1).base_model.depth_optimizer_groups(5e-4, 0.02)
+    assert (old["lr"], old["weight_decay"]) == (5e-4, 0.02)
+
+
 def test_optimizer_groups_carry_gate_lr_and_decay():
     model = molex(tiny_llama(), gate_lr=0.1, gate_weight_decay=0.1, learn_alpha=True, shared_gate=False)
     (group,) = model.base_model.depth_optimizer_groups(5e-4, 0.0)

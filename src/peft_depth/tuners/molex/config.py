@@ -27,6 +27,11 @@ LEARNED_ALPHA_STARTS = ("official", "alpha")
 #: balance coefficient - 0 where a script omits `--use_load_balance` -, learned or fixed α), with the scripts' gate
 #: optimizer group (lr 0.1, weight decay 0.1). Tasks not listed use the defaults.
 _GLUE_GATE_GROUP = dict(gate_lr=0.1, gate_weight_decay=0.1)
+#: The official code's gate optimizer settings, the defaults of `gate_lr` / `gate_weight_decay` (config layout >= 2):
+#: 0.1 / 0.1 in the GLUE scripts (RoBERTa), 0.01 as the GPT-2 NLG code's default gate lr (no gate weight decay set).
+OFFICIAL_GATE_LR_ENCODER = 0.1
+OFFICIAL_GATE_WEIGHT_DECAY_ENCODER = 0.1
+OFFICIAL_GATE_LR_GENERATIVE = 0.01
 TASK_PRESETS: dict[str, dict] = {
     "sst2": dict(gate_type="cosine", gate_proj_dim=128, shared_gate=True, balance_loss_coef=0.01, **_GLUE_GATE_GROUP),
     "mrpc": dict(shared_gate=True, balance_loss_coef=0.0, learn_alpha=True, **_GLUE_GATE_GROUP),
@@ -163,14 +168,32 @@ class MoLExConfig(LoraFieldsConfig):
     gate_lr: float | None = field(
         default=None,
         metadata={
-            "help": "Learning rate of the gates and learned α, reported by `MoLExModel.depth_optimizer_groups` "
-            "(None: the trainer's learning rate). The paper's GLUE scripts use 0.1."
+            "help": "Learning rate of the gates and learned α, reported by `MoLExModel.depth_optimizer_groups`. None: "
+            "the official code's value for the model kind, 0.1 for encoders (the GLUE scripts) and 0.01 for "
+            "generative models (the GPT-2 NLG code's default); configs saved with `peft_depth_version` 1 keep their "
+            "meaning, the trainer's learning rate. `DepthSFTConfig.gate_learning_rate` overrides either."
         },
     )
     gate_weight_decay: float | None = field(
         default=None,
-        metadata={"help": "Weight decay of the gates and learned α (None: the trainer's). The paper uses 0.1."},
+        metadata={
+            "help": "Weight decay of the gates and learned α. None: 0.1 for encoders (the GLUE scripts), the "
+            "trainer's for generative models (the NLG code does not set one) and for `peft_depth_version` 1 configs."
+        },
     )
+
+    def gate_group_settings(self, base_lr: float, weight_decay: float, *, generative: bool) -> tuple[float, float]:
+        """``(lr, weight_decay)`` of the gate group, with the official defaults resolved (see the fields)."""
+        official = self.peft_depth_version >= 2
+        if self.gate_lr is not None:
+            lr = self.gate_lr
+        else:
+            lr = (OFFICIAL_GATE_LR_GENERATIVE if generative else OFFICIAL_GATE_LR_ENCODER) if official else base_lr
+        if self.gate_weight_decay is not None:
+            decay = self.gate_weight_decay
+        else:
+            decay = OFFICIAL_GATE_WEIGHT_DECAY_ENCODER if official and not generative else weight_decay
+        return lr, decay
 
     def __post_init__(self) -> None:
         super().__post_init__()

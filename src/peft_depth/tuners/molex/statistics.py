@@ -95,15 +95,19 @@ class MoLExStatistics:
         return named
 
     def depth_optimizer_groups(self, base_lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """One optimizer group per adapter for its gates and α, with ``gate_lr`` / ``gate_weight_decay``.
+        """One optimizer group per adapter for its gates and α, with ``gate_lr`` / ``gate_weight_decay`` (None: the
+        official code's values for the model kind, ``MoLExConfig.gate_group_settings``).
 
         Named ``"gate"`` (``"gate.<adapter>"`` with several adapters) so that ``DepthSFTConfig.gate_learning_rate``
         and ``gate_weight_decay`` override them.
         """
         groups = []
         adapters = [name for name in self.peft_config if name in self._plans]
+        can_generate = getattr(self.model, "can_generate", None)
+        generative = bool(can_generate()) if callable(can_generate) else False
         for adapter_name in adapters:
             config: MoLExConfig = self.peft_config[adapter_name]
+            lr, decay = config.gate_group_settings(base_lr, weight_decay, generative=generative)
             params = [p for _, p in self.gate_parameters(adapter_name)]
             if not params:
                 continue
@@ -111,8 +115,8 @@ class MoLExStatistics:
                 {
                     "name": "gate" if len(adapters) == 1 else f"gate.{adapter_name}",
                     "params": params,
-                    "lr": base_lr if config.gate_lr is None else config.gate_lr,
-                    "weight_decay": weight_decay if config.gate_weight_decay is None else config.gate_weight_decay,
+                    "lr": lr,
+                    "weight_decay": decay,
                 }
             )
         return groups
