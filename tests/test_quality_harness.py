@@ -21,9 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import get_peft_model
-from tiny_models import VOCAB, tiny_bert, tiny_llama
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from tiny_models import tiny_bert, tiny_llama, word_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -42,18 +40,6 @@ from quality.train_causal import RunSettings  # noqa: E402
 
 SETTINGS = RunSettings(steps=2, batch_size=4, max_length=64)
 ONLY_LORA = (BASELINE,)
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    """Whitespace-split words "w4" ... "w127" over the tiny models' vocabulary; specials named so no word contains
-    one (an added token "w1" would otherwise split "w10")."""
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {name: i for i, name in enumerate(specials)} | {f"w{i}": i for i in range(len(specials), VOCAB)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
 
 
 def choice_rows(count: int, seed: int) -> list[dict]:

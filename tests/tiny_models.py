@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -10,6 +11,7 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedTokenizerFast,
     Qwen3Config,
     Qwen3ForCausalLM,
     RobertaConfig,
@@ -116,3 +118,15 @@ def batch(batch_size: int = 2, seq_len: int = 7, seed: int = 1, left_pad: int = 
         input_ids[0, :left_pad] = 0
         attention_mask[0, :left_pad] = 0
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """Whitespace-split words "w4" ... "w127" over the tiny models' vocabulary; specials named so no word contains
+    one (an added token "w1" would otherwise split "w10")."""
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {name: i for i, name in enumerate(specials)} | {f"w{i}": i for i in range(len(specials), VOCAB)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )

@@ -22,6 +22,7 @@ __all__ = [
     "encode_answer_only",
     "collate_answer_batch",
     "multiple_choice_accuracy",
+    "multiple_choice_predictions",
 ]
 
 
@@ -131,12 +132,14 @@ def collate_answer_batch(rows: list[dict[str, list[int]]], pad_id: int) -> dict[
 
 
 @torch.no_grad()
-def multiple_choice_accuracy(model, tokenizer, examples: list[ChoiceExample], batch_size: int = 16) -> float:
-    """Fraction of examples whose correct choice has the highest summed log-probability given the prompt.
+def multiple_choice_predictions(
+    model, tokenizer, examples: list[ChoiceExample], batch_size: int = 16
+) -> torch.Tensor:
+    """The index of the choice with the highest summed log-probability given the prompt, per example.
 
     When every choice of an example is a single token (letter answers, yes/no) the prompt is run once and the
     choices are read off the last position; otherwise each prompt+choice runs. Requests are sorted by length so
-    batches carry little padding.
+    batches carry little padding. Log-probabilities are normalised only at the positions a choice is read from.
     """
     was_training = model.training
     model.eval()
@@ -153,21 +156,28 @@ def multiple_choice_accuracy(model, tokenizer, examples: list[ChoiceExample], ba
             requests.extend((i, prompt_ids + ids, len(prompt_ids), [(j, ids)]) for j, ids in enumerate(choice_ids))
     requests.sort(key=lambda r: len(r[1]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in range(0, len(requests), batch_size):
-        chunk = requests[start : start + batch_size]
-        width = max(len(r[1]) for r in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, (_, ids, _, _) in enumerate(chunk):  # right padding keeps positions of real tokens unchanged
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-        log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
-        for row, (i, _ids, prompt_len, choices) in enumerate(chunk):
-            for j, choice_ids in choices:
-                positions = torch.arange(prompt_len - 1, prompt_len - 1 + len(choice_ids))
-                scores[i, j] = log_probs[row, positions, torch.tensor(choice_ids)].sum()
+    with torch.no_grad():
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start : start + batch_size]
+            width = max(len(r[1]) for r in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, (_, ids, _, _) in enumerate(chunk):  # right padding keeps positions of real tokens unchanged
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                attention_mask[row, : len(ids)] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            for row, (i, _ids, prompt_len, choices) in enumerate(chunk):
+                for j, choice_ids in choices:
+                    positions = torch.arange(prompt_len - 1, prompt_len - 1 + len(choice_ids))
+                    log_probs = torch.log_softmax(logits[row, positions.to(device)].float(), dim=-1).cpu()
+                    scores[i, j] = log_probs[torch.arange(len(choice_ids)), torch.tensor(choice_ids)].sum()
     model.train(was_training)
-    predictions = scores.argmax(dim=-1)
+    return scores.argmax(dim=-1)
+
+
+def multiple_choice_accuracy(model, tokenizer, examples: list[ChoiceExample], batch_size: int = 16) -> float:
+    """Fraction of examples whose correct choice has the highest summed log-probability given the prompt
+    (``multiple_choice_predictions``)."""
+    predictions = multiple_choice_predictions(model, tokenizer, examples, batch_size)
     labels = torch.tensor([ex.label for ex in examples])
-    return float((predictions == labels).float().mean())
+    return int((predictions == labels).sum()) / len(examples)  # exact (a float32 mean of 200 rows is not)

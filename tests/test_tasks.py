@@ -1,0 +1,55 @@
+"""The package's multiple-choice scorer (``peft_depth.tasks``), the main job's and the quality sweep's: its
+predictions equal a one-example-at-a-time computation with full log-softmax, whatever the batching."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from tiny_models import tiny_llama, word_tokenizer
+
+from peft_depth.tasks import ChoiceExample, multiple_choice_accuracy, multiple_choice_predictions
+
+
+def _examples(count: int, seed: int) -> list[ChoiceExample]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        prompt = " ".join(f"w{rng.randrange(4, 128)}" for _ in range(rng.randint(2, 9)))
+        width = rng.choice([1, 1, 2, 3])  # single-token choices are read off one forward; others run one each
+        choices = tuple(" " + " ".join(f"w{rng.randrange(4, 128)}" for _ in range(width)) for _ in range(rng.choice([2, 4])))
+        out.append(ChoiceExample(prompt, choices, rng.randrange(len(choices))))
+    return out
+
+
+def _reference_predictions(model, tokenizer, examples: list[ChoiceExample]) -> list[int]:
+    predictions = []
+    with torch.no_grad():
+        for ex in examples:
+            prompt = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
+            scores = []
+            for choice in ex.choices:
+                ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
+                log_probs = model(input_ids=torch.tensor([prompt + ids])).logits.float().log_softmax(-1)[0]
+                scores.append(sum(float(log_probs[len(prompt) - 1 + k, token]) for k, token in enumerate(ids)))
+            predictions.append(max(range(len(scores)), key=scores.__getitem__))
+    return predictions
+
+
+def test_predictions_equal_one_example_at_a_time_for_any_batch_size():
+    model, tokenizer = tiny_llama().eval(), word_tokenizer()
+    examples = _examples(40, seed=3)
+    expected = _reference_predictions(model, tokenizer, examples)
+    assert len(set(expected)) > 1  # the check can tell choices apart
+    for batch_size in (1, 5, 64):
+        assert multiple_choice_predictions(model, tokenizer, examples, batch_size).tolist() == expected
+    labels = [ex.label for ex in examples]
+    accuracy = sum(p == y for p, y in zip(expected, labels)) / len(labels)
+    assert multiple_choice_accuracy(model, tokenizer, examples, batch_size=7) == accuracy
+
+
+def test_scoring_keeps_the_model_mode_and_builds_no_graph():
+    model, tokenizer = tiny_llama().train(), word_tokenizer()
+    multiple_choice_predictions(model, tokenizer, _examples(4, seed=1))
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
