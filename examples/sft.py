@@ -55,7 +55,8 @@ from trl import ModelConfig, TrlParser  # noqa: E402
 import peft_depth  # noqa: E402  (registers the methods with peft)
 import peft_depth.assets  # noqa: E402
 from peft_depth import DepthSFTConfig, DepthSFTTrainer  # noqa: E402
-from peft_depth.tasks import load_task, multiple_choice_accuracy, to_sft_dataset, train_test_split  # noqa: E402
+from peft_depth.analysis import paired_bootstrap  # noqa: E402
+from peft_depth.tasks import load_task, multiple_choice_predictions, to_sft_dataset, train_test_split  # noqa: E402
 
 SMOLLM2 = "smollm2"  # resolved to the offline SmolLM2-135M-Instruct directory (peft_depth.assets.smollm2_path)
 
@@ -71,6 +72,13 @@ class ScriptArguments:
     split_seed: int = field(default=0, metadata={"help": "Seed of the train/test split."})
     eval_batch_size: int = field(default=16, metadata={"help": "Batch size of the accuracy evaluation."})
     skip_accuracy: bool = field(default=False, metadata={"help": "Skip the accuracy evaluations (smoke runs)."})
+    lora_baseline: bool = field(
+        default=True,
+        metadata={
+            "help": "Also train plain peft LoRA (same targets, rank, steps and learning rate) and print base, method "
+            "and LoRA held-out accuracy with paired-bootstrap intervals. --lora_baseline false skips it."
+        },
+    )
 
 
 @dataclass
@@ -215,8 +223,14 @@ EMBEDDED_DEFAULTS = dict(
 )
 
 
-def accuracy(model, tokenizer, examples, args: ScriptArguments) -> float:
-    return multiple_choice_accuracy(model, tokenizer, examples, batch_size=args.eval_batch_size)
+def correctness(model, tokenizer, examples, args: ScriptArguments) -> list[bool]:
+    """Per held-out example, whether the model's highest-scoring choice is the answer."""
+    predictions = multiple_choice_predictions(model, tokenizer, examples, batch_size=args.eval_batch_size)
+    return [int(p) == ex.label for p, ex in zip(predictions, examples)]
+
+
+def _accuracy(correct: list[bool]) -> float:
+    return sum(correct) / len(correct)
 
 
 def parse_args(argv: list[str] | None = None):
@@ -250,10 +264,11 @@ def main() -> None:
         return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype)
 
     results: dict[str, Any] = {"method": method_args.peft_method, "task": script_args.task}
-    model = load_base()
     if not script_args.skip_accuracy and state.is_main_process:
         start = time.perf_counter()
-        results["accuracy_before"] = accuracy(model, tokenizer, test_examples, script_args)
+        base_correct = correctness(load_base(), tokenizer, test_examples, script_args)
+        results["accuracy_before"] = _accuracy(base_correct)
+        results["correct_before"] = "".join("1" if c else "0" for c in base_correct)
         print(
             f"[before] {script_args.task} held-out accuracy ({len(test_examples)} examples): "
             f"{results['accuracy_before']:.4f}  ({time.perf_counter() - start:.0f}s)",
@@ -261,50 +276,78 @@ def main() -> None:
         )
     state.wait_for_everyone()
 
-    trainer = DepthSFTTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
-    if state.is_main_process:
-        trainer.model.print_trainable_parameters()
-    start = time.perf_counter()
-    train_output = trainer.train()
-    results["train_seconds"] = time.perf_counter() - start
-    results["train_loss"] = train_output.training_loss
-    results["log_history"] = [e for e in trainer.state.log_history if "loss" in e]
-    trainer.save_model(training_args.output_dir)
-    state.wait_for_everyone()
-
-    if state.is_main_process:
-        saved = sorted(p.name for p in Path(training_args.output_dir).iterdir())
-        print(f"saved adapter to {training_args.output_dir}: {saved}", flush=True)
-        reloaded = PeftModel.from_pretrained(load_base(), training_args.output_dir).eval()
+    def train_and_score(config, output_dir: str, label: str) -> dict[str, Any]:
+        """Train ``config`` from the base, save to ``output_dir``, reload it and score the reloaded adapter."""
+        run: dict[str, Any] = {}
+        training_args.output_dir = output_dir
+        trainer = DepthSFTTrainer(
+            model=load_base(), args=training_args, train_dataset=train_dataset, processing_class=tokenizer,
+            peft_config=config,
+        )
+        if state.is_main_process:
+            trainer.model.print_trainable_parameters()
+        start = time.perf_counter()
+        train_output = trainer.train()
+        run["train_seconds"] = time.perf_counter() - start
+        run["train_loss"] = train_output.training_loss
+        run["log_history"] = [e for e in trainer.state.log_history if "loss" in e]
+        trainer.save_model(output_dir)
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return run
+        saved = sorted(p.name for p in Path(output_dir).iterdir())
+        print(f"saved adapter to {output_dir}: {saved}", flush=True)
+        reloaded = PeftModel.from_pretrained(load_base(), output_dir).eval()
         trained = trainer.model.eval()
         probe = tokenizer([test_examples[0].prompt], return_tensors="pt")
         with torch.no_grad():
             difference = (
-                (reloaded(**probe).logits - trained(**probe.to(trained.device)).logits.to(reloaded.device))
-                .abs()
-                .max()
-                .item()
-            )
-        results["reload_max_abs_logit_difference"] = difference
+                (reloaded(**probe).logits - trained(**probe.to(trained.device)).logits.to(reloaded.device)).abs().max()
+            ).item()
+        run["reload_max_abs_logit_difference"] = difference
         print(f"reloaded adapter vs trained model: max |Δlogit| = {difference:.2e}", flush=True)
         if not script_args.skip_accuracy:
             start = time.perf_counter()
-            results["accuracy_after"] = accuracy(reloaded, tokenizer, test_examples, script_args)
+            correct = correctness(reloaded, tokenizer, test_examples, script_args)
+            run["accuracy_after"] = _accuracy(correct)
+            run["correct_after"] = "".join("1" if c else "0" for c in correct)
             print(
-                f"[after]  {script_args.task} held-out accuracy of the reloaded adapter: "
-                f"{results['accuracy_after']:.4f}  ({time.perf_counter() - start:.0f}s)",
+                f"[after]  {script_args.task} held-out accuracy of the reloaded {label} adapter: "
+                f"{run['accuracy_after']:.4f}  ({time.perf_counter() - start:.0f}s)",
                 flush=True,
             )
-        with open(Path(training_args.output_dir) / "sft_results.json", "w") as handle:
+        return run
+
+    results.update(train_and_score(peft_config, training_args.output_dir, method_args.peft_method))
+    output_dir = training_args.output_dir
+    if script_args.lora_baseline and method_args.peft_method != "lora":
+        lora_config = build_peft_config(MethodArguments(peft_method="lora"), model_args)
+        results["lora_baseline"] = train_and_score(lora_config, output_dir.rstrip("/") + "-lora-baseline", "LoRA")
+        training_args.output_dir = output_dir
+    if state.is_main_process:
+        if not script_args.skip_accuracy:
+            print_comparison(results, method_args.peft_method)
+        with open(Path(output_dir) / "sft_results.json", "w") as handle:
             json.dump(results, handle, indent=2)
-        summary = {k: v for k, v in results.items() if k != "log_history"}
+        summary = {k: v for k, v in results.items() if k not in ("log_history", "lora_baseline") and "correct" not in k}
         print(json.dumps(summary, indent=2), flush=True)
+
+
+def print_comparison(results: dict[str, Any], method: str) -> None:
+    """Base, method and LoRA held-out accuracy, and the paired differences with 95% bootstrap intervals."""
+    rows = {"base model": results["correct_before"], method: results["correct_after"]}
+    if "lora_baseline" in results:
+        rows["LoRA"] = results["lora_baseline"]["correct_after"]
+    correct = {name: [c == "1" for c in text] for name, text in rows.items()}
+    print(f"\n=== {results['task']}: held-out accuracy ({len(correct['base model'])} examples) ===", flush=True)
+    for name, values in correct.items():
+        print(f"{name:>12}: {_accuracy(values):.4f}", flush=True)
+    pairs = [(method, "base model")] + ([("LoRA", "base model"), (method, "LoRA")] if "LoRA" in correct else [])
+    results["paired_differences"] = {}
+    for a, b in pairs:
+        difference = paired_bootstrap(correct[a], correct[b])
+        results["paired_differences"][f"{a} - {b}"] = difference.__dict__
+        print(f"{a} - {b}: {difference}", flush=True)
 
 
 if __name__ == "__main__":

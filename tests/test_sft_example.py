@@ -58,3 +58,35 @@ def test_bad_options_are_refused_clearly(sft):
         parse(sft, "--peft_method", "molex", "--num_late_layers", "2")
     with pytest.raises(ValueError, match="peft_method"):
         parse(sft, "--peft_method", "prefix")
+
+
+def test_the_main_job_runs_end_to_end_and_compares_with_lora(sft, tmp_path, monkeypatch, capsys):
+    # A tiny random Llama in place of SmolLM2 (same code path): trains the method and the LoRA baseline, saves and
+    # reloads both, and prints the three accuracies with paired intervals computed from the saved per-row results.
+    import json
+
+    from tiny_models import tiny_llama, word_tokenizer
+
+    from peft_depth.analysis import paired_bootstrap
+
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    word_tokenizer().save_pretrained(base)
+    out = tmp_path / "run"
+    argv = ["sft.py", "--model_name_or_path", str(base), "--output_dir", str(out), "--task", "sst2", "--num_test", "24",
+            "--num_train", "16", "--max_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    sft.main()
+    printed = capsys.readouterr().out
+    results = json.loads((out / "sft_results.json").read_text())
+    assert (out / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "run-lora-baseline" / "adapter_model.safetensors").is_file()
+    assert results["reload_max_abs_logit_difference"] == 0.0
+    assert results["lora_baseline"]["reload_max_abs_logit_difference"] == 0.0
+    before = [c == "1" for c in results["correct_before"]]
+    after = [c == "1" for c in results["correct_after"]]
+    assert len(before) == len(after) == 24 and results["accuracy_after"] == sum(after) / 24
+    expected = paired_bootstrap(after, before)
+    assert results["paired_differences"]["mola - base model"]["difference"] == pytest.approx(expected.difference)
+    assert f"mola - base model: {expected}" in printed
+    assert "LoRA - base model:" in printed and "mola - LoRA:" in printed
