@@ -272,6 +272,7 @@ def test_capacity_annealing_follows_the_step():
     config = DLOConfig(capacity=0.9, capacity_annealing_steps=1000)
     assert [config.capacity_at(s) for s in (0, 500, 1000, 5000)] == pytest.approx([1.0, 0.95, 0.9, 0.9])
     model = dlo(tiny_llama(num_layers=8), capacity=0.5, capacity_annealing_steps=10, loss_type="cos")
+    randomise_routers(model)  # distinct scores: a zero-initialised router ties every token, and ties all run
     model.train()
     inputs = batch(batch_size=2, seq_len=10, left_pad=0)
     model(**inputs)
@@ -362,23 +363,51 @@ def test_cos_global_ranks_all_layers_together_and_sets_capacities():
         assert int(block.last_record.selected.sum()) == math.ceil(capacities[block.position] * int(valid.sum()) - 1e-9)
 
 
-def test_selection_takes_the_top_fraction_of_real_tokens_with_ties_to_earlier_tokens():
+def test_selection_takes_the_top_fraction_of_real_tokens():
     generator = torch.Generator().manual_seed(0)
     scores = torch.randn(257, generator=generator)
     valid = torch.rand(257, generator=generator) > 0.2
     for fraction in (0.1, 0.5, 0.9, 1.0):
-        chosen = select_top_fraction(scores, valid, fraction)
         k = math.ceil(fraction * int(valid.sum()))
-        assert int(chosen.sum()) == k and not bool((chosen & ~valid).any())
-        assert torch.equal(
-            chosen, torch.zeros_like(valid).index_fill(0, scores.masked_fill(~valid, -1e9).topk(k).indices, True)
-        )
-    # all tied (a zero-initialised router): the earliest real tokens, not an arbitrary subset nor all of them
+        expected = torch.zeros_like(valid).index_fill(0, scores.masked_fill(~valid, -1e9).topk(k).indices, True)
+        for keep_ties in (True, False):  # distinct scores: both rules take the same k entries
+            chosen = select_top_fraction(scores, valid, fraction, keep_ties=keep_ties)
+            assert int(chosen.sum()) == k and not bool((chosen & ~valid).any())
+            assert torch.equal(chosen, expected)
+
+
+def test_selection_keeps_every_tie_at_the_threshold_as_the_official_code():
+    # official: threshold = k-th largest score, selected = real & (score >= threshold)
+    scores = torch.tensor([0.9, 0.5, 0.5, 0.5, 0.1, 0.5])
+    valid = torch.tensor([True, True, True, True, True, False])
+    chosen = select_top_fraction(scores, valid, 0.4)  # k = 2: 0.9 and the three real 0.5s, never the padding
+    assert chosen.tolist() == [True, True, True, True, False, False]
+    # all tied (a zero-initialised router): every real token, whatever the fraction
     tied = select_top_fraction(torch.full((10,), 0.5), torch.tensor([False] + [True] * 9), 0.34)
-    assert tied.nonzero().flatten().tolist() == [1, 2, 3, 4]
-    # segments are ranked jointly, segment by segment in order among ties
+    assert tied.tolist() == [False] + [True] * 9
+    # segments ranked jointly: the tie spans segments
     joint = select_top_fraction(torch.tensor([[1.0, 2.0, 2.0], [2.0, 0.0, 2.0]]), None, 0.5)
+    assert joint.tolist() == [[False, True, True], [True, False, True]]
+    # keep_ties=False (the fixed eval budget): exactly k, ties to the earliest entries, segment by segment
+    exact = select_top_fraction(torch.full((10,), 0.5), torch.tensor([False] + [True] * 9), 0.34, keep_ties=False)
+    assert exact.nonzero().flatten().tolist() == [1, 2, 3, 4]
+    joint = select_top_fraction(torch.tensor([[1.0, 2.0, 2.0], [2.0, 0.0, 2.0]]), None, 0.5, keep_ties=False)
     assert joint.tolist() == [[False, True, True], [True, False, False]]
+
+
+def test_zero_initialised_routers_execute_every_token_in_training_at_capacity_below_one():
+    # The official rule keeps every token tied with the k-th score: a fresh (zero) router scores every token 0.5, so
+    # at capacity 0.9 every real token runs every routed layer (keeping k by index skipped the batch's last tokens).
+    model = dlo(tiny_llama(num_layers=8), capacity=0.9, capacity_annealing_steps=0, loss_type="cos")
+    model.train()
+    inputs = batch(batch_size=3, seq_len=9, left_pad=2)
+    model(**inputs)
+    real = inputs["attention_mask"].reshape(-1).bool()
+    stats = peft_depth.routing_stats(model)["dlo"]["default"]
+    assert stats["executed_fraction"] == 1.0
+    assert all(row["executed_fraction"] == 1.0 and row["capacity"] == 0.9 for row in stats["layers"])
+    for block in tuner(model)._dlo["blocks"]:
+        assert torch.equal(block.last_record.selected, real)
 
 
 def test_training_moves_only_dlo_parameters_and_losses_decrease():

@@ -101,7 +101,11 @@ def _synced_selection(rank: int) -> dict[float, torch.Tensor]:
     context = RoutingContext(torch.nn.Identity())
     context.sync_across_processes = True
     scores, valid = _selection_rows(range(2 * rank, 2 * rank + 2))
-    return {f: select_top_fraction(scores, valid, f, context)[valid] for f in (0.1, 0.37, 0.5, 0.9)}
+    return {
+        (f, keep_ties): select_top_fraction(scores, valid, f, context, keep_ties=keep_ties)[valid]
+        for f in (0.1, 0.37, 0.5, 0.9)
+        for keep_ties in (True, False)
+    }
 
 
 def _free_port() -> int:
@@ -139,16 +143,21 @@ def _reference(method: str, tmp_path) -> tuple:
 
 def test_synced_selection_equals_one_process_with_ties(two_process_results):
     """Integer scores tie everywhere: the two processes together select exactly the real tokens one process holding
-    the whole batch selects (ties broken by the global order: segment, then row, then position)."""
+    the whole batch selects, with the official rule (every tie at the threshold kept) and with exactly k (ties broken
+    by the global order: segment, then row, then position)."""
     from peft_depth.tuners.dlo.selection import select_top_fraction
 
     rank0, rank1 = two_process_results
     scores, valid = _selection_rows(range(4))
-    for fraction, shard0 in rank0["selection"].items():
-        expected = select_top_fraction(scores, valid, fraction)
-        combined = torch.cat([shard0.view(3, -1), rank1["selection"][fraction].view(3, -1)], dim=1)
-        assert torch.equal(combined, expected[valid].view(3, -1)), fraction
-        assert int(expected.sum()) == max(1, math.ceil(fraction * int(valid.sum()) - 1e-9))
+    for (fraction, keep_ties), shard0 in rank0["selection"].items():
+        expected = select_top_fraction(scores, valid, fraction, keep_ties=keep_ties)
+        combined = torch.cat([shard0.view(3, -1), rank1["selection"][(fraction, keep_ties)].view(3, -1)], dim=1)
+        assert torch.equal(combined, expected[valid].view(3, -1)), (fraction, keep_ties)
+        k = max(1, math.ceil(fraction * int(valid.sum()) - 1e-9))
+        if keep_ties:
+            assert int(expected.sum()) >= k and bool((scores[valid & ~expected] < scores[expected].min()).all())
+        else:
+            assert int(expected.sum()) == k
 
 
 def _max_rel_diff(a: dict, b: dict) -> float:

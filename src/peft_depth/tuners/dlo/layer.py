@@ -356,10 +356,10 @@ class DLOBlock(_Delegating):
         """``[N]`` tokens the router chooses; batch-wide selections rank and count real tokens with finite scores."""
         sync = self._context if self._context.syncing else None
         ranked = finite if valid is None else valid & finite
-        if training:
-            return select_top_fraction(scores, ranked, capacity, sync)
-        if inference_capacity is not None:
-            return select_top_fraction(scores, ranked, inference_capacity, sync)
+        if training:  # the official rule: every token tied with the k-th score runs too
+            return select_top_fraction(scores, ranked, capacity, sync, keep_ties=True)
+        if inference_capacity is not None:  # a fixed budget: exactly k tokens
+            return select_top_fraction(scores, ranked, inference_capacity, sync, keep_ties=False)
         # Execute when s >= 0.5 (official: s > 0.5). A zero-initialised router gives s = 0.5 exactly, so with the
         # official strict test a fresh adapter would skip every MLP; >= makes it run everything and equal the base.
         selected = (scores >= 0.5) & finite

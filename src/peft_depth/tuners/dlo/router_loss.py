@@ -3,7 +3,8 @@
 A token is labelled "execute" at a layer when the cosine similarity between the residual stream before and after the
 MLP is among the lowest (the MLP changes it most). ``loss_type='cos'`` ranks each layer's tokens at that layer's
 capacity; ``'cos_global'`` (the paper's default) ranks every (layer, token) pair together at the annealed capacity
-and returns each layer's share as its capacity for the next forward.
+and returns each layer's share as its capacity for the next forward. As in the official code, every token tied with
+the threshold similarity is labelled "execute" too (``select_top_fraction``'s ``keep_ties``).
 """
 
 from __future__ import annotations
@@ -38,13 +39,13 @@ def router_labels(
     if config.loss_type == "cos":
         for position in positions:
             record = records[position]
-            labels[position] = select_top_fraction(-record.cos, record.counted, record.capacity, sync)
+            labels[position] = select_top_fraction(-record.cos, record.counted, record.capacity, sync, keep_ties=True)
         return labels, None
     # One ranking over every (layer, token): the lowest cosine similarities overall are labelled "execute"; each
     # layer's share becomes its capacity for the next forward.
     scores = torch.stack([-records[p].cos for p in positions])  # [layers, N]
     valid = torch.stack([records[p].counted for p in positions])  # a token with a non-finite score is never ranked
-    chosen = select_top_fraction(scores, valid, capacity, sync)
+    chosen = select_top_fraction(scores, valid, capacity, sync, keep_ties=True)
     counts = torch.stack([chosen.sum(dim=1), valid.sum(dim=1)], dim=1).to(torch.float64)  # [layers, 2]
     if reduce is not None:
         counts = reduce(counts)
