@@ -19,9 +19,20 @@ trained model) takes part through these optional methods:
     parameters not listed in any group get the trainer's usual decay / no-decay groups. A parameter may appear in at
     most one group.
 
+``depth_lr_multipliers() -> {group name: float}``
+    Per-step learning-rate multipliers of named groups from ``depth_optimizer_groups`` (DLO's ``capacity_lr_scaling``:
+    each routed layer's rate follows its current capacity). Before each optimizer step (at the step's first
+    micro-batch) the trainer sets each named group's ``lr`` to the rate its LR scheduler gave it × the multiplier
+    (``apply_lr_multipliers``), so the multiplier rides on the schedule (warmup, decay) instead of replacing it.
+
 ``set_training_step(step: int) -> None``
     Called before every training micro-batch with the trainer's global step (the number of optimizer steps done),
     so schedules such as DLO's capacity annealing follow the trainer, also after resuming from a checkpoint.
+
+``set_training_total_steps(total_steps: int) -> None``
+    Called before every training micro-batch with the run's total number of optimizer steps (``TrainerState.
+    max_steps``: ``max_steps``, or the number of epochs × the optimizer steps per epoch), for schedules given as a
+    fraction of training (DLO's ``capacity_annealing_fraction``).
 
 ``needs_full_logits`` (attribute or property, bool)
     True when an active adapter must see the model's own LM-head logits (MoD's ``mix_space="log_probs"`` mixes
@@ -55,6 +66,7 @@ from ..core.tuner import DepthTuner
 __all__ = [
     "CHECKPOINT_STATE_FILE",
     "WeightedAuxTerm",
+    "apply_lr_multipliers",
     "checkpoint_state",
     "load_checkpoint_state",
     "needs_full_logits",
@@ -63,6 +75,7 @@ __all__ = [
     "routing_health",
     "set_sync_routing_stats",
     "set_training_step",
+    "set_training_total_steps",
     "weighted_aux_terms",
 ]
 
@@ -100,6 +113,12 @@ def set_training_step(model: nn.Module, step: int) -> None:
     """Tell every module with a ``set_training_step`` hook the trainer's global step."""
     for module in _hook_owners(model, "set_training_step"):
         module.set_training_step(int(step))
+
+
+def set_training_total_steps(model: nn.Module, total_steps: int) -> None:
+    """Tell every module with a ``set_training_total_steps`` hook the run's total number of optimizer steps."""
+    for module in _hook_owners(model, "set_training_total_steps"):
+        module.set_training_total_steps(int(total_steps))
 
 
 def needs_full_logits(model: nn.Module) -> bool:
@@ -202,6 +221,37 @@ def collect_optimizer_groups(
                     new_group["weight_decay"] = gate_weight_decay
             groups.append(new_group)
     return groups
+
+
+#: Keys ``apply_lr_multipliers`` keeps in an optimizer group: the rate before its multiplier, and the rate it set.
+UNSCALED_LR_KEY = "depth_unscaled_lr"
+SCALED_LR_KEY = "depth_scaled_lr"
+
+
+def apply_lr_multipliers(model: nn.Module, optimizer: Any) -> dict[str, float]:
+    """Scale each optimizer group named by a ``depth_lr_multipliers`` hook: ``lr`` = its unscaled rate × multiplier.
+
+    The unscaled rate is the group's ``lr`` as the LR scheduler (or the user) last set it. PyTorch's ``LambdaLR``,
+    behind every Hugging Face schedule but ``reduce_lr_on_plateau``, overwrites ``group["lr"]`` on each step with
+    ``initial_lr × lambda(step)``: a rate that differs from the one this function last wrote is such a fresh rate and
+    is scaled; one still equal to it was scaled already (a second call in the same step, or a resumed optimizer
+    whose saved groups carry both keys) and is rescaled from the unscaled rate kept beside it. So the multiplier
+    never compounds, and the schedule's warmup and decay stay in force. Returns ``{group name: lr}`` of the groups set.
+    """
+    multipliers: dict[str, float] = {}
+    for owner in _hook_owners(model, "depth_lr_multipliers"):
+        multipliers.update(owner.depth_lr_multipliers())
+    applied = {}
+    for group in optimizer.param_groups:
+        name = group.get("name")
+        if name not in multipliers:
+            continue
+        scaled = group.get(SCALED_LR_KEY)
+        unscaled = group[UNSCALED_LR_KEY] if scaled is not None and group["lr"] == scaled else group["lr"]
+        group[UNSCALED_LR_KEY] = unscaled
+        group["lr"] = group[SCALED_LR_KEY] = unscaled * float(multipliers[name])
+        applied[name] = group["lr"]
+    return applied
 
 
 # ---------------------------------------------------------------------------------------------- routing health

@@ -24,6 +24,7 @@ from ..hub.model_card import write_model_card
 from .config import DepthSFTConfig
 from .hooks import (
     CHECKPOINT_STATE_FILE,
+    apply_lr_multipliers,
     checkpoint_state,
     collect_optimizer_groups,
     depth_tuners,
@@ -32,6 +33,7 @@ from .hooks import (
     routing_health,
     set_sync_routing_stats,
     set_training_step,
+    set_training_total_steps,
     weighted_aux_terms,
 )
 
@@ -71,8 +73,10 @@ class DepthSFTTrainer(SFTTrainer):
     - logs ``loss/lm`` and ``loss/<name>`` per auxiliary loss (weighted; they add up to the logged ``loss``),
       ``aux/<name>`` (unweighted), and routing health under ``routing/...``;
     - sets ``sync_routing_stats`` on every depth tuner (the config is the source of truth), calls the tuners'
-      ``set_training_step`` hook before each micro-batch, builds the optimizer from their ``depth_optimizer_groups``
-      when they expose any, and saves / restores their ``depth_checkpoint_state`` with each checkpoint;
+      ``set_training_step`` / ``set_training_total_steps`` hooks before each micro-batch, builds the optimizer from
+      their ``depth_optimizer_groups`` when they expose any and scales those groups' scheduled learning rates by
+      their ``depth_lr_multipliers`` before each optimizer step, and saves / restores their ``depth_checkpoint_state``
+      with each checkpoint;
     - computes the LM loss from real logits instead of TRL's fused LM head when an adapter sets
       ``needs_full_logits`` (MoD's log-probability mixing), with the same normalisation;
     - builds DDP without the unused-parameter search (parameters trained only by an auxiliary loss break it), and
@@ -97,6 +101,7 @@ class DepthSFTTrainer(SFTTrainer):
         # Adapter names are left out of routing/... metric names when there is only one adapter.
         names = set(getattr(self.model, "peft_config", {}) or {})
         self._drop_path_names = names if len(names) == 1 else set()
+        self._lr_scaled_at_step: int | None = None  # the global step whose rates apply_lr_multipliers last set
 
     def _build_accelerator_args(self, **kwargs: Any) -> dict[str, Any]:
         args = super()._build_accelerator_args(**kwargs)
@@ -114,8 +119,16 @@ class DepthSFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------------------------------- training step
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        # Before the forward: schedules such as DLO's capacity annealing follow the trainer's global step.
+        # Before the forward: schedules such as DLO's capacity annealing follow the trainer's global step (and, given
+        # as a fraction of training, the run's total: max_steps, or the epochs × steps per epoch).
+        set_training_total_steps(self.model, self.state.max_steps)
         set_training_step(self.model, self.state.global_step)
+        if self.optimizer is not None and self._lr_scaled_at_step != self.state.global_step:
+            # Once per optimizer step, at its first micro-batch: the LR scheduler has just set this step's rates, and
+            # the capacities are those this step's forwards run at (the official code rescales right after the
+            # scheduler's step, from the same capacities).
+            apply_lr_multipliers(self.model, self.optimizer)
+            self._lr_scaled_at_step = self.state.global_step
         return super().training_step(model, inputs, num_items_in_batch=num_items_in_batch)
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
