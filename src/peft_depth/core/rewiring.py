@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from .layer_stack import LayerStack
@@ -59,6 +60,9 @@ def _unwrap_tuner_layers(module: nn.Module) -> None:
     for name, child in list(module.named_children()):
         if isinstance(child, BaseTunerLayer):
             setattr(module, name, child.get_base_layer())
+        elif isinstance(child, ModulesToSaveWrapper):  # a module trained as a copy: the original is the base
+            setattr(module, name, child.original_module)
+            _unwrap_tuner_layers(child.original_module)
         else:
             _unwrap_tuner_layers(child)
 
@@ -84,10 +88,16 @@ def plain_layer_copy(layer: nn.Module) -> nn.Module:
 
 
 def plain_state_dict(layer: nn.Module) -> dict[str, Any]:
-    """State dict of ``layer`` as it would be without PEFT wrappers (base weights only, ``base_layer.`` removed),
-    quantized linears dequantized as in ``plain_layer_copy``."""
+    """State dict of ``layer`` as it would be without PEFT wrappers (base weights only, ``base_layer.`` removed, a
+    ``modules_to_save`` wrapper's original module in its place), quantized linears dequantized as in
+    ``plain_layer_copy``."""
     adapter_prefixes = []
+    originals = []  # "<path>.original_module." of each modules_to_save wrapper
     for name, module in layer.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            prefix = f"{name}." if name else ""
+            adapter_prefixes.append(f"{prefix}modules_to_save.")
+            originals.append(f"{prefix}original_module.")
         if isinstance(module, BaseTunerLayer):
             for child_name, _ in module.named_children():
                 if child_name != "base_layer":
@@ -110,6 +120,9 @@ def plain_state_dict(layer: nn.Module) -> dict[str, Any]:
     for key, value in state.items():
         if any(key.startswith(prefix) or key == prefix.rstrip(".") for prefix in adapter_prefixes):
             continue
+        for prefix in originals:
+            if key.startswith(prefix):
+                key = prefix.removesuffix("original_module.") + key.removeprefix(prefix)
         plain[key.replace(".base_layer.", ".").removeprefix("base_layer.")] = value
     return plain
 
