@@ -667,6 +667,22 @@ def test_routing_stats_and_optimizer_groups():
     stats = peft_depth.routing_stats(model)["dlo"]["default"]
     assert [row["layer"] for row in stats["layers"]] == [4, 9] and all(row["new"] for row in stats["layers"])
     assert stats["executed_fraction"] == 1.0
+    assert stats["executed_fraction_by_kind"] == {"original": None, "new": 1.0}  # no routed original layer
     groups = tuner(model).depth_optimizer_groups(1e-3, 0.0)
     assert [g["name"] for g in groups] == ["dlo_layer_4", "dlo_layer_9"]
-    assert all(g["lr"] == pytest.approx(1e-3) for g in groups)  # equal capacities: multiplier 1
+    assert all(g["lr"] == pytest.approx(1e-3) for g in groups)  # the unscaled rate: the trainer scales it per step
+
+
+def test_routing_stats_split_the_executed_fraction_by_layer_kind():
+    model = dlo(tiny_llama(num_layers=8), capacity=0.5, capacity_annealing_steps=0, loss_type="cos")
+    randomise_routers(model)
+    inputs = batch(batch_size=2, seq_len=10, left_pad=3)
+    model.eval()
+    model(**inputs)
+    stats = peft_depth.routing_stats(model)["dlo"]["default"]
+    for kind, new in (("original", False), ("new", True)):
+        rows = [row for row in stats["layers"] if row["new"] is new]
+        executed = sum(row["executed_fraction"] * row["num_tokens"] for row in rows)
+        expected = executed / sum(row["num_tokens"] for row in rows)
+        assert stats["executed_fraction_by_kind"][kind] == pytest.approx(expected)
+    assert stats["executed_fraction_by_kind"]["original"] != stats["executed_fraction_by_kind"]["new"]

@@ -1,5 +1,5 @@
 """How much each routed layer executes: the annealed training capacity, the per-layer capacities ``cos_global``
-sets, the eval budget, and the per-layer learning rates that follow the capacities (the official "dynamic LR")."""
+sets, and the eval budget. The per-layer learning rates that follow the capacities live in ``learning_rates``."""
 
 from __future__ import annotations
 
@@ -12,14 +12,16 @@ __all__ = ["CapacitySchedule"]
 
 
 class CapacitySchedule:
-    """Mixin of ``DLOModel``: the training step, per-layer capacities and the optimizer groups built on them.
+    """Mixin of ``DLOModel``: the training step (and the run's length), the annealed and per-layer capacities.
 
-    Uses the tuner's ``peft_config``, ``dlo_routers``, ``dlo_new_layers``, ``_dlo["capacities"]`` and
-    ``_active_dlo_adapter()``.
+    Uses the tuner's ``peft_config``, ``dlo_routers``, ``_dlo["capacities"]`` and ``_active_dlo_adapter()``.
     """
 
     #: The optimizer step capacity annealing follows (set by the trainer, or by hand with ``set_dlo_step``).
     dlo_step: int = 0
+    #: Total optimizer steps of the training run (set by the trainer, or with ``set_dlo_total_steps``); needed only
+    #: by ``capacity_annealing_fraction``.
+    dlo_total_steps: int | None = None
 
     def set_dlo_step(self, step: int) -> None:
         """Tell DLO the number of optimizer steps done; the training capacity anneals from 1.0 along it."""
@@ -31,6 +33,33 @@ class CapacitySchedule:
     def set_training_step(self, step: int) -> None:
         """Hook called by ``DepthSFTTrainer`` before every training micro-batch (same as ``set_dlo_step``)."""
         self.set_dlo_step(int(step))
+
+    def set_dlo_total_steps(self, total_steps: int | None) -> None:
+        """Tell DLO how many optimizer steps the training run has (None: unknown); ``capacity_annealing_fraction``
+        anneals over that fraction of them."""
+        if total_steps is not None and (
+            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0
+        ):
+            raise ValueError(f"`total_steps` must be a positive integer or None, got {total_steps!r}.")
+        self.dlo_total_steps = total_steps
+
+    def set_training_total_steps(self, total_steps: int) -> None:
+        """Hook called by ``DepthSFTTrainer`` before every training micro-batch with the run's total optimizer steps
+        (``TrainerState.max_steps``: ``max_steps``, or the epochs times the steps per epoch)."""
+        self.set_dlo_total_steps(int(total_steps) if total_steps and total_steps > 0 else None)
+
+    def dlo_annealed_capacity(self, adapter_name: str) -> float:
+        """The annealed training capacity of ``adapter_name`` at ``dlo_step`` (ValueError when it anneals over a
+        fraction of training and the total number of steps is unknown)."""
+        config: DLOConfig = self.peft_config[adapter_name]
+        return config.capacity_at(self.dlo_step, total_steps=self.dlo_total_steps)
+
+    def dlo_capacity_target(self, adapter_name: str) -> float | None:
+        """``dlo_annealed_capacity``, or None where it cannot be known yet (for statistics, which never raise)."""
+        try:
+            return self.dlo_annealed_capacity(adapter_name)
+        except ValueError:
+            return None
 
     def depth_checkpoint_state(self) -> dict[str, Any]:
         """Non-parameter training state a resume needs: the annealing step and the cos_global per-layer capacities."""
@@ -50,12 +79,17 @@ class CapacitySchedule:
             for adapter, layers in state.get("capacities", {}).items()
         }
 
-    def dlo_layer_settings(self, adapter_name: str, position: int) -> tuple[float, bool, float | None]:
-        """``(training capacity, whether router labels are wanted, eval capacity or None)`` of one routed layer."""
+    def dlo_layer_settings(
+        self, adapter_name: str, position: int, *, training: bool = True
+    ) -> tuple[float | None, bool, float | None]:
+        """``(training capacity, whether router labels are wanted, eval capacity or None)`` of one routed layer.
+
+        The training capacity is None in eval (``training=False``), where it is not used: an adapter that anneals over
+        a fraction of training then runs in eval without knowing the training run's length."""
         config: DLOConfig = self.peft_config[adapter_name]
         capacity = self._dlo["capacities"].get(adapter_name, {}).get(position)
         if capacity is None or config.loss_type != "cos_global":
-            capacity = config.capacity_at(self.dlo_step)
+            capacity = self.dlo_annealed_capacity(adapter_name) if training else None
         inference = None
         if config.inference_selection == "capacity":
             inference = config.inference_capacity if config.inference_capacity is not None else config.capacity
@@ -70,34 +104,3 @@ class CapacitySchedule:
             int(key[1:]): self.dlo_layer_settings(adapter_name, int(key[1:]))[0]
             for key in self.dlo_routers[adapter_name]
         }
-
-    def dlo_lr_multipliers(self, adapter_name: str | None = None) -> dict[int, float]:
-        """Official dynamic LR: per routed layer, capacity_l + (1 − mean capacity)."""
-        capacities = self.dlo_layer_capacities(adapter_name)
-        if not capacities:
-            return {}
-        mean = sum(capacities.values()) / len(capacities)
-        return {position: capacity + (1.0 - mean) for position, capacity in capacities.items()}
-
-    def depth_optimizer_groups(self, base_lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """With ``capacity_lr_scaling``: one parameter group per routed layer (its router and, for a new layer, its
-        weights) at ``base_lr`` × that layer's multiplier, taken when the optimizer is built."""
-        adapter_name = self._active_dlo_adapter()
-        if adapter_name is None or not self.peft_config[adapter_name].capacity_lr_scaling:
-            return []
-        multipliers = self.dlo_lr_multipliers(adapter_name)
-        groups = []
-        for position, multiplier in sorted(multipliers.items()):
-            params = list(self.dlo_routers[adapter_name][f"l{position}"].parameters())
-            key = f"new{position}"
-            if key in self.dlo_new_layers[adapter_name]:
-                params += list(self.dlo_new_layers[adapter_name][key].parameters())
-            groups.append(
-                {
-                    "params": params,
-                    "lr": base_lr * multiplier,
-                    "weight_decay": weight_decay,
-                    "name": f"dlo_layer_{position}",
-                }
-            )
-        return groups

@@ -1,7 +1,8 @@
 """Configuration of DLO: Dynamic Layer Operation for efficient vertical scaling of LLMs (arXiv 2407.11030).
 
 The official code (``DaizeDong/LLaMA-DLO``) trains every weight; here the trainable parts are the new layers (fully,
-or LoRA on top of their copies), the routers, and optionally LoRA on the original layers. Everything else follows
+or LoRA on top of their copies), the routers, and optionally LoRA on the original layers or chosen original modules
+trained in full (``trained_original_modules``, saved as peft ``modules_to_save`` copies). Everything else follows
 the official defaults: interleaved expansion with zero-out initialisation, a zero-initialised sigmoid router per
 layer, MLP skipping, the cosine-similarity router loss with one global ranking, capacity annealing 1.0 -> 0.9.
 """
@@ -94,8 +95,10 @@ class DLOConfig(LoraFieldsConfig):
     runs) or the whole block runs (``skip_mode="block"``). Executed MLP outputs are scaled by
     ``1 + scale_gap·(s − 0.5)``, which is how the language-model loss reaches the router.
 
-    Training selects the top ``capacity`` fraction of the batch's non-padding tokens (annealed from 1.0 over
-    ``capacity_annealing_steps``, driven by ``DLOModel.set_dlo_step``); inference runs the tokens with ``s >= 0.5``.
+    Training selects the top ``capacity`` fraction of the batch's non-padding tokens, and every token tied with the
+    last of them, as the official code does (annealed from 1.0 over ``capacity_annealing_steps`` or
+    ``capacity_annealing_fraction`` of training, driven by ``DLOModel.set_dlo_step``); inference runs the tokens with
+    ``s >= 0.5``.
     The router is trained by a BCE loss against labels marking the tokens the MLP changes most (lowest cosine
     similarity between the residual stream before and after the MLP), exposed as the auxiliary loss ``"router"``.
 
@@ -175,6 +178,16 @@ class DLOConfig(LoraFieldsConfig):
             "inserted layers), or 'none' (dense expansion, the LLaMA-Pro baseline; mergeable)."
         },
     )
+    unrouted_edge_layers: int = field(
+        default=0,
+        metadata={
+            "help": "With routed_layers='all': the first N and the last N *original* layers (indices 0..N-1 and "
+            "L-N..L-1 of the L-layer base) get no router and always run, as the official "
+            "`original_dlo_shrink_num`; the new layers keep their routers (the official code switches those "
+            "separately). 0 (default): every layer is routed. At most (L-1)//2, so that an original layer stays "
+            "routed (checked against the model); route no original layer with routed_layers='new'."
+        },
+    )
     skip_mode: str = field(
         default="mlp",
         metadata={
@@ -191,13 +204,28 @@ class DLOConfig(LoraFieldsConfig):
     )
     capacity: float = field(
         default=0.9,
-        metadata={"help": "Target fraction of non-padding tokens a routed layer executes in training (official 0.9)."},
+        metadata={
+            "help": "Target fraction of non-padding tokens a routed layer executes in training (official 0.9): the "
+            "top ceil(capacity × tokens) by router score, plus every token tied with the last of them (official "
+            "rule; a zero-initialised router, which scores every token alike, runs them all)."
+        },
     )
     capacity_annealing_steps: int = field(
         default=1000,
         metadata={
             "help": "Steps over which the training capacity falls linearly from 1.0 to `capacity` (0: target from "
-            "the start). The step comes from `DLOModel.set_dlo_step` (DepthSFTTrainer calls it)."
+            "the start; official 1000). The step comes from `DLOModel.set_dlo_step` (DepthSFTTrainer calls it). "
+            "Ignored when `capacity_annealing_fraction` is set."
+        },
+    )
+    capacity_annealing_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Anneal over this fraction of the training run instead of a fixed step count: a number in (0, 1] "
+            "(0.5: capacity reaches its target half-way; annealing steps = round(fraction × total steps), at least "
+            "1). Takes precedence over `capacity_annealing_steps`. The total comes from DepthSFTTrainer (max_steps, "
+            "or the epochs × steps per epoch) or `DLOModel.set_dlo_total_steps`; a training forward without it "
+            "raises. None (default): `capacity_annealing_steps` decides."
         },
     )
     loss_type: str = field(
@@ -228,13 +256,38 @@ class DLOConfig(LoraFieldsConfig):
     capacity_lr_scaling: bool = field(
         default=False,
         metadata={
-            "help": "Official 'dynamic LR': `DLOModel.depth_optimizer_groups` (used by DepthSFTTrainer) gives each "
-            "routed layer's router and new-layer weights a learning rate scaled by capacity_l + (1 − mean capacity)."
+            "help": "The official 'dynamic LR': the trainable weights of each routed layer (its router, a new "
+            "layer's weights, the LoRA and trained copies on an original layer) train at the scheduled learning "
+            "rate × (capacity_l + 1 − mean capacity), recomputed every optimizer step from the capacities the layer "
+            "runs at (they change with annealing and with cos_global). Needs DepthSFTTrainer, which puts each layer "
+            "in an optimizer group of its own and applies the multiplier on top of its LR scheduler before every "
+            "step; with another training loop, `DLOModel.depth_optimizer_groups` and `depth_lr_multipliers` give "
+            "the groups and the multipliers."
         },
     )
     min_capacity: float = field(
         default=0.05,
         metadata={"help": "Floor of the per-layer capacities that loss_type='cos_global' sets, so no layer starves."},
+    )
+    trained_original_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules of the original layers trained in full, as the paper trains every weight: names inside "
+            "a decoder layer (suffix match, e.g. ['mlp'], or ['self_attn', 'mlp', 'input_layernorm', "
+            "'post_attention_layernorm'] for whole layers), in the layers `trained_original_layers` picks. Each "
+            "becomes a peft `modules_to_save` copy: at injection its full path (e.g. 'model.layers.3.mlp') is added "
+            "to `modules_to_save`, so the saved config lists every module the adapter replaces, the copies are "
+            "saved in the adapter and loaded under those names only, and the base weights themselves are never "
+            "written (disable_adapter and unload give the base back). The copies keep the base's dtype, as peft's "
+            "modules_to_save do. None (default): the original layers stay frozen (or get LoRA, with r > 0)."
+        },
+    )
+    trained_original_layers: str | list[int] = field(
+        default="routed",
+        metadata={
+            "help": "Which original layers `trained_original_modules` trains: 'routed' (default: those with a "
+            "router), 'all', or a list of original layer indices."
+        },
     )
 
     def _check_lora_fields(self, *, allow_zero_rank: bool) -> None:
@@ -243,7 +296,9 @@ class DLOConfig(LoraFieldsConfig):
 
     def training_needs(self) -> tuple[list[str], list[str]]:
         losses, schedules = super().training_needs()
-        if self.capacity_annealing_steps > 0:
+        if self.capacity_annealing_fraction is not None:
+            schedules.append(f"capacity annealing (capacity_annealing_fraction={self.capacity_annealing_fraction})")
+        elif self.capacity_annealing_steps > 0:
             schedules.append(f"capacity annealing (capacity_annealing_steps={self.capacity_annealing_steps})")
         return losses, schedules
 
@@ -286,6 +341,10 @@ class DLOConfig(LoraFieldsConfig):
             raise ValueError(
                 f"`capacity_annealing_steps` must be an integer >= 0, got {self.capacity_annealing_steps!r}."
             )
+        if self.capacity_annealing_fraction is not None:
+            check_probability("capacity_annealing_fraction", self.capacity_annealing_fraction, allow_zero=False)
+        _check_unrouted_edge_layers(self)
+        _check_trained_original_modules(self)
         check_non_negative_number("router_loss_coef", self.router_loss_coef)
         if not isinstance(self.lora_on_original_layers, bool):
             raise ValueError(f"`lora_on_original_layers` must be True or False, got {self.lora_on_original_layers!r}.")
@@ -337,9 +396,66 @@ class DLOConfig(LoraFieldsConfig):
         """Dense expansion (no routing): the LLaMA-Pro baseline, the only DLO configuration that can be merged."""
         return self.routed_layers == "none"
 
-    def capacity_at(self, step: int) -> float:
-        """Training capacity after ``step`` optimizer steps: linear from 1.0 to ``capacity``."""
-        if self.capacity_annealing_steps == 0:
+    def annealing_steps(self, total_steps: int | None = None) -> int:
+        """Optimizer steps over which capacity anneals: ``capacity_annealing_steps``, or with
+        ``capacity_annealing_fraction`` that fraction of ``total_steps`` (rounded, at least 1)."""
+        if self.capacity_annealing_fraction is None:
+            return self.capacity_annealing_steps
+        if total_steps is None:
+            raise ValueError(
+                f"`capacity_annealing_fraction`={self.capacity_annealing_fraction} anneals over a fraction of the "
+                "training run, whose total number of steps is unknown here: train with DepthSFTTrainer (it supplies "
+                "the total from max_steps or the number of epochs), call `set_dlo_total_steps(total)` on the DLO "
+                "model (`model.base_model`), or give `capacity_annealing_steps` instead."
+            )
+        return max(1, round(self.capacity_annealing_fraction * total_steps))
+
+    def capacity_at(self, step: int, total_steps: int | None = None) -> float:
+        """Training capacity after ``step`` optimizer steps: linear from 1.0 to ``capacity`` over
+        ``annealing_steps(total_steps)`` steps."""
+        steps = self.annealing_steps(total_steps)
+        if steps == 0:
             return float(self.capacity)
-        progress = min(max(step, 0) / self.capacity_annealing_steps, 1.0)
+        progress = min(max(step, 0) / steps, 1.0)
         return 1.0 - (1.0 - self.capacity) * progress
+
+
+def _check_unrouted_edge_layers(config: DLOConfig) -> None:
+    value = config.unrouted_edge_layers
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"`unrouted_edge_layers` must be an integer >= 0, got {value!r}.")
+    if value and config.routed_layers != "all":
+        raise ValueError(
+            f"`unrouted_edge_layers`={value} applies to routed original layers, i.e. with routed_layers='all'; "
+            f"with routed_layers={config.routed_layers!r} no original layer has a router. Set it to 0."
+        )
+
+
+def _check_trained_original_modules(config: DLOConfig) -> None:
+    """Validates (and normalises) `trained_original_modules` / `trained_original_layers`."""
+    names = config.trained_original_modules
+    if names is not None:
+        if not _is_list(names) or not names or not all(isinstance(v, str) and v for v in names):
+            raise ValueError(
+                "`trained_original_modules` must be null or a non-empty list of module names inside a decoder "
+                f"layer (e.g. ['mlp']), got {names!r}."
+            )
+        config.trained_original_modules = list(names)
+    layers = config.trained_original_layers
+    if _is_list(layers):
+        if not layers or not all(_is_int(i) and i >= 0 for i in layers):
+            raise ValueError(
+                "`trained_original_layers` must be 'routed', 'all' or a non-empty list of original layer indices "
+                f"(integers >= 0), got {layers!r}."
+            )
+        config.trained_original_layers = sorted(set(layers))
+    elif layers not in ("routed", "all"):
+        raise ValueError(
+            "`trained_original_layers` must be 'routed', 'all' or a non-empty list of original layer indices "
+            f"(integers >= 0), got {layers!r}."
+        )
+    if names is not None and layers == "routed" and config.routed_layers != "all":
+        raise ValueError(
+            f"`trained_original_layers`='routed' picks no layer with routed_layers={config.routed_layers!r} (no "
+            "original layer has a router); use 'all' or a list of original layer indices."
+        )

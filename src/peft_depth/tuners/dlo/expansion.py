@@ -28,6 +28,7 @@ __all__ = [
     "expanded_layout",
     "hidden_size",
     "initial_state",
+    "is_routed_original",
     "matches_module_name",
     "merge_new_layer_lora",
 ]
@@ -46,6 +47,12 @@ def expanded_layout(plan: list[tuple[int, int]], num_layers: int) -> list[tuple[
         layout.append(("orig", index))
         layout.extend(("new", source) for source in inserts[index])
     return layout
+
+
+def is_routed_original(config: DLOConfig, index: int, num_layers: int) -> bool:
+    """Whether original layer ``index`` of a ``num_layers``-layer base gets a router under ``config``."""
+    edge = config.unrouted_edge_layers
+    return config.routed_layers == "all" and edge <= index < num_layers - edge
 
 
 def matches_module_name(module_path: str, names: Sequence[str]) -> bool:
@@ -85,6 +92,12 @@ def checked_layout(config: DLOConfig, originals: Sequence[nn.Module], model: nn.
     """
     plan = expansion_plan(config.expansion, len(originals), config.expand_every, config.stack_range)
     layout = expanded_layout(plan, len(originals))
+    edge, depth = config.unrouted_edge_layers, len(originals)
+    if 2 * edge >= depth:
+        raise ValueError(
+            f"`unrouted_edge_layers`={edge} leaves no original layer of this {depth}-layer model routed (allowed: "
+            f"0..{(depth - 1) // 2}); to route only the new layers use routed_layers='new'."
+        )
     if config.routed_layers != "none":
         hidden_size(model)
         if config.skip_mode == "mlp":
@@ -185,7 +198,10 @@ def merge_new_layer_lora(layer: nn.Module) -> None:
 def build_routers(
     config: DLOConfig, layout: list[tuple[str, int]], originals: Sequence[nn.Module], model: nn.Module
 ) -> nn.ModuleDict:
-    """One zero-initialised ``Linear(hidden, 1, bias=False)`` per routed position, as ``{"l<position>": router}``."""
+    """One zero-initialised ``Linear(hidden, 1, bias=False)`` per routed position, as ``{"l<position>": router}``.
+
+    With ``unrouted_edge_layers`` = N, the first N and last N original layers (by original index, as the official
+    ``original_dlo_shrink_num``) get none; new layers are routed whatever their source."""
     routers = nn.ModuleDict()
     if config.routed_layers == "none":
         return routers
@@ -194,8 +210,8 @@ def build_routers(
     reference = floating_parameter(originals[0])
     if reference is None:
         reference = next(originals[0].parameters())
-    for position, (kind, _) in enumerate(layout):
-        if config.routed_layers == "new" and kind != "new":
+    for position, (kind, source) in enumerate(layout):
+        if kind != "new" and not is_routed_original(config, source, len(originals)):
             continue
         router = nn.Linear(hidden, 1, bias=False, device=reference.device, dtype=reference.dtype)
         nn.init.zeros_(router.weight)  # s = 0.5 for every token: a fresh adapter runs every layer

@@ -207,7 +207,7 @@ class DLOBlock(_Delegating):
         nonfinite_routing: what a token whose router score is NaN or infinite does ('base_path': the layer runs on
             it unscaled and it stays out of every batch-wide selection; 'raise': ``NonFiniteRoutingError``).
         context: the tuner's routing context (padding mask, cross-process sums).
-        owner: the tuner; ``owner.dlo_layer_settings(adapter_name, position)`` returns ``(training_capacity,
+        owner: the tuner; ``owner.dlo_layer_settings(adapter_name, position, training=...)`` returns ``(capacity,
             want_labels, inference_capacity_or_None)`` for this layer right now (the tuner owns the annealing
             schedule and the per-layer capacities).
         adapter_name: the adapter this block belongs to.
@@ -314,7 +314,8 @@ class DLOBlock(_Delegating):
         valid = self._context.flat_mask(hidden_states.shape)
         if valid is not None:
             valid = valid.to(scores.device)
-        capacity, want_cos, inference_capacity = self._owner[0].dlo_layer_settings(self._adapter_name, self.position)
+        settings = self._owner[0].dlo_layer_settings(self._adapter_name, self.position, training=training)
+        capacity, want_cos, inference_capacity = settings
         chosen = self._select(scores, valid, ~nonfinite, training, capacity, inference_capacity)
         # The base path of a token with non-finite scores: the layer runs on it, unscaled, as in the base model. It
         # joins the selection only after the batch-wide choice above, which never saw it.

@@ -46,6 +46,12 @@ from .config import DLOConfig
 from .expansion import build_new_layers, build_routers, checked_layout, expanded_layout, initial_state
 from .forward_state import DLOForwardState, DLORecord, read_forward_state
 from .installation import StackInstallation
+from .learning_rates import CapacityLearningRates
+from .original_training import (
+    check_lora_outside_trained_modules,
+    trained_original_module_paths,
+    unwrap_trained_modules,
+)
 from .router_loss import router_labels, router_loss
 from .state_dict import AdapterStateDict
 from .statistics import routing_summary
@@ -53,7 +59,7 @@ from .statistics import routing_summary
 __all__ = ["DLOModel", "expanded_layout"]
 
 
-class DLOModel(CapacitySchedule, StackInstallation, AdapterStateDict, DepthTuner):
+class DLOModel(CapacitySchedule, CapacityLearningRates, StackInstallation, AdapterStateDict, DepthTuner):
     """Creates a DLO model (Dynamic Layer Operation, https://arxiv.org/abs/2407.11030) from a transformers model.
 
     Use through ``peft.get_peft_model(model, DLOConfig(...))`` after ``import peft_depth``.
@@ -62,8 +68,12 @@ class DLOModel(CapacitySchedule, StackInstallation, AdapterStateDict, DepthTuner
 
     - ``dlo_step`` / ``set_dlo_step(step)`` (alias ``set_training_step``, which ``DepthSFTTrainer`` calls before each
       micro-batch): the optimizer step that capacity annealing follows.
+    - ``dlo_total_steps`` / ``set_dlo_total_steps(n)`` (alias ``set_training_total_steps``, called by the trainer):
+      the run's length, for ``capacity_annealing_fraction``.
     - per-layer capacities set by ``loss_type='cos_global'`` after each training forward (read with
       ``dlo_layer_capacities()``); they take effect from the next forward, as in the official code.
+    - with ``capacity_lr_scaling``: per-layer optimizer groups and their per-step learning-rate multipliers
+      (``learning_rates.CapacityLearningRates``).
 
     Readers: ``peft_depth.aux_losses(model)["router"]`` (the BCE router loss of the last training forward) and
     ``peft_depth.routing_stats(model)["dlo"]`` (per-layer executed fraction of the last forward).
@@ -138,6 +148,7 @@ class DLOModel(CapacitySchedule, StackInstallation, AdapterStateDict, DepthTuner
         first = state["rewiring"] is None
         originals = list(stack.layers) if first else state["rewiring"].original_blocks
         layout = checked_layout(config, originals, model)  # every check against the base, before anything is built
+        saved_modules = self._declare_trained_original_modules(config, originals, model, stack.path)
         if first:
             state["rewiring"] = StackRewiring(model, stack)
             state["hook"] = model.register_forward_hook(self._after_forward)
@@ -150,6 +161,7 @@ class DLOModel(CapacitySchedule, StackInstallation, AdapterStateDict, DepthTuner
                 state["layouts"][adapter_name] = layout
                 super().inject_adapter(model, adapter_name, **kwargs)
             except Exception:
+                config.modules_to_save = saved_modules
                 self._drop_adapter_state(adapter_name)
                 if first:
                     self._release_model()  # nothing of DLO stays on the caller's model
@@ -158,6 +170,21 @@ class DLOModel(CapacitySchedule, StackInstallation, AdapterStateDict, DepthTuner
 
     def marked_adapters(self) -> set[str]:
         return set(self._dlo["layouts"])
+
+    def _declare_trained_original_modules(
+        self, config: DLOConfig, originals: list[nn.Module], model: nn.Module, stack_path: str
+    ) -> list[str] | None:
+        """Add the full paths of the ``trained_original_modules`` to ``config.modules_to_save``, which peft then wraps
+        as trained copies (``original_training``); returns the previous value, for a failed injection to restore."""
+        previous = config.modules_to_save
+        paths = trained_original_module_paths(config, originals, stack_path)
+        if not paths:
+            return previous
+        if config.lora_on_original_layers:
+            lora_view = self._prepare_adapter_config(replace_config(config), self.get_model_config(model))
+            check_lora_outside_trained_modules(model, lora_view, paths)
+        config.modules_to_save = list(dict.fromkeys([*(previous or []), *paths]))
+        return previous
 
     def initial_new_layer_state(self, adapter_name: str, position: int) -> dict[str, torch.Tensor] | None:
         """State dict (plain keys) a new layer starts from, rebuilt from the current base weights; None if random."""
@@ -249,6 +276,7 @@ class DLOModel(CapacitySchedule, StackInstallation, AdapterStateDict, DepthTuner
         state = self._dlo
         state["suspended"] += 1  # stay uninstalled from here on
         self._uninstall()
+        unwrap_trained_modules(self.model, merge=merge)  # trained copies of original modules (modules_to_save)
         model = super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
@@ -295,7 +323,7 @@ class DLOModel(CapacitySchedule, StackInstallation, AdapterStateDict, DepthTuner
         context = self.routing_context
         sync = context if context.syncing else None
         reduce = context.reduce_sum if sync is not None else None
-        labels, capacities = router_labels(config, records, config.capacity_at(self.dlo_step), sync, reduce)
+        labels, capacities = router_labels(config, records, self.dlo_annealed_capacity(adapter_name), sync, reduce)
         if capacities is not None:
             # training state, not per forward: the next forward's capacities (training is single-threaded)
             self._dlo["capacities"][adapter_name] = capacities
@@ -313,8 +341,9 @@ class DLOModel(CapacitySchedule, StackInstallation, AdapterStateDict, DepthTuner
         if not records:
             return {}
         adapter_name = self._dlo["installed"]
-        config: DLOConfig = self.peft_config[adapter_name]
-        summary = routing_summary(records, self._dlo["layouts"][adapter_name], config, self.dlo_step)
+        summary = routing_summary(
+            records, self._dlo["layouts"][adapter_name], self.dlo_capacity_target(adapter_name), self.dlo_step
+        )
         return {"dlo": {adapter_name: summary}}
 
 

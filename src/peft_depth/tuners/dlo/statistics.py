@@ -10,25 +10,30 @@ from typing import Any
 
 import torch
 
-from .config import DLOConfig
 from .forward_state import DLORecord
 
 __all__ = ["routing_summary"]
 
 
 def routing_summary(
-    records: dict[int, DLORecord], layout: list[tuple[str, int]], config: DLOConfig, step: int
+    records: dict[int, DLORecord], layout: list[tuple[str, int]], capacity_target: float | None, step: int
 ) -> dict[str, Any]:
-    """``{"layers": [...], "executed_fraction", "nonfinite_rows", "capacity_target", "step"}`` of one adapter's
-    last forward.
+    """``{"layers": [...], "executed_fraction", "executed_fraction_by_kind", "nonfinite_rows", "capacity_target",
+    "step"}`` of one adapter's last forward.
 
     Per layer: ``num_tokens`` (real tokens with a finite router score), ``executed_fraction`` (the share of them the
     router executed; 0.0 when there are none, so that token-weighted merges stay finite), ``nonfinite_rows`` (real
     tokens whose score was NaN or infinite: they took the base path, i.e. the layer ran on them unscaled, and are in
     no other number), ``capacity`` (None in eval threshold mode) and ``mean_score``.
+
+    Overall: ``executed_fraction`` is token-weighted over the routed layers; ``executed_fraction_by_kind`` splits it
+    into ``"original"`` (the base's pretrained layers) and ``"new"`` (the inserted copies), None for a kind without
+    routed layers; ``capacity_target`` is the annealed training capacity at ``step`` (None while a
+    ``capacity_annealing_fraction`` adapter does not know its run's length).
     """
     rows = []
     executed_total, tokens_total, nonfinite_total = 0, 0, 0
+    by_kind = {"original": [0, 0], "new": [0, 0]}  # executed, tokens
     for position in sorted(records):
         record = records[position]
         counted = record.counted
@@ -40,6 +45,9 @@ def routing_summary(
         executed_total += executed
         tokens_total += tokens
         nonfinite_total += nonfinite
+        kind = by_kind["new" if layout[position][0] == "new" else "original"]
+        kind[0] += executed
+        kind[1] += tokens
         rows.append(
             {
                 "layer": position,
@@ -54,7 +62,11 @@ def routing_summary(
     return {
         "layers": rows,
         "executed_fraction": executed_total / tokens_total if tokens_total else 0.0,
+        # the same over the routed original layers only and the routed new layers only (None: no such routed layer)
+        "executed_fraction_by_kind": {
+            kind: executed / tokens if tokens else None for kind, (executed, tokens) in by_kind.items()
+        },
         "nonfinite_rows": nonfinite_total,
-        "capacity_target": config.capacity_at(step),
+        "capacity_target": capacity_target,  # None: anneals over a fraction of an unknown run
         "step": step,
     }

@@ -1,0 +1,89 @@
+"""The official "dynamic LR" (``capacity_lr_scaling``): each routed layer learns at the scheduled rate times
+``capacity_l + (1 − mean capacity)``, recomputed every optimizer step.
+
+The official trainer (``utils/pipeline/customized_trainer.py`` of ``DaizeDong/LLaMA-DLO``) puts every layer's weights
+in parameter groups of their own, and after each LR-scheduler step multiplies each group's freshly scheduled rate by
+that layer's ratio, taken from the capacities of the moment (the per-layer capacities ``cos_global`` set in the last
+forward, which the next forward runs at; layers without a router keep ratio 1). Here the tuner supplies the groups
+(``depth_optimizer_groups``, at the unscaled learning rate, so the scheduler's base rates are the trainer's) and the
+ratios (``depth_lr_multipliers``, by group name); ``DepthSFTTrainer`` applies them on top of its LR scheduler before
+each optimizer step (``peft_depth.trainer.hooks.apply_lr_multipliers``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .config import DLOConfig
+
+__all__ = ["CapacityLearningRates", "lr_group_name"]
+
+
+def lr_group_name(position: int) -> str:
+    """Name of the optimizer group of the routed layer at ``position`` of the expanded stack."""
+    return f"dlo_layer_{position}"
+
+
+class CapacityLearningRates:
+    """Mixin of ``DLOModel``: the per-layer optimizer groups and their per-step learning-rate multipliers.
+
+    Uses the tuner's ``peft_config``, ``dlo_routers``, ``dlo_new_layers``, ``_dlo`` (``layouts``, ``rewiring``),
+    ``_active_dlo_adapter()`` and ``dlo_layer_capacities()`` (``capacities.CapacitySchedule``).
+    """
+
+    def dlo_lr_multipliers(self, adapter_name: str | None = None) -> dict[int, float]:
+        """Official dynamic LR: per routed layer, capacity_l + (1 − mean capacity), from the capacities the next
+        forward runs at."""
+        capacities = self.dlo_layer_capacities(adapter_name)
+        if not capacities:
+            return {}
+        mean = sum(capacities.values()) / len(capacities)
+        return {position: capacity + (1.0 - mean) for position, capacity in capacities.items()}
+
+    def _scaled_adapter(self) -> str | None:
+        adapter_name = self._active_dlo_adapter()
+        if adapter_name is None:
+            return None
+        config: DLOConfig = self.peft_config[adapter_name]
+        return adapter_name if config.capacity_lr_scaling and config.routed_layers != "none" else None
+
+    def dlo_layer_parameters(self, adapter_name: str, position: int) -> list[nn.Parameter]:
+        """The trainable weights of the layer at ``position``: its router and, for a new layer, its weights (or
+        their LoRA); for an original layer, what trains on it (LoRA, ``trained_original_modules`` copies)."""
+        params = list(self.dlo_routers[adapter_name][f"l{position}"].parameters())
+        kind, source = self._dlo["layouts"][adapter_name][position]
+        layer = (
+            self.dlo_new_layers[adapter_name][f"new{position}"]
+            if kind == "new"
+            else self._dlo["rewiring"].original_blocks[source]
+        )
+        return params + [p for p in layer.parameters() if p.requires_grad]
+
+    def depth_optimizer_groups(self, base_lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """With ``capacity_lr_scaling``: one parameter group per routed layer (``dlo_layer_parameters``), named
+        ``dlo_layer_<position>``, at ``base_lr``; ``depth_lr_multipliers`` scales it every step."""
+        adapter_name = self._scaled_adapter()
+        if adapter_name is None:
+            return []
+        groups = []
+        for key in self.dlo_routers[adapter_name]:
+            position = int(key[1:])
+            groups.append(
+                {
+                    "params": self.dlo_layer_parameters(adapter_name, position),
+                    "lr": base_lr,
+                    "weight_decay": weight_decay,
+                    "name": lr_group_name(position),
+                }
+            )
+        return sorted(groups, key=lambda group: int(group["name"].rsplit("_", 1)[1]))
+
+    def depth_lr_multipliers(self) -> dict[str, float]:
+        """``{group name: multiplier}`` for the groups of ``depth_optimizer_groups``, from the current capacities
+        (the trainer multiplies each group's scheduled learning rate by it before every optimizer step)."""
+        adapter_name = self._scaled_adapter()
+        if adapter_name is None:
+            return {}
+        return {lr_group_name(p): m for p, m in self.dlo_lr_multipliers(adapter_name).items()}
