@@ -88,17 +88,27 @@ class ExecutedCounter:
         self.model = model
         self.executed: dict[int, float] = {}
         self.tokens: dict[int, int] = {}
+        self.new: set[int] = set()  # positions of the inserted layers (the rest are the base's original layers)
         self.handle = model.base_model.model.register_forward_hook(self.collect)
 
     def collect(self, module, args, output) -> None:
         stats = peft_depth.routing_stats(self.model).get("dlo", {}).get("default")
         for row in stats["layers"] if stats else []:
             layer = row["layer"]
+            if row["new"]:
+                self.new.add(layer)
             self.executed[layer] = self.executed.get(layer, 0.0) + row["executed_fraction"] * row["num_tokens"]
             self.tokens[layer] = self.tokens.get(layer, 0) + row["num_tokens"]
 
     def fractions(self) -> dict[int, float]:
         return {layer: self.executed[layer] / max(self.tokens[layer], 1) for layer in sorted(self.executed)}
+
+    def by_kind(self) -> dict[str, dict[str, float] | None]:
+        """Mean and minimum executed fraction over the routed original layers and over the routed new layers."""
+        fractions = self.fractions()
+        kinds = {"original": [f for p, f in fractions.items() if p not in self.new]}
+        kinds["new"] = [f for p, f in fractions.items() if p in self.new]
+        return {k: {"mean": sum(v) / len(v), "min": min(v)} if v else None for k, v in kinds.items()}
 
 
 def relative_flops(num_layers: int, fractions: dict[int, float], attn: float, mlp: float, base_layers: int) -> float:
@@ -164,6 +174,7 @@ def run(method: str, train, test, tokenizer, args) -> dict:
         "relative_flops": flops,
         "executed_fraction": (sum(fractions.values()) / len(fractions)) if fractions else 1.0,
         "executed_min": min(fractions.values()) if fractions else 1.0,
+        "executed_by_kind": counter.by_kind() if counter is not None else None,
     }
 
 
@@ -211,6 +222,9 @@ def main() -> None:
             f"rel. FLOPs {result['relative_flops']:.3f}  ({result['train_s']:.0f}s)",
             flush=True,
         )
+        for kind, summary in (result["executed_by_kind"] or {}).items():
+            if summary is not None:
+                print(f"         executed, routed {kind} layers: {summary['mean']:.3f} (min {summary['min']:.3f})")
     print(f"\nheld-out accuracy on {len(test)} {args.task} questions ({time.time() - began:.0f}s total)")
     print(f"{'method':<8} {'accuracy':>9} {'layers':>7} {'trainable':>12} {'exec. MLP':>10} {'rel. FLOPs':>11}")
     print(f"{'base':<8} {base_accuracy:>9.4f} {args.base_layers:>7} {0:>12,} {1.0:>10.3f} {1.0:>11.3f}")
