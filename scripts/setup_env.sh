@@ -10,9 +10,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 SET=${1:-newest}
+# The newest set also gets the [eval] extra (lm-evaluation-harness: tests/test_lm_eval_cli.py, the quality harness's
+# scorer). It adds ~20 s to a fresh install and nothing measurable to a refresh, and takes python-dateutil back to 2.9
+# (pytablewriter wants typepy[datetime], which pins < 3; pandas and matplotlib accept it). The floor set runs none of
+# the files that need it.
 case "$SET" in
-  newest) VENV=.venv; CONSTRAINTS=constraints/torch.txt; UPGRADE=(--upgrade --upgrade-strategy eager) ;;
-  floor) VENV=.venv-floor; CONSTRAINTS=constraints/floor.txt; UPGRADE=() ;;
+  newest) VENV=.venv; CONSTRAINTS=constraints/torch.txt; UPGRADE=(--upgrade --upgrade-strategy eager); EXTRAS=dev,examples,eval ;;
+  floor) VENV=.venv-floor; CONSTRAINTS=constraints/floor.txt; UPGRADE=(); EXTRAS=dev,examples ;;
   *) echo "setup_env.sh: unknown dependency set '$SET' (allowed: newest, floor)" >&2; exit 2 ;;
 esac
 if [ ! -x "$VENV/bin/python" ]; then
@@ -22,7 +26,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
 PIP=("$VENV/bin/python" -m pip)
 # torch first, pinned to the local CPU wheel: a range resolved later by another package could pull a CUDA build.
 "${PIP[@]}" install -q -c constraints/torch.txt "torch==2.13.0"
-"${PIP[@]}" install -q "${UPGRADE[@]}" -c "$CONSTRAINTS" -e ".[dev,examples]"
+"${PIP[@]}" install -q "${UPGRADE[@]}" -c "$CONSTRAINTS" -e ".[$EXTRAS]"
 # An editable install skips build_py, which puts the registration hook's .pth into site-packages for a wheel install
 # (setup.py); copy it there so this environment behaves as a user's: `import peft` registers the methods.
 cp src/peft_depth_autoload.pth "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
