@@ -35,8 +35,8 @@ from peft_depth import DLOConfig
 FRACTIONS = (1.0, 0.9, 0.7, 0.5)
 
 
-def build(variant: str, base: torch.nn.Module):
-    model = copy.deepcopy(base)
+def build(variant: str, base: torch.nn.Module, copy_base: bool = True):
+    model = copy.deepcopy(base) if copy_base else base
     if variant.startswith("base"):
         return model
     if variant.startswith("lora"):

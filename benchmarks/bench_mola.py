@@ -31,8 +31,8 @@ from peft_depth import MoLAConfig
 R, ALPHA, DROPOUT = 8, 16, 0.05
 
 
-def build(variant: str, base: torch.nn.Module):
-    model = copy.deepcopy(base)
+def build(variant: str, base: torch.nn.Module, copy_base: bool = True):
+    model = copy.deepcopy(base) if copy_base else base
     if variant.startswith("lora"):
         config = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=ALL_PROJECTIONS)
     elif variant == "mola_e8_k2":

@@ -32,8 +32,8 @@ R, ALPHA, DROPOUT = 8, 16, 0.05
 TARGETS = ["q_proj", "v_proj"]
 
 
-def build(variant: str, base: torch.nn.Module, num_layers: int):
-    model = copy.deepcopy(base)
+def build(variant: str, base: torch.nn.Module, num_layers: int, copy_base: bool = True):
+    model = copy.deepcopy(base) if copy_base else base
     common = dict(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=TARGETS)
     if variant.startswith("lora"):
         config = LoraConfig(**common)
