@@ -1,9 +1,10 @@
 """Supervised fine-tuning with a depth-aware adapter (MoLA, MoLEx, MoD, DLO) or plain LoRA, the TRL way.
 
 With no arguments it runs the main job offline on CPU: SmolLM2-135M-Instruct + MoLA (experts 2-4-6-8 over the four
-quarters of the layer stack, top-2, r=8) fine-tuned on ARC-Easy for a few steps; it prints held-out accuracy before
-and after, saves the adapter (safetensors) to the output directory and reloads it with ``PeftModel.from_pretrained``
-to score the reloaded model::
+quarters of the layer stack, top-2, r=8) fine-tuned on ARC-Easy for a few steps; it scores the base model on held-out
+rows, saves the adapter (safetensors) to the output directory, reloads it with ``PeftModel.from_pretrained`` and scores
+the reloaded model, then does the same for plain peft LoRA (same targets, rank, steps and learning rate; skip with
+``--lora_baseline false``), and ends with the three accuracies and paired-bootstrap intervals of the differences::
 
     python examples/sft.py
     python examples/sft.py --peft_method molex --routing batch_vote --max_steps 50
@@ -30,8 +31,8 @@ Embedded defaults and why (each can be overridden on the command line):
 - ``use_cpu`` is on when there is no CUDA device, so processes started by ``accelerate launch`` form a gloo group.
 - 40 steps of 8 examples at lr 1e-3: the answer format and a measurable change, not a converged fine-tune (raise
   ``--max_steps``). Measured CPU time on one core (torch threads = 1): a MoLA training step on 8 ARC examples ~7 s,
-  scoring 32 held-out examples ~8 s; so the default run is about 40 × 7 s + 2 × 50 s + loading ≈ 6-7 min of one
-  core, less on two.
+  scoring 32 held-out examples ~8 s; so the default run (method and LoRA baseline) is about
+  2 × 40 × 7 s + 3 × 50 s + loading ≈ 12 min of one core, less on two.
 """
 
 from __future__ import annotations
