@@ -92,8 +92,9 @@ def _causal_arms() -> list[Arm]:
             {"lora": True},
         ),
         Arm("molex_lora", "MoLEx + LoRA", "molex", method_grid, "own", "beats LoRA at the same parameters"),
-        # New layers train through LoRA of the rank that matches the baseline budget; capacity anneals over the
-        # first half of the run (the official 1000 steps would not start to bite in a run this short).
+        # LoRA of the rank that matches the baseline budget on the new layers and on the original layers (the paper
+        # trains every weight; routing frozen original layers collapsed to chance, issue 14); capacity anneals over
+        # the first half of the run (the official 1000 steps would not start to bite in a run this short).
         Arm(
             "dlo",
             "DLO (routed)",
@@ -104,7 +105,7 @@ def _causal_arms() -> list[Arm]:
             "dense",
             {
                 "new_layer_training": "lora",
-                "lora_on_original_layers": False,
+                "lora_on_original_layers": True,
                 CAPACITY_ANNEALING_FRACTION: 0.5,
             },
         ),
@@ -116,7 +117,7 @@ def _causal_arms() -> list[Arm]:
             "rank",
             "the LLaMA-Pro baseline DLO is measured against",
             None,
-            {"new_layer_training": "lora", "lora_on_original_layers": False, "routed_layers": "none"},
+            {"new_layer_training": "lora", "lora_on_original_layers": True, "routed_layers": "none"},
         ),
     ]
 
