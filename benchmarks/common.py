@@ -32,6 +32,17 @@ SMOLLM2_SHAPE = dict(
     tie_word_embeddings=True,
     rope_theta=100000.0,
 )
+#: Smoke-mode shape: 8 layers (MoD's 4 late layers, DLO's interleave every 4), width 64 (bitsandbytes' CPU block).
+TINY_SHAPE = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -59,7 +59,7 @@ import bench_mod  # noqa: E402
 import bench_mola  # noqa: E402
 import bench_molex  # noqa: E402
 import torch  # noqa: E402
-from common import SMOLLM2_SHAPE, interleaved_timings, paired_ratio, token_batch  # noqa: E402
+from common import SMOLLM2_SHAPE, TINY_SHAPE, interleaved_timings, paired_ratio, token_batch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import peft_depth  # noqa: E402
@@ -76,17 +76,6 @@ LLAMA32_1B_SHAPE = dict(
     rms_norm_eps=1e-5,
     tie_word_embeddings=True,
     rope_theta=500000.0,
-)
-#: Smoke-mode shape: 8 layers (MoD's 4 late layers, DLO's interleave every 4), width 64 (bitsandbytes' CPU block).
-TINY_SHAPE = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=8,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    tie_word_embeddings=True,
 )
 SHAPES = {"smollm2-135m": SMOLLM2_SHAPE, "llama3.2-1b": LLAMA32_1B_SHAPE, "tiny": TINY_SHAPE}
 SHAPE_TITLES = {
