@@ -250,13 +250,13 @@ def design_notes(crosschecks: list[dict[str, Any]], entries) -> str:
   training length: see "of which scoring" above. Within 30 *core*-hours the issue's sizes (≥ 2,000 BoolQ test rows ×
   every arm × 3 seeds) leave a handful of training steps per run, so this plan is sized in hours of this 2-core
   machine (two single-thread shards) and states both units.
-- **Test scorer: this repository's** (`peft_depth.tasks.multiple_choice_accuracy`) **for the sweep, lm-eval as the
-  check.** `crosscheck.md`: {agree} of {checked} rows got the same prediction from both scorers (adapters: {adapters};
-  100 test rows of BoolQ and PIQA each); every row of every split tokenizes to the same ids both ways; the shipped YAML
-  configs render exactly our prompt, choices and label for every validation row (test
-  `test_shipped_lm_eval_task_configs_render_the_package_prompts`). lm-eval took {slowdown} our CPU time there;
-  `--scorer lm_eval` switches, and the optional line under each SmolLM2 suite gives lm-eval's numbers for seed 0 of
-  every arm from the kept adapters.
+- **Test scorer: lm-evaluation-harness for the main suite** (issue 14: the final numbers come from the harness),
+  **this repository's** (`peft_depth.tasks.multiple_choice_predictions`) **for the dev-split learning-rate choice and
+  the indicative suite** (cheaper). `crosscheck.md`: {agree} of {checked} rows got the same prediction from both
+  scorers (adapters: {adapters}; 100 test rows of BoolQ and PIQA each); every row of every split tokenizes to the same
+  ids both ways; the shipped YAML configs render exactly our prompt, choices and label for every validation row (test
+  `test_shipped_lm_eval_task_configs_render_the_package_prompts`). lm-eval took {slowdown} our CPU time there, which
+  the main suite's hours above include; `--scorer` switches either way.
 - **MoLEx (`batch_vote`) is batch-dependent**: one expert layer per evaluation batch, by vote. With random gates,
   {molex_changed} cross-check rows changed prediction between batchings. Our scorer batches rows sorted by length with
   an attention mask; lm-eval runs without a mask, so its padding votes too. Reports mark MoLEx † and compare it under

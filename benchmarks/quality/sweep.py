@@ -73,7 +73,9 @@ SUITES: dict[str, Suite] = {
             ("boolq", "piqa"),
             (0, 1, 2),
             RunSettings(steps=100, batch_size=8),
-            test_scorer=OURS,
+            # Issue 14: the final numbers come from lm-evaluation-harness (dev-split LR choice uses ours, cheaper;
+            # crosscheck.md: both agree row for row except batch-voting MoLEx).
+            test_scorer=LM_EVAL,
             task_steps=(("boolq", 40),),
         ),
         Suite(
