@@ -74,3 +74,18 @@ def test_a_hostile_expansion_in_a_saved_config_fails_at_once(tmp_path):
         PeftModel.from_pretrained(base, tmp_path)
     assert time.perf_counter() - start < 1.0
     assert base.config.num_hidden_layers == 4 and not base._forward_hooks
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(stack_range=[0, 2]), r"`stack_range` is only used with expansion='stack'.*'interleave'"),
+        (dict(expansion=[1, 2], stack_range=[0, 2]), r"`stack_range` is only used with expansion='stack'"),
+        (dict(inference_capacity=0.5), r"`inference_capacity` is only used with inference_selection='capacity'"),
+    ],
+)
+def test_a_field_the_rest_of_the_config_leaves_unused_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DLOConfig(**kwargs)
+    # configs saved before this check (layout version 1) still load as they did
+    assert DLOConfig(peft_depth_version=1, **kwargs).peft_depth_version == 1

@@ -345,6 +345,7 @@ class DLOConfig(LoraFieldsConfig):
             check_probability("capacity_annealing_fraction", self.capacity_annealing_fraction, allow_zero=False)
         _check_unrouted_edge_layers(self)
         _check_trained_original_modules(self)
+        _check_unused_fields(self)
         check_non_negative_number("router_loss_coef", self.router_loss_coef)
         if not isinstance(self.lora_on_original_layers, bool):
             raise ValueError(f"`lora_on_original_layers` must be True or False, got {self.lora_on_original_layers!r}.")
@@ -418,6 +419,23 @@ class DLOConfig(LoraFieldsConfig):
             return float(self.capacity)
         progress = min(max(step, 0) / steps, 1.0)
         return 1.0 - (1.0 - self.capacity) * progress
+
+
+def _check_unused_fields(config: DLOConfig) -> None:
+    """A field that the rest of the config makes unused is a mistake the user should hear about (it used to be
+    ignored silently). Configs written with layout version 1 keep loading as they did."""
+    if config.peft_depth_version < 2:
+        return
+    if config.stack_range is not None and config.expansion != "stack":
+        raise ValueError(
+            f"`stack_range` is only used with expansion='stack'; this config has expansion={config.expansion!r}. "
+            "Remove `stack_range` or set expansion='stack'."
+        )
+    if config.inference_capacity is not None and config.inference_selection != "capacity":
+        raise ValueError(
+            "`inference_capacity` is only used with inference_selection='capacity'; this config has "
+            f"inference_selection={config.inference_selection!r}. Remove it or set inference_selection='capacity'."
+        )
 
 
 def _check_unrouted_edge_layers(config: DLOConfig) -> None:
