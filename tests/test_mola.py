@@ -491,3 +491,19 @@ def test_a_version_1_config_without_an_allocation_keeps_its_meaning():
 def test_a_top_k_above_the_default_patterns_smallest_group_says_the_pattern_is_the_default():
     with pytest.raises(ValueError, match=r"`top_k` \(3\) .* \(2\) \(the default ▽ pattern; set `num_experts`"):
         MoLAConfig(top_k=3)
+
+
+def test_reading_routing_stats_under_no_grad_first_keeps_the_balance_loss_gradient():
+    # A logging callback may read the statistics under no_grad before the training loss is built; the statistics
+    # were then cached without a graph and aux_losses returned a loss with no gradient to the routers.
+    model = mola(tiny_llama(), target_modules=["q_proj"], num_experts=4)
+    model.train()
+    model(**batch())
+    with torch.no_grad():
+        peft_depth.routing_stats(model)
+        assert not peft_depth.aux_losses(model)["routing"].requires_grad
+    loss = peft_depth.aux_losses(model)["routing"]
+    assert loss.requires_grad
+    loss.backward()
+    routers = [m.mola_router["default"].weight for m in model.modules() if isinstance(m, MoLALinear)]
+    assert all(r.grad is not None and r.grad.abs().sum() > 0 for r in routers)

@@ -94,7 +94,13 @@ class MoLALayer(BaseTunerLayer):
         """
         records = self._routing_context.forward.state.get(_STATE_KEY, {}).get(self, {})
         for routed in records.values():
-            if routed.statistics is None:
+            stale = (  # first read under no_grad (a logging callback): reduce again so the loss keeps its graph
+                routed.statistics is not None
+                and torch.is_grad_enabled()
+                and routed.decision.probs.requires_grad
+                and not routed.statistics.prob_sums.requires_grad
+            )
+            if routed.statistics is None or stale:
                 routed.statistics = masked_routing_statistics(routed.decision, routed.token_mask)
         return {
             name: routed.statistics
