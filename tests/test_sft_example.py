@@ -32,7 +32,7 @@ def test_embedded_defaults_are_the_main_job(sft):
     assert isinstance(config, peft_depth.MoLAConfig)
     assert config.expert_pattern == [2, 4, 6, 8] and config.r == 8 and config.lora_alpha == 16
     assert isinstance(training, DepthSFTConfig)
-    assert model.model_name_or_path == sft.SMOLLM2 and script.task == "arc_easy"
+    assert model.model_name_or_path == sft.SMOLLM2 and script.task == "sst2" and script.num_test == 500
     assert training.max_steps == 40 and training.report_to in ([], "none", ["none"])
     assert training.gradient_checkpointing is False
 
