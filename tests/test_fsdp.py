@@ -242,6 +242,21 @@ def _shard_dlo_wrappers() -> None:
         fully_shard(layer)
 
 
+def _layers_only_forward(method: str, rank: int, world_size: int) -> str:
+    """Only the decoder layers sharded, not the PeftModel root: the tuner's own parameters stay plain tensors."""
+    from torch.distributed.fsdp import fully_shard
+
+    from peft_depth.trainer import set_training_step
+
+    model = _build(method)
+    for module in list(model.modules()):
+        if isinstance(module, LlamaDecoderLayer):
+            fully_shard(module)
+    set_training_step(model, 0)  # what DepthSFTTrainer does before every micro-batch
+    model(**_rows(_global_batch(seed=1), rank, world_size))
+    return "ran"
+
+
 def _dlo_block_skip_forward(rank: int, world_size: int) -> None:
     """DLO's skip_mode='block' calls a sharded layer as often as this process's tokens need."""
     from peft import get_peft_model
@@ -273,6 +288,8 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
         results = {method: _outcome(_run_method, method, rank, world_size, out) for method in METHODS}
         results["dlo_wrappers"] = _outcome(_shard_dlo_wrappers)
         results["dlo_block_skip"] = _outcome(_dlo_block_skip_forward, rank, world_size)
+        for method in ("molex", "mola"):
+            results[f"{method}_layers_only"] = _outcome(_layers_only_forward, method, rank, world_size)
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -392,6 +409,14 @@ def test_adapter_saved_from_shards_equals_unsharded_save(method, two_processes):
 def test_sharding_dlo_routing_wrappers_is_refused_clearly(two_processes):
     message = _error(two_processes, "dlo_wrappers")
     assert message.startswith("TypeError") and "DLOBlock" in message and "TRANSFORMER_BASED_WRAP" in message, message
+
+
+def test_a_tuner_parameter_outside_every_shard_is_refused_clearly(two_processes):
+    # MoLEx's gates live on the tuner: with only the layers sharded, FSDP would never reduce their gradients and each
+    # process would train its own copy, silently. MoLA's parameters all sit inside the layers: nothing to refuse.
+    message = _error(two_processes, "molex_layers_only")
+    assert message.startswith("RuntimeError") and "molex_gate" in message and "fully_shard(peft_model)" in message, message
+    assert _results(two_processes, "mola_layers_only") == ("ran", "ran")
 
 
 def test_dlo_block_skipping_on_sharded_layers_is_refused_clearly(two_processes):

@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from ..core.aux import raw_aux_losses
+from ..core.fsdp_root import check_fsdp_root
 from ..core.tuner import DepthTuner
 
 __all__ = [
@@ -110,7 +111,11 @@ def set_sync_routing_stats(model: nn.Module, enabled: bool) -> int:
 
 
 def set_training_step(model: nn.Module, step: int) -> None:
-    """Tell every module with a ``set_training_step`` hook the trainer's global step."""
+    """Tell every module with a ``set_training_step`` hook the trainer's global step.
+
+    Between steps every FSDP2-managed parameter is a shard, so this is also where a partly sharded model whose depth
+    tuners' parameters FSDP does not manage is refused (``core.fsdp_root``)."""
+    check_fsdp_root(model, depth_tuners(model))
     for module in _hook_owners(model, "set_training_step"):
         module.set_training_step(int(step))
 
