@@ -57,8 +57,18 @@ def survey_task(task: str, args: argparse.Namespace, out_root: Path) -> dict:
     folder = out_root / task
     results_file = folder / "sft_results.json"
     if not results_file.is_file():
-        command = [sys.executable, str(ROOT / "examples" / "sft.py"), "--task", task, "--num_test", str(args.num_test),
-                   "--output_dir", str(folder), "--max_steps", str(args.steps)]
+        command = [
+            sys.executable,
+            str(ROOT / "examples" / "sft.py"),
+            "--task",
+            task,
+            "--num_test",
+            str(args.num_test),
+            "--output_dir",
+            str(folder),
+            "--max_steps",
+            str(args.steps),
+        ]
         print("$", " ".join(command), flush=True)
         subprocess.run(command, check=True, cwd=ROOT)
     run = json.loads(results_file.read_text())

@@ -58,7 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     settings = RunSettings(steps=args.steps, batch_size=8)
     results_dir = ROOT / "benchmarks" / "results"
     ledger = results_dir / f"mod_start_pilot_{args.task}.jsonl"
-    done = {json.loads(line)["label"]: json.loads(line) for line in ledger.read_text().splitlines()} if ledger.is_file() else {}
+    done = (
+        {json.loads(line)["label"]: json.loads(line) for line in ledger.read_text().splitlines()}
+        if ledger.is_file()
+        else {}
+    )
     tokenizer = load_tokenizer(spec)
     if "base" not in done:
         record = {"label": "base", "correct": _correct(load_model(spec).eval(), tokenizer, dev)}
@@ -72,9 +76,16 @@ def main(argv: list[str] | None = None) -> None:
         trained = train_causal(spec, config, train, args.lr, args.seed, settings)
         gate = float(trained.model.base_model.mod_ensemble["default"].gate.detach())
         record = {
-            "label": label, "fields": fields, "lr": args.lr, "steps": args.steps, "seed": args.seed,
-            "start_kl": trained.start_distance["mean_kl"], "final_gate": gate, "train_s": trained.train_wall_s,
-            "final_loss": trained.final_loss, "correct": _correct(trained.model, tokenizer, dev),
+            "label": label,
+            "fields": fields,
+            "lr": args.lr,
+            "steps": args.steps,
+            "seed": args.seed,
+            "start_kl": trained.start_distance["mean_kl"],
+            "final_gate": gate,
+            "train_s": trained.train_wall_s,
+            "final_loss": trained.final_loss,
+            "correct": _correct(trained.model, tokenizer, dev),
         }
         with ledger.open("a") as handle:
             handle.write(json.dumps(record) + "\n")

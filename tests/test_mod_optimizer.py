@@ -66,8 +66,11 @@ def test_router_lr_covers_router_and_norms_with_the_trainers_decay_policy():
     expected = {id(p) for p in ensemble.parameters()} - {id(ensemble.gate)}
     assert {id(p) for g in groups.values() for p in g["params"]} == expected
     assert groups["router"]["weight_decay"] == 0.1 and groups["router_no_decay"]["weight_decay"] == 0.0
-    assert all(not n.startswith("norms.") and not n.endswith("bias")
-               for n, p in ensemble.named_parameters() if any(p is q for q in groups["router"]["params"]))
+    assert all(
+        not n.startswith("norms.") and not n.endswith("bias")
+        for n, p in ensemble.named_parameters()
+        if any(p is q for q in groups["router"]["params"])
+    )
     weight_before = ensemble.router.weight.detach().clone()
     _one_step(model, _optimizer(model, 1e-4))
     moved = (ensemble.router.weight.detach() - weight_before).abs()

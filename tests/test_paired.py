@@ -20,7 +20,9 @@ def test_a_clear_gain_excludes_zero_and_the_interval_matches_the_normal_approxim
     b = [False] * 60 + [True] * 20 + [True] * 200 + [False] * 120
     result = paired_bootstrap(a, b, resamples=20_000)
     assert result.difference == pytest.approx(0.10)
-    assert result.low == pytest.approx(0.10 - 0.0427, abs=0.006) and result.high == pytest.approx(0.10 + 0.0427, abs=0.006)
+    assert result.low == pytest.approx(0.10 - 0.0427, abs=0.006) and result.high == pytest.approx(
+        0.10 + 0.0427, abs=0.006
+    )
     assert result.excludes_zero and "excludes 0" in str(result)
     assert paired_bootstrap(b, a, resamples=20_000).high < 0
 

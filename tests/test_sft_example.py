@@ -73,8 +73,25 @@ def test_the_main_job_runs_end_to_end_and_compares_with_lora(sft, tmp_path, monk
     tiny_llama().save_pretrained(base)
     word_tokenizer().save_pretrained(base)
     out = tmp_path / "run"
-    argv = ["sft.py", "--model_name_or_path", str(base), "--output_dir", str(out), "--task", "sst2", "--num_test", "24",
-            "--num_train", "16", "--max_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1"]
+    argv = [
+        "sft.py",
+        "--model_name_or_path",
+        str(base),
+        "--output_dir",
+        str(out),
+        "--task",
+        "sst2",
+        "--num_test",
+        "24",
+        "--num_train",
+        "16",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--logging_steps",
+        "1",
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     sft.main()
     printed = capsys.readouterr().out

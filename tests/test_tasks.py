@@ -17,7 +17,9 @@ def _examples(count: int, seed: int) -> list[ChoiceExample]:
     for _ in range(count):
         prompt = " ".join(f"w{rng.randrange(4, 128)}" for _ in range(rng.randint(2, 9)))
         width = rng.choice([1, 1, 2, 3])  # single-token choices are read off one forward; others run one each
-        choices = tuple(" " + " ".join(f"w{rng.randrange(4, 128)}" for _ in range(width)) for _ in range(rng.choice([2, 4])))
+        choices = tuple(
+            " " + " ".join(f"w{rng.randrange(4, 128)}" for _ in range(width)) for _ in range(rng.choice([2, 4]))
+        )
         out.append(ChoiceExample(prompt, choices, rng.randrange(len(choices))))
     return out
 

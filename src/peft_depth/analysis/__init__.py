@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from .analyze import AnalyzeOptions, run_analyze
 from .distance import BaseDistance, distance_from_base
-from .paired import PairedDifference, paired_bootstrap
 from .errors import AnalysisError
 from .inspect_adapter import InspectOptions, run_inspect
 from .layers import LayerAnalysis, LayerStatsCollector, analyze_layers, lens_positions
+from .paired import PairedDifference, paired_bootstrap
 from .routing import RoutingAccumulator
 from .suggest import layer_importance, suggest_configs
 

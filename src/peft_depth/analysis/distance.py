@@ -41,7 +41,9 @@ def distance_from_base(
     The model's train/eval mode is restored afterwards. Positions where ``attention_mask`` is 0 are left out.
     """
     if not hasattr(model, "disable_adapter"):
-        raise TypeError(f"distance_from_base needs a PeftModel (with `disable_adapter()`), got {type(model).__name__}.")
+        raise TypeError(
+            f"distance_from_base needs a PeftModel (with `disable_adapter()`), got {type(model).__name__}."
+        )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     was_training = model.training

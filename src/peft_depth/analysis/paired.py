@@ -44,7 +44,9 @@ def paired_bootstrap(
     a = torch.as_tensor(correct_a, dtype=torch.float64)
     b = torch.as_tensor(correct_b, dtype=torch.float64)
     if a.shape != b.shape or a.dim() != 1 or a.numel() == 0:
-        raise ValueError(f"paired_bootstrap needs two equally long, non-empty 1-D lists; got {tuple(a.shape)} and {tuple(b.shape)}.")
+        raise ValueError(
+            f"paired_bootstrap needs two equally long, non-empty 1-D lists; got {tuple(a.shape)} and {tuple(b.shape)}."
+        )
     if not 0 < confidence < 1:
         raise ValueError(f"`confidence` must be in (0, 1), got {confidence!r}.")
     delta = a - b

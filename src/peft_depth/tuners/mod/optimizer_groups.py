@@ -36,8 +36,12 @@ def mod_optimizer_groups(
         config = configs[adapter_name]
         if config.gate_lr is not None:
             groups.append(
-                {"name": "gate" + suffix(adapter_name), "params": [ensemble.gate], "lr": config.gate_lr,
-                 "weight_decay": weight_decay}
+                {
+                    "name": "gate" + suffix(adapter_name),
+                    "params": [ensemble.gate],
+                    "lr": config.gate_lr,
+                    "weight_decay": weight_decay,
+                }
             )
         if config.router_lr is not None:
             named = [(n, p) for n, p in ensemble.named_parameters() if p is not ensemble.gate]
@@ -45,8 +49,12 @@ def mod_optimizer_groups(
                 params = [p for n, p in named if _no_decay(n) != decay]
                 if params:
                     groups.append(
-                        {"name": label + suffix(adapter_name), "params": params, "lr": config.router_lr,
-                         "weight_decay": weight_decay if decay else 0.0}
+                        {
+                            "name": label + suffix(adapter_name),
+                            "params": params,
+                            "lr": config.router_lr,
+                            "weight_decay": weight_decay if decay else 0.0,
+                        }
                     )
     return groups
 
