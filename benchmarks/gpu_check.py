@@ -93,6 +93,13 @@ class Variant:
     build: Callable[[torch.nn.Module, int, bool], torch.nn.Module]  # (base, num_layers, copy_base) -> PeftModel
 
 
+def _record_failure(result, sec, label: str, error: Exception) -> None:
+    """A variant that failed: its traceback printed, its row and the section's notes say why (the rest still runs)."""
+    traceback.print_exc()
+    result.error = f"{type(error).__name__}: {error}"[:200]
+    sec.notes.append(f"{label}: {result.error}")
+
+
 def _dlo(base, num_layers, copy_base):
     model = bench_dlo.build("dlo", base, copy_base=copy_base)
     bench_dlo.randomise_routers(model)  # random routers pick real subsets of tokens, as trained ones do
@@ -286,9 +293,7 @@ def train_section(run: ShapeRun, args, device: torch.device, dtype: torch.dtype)
             except SectionTimeout:
                 raise
             except Exception as error:
-                traceback.print_exc()
-                result.error = f"{type(error).__name__}: {error}"[:200]
-                sec.notes.append(f"{key}: {result.error}")
+                _record_failure(result, sec, key, error)
         del base
         if "lora" not in steps:
             raise RuntimeError("the LoRA reference did not build or step")
@@ -418,9 +423,7 @@ def qlora_section(args, device: torch.device, results: dict[str, dict[str, Varia
                     except SectionTimeout:
                         raise
                     except Exception as error:
-                        traceback.print_exc()
-                        result.error = f"{type(error).__name__}: {error}"[:200]
-                        sec.notes.append(f"{shape} {key}: {result.error}")
+                        _record_failure(result, sec, f"{shape} {key}", error)
                     finally:
                         model = step = None  # only one quantized model at a time: the peak is its own
                     last_s = time.monotonic() - variant_start
