@@ -59,3 +59,38 @@ def test_refuses_a_plain_model_and_an_empty_mask():
     inputs = batch()
     with pytest.raises(ValueError, match="no real position"):
         distance_from_base(model, inputs["input_ids"], torch.zeros_like(inputs["attention_mask"]))
+
+
+def test_a_classifier_is_compared_per_row_and_by_its_final_hidden_states():
+    from tiny_models import tiny_bert
+
+    from peft_depth import MoLExConfig
+
+    inputs = batch(left_pad=2)
+    lora = get_peft_model(tiny_bert(), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    at_base = distance_from_base(lora, **inputs)
+    assert at_base.hidden_relative_change == 0.0 and at_base.mean_kl == 0.0
+    assert at_base.num_positions == inputs["input_ids"].shape[0]  # one prediction per row
+
+    mixed = get_peft_model(tiny_bert(), MoLExConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    distance = distance_from_base(mixed, **inputs)
+    mixed.eval()
+    with torch.no_grad():
+        adapted = mixed(**inputs, output_hidden_states=True).hidden_states[-1]
+        with mixed.disable_adapter():
+            base = mixed(**inputs, output_hidden_states=True).hidden_states[-1]
+    real = inputs["attention_mask"].bool()
+    expected = ((adapted - base)[real].norm(dim=-1) / base[real].norm(dim=-1)).mean()
+    assert distance.hidden_relative_change == pytest.approx(float(expected), rel=1e-5)
+    assert distance.hidden_relative_change > 0.01  # α = 0.5 mixes in another layer from the start
+
+
+def test_measuring_leaves_the_random_state_as_it_was():
+    from peft_depth import MoLExConfig
+
+    model = get_peft_model(tiny_llama(), MoLExConfig(r=4, target_modules=["q_proj", "v_proj"])).train()
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    distance_from_base(model, **batch())
+    assert torch.equal(torch.rand(4), expected)

@@ -153,6 +153,22 @@ def test_encoder_partners_follow_the_per_task_molex_preset(tiny_encoder):
     assert sst2["molex_lora"].partner != mrpc["molex_lora"].partner == BASELINE
 
 
+def test_a_diagnostic_arm_runs_only_when_named(tiny_encoder):
+    """The α = 0.95 MoLEx ablation is not part of the suite's comparison, but runs with its partner when asked for."""
+    spec = resolve_model(str(tiny_encoder))
+    default_arms, default_rows = task_arms(spec, "sst2")
+    assert "molex_lora_alpha95" not in {a.name for a in default_arms} | {r.arm for r in default_rows}
+    assert {a.name for a in default_arms} >= {BASELINE, "molex_lora"}
+    arms, rows = task_arms(spec, "sst2", ("molex_lora_alpha95",))
+    row = next(r for r in rows if r.arm == "molex_lora_alpha95")
+    assert row.matched and row.partner == next(r for r in default_rows if r.arm == "molex_lora").partner
+    assert {a.name for a in arms} == {"molex_lora_alpha95", row.partner}
+    ablation = next(a for a in arms if a.name == "molex_lora_alpha95")
+    config = build_config(ablation, spec, "sst2")
+    assert config.alpha == 0.95 and config.gate_type == "cosine"  # the preset's gate, only α changed
+    assert build_config(next(a for a in default_arms if a.name == "molex_lora"), spec, "sst2").alpha is None
+
+
 # ------------------------------------------------------------------------------------------------ data
 
 
@@ -372,6 +388,10 @@ def test_encoder_suite_runs_lora_and_molex_with_the_shipped_metrics(tiny_encoder
         assert record["accuracy"] == pytest.approx(correct.count("1") / len(correct))
     molex = next(r for r in records if r["arm"] == "molex_lora")
     assert molex["budget_partner"] == BASELINE and molex["config"]["peft_type"] == "MOLEX"
+    lora = next(r for r in records if r["arm"] == "lora")
+    assert lora["start_distance"]["hidden_relative_change"] == 0.0  # B = 0: what the head reads is unchanged
+    assert molex["start_distance"]["hidden_relative_change"] > 0.01  # α = 0.5 mixes another layer in from the start
+    assert "| Δh " in render_markdown(records, "enc")  # encoders show the hidden-state change, not a random head's KL
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -427,10 +447,10 @@ def test_report_interval_and_detectable_effect_match_a_hand_computation(tmp_path
     assert row["accuracy"] == pytest.approx(0.76) and row["std"] == pytest.approx(0.036055, abs=1e-6)
     for record in records:
         if record["arm"] == "mola":
-            record["start_distance"] = {"mean_kl": 0.25 if record["seed"] else 0.35}
+            record["start_distance"] = {"mean_kl": 0.25 if record["seed"] else 0.35, "hidden_relative_change": 0.5}
     markdown = render_markdown(records, "synthetic")
     mola_line = next(line for line in markdown.splitlines() if line.startswith("| mola"))
-    assert mola_line.endswith("| 0.283 |")  # mean start KL over the three seeds
+    assert mola_line.endswith("| KL 0.283, Δh 0.5 |")  # mean start distances over the three seeds
     assert next(line for line in markdown.splitlines() if line.startswith("| lora")).endswith("| – |")
     assert "+5.0 vs lora (+2.0, +5.0, +8.0)" in markdown and "[+2.0, +8.0] excl. 0" in markdown
     assert "| 4.0 |" in markdown

@@ -43,6 +43,9 @@ class Arm:
     claim_reference: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     rank: int = BASELINE_RANK
+    #: A diagnosis (an ablation asking why another arm scores as it does), not part of a suite's comparison: it runs
+    #: only when named (``quality.py run --arms NAME``), on the tasks chosen then.
+    diagnostic: bool = False
 
     def with_rank(self, rank: int) -> Arm:
         return Arm(**{**self.__dict__, "rank": rank})
@@ -126,6 +129,20 @@ def _encoder_arms() -> list[Arm]:
     return [
         lora_arm("encoder"),
         Arm("molex_lora", "MoLEx + LoRA", "molex", (5e-4, 1e-3), "own", "beats LoRA at the same parameters"),
+        # Diagnosis of MoLEx below LoRA on MiniLM SST-2: the official GLUE α = 0.5 mixes another layer's output
+        # half-and-half into every layer from the first step; α = 0.95 (the official CoLA / GPT-2 value) starts
+        # close to the base. Same gate, same budget; compared with both LoRA and the α = 0.5 arm.
+        Arm(
+            "molex_lora_alpha95",
+            "MoLEx + LoRA, α = 0.95 (diagnosis)",
+            "molex",
+            (5e-4, 1e-3),
+            "own",
+            "diagnosis: starting near the base (α = 0.95) closes MoLEx's gap to LoRA",
+            "molex_lora",
+            {"alpha": 0.95},
+            diagnostic=True,
+        ),
     ]
 
 

@@ -120,6 +120,7 @@ def task_arms(
 ) -> tuple[list[Arm], list[BudgetRow]]:
     """The arms run on ``task`` with ranks and LoRA partners fixed for it (a method's per-task preset can change its
     parameter count, e.g. MoLEx's cosine gate on SST-2), limited to ``only`` and their partners when given.
+    Without ``only``, diagnostic arms (``Arm.diagnostic``) and the partners only they need are left out.
 
     Tasks whose arm configs are identical share one budget plan (counted once per process).
     """
@@ -130,6 +131,11 @@ def task_arms(
     if key not in _PLANS:
         _PLANS[key] = plan_budgets(arms_for(spec), spec, task)
     arms, rows = _PLANS[key]
+    if not only:
+        diagnostic = {a.name for a in arms if a.diagnostic}
+        needed = {r.partner for r in rows if r.arm not in diagnostic} | {BASELINE}
+        keep = {a.name for a in arms if not a.diagnostic and (a.method != "lora" or a.name in needed)}
+        return [a for a in arms if a.name in keep], [r for r in rows if r.arm in keep]
     if only:
         unknown = sorted(set(only) - {a.name for a in arms})
         if unknown:

@@ -81,7 +81,9 @@ def summarise(results: Results) -> dict[str, list[dict[str, Any]]]:
                     "train_flops": statistics.fmean(r["train_flops"] for r in records),
                     "train_wall_s": statistics.fmean(r["train_wall_s"] for r in records),
                     "batch_dependent": first.get("config", {}).get("routing") == "batch_vote",
-                    "start_kl": _mean_start_kl(records),
+                    "start_kl": _mean_start(records, "mean_kl"),
+                    "start_hidden": _mean_start(records, "hidden_relative_change"),
+                    "encoder": first.get("config", {}).get("task_type") == "SEQ_CLS",
                 }
             )
         rows.sort(key=lambda row: (row["method"] != "lora", row["trainable_params"] if row["method"] == "lora" else 0))
@@ -89,11 +91,19 @@ def summarise(results: Results) -> dict[str, list[dict[str, Any]]]:
     return table
 
 
-def _mean_start_kl(records: list[dict[str, Any]]) -> float | None:
-    """Mean KL(base ‖ untrained adapter) per position on the first training batch; None where not recorded
-    (encoders, older records)."""
-    values = [r["start_distance"]["mean_kl"] for r in records if r.get("start_distance")]
+def _mean_start(records: list[dict[str, Any]], key: str) -> float | None:
+    """Mean of one ``distance_from_base`` field of the untrained adapter (first training batch) over the records
+    that have it; None where none does (records older than the field)."""
+    values = [r["start_distance"][key] for r in records if key in (r.get("start_distance") or {})]
     return statistics.fmean(values) if values else None
+
+
+def _start_distance(row: dict[str, Any]) -> str:
+    # An encoder's new 2-way head is random, so its KL says little: its start is the change of what the head reads.
+    parts = [] if row["encoder"] or row["start_kl"] is None else [f"KL {row['start_kl']:.3g}"]
+    if row["start_hidden"] is not None:
+        parts.append(f"Δh {row['start_hidden']:.3g}")
+    return ", ".join(parts) or "–"
 
 
 def _pct(value: float) -> str:
@@ -166,7 +176,7 @@ def render_markdown(records: list[dict[str, Any]], suite: str, scorer: str | Non
             f"train {split['train']} / dev {split['dev']} / test {split['test']} (data fingerprint `{fingerprint}`)",
             "",
             "| arm | lr | seeds | accuracy (mean ± std) | Δ vs budget-matched LoRA, pp | 95% interval | detectable, pp"
-            " | Δ vs claim reference, pp | claim interval | trainable params | train FLOPs | train time | start KL |",
+            " | Δ vs claim reference, pp | claim interval | trainable params | train FLOPs | train time | start distance |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in rows:
@@ -178,12 +188,15 @@ def render_markdown(records: list[dict[str, Any]], suite: str, scorer: str | Non
                 f"| {row['label']}{mark} | {', '.join(f'{lr:g}' for lr in row['lr'])} | {len(row['seeds'])} | "
                 f"{row['accuracy']:.4f} ± {row['std']:.4f}{f1} | {partner[0]} | {partner[1]} | {partner[2]} | "
                 f"{claim[0]} | {claim[1]} | {row['trainable_params']:,} | {row['train_flops']:.3g} | "
-                f"{row['train_wall_s']:.0f} s | {'–' if row['start_kl'] is None else format(row['start_kl'], '.3g')} |"
+                f"{row['train_wall_s']:.0f} s | {_start_distance(row)} |"
             )
     lines += [
         "",
-        "Start KL: KL(base ‖ adapted) in nats per position of the untrained adapter on the first training batch "
-        "(`peft_depth.analysis.distance_from_base`): how far the method starts from the base model (0: exactly the base).",
+        "Start distance (`peft_depth.analysis.distance_from_base`, the untrained adapter on the first training batch): "
+        "how far the method starts from the base model, 0 being exactly the base. KL: KL(base ‖ adapted) of the "
+        "next-token distributions, nats per position (decoders). Δh: mean ‖h_adapted − h_base‖ / ‖h_base‖ of the "
+        "final hidden states over real tokens (what a classifier head reads; an encoder's new head is random, so "
+        "its KL is not shown). – : not recorded (older runs).",
     ]
     if any(row["batch_dependent"] for rows in summarise(latest_test_results(tests, scorer)).values() for row in rows):
         lines += [

@@ -49,8 +49,8 @@ class TrainedModel:
     train_examples_used: int
     train_examples_dropped: int
     final_loss: float | None
-    #: ``peft_depth.analysis.distance_from_base`` of the untrained adapter on the first training batch (None for
-    #: encoders): how far the method starts from the base model.
+    #: ``peft_depth.analysis.distance_from_base`` of the untrained adapter on the first training batch (None in records
+    #: older than it): how far the method starts from the base model.
     start_distance: dict[str, float] | None = None
 
 

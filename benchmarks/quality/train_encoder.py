@@ -17,6 +17,7 @@ from peft import PeftConfig, get_peft_model
 from transformers import set_seed
 
 import peft_depth
+from peft_depth.analysis import distance_from_base
 from peft_depth.trainer import collect_optimizer_groups, set_training_step
 
 from .flops import step_flops
@@ -83,6 +84,9 @@ def train_encoder(
     set_seed(seed)
     model = get_peft_model(load_model(spec, num_labels=2), config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    first = _collate(rows[: settings.batch_size], tokenizer.pad_token_id)
+    first.pop("labels")
+    start_distance = distance_from_base(model, **first).as_dict()
     optimizer = _optimizer(model, lr, settings.weight_decay)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     generator = torch.Generator().manual_seed(seed)
@@ -121,6 +125,7 @@ def train_encoder(
         train_examples_used=len(rows),
         train_examples_dropped=0,
         final_loss=None if loss is None else float(loss.detach()),
+        start_distance=start_distance,
     )
 
 
