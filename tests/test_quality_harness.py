@@ -545,3 +545,19 @@ def exported_rows(task: str, rows: list[dict]) -> list[dict]:
 
     with tempfile.TemporaryDirectory() as folder:
         return [json.loads(line) for line in export_rows(task, rows, folder).read_text().splitlines()]
+
+
+def test_the_commit_recorded_is_the_one_the_sweep_started_from(monkeypatch):
+    """A commit made while a sweep runs must not be credited with its later runs: git is read once per process."""
+    from quality import provenance
+
+    calls = []
+    monkeypatch.setattr(provenance, "_git", lambda *args: calls.append(args) or ("a" * 40 if "HEAD" in args else ""))
+    provenance.git_state.cache_clear()
+    first = provenance.git_state()
+    monkeypatch.setattr(provenance, "_git", lambda *args: "b" * 40 if "HEAD" in args else " M src/x.py")
+    assert provenance.git_state() == first == {"git_commit": "a" * 40, "git_src_dirty": False}
+    assert ("status", "--porcelain", "src", "benchmarks/quality") in calls
+    provenance.git_state.cache_clear()
+    assert provenance.git_state() == {"git_commit": "b" * 40, "git_src_dirty": True}
+    provenance.git_state.cache_clear()

@@ -57,9 +57,12 @@ def _git(*args: str) -> str:
     return out.stdout.strip()
 
 
+@functools.cache
 def git_state() -> dict[str, Any]:
-    """HEAD's commit and whether ``src/`` differs from it (then the run's code is not exactly that commit)."""
+    """HEAD's commit and whether ``src/`` or the harness differs from it (then the run's code is not exactly that
+    commit), read once per process: a sweep runs the code it imported at its start, so a commit made while it runs
+    must not be credited with its later runs (``run_suite`` reads this before its first run)."""
     return {
         "git_commit": _git("rev-parse", "HEAD") or None,
-        "git_src_dirty": bool(_git("status", "--porcelain", "src")),
+        "git_src_dirty": bool(_git("status", "--porcelain", "src", "benchmarks/quality")),
     }

@@ -30,6 +30,7 @@ from .budget import task_arms
 from .data import TaskSplits, load_splits
 from .ledger import finished_keys, read_records
 from .models import ModelSpec
+from .provenance import git_state
 from .runner import LM_EVAL, OURS, RunRequest, execute
 from .train_causal import RunSettings
 
@@ -205,6 +206,7 @@ def run_suite(
     """
     from tqdm.auto import tqdm
 
+    git_state()  # the code this process runs is the code as it is now, whatever is committed while it runs
     ledger = ledger_path(suite.name, results)
     lr_from = read_records(ledger_path(suite.lr_from, results)) if suite.indicative else None
     plans = {task: task_arms(spec, task, only) for task in suite.tasks}
