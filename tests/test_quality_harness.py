@@ -31,7 +31,7 @@ from quality.arms import BASELINE, arm_by_name, arms_for, build_config, lora_arm
 from quality.budget import TOLERANCE, closest_rank, plan_budgets, task_arms  # noqa: E402
 from quality.data import TaskSplits, boolq_train_pool, load_splits  # noqa: E402
 from quality.ledger import REQUIRED_FIELDS, append_record, read_records  # noqa: E402
-from quality.models import resolve_model  # noqa: E402
+from quality.models import load_model, resolve_model  # noqa: E402
 from quality.report import latest_test_results, render_markdown, summarise, write_report  # noqa: E402
 from quality.runner import OURS, RunRequest  # noqa: E402
 from quality.stats import MDE_FACTOR, paired_summary  # noqa: E402
@@ -561,3 +561,40 @@ def test_the_commit_recorded_is_the_one_the_sweep_started_from(monkeypatch):
     provenance.git_state.cache_clear()
     assert provenance.git_state() == {"git_commit": "b" * 40, "git_src_dirty": True}
     provenance.git_state.cache_clear()
+
+
+def test_a_batch_voting_arm_is_scored_by_lm_eval_one_row_at_a_time(tiny_causal, choice_task):
+    """lm-eval batches rows longest first with padding, so a batch vote would tie each row's prediction to its
+    batch-mates: MoLEx ``batch_vote`` is scored one row per batch, every other arm at the suite's batch size."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the [eval] extra")
+    from quality.lm_eval_scorer import lm_eval_score
+    from quality.runner import LM_EVAL, _score, scoring_batch_size
+
+    spec = resolve_model(str(tiny_causal))
+    splits = load_splits(choice_task)
+    arms = {a.name: a for a in arms_for(spec)}
+    molex = RunRequest("s", spec, choice_task, splits, arms["molex_lora"], 1e-3, 0, SETTINGS, "test", LM_EVAL)
+    assert molex.config().routing == "batch_vote"
+    assert scoring_batch_size(molex) == 1
+    assert scoring_batch_size(replace(molex, arm=arms[BASELINE])) == molex.eval_batch_size == 16
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(spec), molex.config()).eval()
+    tokenizer = word_tokenizer()
+    scores = _score(molex, model, tokenizer)
+    assert scores["eval_batch_size"] == 1
+    # Each row alone: the same predictions in any order of the rows.
+    reversed_rows = lm_eval_score(model, tokenizer, choice_task, splits.test[::-1], batch_size=1)
+    assert scores["correct"] == "".join("1" if c else "0" for c in reversed_rows.correct[::-1])
+
+
+def test_a_batch_voting_arm_scored_one_row_per_batch_is_not_marked_batch_dependent():
+    records = synthetic_records({"lora": [0.70, 0.72, 0.71], "molex": [0.72, 0.77, 0.79]})
+    for record in records:
+        if record["arm"] == "molex":
+            record["config"] = {"routing": "batch_vote"}
+            record["eval_batch_size"] = 1
+    markdown = render_markdown(records, "synthetic")
+    assert "| molex |" in markdown and "scored one row per batch" in markdown
+    records[-1]["eval_batch_size"] = 16
+    assert "| molex † |" in render_markdown(records, "synthetic")

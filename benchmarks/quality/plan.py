@@ -259,8 +259,9 @@ def design_notes(crosschecks: list[dict[str, Any]], entries) -> str:
   the main suite's hours above include; `--scorer` switches either way.
 - **MoLEx (`batch_vote`) is batch-dependent**: one expert layer per evaluation batch, by vote. With random gates,
   {molex_changed} cross-check rows changed prediction between batchings. Our scorer batches rows sorted by length with
-  an attention mask; lm-eval runs without a mask, so its padding votes too. Reports mark MoLEx † and compare it under
-  one scorer only.
+  an attention mask; lm-eval runs without a mask, so its padding votes too. So lm-eval scores a `batch_vote` arm one
+  row per batch (each row votes over its own tokens: the score of a request served alone, whatever else is scored);
+  runs scored in batches (the dev phase, the encoder suite) are marked † and compared under one scorer only.
 - **Learning rates**: 3 for LoRA, 2 per method (issue 14), chosen on dev with seed 0; the seed-0 test score reuses that
   dev run's adapter (the same training run), so only the other seeds train again. MoD alone trains only its norms,
   router and gate, so its grid sits 10x higher. The indicative suite borrows each arm's rate from the main suite (best

@@ -80,7 +80,10 @@ def summarise(results: Results) -> dict[str, list[dict[str, Any]]]:
                     "trainable_params": first["trainable_params"],
                     "train_flops": statistics.fmean(r["train_flops"] for r in records),
                     "train_wall_s": statistics.fmean(r["train_wall_s"] for r in records),
-                    "batch_dependent": first.get("config", {}).get("routing") == "batch_vote",
+                    # Scored one row per batch, a batch-voting arm's rows each vote alone (runner.scoring_batch_size).
+                    "voting": first.get("config", {}).get("routing") == "batch_vote",
+                    "batch_dependent": first.get("config", {}).get("routing") == "batch_vote"
+                    and any(r.get("eval_batch_size") != 1 for r in records),
                     "start_kl": _mean_start(records, "mean_kl"),
                     "start_hidden": _mean_start(records, "hidden_relative_change"),
                     "encoder": first.get("config", {}).get("task_type") == "SEQ_CLS",
@@ -198,7 +201,14 @@ def render_markdown(records: list[dict[str, Any]], suite: str, scorer: str | Non
         "final hidden states over real tokens (what a classifier head reads; an encoder's new head is random, so "
         "its KL is not shown). – : not recorded (older runs).",
     ]
-    if any(row["batch_dependent"] for rows in summarise(latest_test_results(tests, scorer)).values() for row in rows):
+    summary_rows = [row for rows in summarise(latest_test_results(tests, scorer)).values() for row in rows]
+    if any(row["voting"] and not row["batch_dependent"] for row in summary_rows):
+        lines += [
+            "",
+            "MoLEx `batch_vote` arms without † were scored one row per batch: each row's expert layer is chosen by "
+            "a vote over its own tokens, as for a request served alone.",
+        ]
+    if any(row["batch_dependent"] for row in summary_rows):
         lines += [
             "",
             "† Routes by a vote over the whole evaluation batch (MoLEx `batch_vote`): its accuracy depends on how the "

@@ -102,6 +102,18 @@ def _train(request: RunRequest) -> TrainedModel:
     return train_encoder(request.model, request.config(), pairs, request.lr, request.seed, request.settings)
 
 
+def scoring_batch_size(request: RunRequest) -> int:
+    """Rows per lm-eval batch: 1 for a method that routes by a vote over the batch (MoLEx ``batch_vote``).
+
+    Why: lm-eval batches rows longest first with their padding, so a batch vote would make each row's prediction
+    depend on which rows (and how much padding) shared its batch. One row per batch, each row votes over its own
+    tokens only: its score is the one a request served alone gets, whatever else is scored.
+    """
+    if request.config().to_dict().get("routing") == "batch_vote":
+        return 1
+    return request.eval_batch_size
+
+
 def _score(request: RunRequest, model, tokenizer) -> dict[str, Any]:
     """Accuracy on the requested split (F1 too for MRPC), and per-row correctness where the scorer gives it."""
     rows = getattr(request.splits, request.split)
@@ -119,16 +131,20 @@ def _score(request: RunRequest, model, tokenizer) -> dict[str, Any]:
         if request.task == "mrpc":
             scores["f1"] = load_metric("f1").compute(predictions=predictions, references=references)["f1"]
         scores["correct"] = "".join("1" if p == r else "0" for p, r in zip(predictions, references))
+        scores["eval_batch_size"] = request.eval_batch_size
         return scores
     if request.scorer == LM_EVAL:
         from .lm_eval_scorer import lm_eval_score
 
-        result = lm_eval_score(model, tokenizer, request.task, rows, request.eval_batch_size)
-        return {"accuracy": result.accuracy, "correct": "".join("1" if c else "0" for c in result.correct)}
+        batch_size = scoring_batch_size(request)
+        result = lm_eval_score(model, tokenizer, request.task, rows, batch_size)
+        correct = "".join("1" if c else "0" for c in result.correct)
+        return {"accuracy": result.accuracy, "correct": correct, "eval_batch_size": batch_size}
     from peft_depth.tasks import multiple_choice_accuracy
 
     examples = choice_examples(request.task, rows)
-    return {"accuracy": multiple_choice_accuracy(model, tokenizer, examples, batch_size=request.eval_batch_size)}
+    accuracy = multiple_choice_accuracy(model, tokenizer, examples, batch_size=request.eval_batch_size)
+    return {"accuracy": accuracy, "eval_batch_size": request.eval_batch_size}
 
 
 def _save_adapter(model, folder: Path) -> None:
