@@ -19,7 +19,7 @@ from typing import Any
 
 from .models import CAUSAL, ModelSpec
 
-__all__ = ["Arm", "BASELINE_RANK", "arms_for", "lora_arm", "build_config", "arm_by_name"]
+__all__ = ["Arm", "Claim", "CLAIM_KINDS", "BASELINE_RANK", "arms_for", "lora_arm", "build_config", "arm_by_name"]
 
 #: LoRA rank of the baseline every matched budget is built around (the MoLA/MoLEx papers' r=8).
 BASELINE_RANK = 8
@@ -27,6 +27,28 @@ BASELINE_RANK = 8
 CAPACITY_ANNEALING_FRACTION = "capacity_annealing_fraction"
 #: Name of the baseline LoRA arm; LoRA partners at other ranks are named "lora_r{rank}".
 BASELINE = "lora"
+
+
+#: Kinds of claim: "better" (the interval must exclude 0 upwards), "non_inferior" (≈: no worse than the compared arm
+#: by more than ``verdicts.NON_INFERIORITY_MARGIN``).
+CLAIM_KINDS = ("better", "non_inferior")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One testable part of a paper's claim about an arm.
+
+    ``against``: ``"partner"`` (the budget-matched LoRA) or ``"reference"`` (the arm's ``claim_reference``);
+    ``fewer_flops``: the claim also says the arm trains with fewer FLOPs than the compared arm (DLO vs dense).
+    """
+
+    against: str
+    kind: str
+    fewer_flops: bool = False
+
+    def __post_init__(self) -> None:
+        if self.against not in ("partner", "reference") or self.kind not in CLAIM_KINDS:
+            raise ValueError(f"Bad claim {self!r}: against partner|reference, kind one of {CLAIM_KINDS}.")
 
 
 @dataclass(frozen=True)
@@ -46,6 +68,8 @@ class Arm:
     #: A diagnosis (an ablation asking why another arm scores as it does), not part of a suite's comparison: it runs
     #: only when named (``quality.py run --arms NAME``), on the tasks chosen then.
     diagnostic: bool = False
+    #: What the verdict table tests (``verdicts.py``); empty for baselines and references.
+    claims: tuple[Claim, ...] = ()
 
     def with_rank(self, rank: int) -> Arm:
         return Arm(**{**self.__dict__, "rank": rank})
@@ -56,6 +80,11 @@ def lora_arm(family: str, rank: int = BASELINE_RANK) -> Arm:
     grid = (3e-4, 1e-3, 3e-3) if family == CAUSAL else (5e-4, 1e-3, 2e-3)
     name = BASELINE if rank == BASELINE_RANK else f"lora_r{rank}"
     return Arm(name, f"LoRA r={rank}", "lora", grid, "baseline", "the baseline", rank=rank)
+
+
+def _molex_arm(lr_grid: tuple[float, ...]) -> Arm:
+    claim = "beats LoRA at the same parameters"
+    return Arm("molex_lora", "MoLEx + LoRA", "molex", lr_grid, "own", claim, claims=(Claim("partner", "better"),))
 
 
 def _causal_arms() -> list[Arm]:
@@ -71,6 +100,7 @@ def _causal_arms() -> list[Arm]:
             "▽ (more experts in higher layers) beats □ with as many experts, and LoRA",
             "mola_uniform",
             {"expert_pattern": [2, 4, 6, 8], "top_k": 2},
+            claims=(Claim("reference", "better"), Claim("partner", "better")),
         ),
         Arm(
             "mola_uniform",
@@ -83,7 +113,15 @@ def _causal_arms() -> list[Arm]:
             {"expert_pattern": [5, 5, 5, 5], "top_k": 2},
         ),
         # Only norms, router and gate train (about 4k parameters on SmolLM2): a larger step size than LoRA's.
-        Arm("mod", "MoD alone", "mod", (3e-3, 1e-2), "unmatched", "≈ LoRA with ~97% fewer trainable parameters"),
+        Arm(
+            "mod",
+            "MoD alone",
+            "mod",
+            (3e-3, 1e-2),
+            "unmatched",
+            "≈ LoRA with ~97% fewer trainable parameters",
+            claims=(Claim("partner", "non_inferior"),),
+        ),
         Arm(
             "mod_lora",
             "MoD + LoRA",
@@ -93,8 +131,9 @@ def _causal_arms() -> list[Arm]:
             "adds to LoRA on reasoning tasks",
             None,
             {"lora": True},
+            claims=(Claim("partner", "better"),),
         ),
-        Arm("molex_lora", "MoLEx + LoRA", "molex", method_grid, "own", "beats LoRA at the same parameters"),
+        _molex_arm(method_grid),
         # LoRA of the rank that matches the baseline budget on the new layers and on the original layers (the paper
         # trains every weight; routing frozen original layers collapsed to chance, issue 14); capacity anneals over
         # the first half of the run (the official 1000 steps would not start to bite in a run this short).
@@ -111,6 +150,7 @@ def _causal_arms() -> list[Arm]:
                 "lora_on_original_layers": True,
                 CAPACITY_ANNEALING_FRACTION: 0.5,
             },
+            claims=(Claim("reference", "non_inferior", fewer_flops=True),),
         ),
         Arm(
             "dense",
@@ -128,7 +168,7 @@ def _causal_arms() -> list[Arm]:
 def _encoder_arms() -> list[Arm]:
     return [
         lora_arm("encoder"),
-        Arm("molex_lora", "MoLEx + LoRA", "molex", (5e-4, 1e-3), "own", "beats LoRA at the same parameters"),
+        _molex_arm((5e-4, 1e-3)),
         # Diagnosis of MoLEx below LoRA on MiniLM SST-2: the official GLUE α = 0.5 mixes another layer's output
         # half-and-half into every layer from the first step; α = 0.95 (the official CoLA / GPT-2 value) starts
         # close to the base. Same gate, same budget; compared with both LoRA and the α = 0.5 arm.
@@ -142,6 +182,7 @@ def _encoder_arms() -> list[Arm]:
             "molex_lora",
             {"alpha": 0.95},
             diagnostic=True,
+            claims=(Claim("reference", "better"),),
         ),
     ]
 

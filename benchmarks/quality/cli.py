@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--scorer", default=None, help="only test records of this scorer (default: the suite's)")
     report.add_argument("--results-dir", default=str(RESULTS))
 
+    verdicts = commands.add_parser("verdicts", help="write verdicts.md: each claim's verdict from every suite's JSONL")
+    verdicts.add_argument("--results-dir", default=str(RESULTS))
     check = commands.add_parser("crosscheck", help="our scorer vs lm-evaluation-harness on the same rows")
     check.add_argument("--model", default="smollm2")
     check.add_argument("--tasks", type=_csv, default=["boolq", "piqa"])
@@ -190,6 +192,15 @@ def _report(args) -> int:
     return 0
 
 
+def _verdicts(args) -> int:
+    from .sweep import SUITES
+    from .verdicts import write_verdicts
+
+    path = write_verdicts(args.results_dir, SUITES)
+    print(f"wrote {path}")
+    return 0
+
+
 def _crosscheck(args) -> int:
     from peft import get_peft_model
 
@@ -238,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": _run,
         "report": _report,
         "crosscheck": _crosscheck,
+        "verdicts": _verdicts,
     }
     return handlers[args.command](args)
 

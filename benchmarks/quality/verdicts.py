@@ -1,0 +1,170 @@
+"""The verdict table of issue 14: for each arm's claims (``Arm.claims``), the measured paired difference and a verdict.
+
+Rules (issue 14), per claim, model and task, over the seeds both compared arms ran on the same kind of device:
+
+- a **"better"** claim is *reproduced* when the 95% interval of the mean paired difference excludes 0 upwards,
+  *contradicted* when it excludes 0 downwards, and *not detectable at this scale* otherwise (the smallest effect the
+  design finds 80% of the time is given);
+- a **"non_inferior"** (≈) claim is *reproduced* when the interval's lower end is above −``NON_INFERIORITY_MARGIN``,
+  *contradicted* when its upper end is below −margin, and *not detectable* otherwise; with ``fewer_flops`` it also
+  needs fewer training FLOPs than the compared arm, else it is contradicted on cost.
+
+A row with fewer seeds than its suite runs is *provisional*; an indicative suite (one seed) gives no verdict. Every
+number comes from the ledgers, so the table is regenerated, never edited.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .arms import Arm, Claim, arms_for
+from .ledger import read_records
+from .models import resolve_model
+from .report import latest_test_results, summarise
+from .stats import PairedSummary
+
+__all__ = ["NON_INFERIORITY_MARGIN", "Verdict", "judge", "suite_verdicts", "render_verdicts", "write_verdicts"]
+
+#: How much worse (accuracy, absolute) an arm may be and still count as "≈" its comparison: 2 percentage points.
+NON_INFERIORITY_MARGIN = 0.02
+REPRODUCED, CONTRADICTED, NOT_DETECTABLE, PENDING = (
+    "reproduced",
+    "contradicted",
+    "not detectable at this scale",
+    "pending",
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One claim on one (suite, task): what was compared, the paired difference and the verdict."""
+
+    suite: str
+    task: str
+    arm: str
+    label: str
+    claim: str
+    compared_with: str | None
+    kind: str
+    summary: PairedSummary | None
+    seeds: int
+    planned_seeds: int
+    flops_ratio: float | None
+    verdict: str
+
+    @property
+    def provisional(self) -> bool:
+        return self.verdict != PENDING and self.seeds < self.planned_seeds
+
+
+def judge(claim: Claim, summary: PairedSummary | None, flops_ratio: float | None = None) -> str:
+    """The verdict of ``claim`` given the paired difference (arm − compared arm) and the FLOPs ratio (arm / it)."""
+    if summary is None or len(summary.differences) < 2:
+        return PENDING
+    if claim.kind == "better":
+        found = REPRODUCED if summary.low > 0 else CONTRADICTED if summary.high < 0 else NOT_DETECTABLE
+    else:
+        margin = NON_INFERIORITY_MARGIN
+        found = REPRODUCED if summary.low > -margin else CONTRADICTED if summary.high < -margin else NOT_DETECTABLE
+    if claim.fewer_flops and found == REPRODUCED:
+        if flops_ratio is None:
+            return PENDING
+        if flops_ratio >= 1.0:
+            return f"{CONTRADICTED} (not fewer FLOPs)"
+    return found
+
+
+def _arms_by_name(model: str) -> dict[str, Arm]:
+    return {arm.name: arm for arm in arms_for(resolve_model(model))}
+
+
+def suite_verdicts(
+    suite: str, records: list[dict[str, Any]], planned_seeds: int, arms: dict[str, Arm] | None = None
+) -> list[Verdict]:
+    """Every claim of every arm that has test results in ``records`` (one suite's ledger)."""
+    tests = [r for r in records if r["split"] == "test"]
+    if not tests:
+        return []
+    arms = arms if arms is not None else _arms_by_name(tests[0]["model"])
+    found: list[Verdict] = []
+    results = latest_test_results(tests)
+    for task, rows in summarise(results).items():
+        by_arm = {row["arm"]: row for row in rows}
+        for row in rows:
+            arm = arms.get(row["arm"])
+            for claim in arm.claims if arm else ():
+                other = row["partner"] if claim.against == "partner" else arm.claim_reference
+                summary = row["vs_partner"] if claim.against == "partner" else row["vs_claim"]
+                ratio = None
+                if claim.fewer_flops and other in by_arm:
+                    ratio = row["train_flops"] / by_arm[other]["train_flops"]
+                found.append(
+                    Verdict(
+                        suite=suite,
+                        task=task,
+                        arm=row["arm"],
+                        label=row["label"] + (" †" if row["batch_dependent"] else ""),
+                        claim=arm.claim,
+                        compared_with=by_arm[other]["label"] if other in by_arm else other,
+                        kind=claim.kind,
+                        summary=summary,
+                        seeds=0 if summary is None else len(summary.differences),
+                        planned_seeds=planned_seeds,
+                        flops_ratio=ratio,
+                        verdict=judge(claim, summary, ratio),
+                    )
+                )
+    return found
+
+
+def _pp(value: float) -> str:
+    return f"{100 * value:+.1f}"
+
+
+def render_verdicts(verdicts: list[Verdict]) -> str:
+    lines = [
+        "# Verdicts on the papers' claims (generated)",
+        "",
+        "Regenerated from the sweep ledgers by `python benchmarks/quality.py verdicts`; the rules are in "
+        "`benchmarks/quality/verdicts.py`. Δ = arm − compared arm on the same seed, in percentage points, with its "
+        "95% bootstrap interval over seeds; detectable = the smallest true Δ the design finds 80% of the time. "
+        f"≈ claims allow {100 * NON_INFERIORITY_MARGIN:.0f} pp. *Provisional*: fewer seeds than the suite plans. "
+        "†: scored in batches by a method that votes over the batch (MoLEx `batch_vote`; see the suite's report).",
+        "",
+        "| suite | task | arm | claim | compared with | Δ, pp [95% interval] | detectable, pp | seeds | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v in sorted(verdicts, key=lambda v: (v.suite, v.arm, v.task)):
+        if v.summary is None:
+            difference, detectable = "–", "–"
+        else:
+            s = v.summary
+            difference = f"{_pp(s.mean)} [{_pp(s.low)}, {_pp(s.high)}]"
+            detectable = f"{100 * s.detectable:.1f}"
+        if v.flops_ratio is not None:
+            difference += f"; FLOPs ×{v.flops_ratio:.2f}"
+        verdict = f"**{v.verdict}**" + (" (provisional)" if v.provisional else "")
+        lines.append(
+            f"| {v.suite} | {v.task} | {v.label} | {v.claim} | {v.compared_with or '–'} | {difference} | "
+            f"{detectable} | {v.seeds} of {v.planned_seeds} | {verdict} |"
+        )
+    if not verdicts:
+        lines.append("| – | – | – | no finished test runs yet | – | – | – | – | – |")
+    return "\n".join(lines) + "\n"
+
+
+def write_verdicts(results_dir: str | Path, suites: dict[str, Any]) -> Path:
+    """Verdicts of every non-indicative suite in ``suites`` (name -> Suite) whose ledger exists, as markdown."""
+    from .sweep import ledger_path
+
+    verdicts: list[Verdict] = []
+    for name, suite in suites.items():
+        path = ledger_path(name, Path(results_dir))
+        if suite.indicative or not path.is_file():
+            continue
+        verdicts += suite_verdicts(name, read_records(path), len(suite.seeds))
+    output = Path(results_dir) / "verdicts.md"
+    output.write_text(render_verdicts(verdicts))
+    return output

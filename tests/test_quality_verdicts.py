@@ -1,0 +1,101 @@
+"""The verdict table (issue 14): each claim's rule, and the table generated from ledger records alone."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from quality.arms import Arm, Claim  # noqa: E402
+from quality.stats import paired_summary  # noqa: E402
+from quality.verdicts import (  # noqa: E402
+    CONTRADICTED,
+    NON_INFERIORITY_MARGIN,
+    NOT_DETECTABLE,
+    PENDING,
+    REPRODUCED,
+    judge,
+    render_verdicts,
+    suite_verdicts,
+)
+
+
+def summary(differences: list[float]):
+    return paired_summary(differences, [0.0] * len(differences))
+
+
+def test_a_better_claim_needs_the_interval_above_zero():
+    better = Claim("partner", "better")
+    assert judge(better, summary([0.01, 0.02, 0.03])) == REPRODUCED
+    assert judge(better, summary([-0.01, 0.02, 0.03])) == NOT_DETECTABLE
+    assert judge(better, summary([-0.01, -0.02, -0.03])) == CONTRADICTED
+    assert judge(better, summary([0.05])) == PENDING  # one seed: no interval
+    assert judge(better, None) == PENDING
+
+
+def test_a_non_inferiority_claim_allows_the_margin_and_a_cost_claim_needs_fewer_flops():
+    close = Claim("partner", "non_inferior")
+    margin = NON_INFERIORITY_MARGIN
+    assert judge(close, summary([-margin / 2, 0.0, -margin / 4])) == REPRODUCED
+    assert judge(close, summary([-2 * margin, 0.0, -margin / 4])) == NOT_DETECTABLE
+    assert judge(close, summary([-2 * margin, -3 * margin, -1.5 * margin])) == CONTRADICTED
+    cheaper = Claim("reference", "non_inferior", fewer_flops=True)
+    assert judge(cheaper, summary([0.0, 0.01, -0.005]), flops_ratio=0.8) == REPRODUCED
+    assert judge(cheaper, summary([0.0, 0.01, -0.005]), flops_ratio=1.1).startswith(CONTRADICTED)
+    assert judge(cheaper, summary([0.0, 0.01, -0.005]), flops_ratio=None) == PENDING
+    with pytest.raises(ValueError, match="kind"):
+        Claim("partner", "worse")
+
+
+def record(task: str, arm: str, seed: int, accuracy: float, partner: str, flops: float = 1e12) -> dict:
+    return {
+        "split": "test",
+        "scorer": "lm_eval",
+        "task": task,
+        "arm": arm,
+        "arm_label": arm.upper(),
+        "method": "lora" if arm == "lora" else "x",
+        "seed": seed,
+        "lr": 1e-3,
+        "accuracy": accuracy,
+        "budget_partner": partner,
+        "claim_reference": None,
+        "trainable_params": 100,
+        "train_flops": flops,
+        "train_wall_s": 1.0,
+        "model": "tiny",
+        "hardware": {"device": "cpu"},
+    }
+
+
+def test_the_table_is_built_from_the_ledger_records_alone():
+    arms = {
+        "lora": Arm("lora", "LoRA", "lora", (1e-3,), "baseline"),
+        "m": Arm("m", "M", "x", (1e-3,), "own", "beats LoRA", claims=(Claim("partner", "better"),)),
+        "d": Arm(
+            "d", "D", "x", (1e-3,), "rank", "≈ R, cheaper", "r", claims=(Claim("reference", "non_inferior", True),)
+        ),
+        "r": Arm("r", "R", "x", (1e-3,), "rank"),
+    }
+    records = []
+    for seed in range(3):
+        records.append(record("t", "lora", seed, 0.70, "lora"))
+        records.append(record("t", "m", seed, 0.72 + 0.01 * seed, "lora"))
+        records.append(record("t", "r", seed, 0.70, "lora", flops=2e12))
+        records.append({**record("t", "d", seed, 0.705, "lora"), "claim_reference": "r"})
+    records.append(record("u", "lora", 0, 0.5, "lora"))
+    records.append(record("u", "m", 0, 0.6, "lora"))  # one seed on task u: pending
+    verdicts = {(v.task, v.arm): v for v in suite_verdicts("s", records, planned_seeds=3, arms=arms)}
+    assert set(verdicts) == {("t", "m"), ("t", "d"), ("u", "m")}
+    assert verdicts[("t", "m")].verdict == REPRODUCED and not verdicts[("t", "m")].provisional
+    assert verdicts[("t", "m")].summary.mean == pytest.approx(0.03)
+    assert verdicts[("t", "d")].verdict == REPRODUCED and verdicts[("t", "d")].flops_ratio == pytest.approx(0.5)
+    assert verdicts[("t", "d")].compared_with == "R"
+    assert verdicts[("u", "m")].verdict == PENDING
+    table = render_verdicts(list(verdicts.values()))
+    assert "| s | t | M | beats LoRA | LORA | +3.0 [+2.0, +4.0] |" in table
+    assert "FLOPs ×0.50" in table and "| 3 of 3 | **reproduced** |" in table
+    assert "no finished test runs" in render_verdicts([])
