@@ -44,7 +44,9 @@ def build(variant: str, base: torch.nn.Module, copy_base: bool = True):
     elif variant == "dense_expansion":
         config = DLOConfig(routed_layers="none")
     elif variant == "dlo":
-        config = DLOConfig(capacity=0.9, capacity_annealing_steps=0, inference_selection="capacity")
+        config = DLOConfig(
+            routed_layers="all", capacity=0.9, capacity_annealing_steps=0, inference_selection="capacity"
+        )
     else:
         raise ValueError(variant)
     config.task_type = "CAUSAL_LM"

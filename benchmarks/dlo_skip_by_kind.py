@@ -51,6 +51,7 @@ def main() -> None:
     torch.set_num_threads(1)
     config = DLOConfig(
         task_type="CAUSAL_LM",
+        routed_layers="all",  # the measurement is of skipping in original and new layers alike
         capacity_annealing_fraction=0.5,
         unrouted_edge_layers=args.unrouted_edge_layers,
     )

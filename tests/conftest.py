@@ -28,4 +28,3 @@ def no_deprecations_from_peft_depth(request):
     caught = GUARD.take()
     if caught and "allow_peft_depth_deprecations" not in request.keywords:
         pytest.fail(report(caught), pytrace=False)
-

@@ -24,7 +24,10 @@ def clone_model(model):
 
 
 def dlo(model, **kwargs):
+    """DLO with the paper's routing of every layer unless a test says otherwise (the default routes only the new
+    layers while the original layers are frozen: ``test_default_routing_*``)."""
     kwargs.setdefault("task_type", "CAUSAL_LM")
+    kwargs.setdefault("routed_layers", "all")
     return get_peft_model(model, DLOConfig(**kwargs))
 
 
@@ -119,7 +122,7 @@ def test_interleave_8_to_10_with_renumbered_indices_and_config():
     assert config.num_hidden_layers == 10 and len(stack(model)) == 10
     assert [block.self_attn.layer_idx for block in stack(model)] == list(range(10))
     assert sorted(tuner(model).dlo_new_layers["default"].keys()) == ["new4", "new9"]
-    assert len(tuner(model).dlo_routers["default"]) == 10  # routed_layers='all', the official default
+    assert len(tuner(model).dlo_routers["default"]) == 10  # routed_layers='all', the paper's
     # the registered ModuleList (state-dict keys, parameters) is untouched
     registered = model.base_model.model.model._modules["layers"]
     assert len(registered) == 8

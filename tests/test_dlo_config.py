@@ -89,3 +89,27 @@ def test_a_field_the_rest_of_the_config_leaves_unused_is_refused(kwargs, message
         DLOConfig(**kwargs)
     # configs saved before this check (layout version 1) still load as they did
     assert DLOConfig(peft_depth_version=1, **kwargs).peft_depth_version == 1
+
+
+def test_default_routing_leaves_frozen_original_layers_unrouted_and_routes_them_once_they_train():
+    """Routing frozen pretrained layers collapsed SmolLM2 on SST-2 (benchmarks/results/dlo.md), so the default routes
+    only the new layers unless the original layers train; the resolved value is what a saved config holds."""
+    assert DLOConfig().routed_layers == "new"
+    assert DLOConfig(r=4).routed_layers == "all"  # LoRA on the original layers
+    assert DLOConfig(r=4, new_layer_training="lora", lora_on_original_layers=False).routed_layers == "new"
+    assert DLOConfig(trained_original_modules=["mlp"]).routed_layers == "all"
+    assert DLOConfig(unrouted_edge_layers=1).routed_layers == "all"
+    assert DLOConfig(routed_layers="none").routed_layers == "none"
+    assert DLOConfig().to_dict()["routed_layers"] == "new"
+    # a layout-2 config without the field keeps that layout's default
+    assert DLOConfig(peft_depth_version=2).routed_layers == "all"
+    assert DLOConfig.from_peft_type(**{**DLOConfig().to_dict(), "routed_layers": None}).routed_layers == "new"
+
+
+def test_default_routing_puts_routers_on_the_new_layers_only():
+    from peft import get_peft_model
+    from tiny_models import tiny_llama
+
+    model = get_peft_model(tiny_llama(num_layers=8), DLOConfig(task_type="CAUSAL_LM"))
+    routers = model.base_model.dlo_routers["default"]
+    assert sorted(routers.keys()) == sorted(f"l{i}" for i in (4, 9))  # the two inserted layers of 8 -> 10

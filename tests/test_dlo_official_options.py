@@ -31,6 +31,7 @@ FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
 
 def dlo(model, **kwargs):
     kwargs.setdefault("task_type", "CAUSAL_LM")
+    kwargs.setdefault("routed_layers", "all")  # the paper's routing, whose options these tests exercise
     return get_peft_model(model, DLOConfig(**kwargs))
 
 
@@ -161,7 +162,12 @@ class _LearningRates(TrainerCallback):
 
 def test_layer_learning_rates_follow_the_capacities_every_step_under_the_lr_schedule(tmp_path):
     config = DLOConfig(
-        task_type="CAUSAL_LM", capacity=0.6, capacity_annealing_steps=0, capacity_lr_scaling=True, min_capacity=0.01
+        task_type="CAUSAL_LM",
+        routed_layers="all",
+        capacity=0.6,
+        capacity_annealing_steps=0,
+        capacity_lr_scaling=True,
+        min_capacity=0.01,
     )
     trainer = make_trainer(
         config,

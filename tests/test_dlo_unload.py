@@ -79,8 +79,11 @@ def _use(model) -> None:
 
 
 SETUPS: dict[str, Callable[[torch.nn.Module], Any]] = {
-    "mlp": lambda base: get_peft_model(base, DLOConfig(task_type="CAUSAL_LM", expand_every=2)),
-    "block": lambda base: get_peft_model(base, DLOConfig(task_type="CAUSAL_LM", expand_every=2, skip_mode="block")),
+    # Original layers routed too (the paper's routing), so unload has wrapped original layers to give back.
+    "mlp": lambda base: get_peft_model(base, DLOConfig(task_type="CAUSAL_LM", expand_every=2, routed_layers="all")),
+    "block": lambda base: get_peft_model(
+        base, DLOConfig(task_type="CAUSAL_LM", expand_every=2, skip_mode="block", routed_layers="all")
+    ),
     "lora_everywhere": lambda base: get_peft_model(
         base,
         DLOConfig(task_type="CAUSAL_LM", expansion=[0, 3], r=2, new_layer_training="lora", target_modules=["q_proj"]),
@@ -181,7 +184,7 @@ def test_unload_after_checkpointed_training_gives_back_the_layers_checkpoint_fun
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layers = list(base.model.layers)
     functions = [layer._gradient_checkpointing_func for layer in layers]
-    model = get_peft_model(base, DLOConfig(task_type="CAUSAL_LM", expand_every=2))
+    model = get_peft_model(base, DLOConfig(task_type="CAUSAL_LM", expand_every=2, routed_layers="all"))
     _use(model)
     assert any(
         type(layer.__dict__["_gradient_checkpointing_func"]).__name__ == "PlanCarryingCheckpoint" for layer in layers

@@ -415,7 +415,9 @@ def test_a_tuner_parameter_outside_every_shard_is_refused_clearly(two_processes)
     # MoLEx's gates live on the tuner: with only the layers sharded, FSDP would never reduce their gradients and each
     # process would train its own copy, silently. MoLA's parameters all sit inside the layers: nothing to refuse.
     message = _error(two_processes, "molex_layers_only")
-    assert message.startswith("RuntimeError") and "molex_gate" in message and "fully_shard(peft_model)" in message, message
+    assert message.startswith("RuntimeError") and "molex_gate" in message and "fully_shard(peft_model)" in message, (
+        message
+    )
     assert _results(two_processes, "mola_layers_only") == ("ran", "ran")
 
 

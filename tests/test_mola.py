@@ -11,6 +11,7 @@ from torch import nn
 
 import peft_depth
 from peft_depth import MoLAConfig
+from peft_depth.core.config import CONFIG_FORMAT_VERSION
 from peft_depth.tuners.mola import MoLALinear
 from peft_depth.tuners.mola.config import expand_expert_pattern
 
@@ -477,7 +478,7 @@ def test_default_allocation_is_the_papers_increasing_pattern_and_is_saved_explic
     model.save_pretrained(tmp_path)
     saved = MoLAConfig.from_pretrained(tmp_path)
     assert saved.expert_pattern == [2, 4, 6, 8] and saved.num_experts is None
-    assert saved.peft_depth_version == 2
+    assert saved.peft_depth_version == CONFIG_FORMAT_VERSION
 
 
 def test_a_version_1_config_without_an_allocation_keeps_its_meaning():
@@ -485,7 +486,9 @@ def test_a_version_1_config_without_an_allocation_keeps_its_meaning():
     old = MoLAConfig(peft_depth_version=1, target_modules=["q_proj"])
     assert (old.num_experts, old.expert_pattern) == (8, None)
     model = get_peft_model(tiny_llama(), old)
-    assert {layer.self_attn.q_proj.mola_router["default"].out_features for layer in model.base_model.model.model.layers} == {8}
+    assert {
+        layer.self_attn.q_proj.mola_router["default"].out_features for layer in model.base_model.model.model.layers
+    } == {8}
 
 
 def test_a_top_k_above_the_default_patterns_smallest_group_says_the_pattern_is_the_default():

@@ -397,6 +397,7 @@ def test_readme_memory_table_is_the_computed_one(monkeypatch):
     # sanity of the computation: LoRA r=8 on q/v of Llama-2-7B, and DLO's eight full decoder layers
     assert rows["LoRA (peft, r=8 on q/v)"].trained_parameters == 32 * 2 * 8 * (4096 + 4096)
     layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096
-    assert rows["DLO (8 new layers, trained in full)"].trained_parameters == 8 * layer + 40 * 4096
+    # a router (hidden -> 1) on each of the 8 new layers: frozen original layers are not routed by default
+    assert rows["DLO (8 new layers, trained in full)"].trained_parameters == 8 * layer + 8 * 4096
     table = qlora_memory.markdown_table(list(rows.values()))
     assert table in (REPOSITORY / "README.md").read_text(), f"update the README's QLoRA table:\n{table}"

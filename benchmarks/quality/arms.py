@@ -148,6 +148,7 @@ def _causal_arms() -> list[Arm]:
             {
                 "new_layer_training": "lora",
                 "lora_on_original_layers": True,
+                "routed_layers": "all",  # the paper's routing (the default once originals train), stated for the run key
                 CAPACITY_ANNEALING_FRACTION: 0.5,
             },
             claims=(Claim("reference", "non_inferior", fewer_flops=True),),

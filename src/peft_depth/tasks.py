@@ -132,9 +132,7 @@ def collate_answer_batch(rows: list[dict[str, list[int]]], pad_id: int) -> dict[
 
 
 @torch.no_grad()
-def multiple_choice_predictions(
-    model, tokenizer, examples: list[ChoiceExample], batch_size: int = 16
-) -> torch.Tensor:
+def multiple_choice_predictions(model, tokenizer, examples: list[ChoiceExample], batch_size: int = 16) -> torch.Tensor:
     """The index of the choice with the highest summed log-probability given the prompt, per example.
 
     When every choice of an example is a single token (letter answers, yes/no) the prompt is run once and the

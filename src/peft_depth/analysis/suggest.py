@@ -124,9 +124,12 @@ def suggest_dlo(
         f"{100 * redundant:.1f}% of (layer, token) pairs have cosine >= {analysis.redundancy_threshold}, so a "
         f"capacity of {capacity} keeps the pairs the blocks really change"
         + (f" (clamped to at least {min_capacity})." if 1.0 - redundant < min_capacity else ".")
+        + " The skip points are original layers: DLO routes them only when they train (r > 0 or "
+        "trained_original_modules; routing frozen pretrained layers collapsed SmolLM2 to chance, "
+        "benchmarks/results/dlo.md), so the suggested config leaves `routed_layers` to that default."
     )
     return {
-        "config": {"expansion": expansion, "routed_layers": "all", "capacity": capacity},
+        "config": {"expansion": expansion, "capacity": capacity},
         "skip_points": skip_points,
         "reason": reason,
     }

@@ -171,11 +171,16 @@ class DLOConfig(LoraFieldsConfig):
             "every linear of the layer."
         },
     )
-    routed_layers: str = field(
-        default="all",
+    routed_layers: str | None = field(
+        default=None,
         metadata={
-            "help": "Which layers of the expanded stack get a router: 'all' (the official default), 'new' (only the "
-            "inserted layers), or 'none' (dense expansion, the LLaMA-Pro baseline; mergeable)."
+            "help": "Which layers of the expanded stack get a router: 'all' (the paper's), 'new' (only the inserted "
+            "layers), or 'none' (dense expansion, the LLaMA-Pro baseline; mergeable). None (default) resolves, "
+            "when the config is built, to 'all' if the original layers train (r > 0 with "
+            "lora_on_original_layers, or trained_original_modules) or unrouted_edge_layers > 0, else to 'new': "
+            "routing *frozen* pretrained layers collapsed SmolLM2 on SST-2 to chance (0.505, where 'new' and dense "
+            "expansion reached 0.805; benchmarks/results/dlo.md). Configs saved with `peft_depth_version` <= 2 "
+            "that lack the field keep its old default, 'all'."
         },
     )
     unrouted_edge_layers: int = field(
@@ -290,6 +295,12 @@ class DLOConfig(LoraFieldsConfig):
         },
     )
 
+    def _default_routed_layers(self) -> str:
+        if self.peft_depth_version < 3:
+            return "all"  # the default of the layouts before version 3
+        trains_originals = (self.r > 0 and self.lora_on_original_layers) or bool(self.trained_original_modules)
+        return "all" if trains_originals or self.unrouted_edge_layers else "new"
+
     def _check_lora_fields(self, *, allow_zero_rank: bool) -> None:
         # r=0 is the default (no LoRA on the original layers), so every DLO config allows it.
         super()._check_lora_fields(allow_zero_rank=True)
@@ -320,6 +331,8 @@ class DLOConfig(LoraFieldsConfig):
                 "`init`='random' with new_layer_training='lora' would freeze random layers; use init 'zero_out', "
                 "'copy' or 'mean', or new_layer_training='full'."
             )
+        if self.routed_layers is None:
+            self.routed_layers = self._default_routed_layers()
         check_choice("routed_layers", self.routed_layers, ROUTED_LAYERS)
         check_choice("skip_mode", self.skip_mode, SKIP_MODES)
         check_choice("loss_type", self.loss_type, LOSS_TYPES)

@@ -183,8 +183,12 @@ class MoDConfig(LoraFieldsConfig):
         _check_number_in("gate_init", self.gate_init, -GATE_INIT_BOUND, GATE_INIT_BOUND, "0 starts at the base model")
         for name in ("gate_lr", "router_lr"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf")):
-                raise ValueError(f"`{name}` must be None (the trainer's learning rate) or a finite number > 0, got {value!r}.")
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf")
+            ):
+                raise ValueError(
+                    f"`{name}` must be None (the trainer's learning rate) or a finite number > 0, got {value!r}."
+                )
         if self.r == 0 and self.target_modules:
             warnings.warn(
                 f"MoDConfig has r=0, so `target_modules`={self.target_modules!r} get no LoRA: this adapter is MoD "

@@ -335,7 +335,9 @@ class MoDModel(DepthTuner):
 
     def depth_optimizer_groups(self, base_lr: float, weight_decay: float) -> list[dict[str, Any]]:
         """The gate and router/norm groups of adapters that set ``gate_lr`` / ``router_lr`` (``optimizer_groups``)."""
-        return mod_optimizer_groups(ensembles_of(self._modules.get(_ENSEMBLE)), self.peft_config, base_lr, weight_decay)
+        return mod_optimizer_groups(
+            ensembles_of(self._modules.get(_ENSEMBLE)), self.peft_config, base_lr, weight_decay
+        )
 
     def depth_routing_stats(self) -> dict[str, Any]:
         report = {name: record.as_stats() for name, record in self._records().items()}

@@ -114,7 +114,9 @@ class MoLAConfig(LoraFieldsConfig):
         if self.expert_pattern is not None and isinstance(self.top_k, int):
             smallest = min(self.expert_pattern)
             if self.top_k > smallest:
-                default = " (the default ▽ pattern; set `num_experts` or `expert_pattern`)" if pattern_is_default else ""
+                default = (
+                    " (the default ▽ pattern; set `num_experts` or `expert_pattern`)" if pattern_is_default else ""
+                )
                 raise ValueError(
                     f"`top_k` ({self.top_k}) must be <= the smallest entry of `expert_pattern` ({smallest}){default}."
                 )
