@@ -672,7 +672,12 @@ def test_routing_stats_and_optimizer_groups():
     assert stats["executed_fraction"] == 1.0
     assert stats["executed_fraction_by_kind"] == {"original": None, "new": 1.0}  # no routed original layer
     groups = tuner(model).depth_optimizer_groups(1e-3, 0.0)
-    assert [g["name"] for g in groups] == ["dlo_layer_4", "dlo_layer_9"]
+    assert [g["name"] for g in groups] == [
+        "dlo_layer_4",
+        "dlo_layer_4_no_decay",
+        "dlo_layer_9",
+        "dlo_layer_9_no_decay",
+    ]
     assert all(g["lr"] == pytest.approx(1e-3) for g in groups)  # the unscaled rate: the trainer scales it per step
 
 

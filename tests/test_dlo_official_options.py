@@ -185,6 +185,8 @@ def test_layer_learning_rates_follow_the_capacities_every_step_under_the_lr_sche
     trainer.train()
     (tuner,) = depth_tuners(trainer.model)
     names = {f"dlo_layer_{int(k[1:])}" for k in tuner.dlo_routers["default"]}
+    # the new layers' norm weights sit in no-decay groups that ride the same multiplier
+    names |= {f"dlo_layer_{int(k[1:])}_no_decay" for k, kind in _layer_kinds(tuner) if kind == "new"}
     assert len(probe.rates) == 5 and all(set(r) == names for r in probe.rates)
     # the scheduler is active (warmup, then linear decay): each layer's rate is the scheduled rate x its multiplier
     assert len({round(s["dlo_layer_0"], 12) for s in probe.scheduled}) == 5
@@ -193,13 +195,36 @@ def test_layer_learning_rates_follow_the_capacities_every_step_under_the_lr_sche
             assert rates[name] == pytest.approx(scheduled[name] * multipliers[name], rel=1e-12)
     # step 0 runs every layer at the same capacity (multiplier 1); cos_global then gives layers their own capacities,
     # and each layer's rate moves with its capacity
-    assert probe.multipliers[0] == pytest.approx(dict.fromkeys(names, 1.0))
+    assert {name: probe.multipliers[0][name] for name in names} == pytest.approx(dict.fromkeys(names, 1.0))
     later = probe.multipliers[2]
     assert max(later.values()) - min(later.values()) > 0.05
     assert sum(later.values()) / len(later) == pytest.approx(1.0)  # capacity_l + 1 - mean: they average to 1
     ratios = [probe.rates[2][name] / probe.scheduled[2][name] for name in names]
     assert min(ratios) < 0.97 and max(ratios) > 1.03  # the effective rates really differ from the schedule
     assert probe.multipliers[-1] != pytest.approx(later)  # recomputed every step, not fixed once
+
+
+def _layer_kinds(tuner) -> list[tuple[str, str]]:
+    layouts = tuner._dlo["layouts"]["default"]
+    return [(key, layouts[int(key[1:])][0]) for key in tuner.dlo_routers["default"]]
+
+
+def test_capacity_lr_groups_leave_one_dimensional_parameters_undecayed():
+    """As the official trainer (and the Trainer, for every other parameter): norm weights and biases take no decay."""
+    model = dlo(tiny_llama(num_layers=4), capacity_lr_scaling=True, capacity_annealing_steps=0)
+    tuner = model.base_model
+    groups = {g["name"]: g for g in tuner.depth_optimizer_groups(1e-3, 0.1)}
+    new = next(key for key, kind in _layer_kinds(tuner) if kind == "new")
+    decay, no_decay = groups[f"dlo_layer_{new[1:]}"], groups[f"dlo_layer_{new[1:]}_no_decay"]
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    layer = tuner.dlo_new_layers["default"][f"new{new[1:]}"]
+    norms = {id(p) for n, p in layer.named_parameters() if "norm" in n}
+    assert norms and norms == {id(p) for p in no_decay["params"]}
+    grouped = [id(p) for g in groups.values() for p in g["params"]]
+    assert len(grouped) == len(set(grouped))  # no parameter in two groups
+    multipliers = tuner.depth_lr_multipliers()
+    assert multipliers[f"dlo_layer_{new[1:]}_no_decay"] == multipliers[f"dlo_layer_{new[1:]}"]
 
 
 def test_lr_multipliers_never_compound_and_ride_on_the_scheduler():

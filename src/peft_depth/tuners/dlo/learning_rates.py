@@ -18,12 +18,16 @@ from torch import nn
 
 from .config import DLOConfig
 
-__all__ = ["CapacityLearningRates", "lr_group_name"]
+__all__ = ["CapacityLearningRates", "lr_group_name", "NO_DECAY_SUFFIX"]
+
+#: Suffix of the group holding a layer's parameters that take no weight decay.
+NO_DECAY_SUFFIX = "_no_decay"
 
 
-def lr_group_name(position: int) -> str:
-    """Name of the optimizer group of the routed layer at ``position`` of the expanded stack."""
-    return f"dlo_layer_{position}"
+def lr_group_name(position: int, decay: bool = True) -> str:
+    """Name of the optimizer group of the routed layer at ``position`` of the expanded stack (its weights that
+    decay; ``decay=False``: its 1-D parameters, which do not)."""
+    return f"dlo_layer_{position}" + ("" if decay else NO_DECAY_SUFFIX)
 
 
 class CapacityLearningRates:
@@ -62,23 +66,29 @@ class CapacityLearningRates:
         return params + [p for p in layer.parameters() if p.requires_grad]
 
     def depth_optimizer_groups(self, base_lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """With ``capacity_lr_scaling``: one parameter group per routed layer (``dlo_layer_parameters``), named
-        ``dlo_layer_<position>``, at ``base_lr``; ``depth_lr_multipliers`` scales it every step."""
+        """With ``capacity_lr_scaling``: per routed layer (``dlo_layer_parameters``) a group of its weights at
+        ``weight_decay``, named ``dlo_layer_<position>``, and one of its 1-D parameters (biases, norm weights) without
+        weight decay, named ``dlo_layer_<position>_no_decay`` - the split the official trainer (and the Hugging Face
+        Trainer, for every other parameter) makes. Both at ``base_lr``; ``depth_lr_multipliers`` scales them every
+        step."""
         adapter_name = self._scaled_adapter()
         if adapter_name is None:
             return []
         groups = []
-        for key in self.dlo_routers[adapter_name]:
-            position = int(key[1:])
-            groups.append(
-                {
-                    "params": self.dlo_layer_parameters(adapter_name, position),
-                    "lr": base_lr,
-                    "weight_decay": weight_decay,
-                    "name": lr_group_name(position),
-                }
-            )
-        return sorted(groups, key=lambda group: int(group["name"].rsplit("_", 1)[1]))
+        for position in sorted(int(key[1:]) for key in self.dlo_routers[adapter_name]):
+            params = self.dlo_layer_parameters(adapter_name, position)
+            for decay in (True, False):
+                members = [p for p in params if (p.dim() >= 2) == decay]
+                if members:
+                    groups.append(
+                        {
+                            "params": members,
+                            "lr": base_lr,
+                            "weight_decay": weight_decay if decay else 0.0,
+                            "name": lr_group_name(position, decay),
+                        }
+                    )
+        return groups
 
     def depth_lr_multipliers(self) -> dict[str, float]:
         """``{group name: multiplier}`` for the groups of ``depth_optimizer_groups``, from the current capacities
@@ -86,4 +96,8 @@ class CapacityLearningRates:
         adapter_name = self._scaled_adapter()
         if adapter_name is None:
             return {}
-        return {lr_group_name(p): m for p, m in self.dlo_lr_multipliers(adapter_name).items()}
+        return {
+            lr_group_name(position, decay): multiplier
+            for position, multiplier in self.dlo_lr_multipliers(adapter_name).items()
+            for decay in (True, False)
+        }
