@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from quality import ledger as ledger_module  # noqa: E402
+from quality import runner as runner_module  # noqa: E402
 from quality.arms import BASELINE, arm_by_name, arms_for, build_config, lora_arm  # noqa: E402
 from quality.budget import TOLERANCE, closest_rank, plan_budgets, task_arms  # noqa: E402
 from quality.data import TaskSplits, boolq_train_pool, load_splits  # noqa: E402
@@ -598,3 +599,80 @@ def test_a_batch_voting_arm_scored_one_row_per_batch_is_not_marked_batch_depende
     assert "| molex |" in markdown and "scored one row per batch" in markdown
     records[-1]["eval_batch_size"] = 16
     assert "| molex † |" in render_markdown(records, "synthetic")
+
+
+def test_precision_is_part_of_a_run_but_fp32_keys_are_the_keys_recorded_before_the_field(tiny_causal, choice_task):
+    spec = resolve_model(str(tiny_causal))
+    splits = load_splits(choice_task)
+    arm = lora_arm("causal")
+    request = RunRequest("s", spec, choice_task, splits, arm, 1e-3, 0, SETTINGS, "dev")
+    legacy = ledger_module.run_key(
+        {
+            "model": spec.name,
+            "task": choice_task,
+            "data": splits.fingerprint,
+            "arm": arm.name,
+            "config": {k: v for k, v in request.config().to_dict().items() if k not in runner_module._METADATA_FIELDS},
+            "lr": 1e-3,
+            "seed": 0,
+            "settings": {k: v for k, v in asdict(SETTINGS).items() if k != "precision"},
+        }
+    )
+    assert request.run_key == legacy  # the ledgers' fp32 runs are still found
+    bf16 = replace(request, settings=replace(SETTINGS, precision="bf16-mixed"))
+    assert bf16.run_key != request.run_key
+    with pytest.raises(ValueError, match="precision"):
+        replace(SETTINGS, precision="fp16")
+
+
+def test_a_bf16_mixed_run_trains_and_scores_under_autocast_and_says_so(tiny_causal, choice_task, tmp_path):
+    """bf16 mixed precision: the Trainer autocasts the forwards (float32 weights stay), scoring runs under the same
+    autocast, and the record and the report state the arithmetic."""
+    spec = resolve_model(str(tiny_causal))
+    seen: list[torch.dtype] = []
+    original = runner_module._score
+
+    def spying_score(request, model, tokenizer):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+        return original(request, model, tokenizer)
+
+    suite = replace(lora_suite(tiny_causal, choice_task), settings=replace(SETTINGS, precision="bf16-mixed"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner_module, "_score", spying_score)
+        records = list(run_suite(suite, spec, tmp_path, None, only=ONLY_LORA, progress=False))
+    assert seen and set(seen) == {torch.bfloat16}
+    assert {r["precision"] for r in records} == {"bf16-mixed"}
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["final_train_loss"] > 0 for r in records)
+    assert "bf16 mixed precision" in render_markdown(records, "tiny")
+
+
+def test_learning_rates_are_chosen_only_from_dev_runs_of_the_current_recipe(tiny_causal, choice_task, tmp_path):
+    """A dev record of another recipe in the ledger (here fp32, the sweep now bf16) never picks a learning rate."""
+    from quality.sweep import dev_requests, test_requests
+
+    spec = resolve_model(str(tiny_causal))
+    splits = load_splits(choice_task)
+    arm = lora_arm("causal")
+    suite = replace(lora_suite(tiny_causal, choice_task), settings=replace(SETTINGS, precision="bf16-mixed"))
+    fp32_suite = lora_suite(tiny_causal, choice_task)
+
+    def dev_record(request, accuracy):
+        return {
+            "run_key": request.run_key,
+            "split": "dev",
+            "task": choice_task,
+            "arm": arm.name,
+            "lr": request.lr,
+            "accuracy": accuracy,
+        }
+
+    records = [
+        dev_record(r, 0.9 if r.lr == arm.lr_grid[0] else 0.1)
+        for r in dev_requests(fp32_suite, spec, choice_task, splits, [arm])
+    ]
+    records += [
+        dev_record(r, 0.9 if r.lr == arm.lr_grid[-1] else 0.1)
+        for r in dev_requests(suite, spec, choice_task, splits, [arm])
+    ]
+    (request, *_) = test_requests(suite, spec, choice_task, splits, [arm], records)
+    assert request.lr == arm.lr_grid[-1]

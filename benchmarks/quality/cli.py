@@ -34,6 +34,7 @@ def _csv(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     from .sweep import RESULTS, SUITES
+    from .train_causal import PRECISIONS
 
     parser = argparse.ArgumentParser(prog="quality.py", description=__doc__)
     parser.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's choice)")
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", type=lambda t: tuple(int(s) for s in _csv(t)), default=None)
     run.add_argument("--steps", type=_positive, default=None, help="override the training steps (smoke runs)")
     run.add_argument("--batch-size", type=_positive, default=None)
+    run.add_argument("--precision", choices=PRECISIONS, default=None, help="override the suite's arithmetic")
     run.add_argument("--scorer", choices=("peft_depth", "lm_eval"), default=None, help="override the test scorer")
     run.add_argument("--results-dir", default=str(RESULTS), help="where the JSONL ledger lives")
     run.add_argument("--adapters-dir", default=None, help="where dev-phase adapters are kept (default outputs/)")
@@ -95,6 +97,8 @@ def _suite(args):
         settings, task_steps = replace(settings, steps=args.steps), ()
     if args.batch_size is not None:
         settings = replace(settings, batch_size=args.batch_size)
+    if args.precision is not None:
+        settings = replace(settings, precision=args.precision)
     return replace(
         suite,
         model=args.model or suite.model,

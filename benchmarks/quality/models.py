@@ -68,7 +68,8 @@ def resolve_model(name: str) -> ModelSpec:
 
 
 def load_model(spec: ModelSpec, num_labels: int = 2) -> nn.Module:
-    """The pretrained model in float32 (fp32 on CPU is faster than bf16 autocast at this size, and exact)."""
+    """The pretrained model in float32: the master weights of every run; a "bf16-mixed" run (``RunSettings``) computes
+    under bfloat16 autocast on top of them."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if spec.family == CAUSAL:

@@ -109,6 +109,16 @@ def _start_distance(row: dict[str, Any]) -> str:
     return ", ".join(parts) or "–"
 
 
+def _precision_note(records: list[dict[str, Any]]) -> str:
+    # Records older than the field ran in float32.
+    found = sorted({r.get("precision", "fp32") for r in records})
+    notes = {
+        "fp32": "float32 throughout",
+        "bf16-mixed": "bf16 mixed precision (float32 weights and optimizer, bfloat16 autocast in training and scoring)",
+    }
+    return " and ".join(notes.get(p, p) for p in found)
+
+
 def _pct(value: float) -> str:
     return f"{100 * value:+.1f}"
 
@@ -149,7 +159,8 @@ def _header(records: list[dict[str, Any]], suite: str, scorer: str | None) -> li
     lines += [
         "- **Recipe**: "
         + "; ".join(f"{s} steps of {b} examples, max length {m}" for s, b, m in recipe)
-        + "; fp32; linear schedule with 10% warm-up; learning rate per arm chosen on the dev split from its grid "
+        + f"; {_precision_note(records)}; linear schedule with 10% warm-up; learning rate per arm chosen on the dev "
+        "split from its grid "
         "(3 values for LoRA, 2 per method; seed 0), then every seed at that rate.",
         f"- **Scorer** (test): {scorer or 'any'}; accuracy = the choice with the highest summed log-likelihood "
         "(decoders) or the classifier's argmax (encoders).",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from .data import TaskSplits, choice_examples, pair_examples
 from .ledger import append_record, record_key, run_key, to_jsonable
 from .models import CAUSAL, ModelSpec, load_model, load_tokenizer
 from .provenance import git_state, hardware, versions
-from .train_causal import RunSettings, TrainedModel, train_causal
+from .train_causal import RunSettings, TrainedModel, compute_precision, train_causal
 from .train_encoder import predict, train_encoder
 
 __all__ = ["RunRequest", "execute", "OURS", "LM_EVAL", "SCORERS"]
@@ -85,7 +85,7 @@ class RunRequest:
                 "config": config,
                 "lr": self.lr,
                 "seed": self.seed,
-                "settings": asdict(self.settings),
+                "settings": self.settings.key_fields(),
             }
         )
 
@@ -197,7 +197,8 @@ def execute(
         reused = False
         if folder is not None and request.split == "dev":
             _save_adapter(model, folder)
-    scores = _score(request, model, tokenizer)
+    with compute_precision(request.settings):  # scored in the arithmetic it trained in
+        scores = _score(request, model, tokenizer)
     record = {
         "run_key": key,
         "split": request.split,
@@ -217,6 +218,7 @@ def execute(
         "steps": request.settings.steps,
         "batch_size": request.settings.batch_size,
         "max_length": request.settings.max_length,
+        "precision": request.settings.precision,
         "split_sizes": request.splits.sizes,
         "split_fingerprint": request.splits.fingerprint,
         "adapter_reused": reused,

@@ -24,7 +24,7 @@ from .arms import Arm, build_config
 from .data import TaskSplits, choice_examples, pair_examples
 from .models import CAUSAL, ModelSpec, load_tokenizer
 from .provenance import hardware, versions
-from .train_causal import RunSettings, TrainedModel, fit_examples, train_causal
+from .train_causal import RunSettings, TrainedModel, compute_precision, fit_examples, train_causal
 from .train_encoder import predict, train_encoder
 
 __all__ = ["measure", "tokens_per_row", "train_lengths", "padded_tokens_per_step"]
@@ -83,6 +83,11 @@ def padded_tokens_per_step(lengths: list[int], batch_size: int, draws: int = 500
 
 
 def _score_seconds(spec: ModelSpec, task: str, trained: TrainedModel, rows, settings: RunSettings) -> float:
+    with compute_precision(settings):
+        return _score_seconds_as_is(spec, task, trained, rows, settings)
+
+
+def _score_seconds_as_is(spec: ModelSpec, task: str, trained: TrainedModel, rows, settings: RunSettings) -> float:
     if spec.family == CAUSAL:
         from peft_depth.tasks import multiple_choice_accuracy
 
@@ -94,12 +99,13 @@ def _score_seconds(spec: ModelSpec, task: str, trained: TrainedModel, rows, sett
     return cpu / len(rows)
 
 
-def _lm_eval_seconds(task: str, trained: TrainedModel, rows) -> float | None:
+def _lm_eval_seconds(task: str, trained: TrainedModel, rows, settings: RunSettings) -> float | None:
     from .lm_eval_scorer import lm_eval_available, lm_eval_score
 
     if not lm_eval_available():
         return None
-    _, _, cpu = _clocked(lambda: lm_eval_score(trained.model, trained.tokenizer, task, rows))
+    with compute_precision(settings):
+        _, _, cpu = _clocked(lambda: lm_eval_score(trained.model, trained.tokenizer, task, rows))
     return cpu / len(rows)
 
 
@@ -119,6 +125,7 @@ def measure(
         "task": task,
         "batch_size": settings.batch_size,
         "max_length": settings.max_length,
+        "precision": settings.precision,
         "steps_timed": settings.steps - 1,
         "load_average_before": os.getloadavg(),
         "hardware": hardware(),
@@ -147,7 +154,7 @@ def measure(
             "score_tokens_per_row": tokens_per_row(spec, task, rows, trained.tokenizer, settings.max_length),
         }
         if arm.method == "lora" and spec.family == CAUSAL:
-            entry["lm_eval_cpu_s_per_row"] = _lm_eval_seconds(task, trained, rows)
+            entry["lm_eval_cpu_s_per_row"] = _lm_eval_seconds(task, trained, rows, settings)
         result["arms"][arm.name] = entry
         print(
             f"  {arm.label:<36} step {entry['step_cpu_s']:.2f} CPU-s ({entry['step_wall_s']:.2f} s wall)", flush=True

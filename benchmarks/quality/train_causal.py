@@ -7,9 +7,10 @@ TRL truncates from the end and would cut the answer away (their count is recorde
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -23,18 +24,45 @@ from peft_depth.tasks import ChoiceExample, collate_answer_batch, encode_answer_
 from .flops import step_flops
 from .models import ModelSpec, load_model, load_tokenizer
 
-__all__ = ["RunSettings", "TrainedModel", "train_causal", "fit_examples"]
+__all__ = ["PRECISIONS", "RunSettings", "TrainedModel", "compute_precision", "train_causal", "fit_examples"]
+
+
+#: Arithmetic of a run: "fp32" throughout, or "bf16-mixed" - float32 weights and optimizer, matrix products under
+#: bfloat16 autocast in training (the Trainer's ``bf16=True``) and scoring alike.
+PRECISIONS = ("fp32", "bf16-mixed")
 
 
 @dataclass(frozen=True)
 class RunSettings:
-    """Everything about training besides the arm, the learning rate and the seed (part of every run key)."""
+    """Everything about training besides the arm, the learning rate and the seed (part of every run key; an fp32
+    run's key leaves ``precision`` out, so runs recorded before the field existed keep their keys)."""
 
     steps: int
     batch_size: int
     max_length: int = 320
     warmup_fraction: float = 0.1
     weight_decay: float = 0.0
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"`precision` must be one of {PRECISIONS}, got {self.precision!r}.")
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16-mixed"
+
+    def key_fields(self) -> dict[str, Any]:
+        """The fields that identify a run (``precision`` only when it is not the default)."""
+        fields = asdict(self)
+        if self.precision == "fp32":
+            del fields["precision"]
+        return fields
+
+
+def compute_precision(settings: RunSettings):
+    """The context a run's forward passes outside the Trainer (scoring, encoder training) run under."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if settings.bf16 else contextlib.nullcontext()
 
 
 @dataclass
@@ -117,7 +145,7 @@ def train_causal(
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        bf16=False,
+        bf16=settings.bf16,  # on CPU: torch.autocast(bfloat16) around each forward, float32 weights
         gradient_checkpointing=False,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,

@@ -22,7 +22,7 @@ from peft_depth.trainer import collect_optimizer_groups, set_training_step
 
 from .flops import step_flops
 from .models import ModelSpec, load_model, load_tokenizer
-from .train_causal import RunSettings, TrainedModel
+from .train_causal import RunSettings, TrainedModel, compute_precision
 
 __all__ = ["train_encoder", "encode_pairs", "predict"]
 
@@ -105,7 +105,8 @@ def train_encoder(
         for group, base_lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base_lr * _lr_scale(step, settings)
         set_training_step(model, step)
-        loss = _loss(model, batch)
+        with compute_precision(settings):
+            loss = _loss(model, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
