@@ -14,6 +14,7 @@ from quality.stats import paired_summary  # noqa: E402
 from quality.verdicts import (  # noqa: E402
     CONTRADICTED,
     NON_INFERIORITY_MARGIN,
+    NO_SIGNAL,
     NOT_DETECTABLE,
     PENDING,
     REPRODUCED,
@@ -68,6 +69,7 @@ def record(task: str, arm: str, seed: int, accuracy: float, partner: str, flops:
         "train_wall_s": 1.0,
         "model": "tiny",
         "hardware": {"device": "cpu"},
+        "split_sizes": {"test": 1000},
     }
 
 
@@ -96,6 +98,25 @@ def test_the_table_is_built_from_the_ledger_records_alone():
     assert verdicts[("t", "d")].compared_with == "R"
     assert verdicts[("u", "m")].verdict == PENDING
     table = render_verdicts(list(verdicts.values()))
-    assert "| s | t | M | beats LoRA | LORA | +3.0 [+2.0, +4.0] |" in table
+    assert "| s | t | M | beats LoRA | LORA | 0.730 vs 0.700 | +3.0 [+2.0, +4.0] |" in table
     assert "FLOPs ×0.50" in table and "| 3 of 3 | **reproduced** |" in table
     assert "no finished test runs" in render_verdicts([])
+
+
+def test_a_comparison_below_the_majority_class_has_no_signal():
+    """MiniLM on RTE: MoLEx answered one class everywhere (0.518, the majority rate) and LoRA sat below chance; the
+    interval excluded 0, but "beats LoRA" there means nothing."""
+    arms = {"m": Arm("m", "M", "x", (1e-3,), "own", "beats LoRA", claims=(Claim("partner", "better"),))}
+    records = []
+    for seed, lora in enumerate((0.45, 0.44, 0.46)):
+        records.append(record("t", "lora", seed, lora, "lora"))
+        records.append(record("t", "m", seed, 0.518, "lora"))
+    (verdict,) = suite_verdicts("s", records, 3, arms=arms, majority={"t": 0.518})
+    assert verdict.summary.low > 0 and verdict.verdict == NO_SIGNAL
+    # 1000 test rows at a 0.50 floor: the binomial noise is 1.96 * 0.0158 = 3.1 pp, so 0.518 is only noise ...
+    (noise,) = suite_verdicts("s", records, 3, arms=arms, majority={"t": 0.50})
+    assert noise.verdict == NO_SIGNAL
+    # ... and 0.518 clears a 0.40 floor (by 11.8 pp, the noise being 3.0 pp)
+    (above,) = suite_verdicts("s", records, 3, arms=arms, majority={"t": 0.40})
+    assert above.verdict == REPRODUCED
+    assert "(0.518)" in render_verdicts([verdict])

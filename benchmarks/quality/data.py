@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "majority_rate",
     "TaskSplits",
     "load_splits",
     "choice_examples",
@@ -178,6 +179,16 @@ def choice_examples(task: str, rows: list[dict[str, Any]]):
         return [ChoiceExample(r["prompt"], tuple(r["choices"]), int(r["label"])) for r in rows]
     convert = TASKS[task][1]
     return [convert(row) for row in rows]
+
+
+def majority_rate(task: str) -> float:
+    """Accuracy of always giving the test split's most frequent label: the floor any learned score must clear."""
+    rows = load_splits(task).test
+    if task in _PAIR_FIELDS or (task.startswith(JSONL_PREFIX) and rows and "choices" not in rows[0]):
+        labels = [label for _, _, label in pair_examples(task, rows)]
+    else:
+        labels = [example.label for example in choice_examples(task, rows)]
+    return max(labels.count(label) for label in set(labels)) / len(labels)
 
 
 def pair_examples(task: str, rows: list[dict[str, Any]]) -> list[tuple[str, str | None, int]]:

@@ -78,6 +78,7 @@ def summarise(results: Results) -> dict[str, list[dict[str, Any]]]:
                     "claim_reference": first.get("claim_reference"),
                     "vs_claim": _paired(arms, arm, first.get("claim_reference")),
                     "trainable_params": first["trainable_params"],
+                    "test_rows": (first.get("split_sizes") or {}).get("test"),
                     "train_flops": statistics.fmean(r["train_flops"] for r in records),
                     "train_wall_s": statistics.fmean(r["train_wall_s"] for r in records),
                     # Scored one row per batch, a batch-voting arm's rows each vote alone (runner.scoring_batch_size).
@@ -175,7 +176,10 @@ def _header(records: list[dict[str, Any]], suite: str, scorer: str | None) -> li
     return lines
 
 
-def render_markdown(records: list[dict[str, Any]], suite: str, scorer: str | None = None) -> str:
+def render_markdown(
+    records: list[dict[str, Any]], suite: str, scorer: str | None = None, majority: dict[str, float] | None = None
+) -> str:
+    """The suite's report; ``majority``: task -> accuracy of always giving the test split's most frequent label."""
     tests = [r for r in records if r["split"] == "test" and (scorer is None or r.get("scorer") == scorer)]
     if not tests:
         return f"# Quality comparison: `{suite}`\n\nNo finished test runs yet.\n"
@@ -187,7 +191,13 @@ def render_markdown(records: list[dict[str, Any]], suite: str, scorer: str | Non
             "",
             f"## {task}",
             "",
-            f"train {split['train']} / dev {split['dev']} / test {split['test']} (data fingerprint `{fingerprint}`)",
+            f"train {split['train']} / dev {split['dev']} / test {split['test']} (data fingerprint `{fingerprint}`)"
+            + (
+                f"; always answering the most frequent label scores {majority[task]:.4f}, the floor a learned score "
+                "must clear"
+                if majority and task in majority
+                else ""
+            ),
             "",
             "| arm | lr | seeds | accuracy (mean ± std) | Δ vs budget-matched LoRA, pp | 95% interval | detectable, pp"
             " | Δ vs claim reference, pp | claim interval | trainable params | train FLOPs | train time | start distance |",
@@ -268,13 +278,25 @@ def plot(records: list[dict[str, Any]], path: str | Path, scorer: str | None = N
     plt.close(figure)
 
 
+def _majority_rates(records: list[dict[str, Any]]) -> dict[str, float]:
+    from .data import majority_rate
+
+    rates = {}
+    for task in {r["task"] for r in records}:
+        try:
+            rates[task] = majority_rate(task)
+        except (FileNotFoundError, ValueError):  # a task whose data is not here: the report leaves the floor out
+            continue
+    return rates
+
+
 def write_report(records: list[dict[str, Any]], suite: str, folder: str | Path, scorer: str | None = None) -> Path:
     """Write ``<suite>.md`` and ``<suite>.png`` into ``folder``; returns the markdown path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     markdown = folder / f"{suite}.md"
     figure = folder / f"{suite}.png"
-    text = render_markdown(records, suite, scorer)
+    text = render_markdown(records, suite, scorer, _majority_rates(records))
     if any(r["split"] == "test" for r in records):
         plot(records, figure, scorer)
         text += f"\n![{suite}]({figure.name})\n"

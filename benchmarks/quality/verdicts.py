@@ -9,31 +9,39 @@ Rules (issue 14), per claim, model and task, over the seeds both compared arms r
   *contradicted* when its upper end is below −margin, and *not detectable* otherwise; with ``fewer_flops`` it also
   needs fewer training FLOPs than the compared arm, else it is contradicted on cost.
 
-A row with fewer seeds than its suite runs is *provisional*; an indicative suite (one seed) gives no verdict. Every
-number comes from the ledgers, so the table is regenerated, never edited.
+Before any of that, a comparison where neither arm's mean accuracy clears always giving the test set's most frequent
+label (``data.majority_rate``, m) by more than that test set's sampling noise - 1.96 binomial standard errors,
+1.96·√(m(1−m)/n) for n test rows - has *no signal*: e.g. a classifier answering one class everywhere "beats" one
+below chance by the class imbalance (MiniLM on RTE). A row with fewer seeds than its suite runs is *provisional*; an indicative suite
+(one seed) gives no verdict. Every number comes from the ledgers, so the table is regenerated, never edited.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .arms import Arm, Claim, arms_for
+from .data import majority_rate
 from .ledger import read_records
 from .models import resolve_model
 from .report import latest_test_results, summarise
 from .stats import PairedSummary
 
-__all__ = ["NON_INFERIORITY_MARGIN", "Verdict", "judge", "suite_verdicts", "render_verdicts", "write_verdicts"]
+__all__ = ["NO_SIGNAL", "NON_INFERIORITY_MARGIN", "Verdict", "judge", "suite_verdicts", "render_verdicts", "write_verdicts"]
 
+#: Binomial z of the majority-class floor: an accuracy must clear the floor by this many standard errors.
+FLOOR_Z = 1.96
 #: How much worse (accuracy, absolute) an arm may be and still count as "≈" its comparison: 2 percentage points.
 NON_INFERIORITY_MARGIN = 0.02
-REPRODUCED, CONTRADICTED, NOT_DETECTABLE, PENDING = (
+REPRODUCED, CONTRADICTED, NOT_DETECTABLE, PENDING, NO_SIGNAL = (
     "reproduced",
     "contradicted",
     "not detectable at this scale",
     "pending",
+    "no signal (neither arm clears the majority class beyond test noise)",
 )
 
 
@@ -53,16 +61,24 @@ class Verdict:
     planned_seeds: int
     flops_ratio: float | None
     verdict: str
+    #: Mean accuracies of the arm and of what it is compared with, and the test set's majority-class rate.
+    accuracies: tuple[float, float | None] = (0.0, None)
+    majority: float | None = None
 
     @property
     def provisional(self) -> bool:
         return self.verdict != PENDING and self.seeds < self.planned_seeds
 
 
-def judge(claim: Claim, summary: PairedSummary | None, flops_ratio: float | None = None) -> str:
-    """The verdict of ``claim`` given the paired difference (arm − compared arm) and the FLOPs ratio (arm / it)."""
+def judge(
+    claim: Claim, summary: PairedSummary | None, flops_ratio: float | None = None, no_signal: bool = False
+) -> str:
+    """The verdict of ``claim`` given the paired difference (arm − compared arm) and the FLOPs ratio (arm / it);
+    ``no_signal``: neither arm beats the majority class."""
     if summary is None or len(summary.differences) < 2:
         return PENDING
+    if no_signal:
+        return NO_SIGNAL
     if claim.kind == "better":
         found = REPRODUCED if summary.low > 0 else CONTRADICTED if summary.high < 0 else NOT_DETECTABLE
     else:
@@ -81,9 +97,14 @@ def _arms_by_name(model: str) -> dict[str, Arm]:
 
 
 def suite_verdicts(
-    suite: str, records: list[dict[str, Any]], planned_seeds: int, arms: dict[str, Arm] | None = None
+    suite: str,
+    records: list[dict[str, Any]],
+    planned_seeds: int,
+    arms: dict[str, Arm] | None = None,
+    majority: dict[str, float] | None = None,
 ) -> list[Verdict]:
-    """Every claim of every arm that has test results in ``records`` (one suite's ledger)."""
+    """Every claim of every arm that has test results in ``records`` (one suite's ledger); ``majority``: task ->
+    majority-class rate of its test split (tasks left out are not checked against it)."""
     tests = [r for r in records if r["split"] == "test"]
     if not tests:
         return []
@@ -100,6 +121,12 @@ def suite_verdicts(
                 ratio = None
                 if claim.fewer_flops and other in by_arm:
                     ratio = row["train_flops"] / by_arm[other]["train_flops"]
+                other_accuracy = by_arm[other]["accuracy"] if other in by_arm else None
+                floor = (majority or {}).get(task)
+                rows_tested = row["test_rows"]
+                no_signal = floor is not None and max(row["accuracy"], other_accuracy or 0.0) <= floor + (
+                    FLOOR_Z * math.sqrt(floor * (1.0 - floor) / rows_tested) if rows_tested else 0.0
+                )
                 found.append(
                     Verdict(
                         suite=suite,
@@ -113,7 +140,9 @@ def suite_verdicts(
                         seeds=0 if summary is None else len(summary.differences),
                         planned_seeds=planned_seeds,
                         flops_ratio=ratio,
-                        verdict=judge(claim, summary, ratio),
+                        verdict=judge(claim, summary, ratio, no_signal),
+                        accuracies=(row["accuracy"], other_accuracy),
+                        majority=floor,
                     )
                 )
     return found
@@ -133,8 +162,12 @@ def render_verdicts(verdicts: list[Verdict]) -> str:
         f"≈ claims allow {100 * NON_INFERIORITY_MARGIN:.0f} pp. *Provisional*: fewer seeds than the suite plans. "
         "†: scored in batches by a method that votes over the batch (MoLEx `batch_vote`; see the suite's report).",
         "",
-        "| suite | task | arm | claim | compared with | Δ, pp [95% interval] | detectable, pp | seeds | verdict |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Accuracies: the arm's and the compared arm's means, and (in brackets) always answering the test set's most "
+        "frequent label.",
+        "",
+        "| suite | task | arm | claim | compared with | accuracies | Δ, pp [95% interval] | detectable, pp | seeds | "
+        "verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in sorted(verdicts, key=lambda v: (v.suite, v.arm, v.task)):
         if v.summary is None:
@@ -146,12 +179,16 @@ def render_verdicts(verdicts: list[Verdict]) -> str:
         if v.flops_ratio is not None:
             difference += f"; FLOPs ×{v.flops_ratio:.2f}"
         verdict = f"**{v.verdict}**" + (" (provisional)" if v.provisional else "")
+        arm_accuracy, other_accuracy = v.accuracies
+        accuracies = f"{arm_accuracy:.3f} vs " + ("–" if other_accuracy is None else f"{other_accuracy:.3f}")
+        if v.majority is not None:
+            accuracies += f" ({v.majority:.3f})"
         lines.append(
-            f"| {v.suite} | {v.task} | {v.label} | {v.claim} | {v.compared_with or '–'} | {difference} | "
-            f"{detectable} | {v.seeds} of {v.planned_seeds} | {verdict} |"
+            f"| {v.suite} | {v.task} | {v.label} | {v.claim} | {v.compared_with or '–'} | {accuracies} | "
+            f"{difference} | {detectable} | {v.seeds} of {v.planned_seeds} | {verdict} |"
         )
     if not verdicts:
-        lines.append("| – | – | – | no finished test runs yet | – | – | – | – | – |")
+        lines.append("| – | – | – | no finished test runs yet | – | – | – | – | – | – |")
     return "\n".join(lines) + "\n"
 
 
@@ -164,7 +201,9 @@ def write_verdicts(results_dir: str | Path, suites: dict[str, Any]) -> Path:
         path = ledger_path(name, Path(results_dir))
         if suite.indicative or not path.is_file():
             continue
-        verdicts += suite_verdicts(name, read_records(path), len(suite.seeds))
+        records = read_records(path)
+        majority = {task: majority_rate(task) for task in {r["task"] for r in records}}
+        verdicts += suite_verdicts(name, records, len(suite.seeds), majority=majority)
     output = Path(results_dir) / "verdicts.md"
     output.write_text(render_verdicts(verdicts))
     return output
