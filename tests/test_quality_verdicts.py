@@ -13,8 +13,8 @@ from quality.arms import Arm, Claim  # noqa: E402
 from quality.stats import paired_summary  # noqa: E402
 from quality.verdicts import (  # noqa: E402
     CONTRADICTED,
-    NON_INFERIORITY_MARGIN,
     NO_SIGNAL,
+    NON_INFERIORITY_MARGIN,
     NOT_DETECTABLE,
     PENDING,
     REPRODUCED,
