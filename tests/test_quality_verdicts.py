@@ -120,3 +120,18 @@ def test_a_comparison_below_the_majority_class_has_no_signal():
     (above,) = suite_verdicts("s", records, 3, arms=arms, majority={"t": 0.40})
     assert above.verdict == REPRODUCED
     assert "(0.518)" in render_verdicts([verdict])
+
+
+def test_the_report_marks_a_comparison_without_signal():
+    from quality.report import render_markdown
+
+    records = []
+    for seed, lora in enumerate((0.45, 0.44, 0.46)):
+        records.append({**record("t", "lora", seed, lora, "lora"), "batch_size": 4, "steps": 2, "max_length": 8})
+        records.append({**record("t", "m", seed, 0.518, "lora"), "batch_size": 4, "steps": 2, "max_length": 8})
+    for r in records:
+        r.update(split_fingerprint="f", versions={}, hardware={"cpu": "c", "torch_threads": 1}, arm_label=r["arm"])
+        r["split_sizes"] = {"train": 1, "dev": 1, "test": 1000}
+    assert "(no signal: majority class)" in render_markdown(records, "s", majority={"t": 0.518})
+    assert "(no signal" not in render_markdown(records, "s", majority={"t": 0.40})
+    assert "(no signal" not in render_markdown(records, "s")  # no floor known: nothing claimed

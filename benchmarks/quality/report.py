@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .models import MINILM, MINILM_NOTE, SMOLLM2, SMOLLM2_NOTE
-from .stats import MDE_FACTOR, PairedSummary, mean_std, paired_summary
+from .stats import MDE_FACTOR, PairedSummary, clears_majority, mean_std, paired_summary
 
 __all__ = ["latest_test_results", "summarise", "render_markdown", "plot", "write_report"]
 
@@ -206,6 +206,8 @@ def render_markdown(
         for row in rows:
             mark = " †" if row["batch_dependent"] else ""
             partner = _difference(row["vs_partner"], row["partner"])
+            if row["vs_partner"] is not None and not _has_signal(row, rows, majority, task):
+                partner = (partner[0], partner[1] + " (no signal: majority class)", partner[2])
             claim = _difference(row["vs_claim"], row["claim_reference"])
             f1 = f", F1 {row['f1']:.3f}" if row["f1"] is not None else ""
             lines.append(
@@ -239,8 +241,14 @@ def render_markdown(
     return "\n".join(lines) + "\n"
 
 
-def plot(records: list[dict[str, Any]], path: str | Path, scorer: str | None = None) -> None:
-    """Accuracy per seed and mean (top), paired difference to the budget-matched LoRA with its interval (bottom)."""
+def plot(
+    records: list[dict[str, Any]],
+    path: str | Path,
+    scorer: str | None = None,
+    majority: dict[str, float] | None = None,
+) -> None:
+    """Accuracy per seed and mean (top, with the majority-class rate dashed), paired difference to the
+    budget-matched LoRA with its interval (bottom)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -262,13 +270,18 @@ def plot(records: list[dict[str, Any]], path: str | Path, scorer: str | None = N
                     100 * summary.mean,
                     yerr=[[100 * (summary.mean - summary.low)], [100 * (summary.high - summary.mean)]],
                     fmt="o",
-                    color="tab:red" if summary.excludes_zero else "tab:gray",
+                    color="tab:red"
+                    if summary.excludes_zero and _has_signal(row, rows, majority, task)
+                    else "tab:gray",
                     capsize=3,
                 )
         labels = [row["label"] for row in rows]
         for axis in (top, bottom):
             axis.set_xticks(range(len(rows)))
             axis.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+        if majority and task in majority:
+            top.axhline(majority[task], color="tab:gray", linestyle="--", linewidth=0.8, label="majority class")
+            top.legend(loc="lower right", fontsize=7)
         top.set_title(task)
         top.set_ylabel("test accuracy")
         bottom.axhline(0, color="black", linewidth=0.8)
@@ -276,6 +289,15 @@ def plot(records: list[dict[str, Any]], path: str | Path, scorer: str | None = N
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _has_signal(row: dict[str, Any], rows: list[dict[str, Any]], majority: dict[str, float] | None, task: str) -> bool:
+    """Whether the arm or its LoRA partner clears the majority class beyond test noise (else: no signal)."""
+    if not majority or task not in majority:
+        return True
+    partner = next((r for r in rows if r["arm"] == row["partner"]), None)
+    accuracies = [row["accuracy"]] + ([partner["accuracy"]] if partner else [])
+    return any(clears_majority(a, majority[task], row["test_rows"]) for a in accuracies)
 
 
 def _majority_rates(records: list[dict[str, Any]]) -> dict[str, float]:
@@ -296,9 +318,10 @@ def write_report(records: list[dict[str, Any]], suite: str, folder: str | Path, 
     folder.mkdir(parents=True, exist_ok=True)
     markdown = folder / f"{suite}.md"
     figure = folder / f"{suite}.png"
-    text = render_markdown(records, suite, scorer, _majority_rates(records))
+    majority = _majority_rates(records)
+    text = render_markdown(records, suite, scorer, majority)
     if any(r["split"] == "test" for r in records):
-        plot(records, figure, scorer)
+        plot(records, figure, scorer, majority)
         text += f"\n![{suite}]({figure.name})\n"
     markdown.write_text(text)
     return markdown

@@ -96,3 +96,14 @@ def paired_summary(arm: list[float], reference: list[float]) -> PairedSummary:
         high=percentile(distribution, 1 - ALPHA / 2),
         se=math.sqrt(max(variance, 0.0)),
     )
+
+
+#: Binomial z of the majority-class floor: an accuracy must clear the floor by this many standard errors.
+FLOOR_Z = 1.96
+
+
+def clears_majority(accuracy: float, majority: float, rows: int | None) -> bool:
+    """Whether ``accuracy`` beats always answering the most frequent label (rate ``majority``) by more than the test
+    set's sampling noise: FLOOR_Z binomial standard errors, √(m(1−m)/n) for ``rows`` test rows."""
+    noise = FLOOR_Z * math.sqrt(majority * (1.0 - majority) / rows) if rows else 0.0
+    return accuracy > majority + noise

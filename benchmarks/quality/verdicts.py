@@ -18,7 +18,6 @@ below chance by the class imbalance (MiniLM on RTE). A row with fewer seeds than
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,12 +27,18 @@ from .data import majority_rate
 from .ledger import read_records
 from .models import resolve_model
 from .report import latest_test_results, summarise
-from .stats import PairedSummary
+from .stats import PairedSummary, clears_majority
 
-__all__ = ["NO_SIGNAL", "NON_INFERIORITY_MARGIN", "Verdict", "judge", "suite_verdicts", "render_verdicts", "write_verdicts"]
+__all__ = [
+    "NO_SIGNAL",
+    "NON_INFERIORITY_MARGIN",
+    "Verdict",
+    "judge",
+    "suite_verdicts",
+    "render_verdicts",
+    "write_verdicts",
+]
 
-#: Binomial z of the majority-class floor: an accuracy must clear the floor by this many standard errors.
-FLOOR_Z = 1.96
 #: How much worse (accuracy, absolute) an arm may be and still count as "≈" its comparison: 2 percentage points.
 NON_INFERIORITY_MARGIN = 0.02
 REPRODUCED, CONTRADICTED, NOT_DETECTABLE, PENDING, NO_SIGNAL = (
@@ -123,9 +128,10 @@ def suite_verdicts(
                     ratio = row["train_flops"] / by_arm[other]["train_flops"]
                 other_accuracy = by_arm[other]["accuracy"] if other in by_arm else None
                 floor = (majority or {}).get(task)
-                rows_tested = row["test_rows"]
-                no_signal = floor is not None and max(row["accuracy"], other_accuracy or 0.0) <= floor + (
-                    FLOOR_Z * math.sqrt(floor * (1.0 - floor) / rows_tested) if rows_tested else 0.0
+                no_signal = floor is not None and not any(
+                    clears_majority(accuracy, floor, row["test_rows"])
+                    for accuracy in (row["accuracy"], other_accuracy)
+                    if accuracy is not None
                 )
                 found.append(
                     Verdict(
