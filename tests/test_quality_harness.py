@@ -676,3 +676,22 @@ def test_learning_rates_are_chosen_only_from_dev_runs_of_the_current_recipe(tiny
     ]
     (request, *_) = test_requests(suite, spec, choice_task, splits, [arm], records)
     assert request.lr == arm.lr_grid[-1]
+
+
+def test_lm_eval_scores_under_the_callers_autocast(tiny_causal, choice_task):
+    """lm-eval wraps each forward in its own autocast, enabled only with ``mixed_precision_dtype``: without passing
+    the caller's dtype on, a bf16-mixed run would silently be scored in float32."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the [eval] extra")
+    from quality.lm_eval_scorer import lm_eval_score
+
+    spec = resolve_model(str(tiny_causal))
+    model = load_model(spec).eval()
+    tokenizer = word_tokenizer()
+    rows = load_splits(choice_task).test
+    full = lm_eval_score(model, tokenizer, choice_task, rows)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = lm_eval_score(model, tokenizer, choice_task, rows)
+    full_ll = [x for row in full.loglikelihoods for x in row]
+    mixed_ll = [x for row in mixed.loglikelihoods for x in row]
+    assert full_ll != mixed_ll  # bf16 rounding shows: the autocast was honoured
+    assert mixed_ll == pytest.approx(full_ll, abs=0.1)

@@ -75,8 +75,24 @@ def export_rows(task: str, rows: list[dict[str, Any]], folder: str | Path) -> Pa
     return path
 
 
+def _ambient_autocast_dtype(model):
+    """The autocast dtype the caller runs under on the model's device, or None.
+
+    Why: lm-eval wraps every forward in its own ``torch.autocast(..., enabled=mixed_precision_dtype is not None)``,
+    which switches a caller's autocast *off*; handing it the caller's dtype keeps scoring in the caller's arithmetic
+    (a bf16-mixed run is scored as it trained).
+    """
+    import torch
+
+    device_type = next(model.parameters()).device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def lm_eval_score(model, tokenizer, task: str, rows: list[dict[str, Any]], batch_size: int = 16) -> LmEvalScore:
-    """lm-eval's zero-shot accuracy of ``model`` on ``rows`` of ``task``, plus per-row results."""
+    """lm-eval's zero-shot accuracy of ``model`` on ``rows`` of ``task``, plus per-row results, computed under the
+    caller's autocast if one is active (lm-eval's own autocast would otherwise turn it off)."""
     if not lm_eval_available():
         raise ImportError(
             "Scoring with lm-evaluation-harness needs `lm-eval`: pip install 'peft-depth[eval]' (or lm-eval)."
@@ -86,7 +102,14 @@ def lm_eval_score(model, tokenizer, task: str, rows: list[dict[str, Any]], batch
 
     was_training = model.training
     model.eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, add_bos_token=False)
+    lm = HFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        backend="causal",
+        batch_size=batch_size,
+        add_bos_token=False,
+        mixed_precision_dtype=_ambient_autocast_dtype(model),
+    )
     with tempfile.TemporaryDirectory(prefix="quality-lm-eval-") as folder:
         config = task_config(task, export_rows(task, rows, folder))
         results = lm_eval.simple_evaluate(

@@ -228,6 +228,8 @@ def run_suite(
     from tqdm.auto import tqdm
 
     git_state()  # the code this process runs is the code as it is now, whatever is committed while it runs
+    if suite.test_scorer == LM_EVAL:
+        from . import lm_eval_scorer  # noqa: F401  imported now, so a later edit cannot change this sweep's scoring
     ledger = ledger_path(suite.name, results)
     lr_from = read_records(ledger_path(suite.lr_from, results)) if suite.indicative else None
     plans = {task: task_arms(spec, task, only) for task in suite.tasks}
