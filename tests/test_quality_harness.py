@@ -36,7 +36,7 @@ from quality.models import load_model, resolve_model  # noqa: E402
 from quality.report import latest_test_results, render_markdown, summarise, write_report  # noqa: E402
 from quality.runner import OURS, RunRequest  # noqa: E402
 from quality.stats import MDE_FACTOR, paired_summary  # noqa: E402
-from quality.sweep import Suite, choose_lr, ledger_path, run_suite  # noqa: E402
+from quality.sweep import Suite, choose_lr, ledger_path, run_suite, shard_of_arms  # noqa: E402
 from quality.train_causal import RunSettings  # noqa: E402
 
 SETTINGS = RunSettings(steps=2, batch_size=4, max_length=64)
@@ -203,6 +203,19 @@ def test_learning_rate_choice_takes_the_best_dev_accuracy_and_the_smaller_rate_o
     assert choose_lr(arm, {low: 0.7, middle: 0.7, high: 0.6}) == low
     with pytest.raises(ValueError, match="no dev result"):
         choose_lr(arm, {low: 0.5})
+
+
+def test_shards_split_a_task_into_whole_arms_of_about_equal_run_counts(tiny_causal):
+    arms = arms_for(resolve_model(str(tiny_causal)))
+    assert len(arms) > 3
+    runs_of = lambda arm: 3 + len(arm.lr_grid)  # noqa: E731  seeds + dev runs, as run_suite counts them
+    for count in (1, 2, 3):
+        shard_by_name = shard_of_arms(arms, count, runs_of)
+        assert sorted(shard_by_name) == sorted(arm.name for arm in arms)  # every arm in exactly one shard
+        loads = [sum(runs_of(arm) for arm in arms if shard_by_name[arm.name] == index) for index in range(count)]
+        assert max(loads) - min(loads) <= max(runs_of(arm) for arm in arms), loads
+        # the same whatever order the arms come in, so shards started at different times agree
+        assert shard_of_arms(list(reversed(arms)), count, runs_of) == shard_by_name
 
 
 # ------------------------------------------------------------------------------------------------ ledger / resume

@@ -18,9 +18,8 @@ it resumes where it stopped (a run cut off mid-training is simply run again).
 from __future__ import annotations
 
 import statistics
-import zlib
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -203,10 +202,18 @@ def test_requests(
     ]
 
 
-def _in_shard(task: str, arm: Arm, shard: tuple[int, int]) -> bool:
-    # Whole (task, arm) groups per shard, so each shard can choose its arms' learning rates by itself.
-    index, count = shard
-    return zlib.crc32(f"{task}/{arm.name}".encode()) % count == index
+def shard_of_arms(arms: list[Arm], count: int, runs_of: Callable[[Arm], int]) -> dict[str, int]:
+    """Which shard runs each arm of one task: whole (task, arm) groups, so a shard chooses its arms' learning rates
+    by itself, and about equal run counts per shard (largest group first, each to the least loaded shard), so no
+    shard is left with one task's whole sweep while the other moves on. Depends only on the arms, never on the
+    ledger, so processes started at different times agree."""
+    loads = [0] * count
+    shard_by_name: dict[str, int] = {}
+    for arm in sorted(arms, key=lambda arm: (-runs_of(arm), arm.name)):
+        target = min(range(count), key=lambda index: (loads[index], index))
+        shard_by_name[arm.name] = target
+        loads[target] += runs_of(arm)
+    return shard_by_name
 
 
 def run_suite(
@@ -222,8 +229,8 @@ def run_suite(
     """Run every pending run of the suite (task by task: dev phase, then test phase); yields each new record.
 
     Each task's arms and LoRA partners come from ``budget.task_arms`` (``only``: these arms and their partners).
-    ``shard=(i, n)`` runs only the (task, arm) groups whose hash is i mod n, so n processes can share a sweep (and
-    its ledger); the progress bar counts the other shards' runs as done.
+    ``shard=(i, n)`` runs only the (task, arm) groups ``shard_of_arms`` gives shard i, so n processes can share a
+    sweep (and its ledger); the progress bar counts the other shards' runs as done.
     """
     from tqdm.auto import tqdm
 
@@ -243,7 +250,8 @@ def run_suite(
     for task in suite.tasks:
         arms, budgets = plans[task]
         partners = {row.arm: row.partner for row in budgets}
-        mine = [arm for arm in arms if _in_shard(task, arm, shard)]
+        shard_by_name = shard_of_arms(arms, shard[1], runs_of)
+        mine = [arm for arm in arms if shard_by_name[arm.name] == shard[0]]
         bar.update(sum(runs_of(arm) for arm in arms if arm not in mine))
         if not mine:
             continue
