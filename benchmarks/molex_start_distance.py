@@ -24,7 +24,7 @@ from quality.arms import arm_by_name, arms_for, build_config  # noqa: E402
 from quality.data import load_splits, pair_examples  # noqa: E402
 from quality.models import load_model, load_tokenizer, resolve_model  # noqa: E402
 from quality.sweep import SUITES  # noqa: E402
-from quality.train_encoder import _collate, encode_pairs  # noqa: E402
+from quality.train_encoder import collate_pairs, encode_pairs  # noqa: E402
 
 from peft_depth.analysis import distance_from_base  # noqa: E402
 
@@ -35,7 +35,7 @@ def main() -> None:
     settings = SUITES["minilm"].settings_for("sst2")
     tokenizer = load_tokenizer(spec)
     rows = encode_pairs(pair_examples("sst2", load_splits("sst2").train), tokenizer, settings.max_length)
-    first = _collate(rows[: settings.batch_size], tokenizer.pad_token_id)
+    first = collate_pairs(rows[: settings.batch_size], tokenizer.pad_token_id)
     first.pop("labels")
     arms = {arm.name: arm for arm in arms_for(spec)}
     print("| arm | α | Δh per seed (0-4) | mean |\n|---|---|---|---|")

@@ -36,7 +36,7 @@ def encode_pairs(pairs: list[tuple[str, str | None, int]], tokenizer, max_length
     return rows
 
 
-def _collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(r["input_ids"]) for r in rows)
     batch: dict[str, torch.Tensor] = {}
     for name in ("input_ids", "token_type_ids", "attention_mask"):
@@ -84,7 +84,7 @@ def train_encoder(
     set_seed(seed)
     model = get_peft_model(load_model(spec, num_labels=2), config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    first = _collate(rows[: settings.batch_size], tokenizer.pad_token_id)
+    first = collate_pairs(rows[: settings.batch_size], tokenizer.pad_token_id)
     first.pop("labels")
     start_distance = distance_from_base(model, **first).as_dict()
     optimizer = _optimizer(model, lr, settings.weight_decay)
@@ -100,7 +100,7 @@ def train_encoder(
         if len(order) < settings.batch_size:
             order += torch.randperm(len(rows), generator=generator).tolist()
         picked, order = order[: settings.batch_size], order[settings.batch_size :]
-        batch = _collate([rows[i] for i in picked], tokenizer.pad_token_id)
+        batch = collate_pairs([rows[i] for i in picked], tokenizer.pad_token_id)
         tokens += int(batch["attention_mask"].sum())
         for group, base_lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base_lr * _lr_scale(step, settings)
@@ -113,7 +113,7 @@ def train_encoder(
         if step_clock is not None:
             step_clock.append((time.perf_counter() - step_start[0], time.process_time() - step_start[1]))
     wall = time.perf_counter() - start
-    probe = _collate(rows[: settings.batch_size], tokenizer.pad_token_id)
+    probe = collate_pairs(rows[: settings.batch_size], tokenizer.pad_token_id)
     per_token = step_flops(lambda: _loss(model, probe)) / int(probe["attention_mask"].sum())
     model.zero_grad(set_to_none=True)
     model.eval()
@@ -137,7 +137,7 @@ def predict(model, tokenizer, pairs: list[tuple[str, str | None, int]], max_leng
     model.eval()
     predictions: list[int] = []
     for begin in range(0, len(rows), batch_size):
-        batch = _collate(rows[begin : begin + batch_size], tokenizer.pad_token_id)
+        batch = collate_pairs(rows[begin : begin + batch_size], tokenizer.pad_token_id)
         batch.pop("labels")
         predictions += model(**batch).logits.argmax(-1).tolist()
     return predictions
