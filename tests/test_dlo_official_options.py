@@ -253,6 +253,29 @@ def test_lr_multipliers_never_compound_and_ride_on_the_scheduler():
     )
 
 
+def test_a_plateau_schedule_is_refused_with_lr_multipliers_and_accepted_without(tmp_path):
+    # ReduceLROnPlateau multiplies the rate a group already has (which holds the last DLO multiplier): the
+    # multipliers would compound at every reduction, so the trainer refuses the pair before any work.
+    def plateau_trainer(capacity_lr_scaling: bool):
+        config = DLOConfig(task_type="CAUSAL_LM", routed_layers="all", capacity_lr_scaling=capacity_lr_scaling)
+        return make_trainer(
+            config,
+            str(tmp_path / str(capacity_lr_scaling)),
+            lr_scheduler_type="reduce_lr_on_plateau",
+            eval_strategy="steps",  # the plateau scheduler steps on the eval loss
+            eval_steps=1,
+            eval_dataset=counting_dataset(),
+            max_steps=2,
+            model=tiny_llama(num_layers=4),
+        )
+
+    with pytest.raises(ValueError, match="reduce_lr_on_plateau.*capacity_lr_scaling"):
+        plateau_trainer(capacity_lr_scaling=True)
+    trainer = plateau_trainer(capacity_lr_scaling=False)
+    trainer.train()
+    assert isinstance(trainer.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
 # ---------------------------------------------------------------- capacity_annealing_fraction
 
 

@@ -79,6 +79,7 @@ def make_trainer(
     *,
     model: torch.nn.Module | None = None,
     dataset: Dataset | None = None,
+    eval_dataset: Dataset | None = None,
     callbacks: list | None = None,
     **overrides: Any,
 ) -> DepthSFTTrainer:
@@ -103,6 +104,7 @@ def make_trainer(
         model=model if model is not None else tiny_llama(),
         args=DepthSFTConfig(**args),
         train_dataset=dataset if dataset is not None else counting_dataset(),
+        eval_dataset=eval_dataset,
         processing_class=tiny_tokenizer(),
         peft_config=peft_config,
         callbacks=callbacks,

@@ -68,6 +68,7 @@ __all__ = [
     "CHECKPOINT_STATE_FILE",
     "WeightedAuxTerm",
     "apply_lr_multipliers",
+    "lr_multipliers",
     "checkpoint_state",
     "load_checkpoint_state",
     "needs_full_logits",
@@ -233,6 +234,14 @@ UNSCALED_LR_KEY = "depth_unscaled_lr"
 SCALED_LR_KEY = "depth_scaled_lr"
 
 
+def lr_multipliers(model: nn.Module) -> dict[str, float]:
+    """``{optimizer group name: learning-rate multiplier}`` from every ``depth_lr_multipliers`` hook in ``model``."""
+    multipliers: dict[str, float] = {}
+    for owner in _hook_owners(model, "depth_lr_multipliers"):
+        multipliers.update(owner.depth_lr_multipliers())
+    return multipliers
+
+
 def apply_lr_multipliers(model: nn.Module, optimizer: Any) -> dict[str, float]:
     """Scale each optimizer group named by a ``depth_lr_multipliers`` hook: ``lr`` = its unscaled rate × multiplier.
 
@@ -243,9 +252,7 @@ def apply_lr_multipliers(model: nn.Module, optimizer: Any) -> dict[str, float]:
     whose saved groups carry both keys) and is rescaled from the unscaled rate kept beside it. So the multiplier
     never compounds, and the schedule's warmup and decay stay in force. Returns ``{group name: lr}`` of the groups set.
     """
-    multipliers: dict[str, float] = {}
-    for owner in _hook_owners(model, "depth_lr_multipliers"):
-        multipliers.update(owner.depth_lr_multipliers())
+    multipliers = lr_multipliers(model)
     applied = {}
     for group in optimizer.param_groups:
         name = group.get("name")

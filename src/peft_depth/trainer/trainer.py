@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType
 from trl import SFTTrainer
 
 from ..core.config import DepthPeftConfig
@@ -29,6 +29,7 @@ from .hooks import (
     collect_optimizer_groups,
     depth_tuners,
     load_checkpoint_state,
+    lr_multipliers,
     needs_full_logits,
     routing_health,
     set_sync_routing_stats,
@@ -38,6 +39,25 @@ from .hooks import (
 )
 
 __all__ = ["DepthSFTTrainer"]
+
+
+def _refuse_compounding_schedule(args: Any, model: nn.Module) -> None:
+    """Per-step LR multipliers (DLO's ``capacity_lr_scaling``) ride on a schedule that sets each step's rate afresh
+    (every Hugging Face schedule is a ``LambdaLR``: ``initial_lr × lambda(step)``). ``reduce_lr_on_plateau`` instead
+    multiplies the rate the group already has, which holds the last multiplier: the multipliers would compound at
+    every reduction and the layers would train at silently wrong rates, so the pair is refused before training."""
+    schedule = getattr(args, "lr_scheduler_type", None)
+    if getattr(schedule, "value", schedule) != SchedulerType.REDUCE_ON_PLATEAU.value:
+        return
+    scaled = sorted(lr_multipliers(model))
+    if scaled:
+        raise ValueError(
+            f"`lr_scheduler_type='reduce_lr_on_plateau'` cannot be combined with per-step learning-rate multipliers "
+            f"(DLO `capacity_lr_scaling=True`, optimizer groups {scaled[:2]}{'...' if len(scaled) > 2 else ''}): "
+            "the plateau scheduler scales the already-multiplied rate, so the multipliers would compound. Use a "
+            "step schedule (e.g. 'linear', 'cosine', 'constant') or set capacity_lr_scaling=False."
+        )
+
 
 #: Trainer pickles its TrainingArguments next to the saved weights; this trainer writes them as JSON instead.
 TRAINING_ARGS_PICKLE = "training_args.bin"
@@ -102,6 +122,7 @@ class DepthSFTTrainer(SFTTrainer):
         names = set(getattr(self.model, "peft_config", {}) or {})
         self._drop_path_names = names if len(names) == 1 else set()
         self._lr_scaled_at_step: int | None = None  # the global step whose rates apply_lr_multipliers last set
+        _refuse_compounding_schedule(self.args, self.model)
 
     def _build_accelerator_args(self, **kwargs: Any) -> dict[str, Any]:
         args = super()._build_accelerator_args(**kwargs)

@@ -266,8 +266,9 @@ class DLOConfig(LoraFieldsConfig):
             "rate × (capacity_l + 1 − mean capacity), recomputed every optimizer step from the capacities the layer "
             "runs at (they change with annealing and with cos_global). Needs DepthSFTTrainer, which puts each layer "
             "in an optimizer group of its own and applies the multiplier on top of its LR scheduler before every "
-            "step; with another training loop, `DLOModel.depth_optimizer_groups` and `depth_lr_multipliers` give "
-            "the groups and the multipliers."
+            "step (any step schedule; 'reduce_lr_on_plateau' is refused, as it would compound the multipliers); "
+            "with another training loop, `DLOModel.depth_optimizer_groups` and `depth_lr_multipliers` give the "
+            "groups and the multipliers."
         },
     )
     min_capacity: float = field(
