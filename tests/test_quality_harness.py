@@ -29,10 +29,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from quality import ledger as ledger_module  # noqa: E402
 from quality import runner as runner_module  # noqa: E402
 from quality.arms import BASELINE, arm_by_name, arms_for, build_config, lora_arm  # noqa: E402
+from quality.base_scores import base_accuracies, run_base  # noqa: E402
 from quality.budget import TOLERANCE, closest_rank, plan_budgets, task_arms  # noqa: E402
-from quality.data import TaskSplits, boolq_train_pool, load_splits  # noqa: E402
+from quality.data import TaskSplits, boolq_train_pool, choice_examples, load_splits  # noqa: E402
 from quality.ledger import REQUIRED_FIELDS, append_record, read_records  # noqa: E402
-from quality.models import load_model, resolve_model  # noqa: E402
+from quality.models import load_model, load_tokenizer, resolve_model  # noqa: E402
 from quality.report import latest_test_results, render_markdown, summarise, write_report  # noqa: E402
 from quality.runner import OURS, RunRequest  # noqa: E402
 from quality.stats import MDE_FACTOR, paired_summary  # noqa: E402
@@ -254,6 +255,32 @@ def test_a_run_is_appended_with_every_field(tiny_causal, choice_task, tmp_path):
     dev_keys = {r["lr"]: r["run_key"] for r in records if r["split"] == "dev"}
     assert test["run_key"] == dev_keys[test["lr"]]
     assert test["train_wall_s"] == next(r for r in records if r["run_key"] == test["run_key"])["train_wall_s"]
+
+
+def test_the_base_model_is_scored_once_on_the_test_rows_and_shown_in_the_report(
+    tiny_causal, tiny_encoder, choice_task, tmp_path
+):
+    from peft_depth.tasks import multiple_choice_accuracy
+
+    spec = resolve_model(str(tiny_causal))
+    suite = lora_suite(tiny_causal, choice_task)
+    (record,) = run_base(suite, spec, tmp_path)
+    examples = choice_examples(choice_task, load_splits(choice_task).test)
+    expected = multiple_choice_accuracy(load_model(spec).eval(), load_tokenizer(spec), examples, batch_size=16)
+    assert record["accuracy"] == expected and record["split"] == "test" and record["split_sizes"]["test"] == 8
+    assert run_base(suite, spec, tmp_path) == []  # scored once per (data, scorer, precision)
+
+    records = list(run_suite(suite, spec, tmp_path, None, only=ONLY_LORA, progress=False))
+    text = write_report(records, "tiny", tmp_path, OURS).read_text()
+    assert f"the untrained base model scores {expected:.4f}" in text
+    lora_row = next(line for line in text.splitlines() if line.startswith("| LoRA"))
+    test = next(r for r in records if r["split"] == "test")
+    assert f"| {100 * (test['accuracy'] - expected):+.1f} |" in lora_row  # Δ vs base, 1 seed
+    # a base scored in another arithmetic is never set beside these runs
+    other = {**record, "precision": "bf16-mixed"}
+    assert base_accuracies([other], [test]) == {} and base_accuracies([record], [test]) == {test["task"]: expected}
+    with pytest.raises(ValueError, match="encoder"):
+        run_base(lora_suite(tiny_encoder, choice_task), resolve_model(str(tiny_encoder)), tmp_path)
 
 
 def test_rerun_skips_finished_runs_and_adds_only_new_seeds(tiny_causal, choice_task, tmp_path):

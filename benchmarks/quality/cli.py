@@ -1,4 +1,4 @@
-"""Command line of the quality harness: budgets, measure, plan, run, report, crosscheck."""
+"""Command line of the quality harness: budgets, measure, plan, run, base, report, verdicts, crosscheck."""
 
 from __future__ import annotations
 
@@ -70,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results-dir", default=str(RESULTS), help="where the JSONL ledger lives")
     run.add_argument("--adapters-dir", default=None, help="where dev-phase adapters are kept (default outputs/)")
     run.add_argument("--no-progress", action="store_true")
+
+    base = commands.add_parser("base", help="score the untrained base model on the suite's test splits")
+    base.add_argument("--suite", required=True, choices=sorted(SUITES))
+    base.add_argument("--model", default=None, help="override the suite's model (a local folder, for smoke runs)")
+    base.add_argument("--tasks", type=_csv, default=None, help="override the suite's tasks (jsonl:DIR allowed)")
+    base.add_argument("--precision", choices=PRECISIONS, default=None, help="override the suite's arithmetic")
+    base.add_argument("--scorer", choices=("peft_depth", "lm_eval"), default=None, help="override the test scorer")
+    base.add_argument("--results-dir", default=str(RESULTS), help="where <suite>-base.jsonl lives")
+    base.set_defaults(steps=None, batch_size=None, seeds=None)  # what `_suite` reads; the base is not trained
 
     report = commands.add_parser("report", help="write <suite>.md and <suite>.png from the suite's JSONL")
     report.add_argument("--suite", required=True)
@@ -184,6 +193,18 @@ def _plan(args) -> int:
     return 0
 
 
+def _base(args) -> int:
+    from .base_scores import run_base
+    from .models import resolve_model
+
+    suite = _suite(args)
+    for record in run_base(suite, resolve_model(suite.model), Path(args.results_dir)):
+        print(
+            f"base {record['task']}: {record['accuracy']:.4f} ({record['scorer']}, {record['precision']})", flush=True
+        )
+    return 0
+
+
 def _report(args) -> int:
     from .ledger import read_records
     from .report import write_report
@@ -251,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "measure": _measure,
         "plan": _plan,
         "run": _run,
+        "base": _base,
         "report": _report,
         "crosscheck": _crosscheck,
         "verdicts": _verdicts,

@@ -69,9 +69,9 @@ def record_key(run: str, split: str, scorer: str) -> str:
     return f"{run}/{split}:{scorer}"
 
 
-def append_record(path: str | Path, record: Mapping[str, Any]) -> None:
-    """Append one finished run as a JSON line; refuses a record that lacks a required field."""
-    missing = [name for name in REQUIRED_FIELDS if name not in record]
+def append_record(path: str | Path, record: Mapping[str, Any], required: Iterable[str] = REQUIRED_FIELDS) -> None:
+    """Append one finished run as a JSON line; refuses a record that lacks a ``required`` field."""
+    missing = [name for name in required if name not in record]
     if missing:
         raise ValueError(f"Run record lacks field(s) {missing}; nothing was written.")
     path = Path(path)

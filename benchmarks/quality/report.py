@@ -14,6 +14,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .base_scores import base_accuracies, base_ledger_path
+from .ledger import read_records
 from .models import MINILM, MINILM_NOTE, SMOLLM2, SMOLLM2_NOTE
 from .stats import MDE_FACTOR, PairedSummary, clears_majority, mean_std, paired_summary
 
@@ -134,6 +136,16 @@ def _difference(summary: PairedSummary | None, reference: str | None) -> tuple[s
     return f"{_pct(summary.mean)} vs {reference} ({per_seed})", interval, f"{100 * summary.detectable:.1f}"
 
 
+def _versus_base(row: dict[str, Any], base: float | None) -> str:
+    # The base is one deterministic score: the interval is the seeds' spread around it, not the test set's noise.
+    if base is None:
+        return "–"
+    summary = paired_summary(row["accuracies"], [base] * len(row["accuracies"]))
+    if len(summary.differences) == 1:
+        return _pct(summary.mean)
+    return f"{_pct(summary.mean)} [{_pct(summary.low)}, {_pct(summary.high)}]"
+
+
 def _header(records: list[dict[str, Any]], suite: str, scorer: str | None) -> list[str]:
     models = sorted({r["model"] for r in records})
     commits = sorted(
@@ -177,9 +189,15 @@ def _header(records: list[dict[str, Any]], suite: str, scorer: str | None) -> li
 
 
 def render_markdown(
-    records: list[dict[str, Any]], suite: str, scorer: str | None = None, majority: dict[str, float] | None = None
+    records: list[dict[str, Any]],
+    suite: str,
+    scorer: str | None = None,
+    majority: dict[str, float] | None = None,
+    base: dict[str, float] | None = None,
 ) -> str:
-    """The suite's report; ``majority``: task -> accuracy of always giving the test split's most frequent label."""
+    """The suite's report; ``majority``: task -> accuracy of always giving the test split's most frequent label;
+    ``base``: task -> the untrained base model's accuracy on the same rows, scorer and precision."""
+    base = base or {}
     tests = [r for r in records if r["split"] == "test" and (scorer is None or r.get("scorer") == scorer)]
     if not tests:
         return f"# Quality comparison: `{suite}`\n\nNo finished test runs yet.\n"
@@ -197,11 +215,17 @@ def render_markdown(
                 "must clear"
                 if majority and task in majority
                 else ""
+            )
+            + (
+                f"; the untrained base model scores {base[task]:.4f} (same rows, scorer and precision)"
+                if task in base
+                else ""
             ),
             "",
             "| arm | lr | seeds | accuracy (mean ± std) | Δ vs budget-matched LoRA, pp | 95% interval | detectable, pp"
-            " | Δ vs claim reference, pp | claim interval | trainable params | train FLOPs | train time | start distance |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            " | Δ vs claim reference, pp | claim interval | Δ vs base, pp [95% interval] | trainable params "
+            "| train FLOPs | train time | start distance |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in rows:
             mark = " †" if row["batch_dependent"] else ""
@@ -213,7 +237,8 @@ def render_markdown(
             lines.append(
                 f"| {row['label']}{mark} | {', '.join(f'{lr:g}' for lr in row['lr'])} | {len(row['seeds'])} | "
                 f"{row['accuracy']:.4f} ± {row['std']:.4f}{f1} | {partner[0]} | {partner[1]} | {partner[2]} | "
-                f"{claim[0]} | {claim[1]} | {row['trainable_params']:,} | {row['train_flops']:.3g} | "
+                f"{claim[0]} | {claim[1]} | {_versus_base(row, base.get(task))} | {row['trainable_params']:,} | "
+                f"{row['train_flops']:.3g} | "
                 f"{row['train_wall_s']:.0f} s | {_start_distance(row)} |"
             )
     lines += [
@@ -246,9 +271,11 @@ def plot(
     path: str | Path,
     scorer: str | None = None,
     majority: dict[str, float] | None = None,
+    base: dict[str, float] | None = None,
 ) -> None:
-    """Accuracy per seed and mean (top, with the majority-class rate dashed), paired difference to the
-    budget-matched LoRA with its interval (bottom)."""
+    """Accuracy per seed and mean (top, with the majority-class rate dashed and the untrained base dotted), paired
+    difference to the budget-matched LoRA with its interval (bottom)."""
+    base = base or {}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -281,6 +308,9 @@ def plot(
             axis.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
         if majority and task in majority:
             top.axhline(majority[task], color="tab:gray", linestyle="--", linewidth=0.8, label="majority class")
+        if task in base:
+            top.axhline(base[task], color="tab:green", linestyle=":", linewidth=1.0, label="base model (untrained)")
+        if (majority and task in majority) or task in base:
             top.legend(loc="lower right", fontsize=7)
         top.set_title(task)
         top.set_ylabel("test accuracy")
@@ -319,9 +349,11 @@ def write_report(records: list[dict[str, Any]], suite: str, folder: str | Path, 
     markdown = folder / f"{suite}.md"
     figure = folder / f"{suite}.png"
     majority = _majority_rates(records)
-    text = render_markdown(records, suite, scorer, majority)
+    tests = [r for r in records if r["split"] == "test" and (scorer is None or r.get("scorer") == scorer)]
+    base = base_accuracies(read_records(base_ledger_path(suite, folder)), tests)
+    text = render_markdown(records, suite, scorer, majority, base)
     if any(r["split"] == "test" for r in records):
-        plot(records, figure, scorer, majority)
+        plot(records, figure, scorer, majority, base)
         text += f"\n![{suite}]({figure.name})\n"
     markdown.write_text(text)
     return markdown
