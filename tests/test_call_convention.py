@@ -138,3 +138,33 @@ def test_the_warning_guard_ignores_deprecations_other_code_causes():
     _DeprecatedOutput(cache=None).values()  # the test itself calls it: not peft_depth's doing
     warnings.warn("a user warning from anywhere", UserWarning, stacklevel=1)
     assert GUARD.take() == []
+
+
+def test_binding_calls_keeps_no_model_alive_and_no_cache_growth():
+    """The signature cache is keyed by functions, never by the blocks a forward is bound to: a MoLEx model (whose
+    expert calls bind a fresh ``functools.partial`` per call) is freed once dropped, and calls add no entries."""
+    import gc
+    import weakref
+
+    from peft_depth.core import layer_call
+
+    base = tiny_llama()
+    model = molex(base)
+    model(**batch())
+    entries = len(layer_call._SIGNATURES)
+    model(**batch())
+    assert len(layer_call._SIGNATURES) == entries
+    freed = weakref.ref(base)
+    del model, base
+    gc.collect()
+    assert freed() is None
+
+
+def test_a_bound_forward_and_a_partial_of_its_function_bind_alike():
+    import functools
+
+    block = tiny_llama().model.layers[0]
+    hidden = torch.zeros(1, 2, 32)
+    for forward in (block.forward, functools.partial(type(block).forward, block), block.forward):
+        call = bind_block_call(block, forward, (hidden,), {"use_cache": False})
+        assert call.hidden is hidden and call.arguments["use_cache"] is False

@@ -16,6 +16,7 @@ the block is called, while ``use_cache`` stays on).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,8 +136,20 @@ class BlockCall:
 _SIGNATURES: dict[Any, inspect.Signature] = {}
 
 
+def _signature_key(forward: Callable[..., Any]) -> Any:
+    """What a forward's signature depends on, never the instance it is bound to: the cache must not hold modules
+    (it would keep every model alive and grow with each ``functools.partial`` a caller builds per call), and a bound
+    method and its plain function (with ``self``) must not share an entry."""
+    if isinstance(forward, functools.partial):
+        return ("partial", _signature_key(forward.func), len(forward.args), tuple(sorted(forward.keywords)))
+    function = getattr(forward, "__func__", None)
+    if function is not None:
+        return ("bound", function)
+    return ("plain", forward)
+
+
 def _signature(forward: Callable[..., Any]) -> inspect.Signature:
-    key = getattr(forward, "__func__", forward)
+    key = _signature_key(forward)
     signature = _SIGNATURES.get(key)
     if signature is None:
         signature = _SIGNATURES[key] = inspect.signature(forward)
