@@ -32,6 +32,7 @@ from quality.arms import BASELINE, arm_by_name, arms_for, build_config, lora_arm
 from quality.base_scores import base_accuracies, run_base  # noqa: E402
 from quality.budget import TOLERANCE, closest_rank, plan_budgets, task_arms  # noqa: E402
 from quality.data import TaskSplits, boolq_train_pool, choice_examples, load_splits  # noqa: E402
+from quality.isolation import CodeSnapshot  # noqa: E402
 from quality.ledger import REQUIRED_FIELDS, append_record, read_records  # noqa: E402
 from quality.models import load_model, load_tokenizer, resolve_model  # noqa: E402
 from quality.report import latest_test_results, render_markdown, summarise, write_report  # noqa: E402
@@ -281,6 +282,40 @@ def test_the_base_model_is_scored_once_on_the_test_rows_and_shown_in_the_report(
     assert base_accuracies([other], [test]) == {} and base_accuracies([record], [test]) == {test["task"]: expected}
     with pytest.raises(ValueError, match="encoder"):
         run_base(lora_suite(tiny_encoder, choice_task), resolve_model(str(tiny_encoder)), tmp_path)
+
+
+def test_isolated_runs_give_the_in_process_records_and_the_sweeps_commit(
+    tiny_causal, choice_task, tmp_path, monkeypatch
+):
+    from quality import provenance
+
+    spec = resolve_model(str(tiny_causal))
+    suite = lora_suite(tiny_causal, choice_task)
+    in_process = list(run_suite(suite, spec, tmp_path / "a", None, only=ONLY_LORA, progress=False))
+    # the commit the sweep started from, whatever HEAD is when a child runs
+    monkeypatch.setattr(provenance, "_pinned", {"git_commit": "f" * 40, "git_src_dirty": False})
+    provenance.git_state.cache_clear()
+    try:
+        isolated = list(run_suite(suite, spec, tmp_path / "b", None, only=ONLY_LORA, progress=False, isolate=True))
+    finally:
+        provenance.git_state.cache_clear()
+    assert isolated == read_records(ledger_path("tiny", tmp_path / "b"))  # the children appended them
+    assert [(r["run_key"], r["split"], r["accuracy"]) for r in isolated] == [
+        (r["run_key"], r["split"], r["accuracy"]) for r in in_process
+    ]
+    assert {r["git_commit"] for r in isolated} == {"f" * 40}
+
+
+def test_a_code_snapshot_is_what_a_child_imports():
+    snapshot = CodeSnapshot()
+    try:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(snapshot.paths)}
+        code = "import peft_depth, quality.runner; print(peft_depth.__file__); print(quality.runner.__file__)"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        files = out.stdout.split()
+        assert len(files) == 2 and all(f.startswith(tuple(snapshot.paths)) for f in files), files
+    finally:
+        snapshot.close()
 
 
 def test_rerun_skips_finished_runs_and_adds_only_new_seeds(tiny_causal, choice_task, tmp_path):

@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results-dir", default=str(RESULTS), help="where the JSONL ledger lives")
     run.add_argument("--adapters-dir", default=None, help="where dev-phase adapters are kept (default outputs/)")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every run in this process (default: each in a fresh process, so no run inherits another's memory)",
+    )
 
     base = commands.add_parser("base", help="score the untrained base model on the suite's test splits")
     base.add_argument("--suite", required=True, choices=sorted(SUITES))
@@ -144,7 +149,14 @@ def _run(args) -> int:
     _print_budgets(spec, suite.tasks, only)
     adapters = Path(args.adapters_dir) if args.adapters_dir else ADAPTERS
     for record in run_suite(
-        suite, spec, Path(args.results_dir), adapters, args.shard, only, progress=not args.no_progress
+        suite,
+        spec,
+        Path(args.results_dir),
+        adapters,
+        args.shard,
+        only,
+        progress=not args.no_progress,
+        isolate=not args.in_process,
     ):
         print(
             f"{record['task']} {record['arm']} lr={record['lr']:g} seed={record['seed']} {record['split']}: "

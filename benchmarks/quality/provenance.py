@@ -57,11 +57,24 @@ def _git(*args: str) -> str:
     return out.stdout.strip()
 
 
+_pinned: dict[str, Any] | None = None
+
+
+def pin_git_state(state: dict[str, Any]) -> None:
+    """Make ``git_state`` return ``state``: a run's child process (``isolation``) reports the sweep's commit, whose
+    code snapshot it runs, not what the working tree holds by then."""
+    global _pinned
+    _pinned = dict(state)
+    git_state.cache_clear()
+
+
 @functools.cache
 def git_state() -> dict[str, Any]:
     """HEAD's commit and whether ``src/`` or the harness differs from it (then the run's code is not exactly that
     commit), read once per process: a sweep runs the code it imported at its start, so a commit made while it runs
     must not be credited with its later runs (``run_suite`` reads this before its first run)."""
+    if _pinned is not None:
+        return dict(_pinned)
     return {
         "git_commit": _git("rev-parse", "HEAD") or None,
         "git_src_dirty": bool(_git("status", "--porcelain", "src", "benchmarks/quality")),

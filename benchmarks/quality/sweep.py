@@ -27,6 +27,7 @@ from typing import Any
 from .arms import Arm
 from .budget import task_arms
 from .data import TaskSplits, load_splits
+from .isolation import CodeSnapshot, execute_in_child
 from .ledger import finished_keys, read_records
 from .models import ModelSpec
 from .provenance import git_state
@@ -225,16 +226,19 @@ def run_suite(
     only: tuple[str, ...] | None = None,
     splits_of=load_splits,
     progress: bool = True,
+    isolate: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Run every pending run of the suite (task by task: dev phase, then test phase); yields each new record.
 
     Each task's arms and LoRA partners come from ``budget.task_arms`` (``only``: these arms and their partners).
     ``shard=(i, n)`` runs only the (task, arm) groups ``shard_of_arms`` gives shard i, so n processes can share a
-    sweep (and its ledger); the progress bar counts the other shards' runs as done.
+    sweep (and its ledger); the progress bar counts the other shards' runs as done. ``isolate``: each run in a
+    fresh process running the code as it was at the start (``isolation``), so no run inherits another's memory.
     """
     from tqdm.auto import tqdm
 
     git_state()  # the code this process runs is the code as it is now, whatever is committed while it runs
+    snapshot = CodeSnapshot() if isolate else None
     if suite.test_scorer == LM_EVAL:
         from . import lm_eval_scorer  # noqa: F401  imported now, so a later edit cannot change this sweep's scoring
     ledger = ledger_path(suite.name, results)
@@ -268,8 +272,13 @@ def run_suite(
             for request in todo:
                 request = replace(request, partner=partners.get(request.arm.name, request.arm.name))
                 bar.set_postfix_str(f"{task} {request.arm.name} lr={request.lr:g} seed={request.seed} {phase}")
-                record = execute(request, ledger, adapters, trained_by)
+                if snapshot is not None:
+                    record = execute_in_child(request, ledger, adapters, trained_by, snapshot)
+                else:
+                    record = execute(request, ledger, adapters, trained_by)
                 done.add(request.record_key)
                 bar.update(1)
                 yield record
     bar.close()
+    if snapshot is not None:
+        snapshot.close()
