@@ -31,6 +31,7 @@ from quality import runner as runner_module  # noqa: E402
 from quality.arms import BASELINE, arm_by_name, arms_for, build_config, lora_arm  # noqa: E402
 from quality.base_scores import base_accuracies, run_base  # noqa: E402
 from quality.budget import TOLERANCE, closest_rank, plan_budgets, task_arms  # noqa: E402
+from quality.claims import claim_group, claims_folder  # noqa: E402
 from quality.data import TaskSplits, boolq_train_pool, choice_examples, load_splits  # noqa: E402
 from quality.isolation import CodeSnapshot  # noqa: E402
 from quality.ledger import REQUIRED_FIELDS, append_record, read_records  # noqa: E402
@@ -316,6 +317,32 @@ def test_a_code_snapshot_is_what_a_child_imports():
         assert len(files) == 2 and all(f.startswith(tuple(snapshot.paths)) for f in files), files
     finally:
         snapshot.close()
+
+
+def test_a_group_claimed_by_a_live_process_is_left_to_it_and_taken_over_once_it_is_gone(
+    tiny_causal, choice_task, tmp_path
+):
+    spec = resolve_model(str(tiny_causal))
+    suite = lora_suite(tiny_causal, choice_task)
+    claims = claims_folder(ledger_path("tiny", tmp_path))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        with claim_group(claims, choice_task, BASELINE) as claimed:
+            assert claimed  # free: this process claims it
+            (claims_file,) = [p for p in claims.iterdir() if not p.name.startswith(".")]
+            assert claims_file.read_text() == str(os.getpid())
+        assert not any(p for p in claims.iterdir() if not p.name.startswith("."))  # released after the block
+        claims_file.write_text(str(other.pid))  # another live sweep process holds the LoRA group
+        assert list(run_suite(suite, spec, tmp_path, None, only=ONLY_LORA, progress=False)) == []
+        with claim_group(claims, choice_task, BASELINE) as claimed:
+            assert not claimed
+    finally:
+        other.kill()
+        other.wait()
+    # its process is gone (killed mid-group): the group is taken over and finished
+    records = list(run_suite(suite, spec, tmp_path, None, only=ONLY_LORA, progress=False))
+    assert len(records) == 4 and {r["arm"] for r in records} == {BASELINE}
+    assert not claims_file.exists()
 
 
 def test_rerun_skips_finished_runs_and_adds_only_new_seeds(tiny_causal, choice_task, tmp_path):

@@ -1,10 +1,10 @@
 """Which runs a sweep needs, the learning rate each arm gets, and the resumable loop that runs them.
 
-A suite is a model, its tasks, seeds and one training recipe. For every task, in order:
+A suite is a model, its tasks, seeds and one training recipe. For every task, arm by arm:
 
-1. **dev phase**: each arm trains once (seed ``grid_seed``) at every learning rate of its grid and is scored on the
+1. **dev phase**: the arm trains once (seed ``grid_seed``) at every learning rate of its grid and is scored on the
    dev split (this repository's scorer); the adapter is kept.
-2. **test phase**: each arm's learning rate is the grid value with the best dev accuracy (ties: the smaller); the
+2. **test phase**: the arm's learning rate is the grid value with the best dev accuracy (ties: the smaller); the
    arm trains at it with every seed and is scored on the test split with the suite's test scorer. Seed ``grid_seed``
    reuses the dev phase's adapter (the same training run), so it is scored, not trained again.
 
@@ -26,6 +26,7 @@ from typing import Any
 
 from .arms import Arm
 from .budget import task_arms
+from .claims import claim_group, claims_folder
 from .data import TaskSplits, load_splits
 from .isolation import CodeSnapshot, execute_in_child
 from .ledger import finished_keys, read_records
@@ -228,11 +229,13 @@ def run_suite(
     progress: bool = True,
     isolate: bool = False,
 ) -> Iterator[dict[str, Any]]:
-    """Run every pending run of the suite (task by task: dev phase, then test phase); yields each new record.
+    """Run every pending run of the suite (task by task, arm by arm: its dev runs, then its test runs); yields each
+    new record.
 
     Each task's arms and LoRA partners come from ``budget.task_arms`` (``only``: these arms and their partners).
-    ``shard=(i, n)`` runs only the (task, arm) groups ``shard_of_arms`` gives shard i, so n processes can share a
-    sweep (and its ledger); the progress bar counts the other shards' runs as done. ``isolate``: each run in a
+    ``shard=(i, n)`` runs first the (task, arm) groups ``shard_of_arms`` gives shard i, then any group no live
+    process has claimed (``claims``), so n processes can share a sweep (and its ledger) and none idles while work is
+    left; the progress bar counts the other processes' runs as done. ``isolate``: each run in a
     fresh process running the code as it was at the start (``isolation``), so no run inherits another's memory.
     """
     from tqdm.auto import tqdm
@@ -248,37 +251,41 @@ def run_suite(
     def runs_of(arm: Arm) -> int:
         return len(suite.seeds) + (0 if suite.indicative else len(arm.lr_grid))
 
-    done = finished_keys(read_records(ledger))
     total = sum(runs_of(arm) for arms, _ in plans.values() for arm in arms)
     bar = tqdm(total=total, desc=suite.name, unit="run", disable=not progress)
+    claims = claims_folder(ledger)
     for task in suite.tasks:
         arms, budgets = plans[task]
         partners = {row.arm: row.partner for row in budgets}
         shard_by_name = shard_of_arms(arms, shard[1], runs_of)
-        mine = [arm for arm in arms if shard_by_name[arm.name] == shard[0]]
-        bar.update(sum(runs_of(arm) for arm in arms if arm not in mine))
-        if not mine:
-            continue
-        splits = splits_of(task)
-        for phase in ("dev", "test"):
-            records = read_records(ledger)
-            if phase == "dev":
-                requests = dev_requests(suite, spec, task, splits, mine)
-            else:
-                requests = test_requests(suite, spec, task, splits, mine, records, lr_from)
-            todo = [r for r in requests if r.record_key not in done]
-            bar.update(len(requests) - len(todo))
-            trained_by = {r["run_key"]: r for r in records if r["split"] == "dev"}
-            for request in todo:
-                request = replace(request, partner=partners.get(request.arm.name, request.arm.name))
-                bar.set_postfix_str(f"{task} {request.arm.name} lr={request.lr:g} seed={request.seed} {phase}")
-                if snapshot is not None:
-                    record = execute_in_child(request, ledger, adapters, trained_by, snapshot)
-                else:
-                    record = execute(request, ledger, adapters, trained_by)
-                done.add(request.record_key)
-                bar.update(1)
-                yield record
+        # Its own groups first, then any group no live process has started (claims.py).
+        order = sorted(arms, key=lambda arm: shard_by_name[arm.name] != shard[0])
+        splits = None
+        for arm in order:
+            with claim_group(claims, task, arm.name) as claimed:
+                if not claimed:
+                    bar.update(runs_of(arm))  # another process runs it
+                    continue
+                splits = splits or splits_of(task)
+                for phase in ("dev", "test"):
+                    records = read_records(ledger)  # other processes append too
+                    done = finished_keys(records)
+                    if phase == "dev":
+                        requests = dev_requests(suite, spec, task, splits, [arm])
+                    else:
+                        requests = test_requests(suite, spec, task, splits, [arm], records, lr_from)
+                    todo = [r for r in requests if r.record_key not in done]
+                    bar.update(len(requests) - len(todo))
+                    trained_by = {r["run_key"]: r for r in records if r["split"] == "dev"}
+                    for request in todo:
+                        request = replace(request, partner=partners.get(request.arm.name, request.arm.name))
+                        bar.set_postfix_str(f"{task} {request.arm.name} lr={request.lr:g} seed={request.seed} {phase}")
+                        if snapshot is not None:
+                            record = execute_in_child(request, ledger, adapters, trained_by, snapshot)
+                        else:
+                            record = execute(request, ledger, adapters, trained_by)
+                        bar.update(1)
+                        yield record
     bar.close()
     if snapshot is not None:
         snapshot.close()
