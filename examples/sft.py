@@ -289,7 +289,10 @@ def main() -> None:
         run: dict[str, Any] = {}
         training_args.output_dir = output_dir
         trainer = DepthSFTTrainer(
-            model=load_base(), args=training_args, train_dataset=train_dataset, processing_class=tokenizer,
+            model=load_base(),
+            args=training_args,
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
             peft_config=config,
         )
         if state.is_main_process:
@@ -337,7 +340,9 @@ def main() -> None:
             print_comparison(results, method_args.peft_method)
         with open(Path(output_dir) / "sft_results.json", "w") as handle:
             json.dump(results, handle, indent=2)
-        summary = {k: v for k, v in results.items() if k not in ("log_history", "lora_baseline") and "correct" not in k}
+        summary = {
+            k: v for k, v in results.items() if k not in ("log_history", "lora_baseline") and "correct" not in k
+        }
         print(json.dumps(summary, indent=2), flush=True)
 
 
