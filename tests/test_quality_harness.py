@@ -33,7 +33,7 @@ from quality.base_scores import base_accuracies, run_base  # noqa: E402
 from quality.budget import TOLERANCE, closest_rank, plan_budgets, task_arms  # noqa: E402
 from quality.claims import claim_group, claims_folder  # noqa: E402
 from quality.data import TaskSplits, boolq_train_pool, choice_examples, load_splits  # noqa: E402
-from quality.isolation import CodeSnapshot  # noqa: E402
+from quality.isolation import CodeSnapshot, retry_when_killed  # noqa: E402
 from quality.ledger import REQUIRED_FIELDS, append_record, read_records  # noqa: E402
 from quality.models import load_model, load_tokenizer, resolve_model  # noqa: E402
 from quality.report import latest_test_results, render_markdown, summarise, write_report  # noqa: E402
@@ -305,6 +305,16 @@ def test_isolated_runs_give_the_in_process_records_and_the_sweeps_commit(
         (r["run_key"], r["split"], r["accuracy"]) for r in in_process
     ]
     assert {r["git_commit"] for r in isolated} == {"f" * 40}
+
+
+def test_a_killed_run_is_started_again_and_other_failures_are_not():
+    codes = iter([-9, 137, 0])
+    launches = []
+    launch = lambda: launches.append(1) or next(codes)  # noqa: E731
+    assert retry_when_killed(launch, attempts=3, wait_s=0) == 0 and len(launches) == 3
+    launches.clear()
+    assert retry_when_killed(lambda: launches.append(1) or 1, attempts=3, wait_s=0) == 1 and len(launches) == 1
+    assert retry_when_killed(lambda: -9, attempts=2, wait_s=0) == -9  # gives up after its attempts
 
 
 def test_a_code_snapshot_is_what_a_child_imports():

@@ -23,10 +23,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CodeSnapshot", "execute_in_child"]
+__all__ = ["CodeSnapshot", "execute_in_child", "retry_when_killed"]
 
 
 class CodeSnapshot:
@@ -44,6 +46,27 @@ class CodeSnapshot:
 
     def close(self) -> None:
         self._folder.cleanup()
+
+
+#: Exit codes of a child killed by SIGKILL (the kernel's out-of-memory killer sends it).
+KILLED = (-9, 137)
+
+
+def retry_when_killed(launch: Callable[[], int], attempts: int = 3, wait_s: float = 60.0) -> int:
+    """``launch()`` (a child's exit code) again, up to ``attempts`` times in all, while the child was killed.
+
+    Why: a SmolLM2 run at 8 × 320 tokens peaks near 10 GB (the 49k-word logits, their float32 copies and gradients),
+    so two shards' peaks can meet on a 24 GB machine, and the kernel then kills the larger child. Peaks last seconds:
+    the same run started again a minute later passes, and an unattended sweep keeps going. Any other failure is
+    returned at once (it would fail again)."""
+    code = launch()
+    for _ in range(attempts - 1):
+        if code not in KILLED:
+            break
+        print(f"quality: a run's process was killed (exit {code}), probably for memory; retrying in {wait_s:.0f} s")
+        time.sleep(wait_s)
+        code = launch()
+    return code
 
 
 def execute_in_child(
@@ -76,9 +99,11 @@ def execute_in_child(
         )
         inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(snapshot.paths + inherited)}
-        code = subprocess.run([sys.executable, "-m", "quality.isolation", str(job)], env=env).returncode
+        code = retry_when_killed(
+            lambda: subprocess.run([sys.executable, "-m", "quality.isolation", str(job)], env=env).returncode
+        )
         if code != 0 or not out.is_file():
-            reason = " (killed: out of memory?)" if code in (-9, 137) else ""
+            reason = " (killed: out of memory?)" if code in KILLED else ""
             raise RuntimeError(
                 f"The run of arm {request.arm.name!r} (lr {request.lr:g}, seed {request.seed}, {request.split}) failed "
                 f"in its own process with exit code {code}{reason}; its output is above. The ledger holds every run "
