@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .data import TaskSplits, load_splits
 from .ledger import append_record, read_records, run_key
@@ -21,6 +21,9 @@ from .models import CAUSAL, ModelSpec, load_model, load_tokenizer
 from .provenance import git_state, hardware, versions
 from .runner import LM_EVAL
 from .train_causal import compute_precision
+
+if TYPE_CHECKING:  # sweep.py imports the runner, as this module does; only the type is needed here
+    from .sweep import Suite
 
 __all__ = ["base_ledger_path", "base_accuracies", "score_base", "run_base"]
 
@@ -41,7 +44,7 @@ def _require_decoder(spec: ModelSpec) -> None:
         raise ValueError(f"{spec.name} is an encoder: its classifier head is untrained, so it has no base score.")
 
 
-def score_base(suite, spec: ModelSpec, task: str, splits: TaskSplits) -> dict[str, Any]:
+def score_base(suite: Suite, spec: ModelSpec, task: str, splits: TaskSplits) -> dict[str, Any]:
     """Score the base model on ``task``'s test split with the suite's test scorer and precision; returns a record."""
     _require_decoder(spec)
     settings = suite.settings_for(task)
@@ -81,14 +84,13 @@ def score_base(suite, spec: ModelSpec, task: str, splits: TaskSplits) -> dict[st
     }
 
 
-def run_base(suite, spec: ModelSpec, results: Path, splits_of=load_splits, tasks=None) -> list[dict[str, Any]]:
-    """Score the base on every task of the suite (or ``tasks``) not yet in ``<suite>-base.jsonl``; returns the new
-    records."""
+def run_base(suite: Suite, spec: ModelSpec, results: Path, splits_of=load_splits) -> list[dict[str, Any]]:
+    """Score the base on every task of the suite not yet in ``<suite>-base.jsonl``; returns the new records."""
     _require_decoder(spec)  # before any data is read
     path = base_ledger_path(suite.name, results)
     done = {record["base_key"] for record in read_records(path)}
     new = []
-    for task in tasks or suite.tasks:
+    for task in suite.tasks:
         splits = splits_of(task)
         key = _base_key(spec, task, splits, suite.test_scorer, suite.settings_for(task).precision)
         if key in done:
