@@ -242,6 +242,7 @@ def test_a_run_is_appended_with_every_field(tiny_causal, choice_task, tmp_path):
         assert 0.0 <= record["accuracy"] <= 1.0
         assert record["trainable_params"] == trainable
         assert record["train_flops"] > 0 and record["train_wall_s"] > 0
+        assert record["inference_flops_per_token"] > 0 and record["inference_rows"] == 16
         assert record["steps"] == 2 and record["batch_size"] == 4 and record["seed"] == 0
         assert record["split_sizes"] == {"train": 16, "dev": 6, "test": 8}
         assert record["hardware"]["device"] == "cpu" and record["hardware"]["torch_threads"] >= 1

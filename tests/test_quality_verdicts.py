@@ -46,12 +46,14 @@ def test_a_non_inferiority_claim_allows_the_margin_and_a_cost_claim_needs_fewer_
     cheaper = Claim("reference", "non_inferior", fewer_flops=True)
     assert judge(cheaper, summary([0.0, 0.01, -0.005]), flops_ratio=0.8) == REPRODUCED
     assert judge(cheaper, summary([0.0, 0.01, -0.005]), flops_ratio=1.1).startswith(CONTRADICTED)
-    assert judge(cheaper, summary([0.0, 0.01, -0.005]), flops_ratio=None) == PENDING
+    assert judge(cheaper, summary([0.0, 0.01, -0.005]), flops_ratio=None).startswith(PENDING)
     with pytest.raises(ValueError, match="kind"):
         Claim("partner", "worse")
 
 
-def record(task: str, arm: str, seed: int, accuracy: float, partner: str, flops: float = 1e12) -> dict:
+def record(
+    task: str, arm: str, seed: int, accuracy: float, partner: str, flops: float = 1e12, inference: float = 1e8
+) -> dict:
     return {
         "split": "test",
         "scorer": "lm_eval",
@@ -66,6 +68,7 @@ def record(task: str, arm: str, seed: int, accuracy: float, partner: str, flops:
         "claim_reference": None,
         "trainable_params": 100,
         "train_flops": flops,
+        "inference_flops_per_token": inference,
         "train_wall_s": 1.0,
         "model": "tiny",
         "hardware": {"device": "cpu"},
@@ -86,8 +89,9 @@ def test_the_table_is_built_from_the_ledger_records_alone():
     for seed in range(3):
         records.append(record("t", "lora", seed, 0.70, "lora"))
         records.append(record("t", "m", seed, 0.72 + 0.01 * seed, "lora"))
-        records.append(record("t", "r", seed, 0.70, "lora", flops=2e12))
-        records.append({**record("t", "d", seed, 0.705, "lora"), "claim_reference": "r"})
+        # the cost claim is judged on inference FLOPs: d trains at the same cost as r, and runs at half
+        records.append(record("t", "r", seed, 0.70, "lora", inference=2e8))
+        records.append({**record("t", "d", seed, 0.705, "lora", inference=1e8), "claim_reference": "r"})
     records.append(record("u", "lora", 0, 0.5, "lora"))
     records.append(record("u", "m", 0, 0.6, "lora"))  # one seed on task u: pending
     verdicts = {(v.task, v.arm): v for v in suite_verdicts("s", records, planned_seeds=3, arms=arms)}
@@ -99,7 +103,30 @@ def test_the_table_is_built_from_the_ledger_records_alone():
     assert verdicts[("u", "m")].verdict == PENDING
     table = render_verdicts(list(verdicts.values()))
     assert "| s | t | M | beats LoRA | LORA | 0.730 vs 0.700 | +3.0 [+2.0, +4.0] |" in table
-    assert "FLOPs ×0.50" in table and "| 3 of 3 | **reproduced** |" in table
+    assert "inference FLOPs / token ×0.500" in table and "| 3 of 3 | **reproduced** |" in table
+    assert "measured on" not in table  # every seed of both arms has the count
+
+
+def test_a_cost_claim_counts_only_the_seeds_that_were_measured_and_says_so():
+    arms = {
+        "d": Arm(
+            "d", "D", "x", (1e-3,), "rank", "≈ R, cheaper", "r", claims=(Claim("reference", "non_inferior", True),)
+        ),
+        "r": Arm("r", "R", "x", (1e-3,), "rank"),
+    }
+    records = []
+    for seed in range(3):
+        # runs older than the field: only seed 0 was measured (from its kept adapter)
+        records.append(record("t", "r", seed, 0.70, "lora", inference=2e8 if seed == 0 else None))
+        records.append(
+            {**record("t", "d", seed, 0.70, "lora", inference=1.5e8 if seed == 0 else None), "claim_reference": "r"}
+        )
+    (verdict,) = suite_verdicts("s", records, planned_seeds=3, arms=arms)
+    assert verdict.flops_ratio == pytest.approx(0.75) and verdict.flops_seeds == (1, 1)
+    assert "(measured on 1 and 1 seeds)" in render_verdicts([verdict])
+    unmeasured = [{**r, "inference_flops_per_token": None} for r in records]
+    (pending,) = suite_verdicts("s", unmeasured, planned_seeds=3, arms=arms)
+    assert pending.flops_ratio is None and pending.verdict.startswith(PENDING) and "not measured" in pending.verdict
     assert "no finished test runs" in render_verdicts([])
 
 

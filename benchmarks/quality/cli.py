@@ -1,4 +1,5 @@
-"""Command line of the quality harness: budgets, measure, plan, run, base, report, verdicts, crosscheck."""
+"""Command line of the quality harness: budgets, measure, plan, run, base, inference-flops, report, verdicts,
+crosscheck."""
 
 from __future__ import annotations
 
@@ -84,6 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--scorer", choices=("peft_depth", "lm_eval"), default=None, help="override the test scorer")
     base.add_argument("--results-dir", default=str(RESULTS), help="where <suite>-base.jsonl lives")
     base.set_defaults(steps=None, batch_size=None, seeds=None)  # what `_suite` reads; the base is not trained
+
+    inference = commands.add_parser(
+        "inference-flops", help="count inference FLOPs/token of finished runs that lack it, from their kept adapters"
+    )
+    inference.add_argument("--suite", required=True, choices=sorted(SUITES))
+    inference.add_argument(
+        "--arms", type=_csv, default=None, help="comma list (default: the arms of FLOPs claims and their references)"
+    )
+    inference.add_argument("--results-dir", default=str(RESULTS), help="where <suite>-inference.jsonl goes")
+    inference.add_argument("--adapters-dir", default=None, help="where the kept adapters are (default outputs/)")
+    inference.set_defaults(
+        model=None, tasks=None, steps=None, batch_size=None, seeds=None, precision=None, scorer=None
+    )
 
     report = commands.add_parser("report", help="write <suite>.md and <suite>.png from the suite's JSONL")
     report.add_argument("--suite", required=True)
@@ -217,6 +231,24 @@ def _base(args) -> int:
     return 0
 
 
+def _inference_flops(args) -> int:
+    from .arms import arms_for
+    from .inference_cost import FIELD, backfill_inference_flops
+    from .models import resolve_model
+    from .sweep import ADAPTERS
+
+    suite = _suite(args)
+    spec = resolve_model(suite.model)
+    arms = args.arms
+    if arms is None:
+        claimed = [arm for arm in arms_for(spec) if any(claim.fewer_flops for claim in arm.claims)]
+        arms = [name for arm in claimed for name in (arm.name, arm.claim_reference) if name]
+    adapters = Path(args.adapters_dir) if args.adapters_dir else ADAPTERS
+    for side in backfill_inference_flops(suite, spec, Path(args.results_dir), adapters, tuple(dict.fromkeys(arms))):
+        print(f"{side['task']} {side['arm']} seed={side['seed']} {side['split']}: {side[FIELD]:.4g} FLOPs/token")
+    return 0
+
+
 def _report(args) -> int:
     from .ledger import read_records
     from .report import write_report
@@ -285,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         "plan": _plan,
         "run": _run,
         "base": _base,
+        "inference-flops": _inference_flops,
         "report": _report,
         "crosscheck": _crosscheck,
         "verdicts": _verdicts,

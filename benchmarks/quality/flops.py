@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["step_flops"]
+__all__ = ["step_flops", "forward_flops"]
 
 
 def step_flops(loss_of_batch: Callable[[], torch.Tensor]) -> int:
@@ -23,4 +23,11 @@ def step_flops(loss_of_batch: Callable[[], torch.Tensor]) -> int:
     with FlopCounterMode(display=False) as counter:
         loss = loss_of_batch()
         loss.backward()
+    return int(counter.get_total_flops())
+
+
+def forward_flops(forward: Callable[[], object]) -> int:
+    """FLOPs counted while running ``forward()`` without gradients (an inference pass)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        forward()
     return int(counter.get_total_flops())

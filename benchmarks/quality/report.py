@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .base_scores import base_accuracies, base_ledger_path
+from .inference_cost import inference_ledger_path, with_inference_flops
 from .ledger import read_records
 from .models import MINILM, MINILM_NOTE, SMOLLM2, SMOLLM2_NOTE
 from .stats import MDE_FACTOR, PairedSummary, clears_majority, mean_std, paired_summary
@@ -83,6 +84,9 @@ def summarise(results: Results) -> dict[str, list[dict[str, Any]]]:
                     "test_rows": (first.get("split_sizes") or {}).get("test"),
                     "train_flops": statistics.fmean(r["train_flops"] for r in records),
                     "train_wall_s": statistics.fmean(r["train_wall_s"] for r in records),
+                    # Older records lack it unless backfilled from their kept adapter (inference_cost): mean of those.
+                    "inference_flops": _mean_present(records, "inference_flops_per_token"),
+                    "inference_flops_seeds": sum(r.get("inference_flops_per_token") is not None for r in records),
                     # Scored one row per batch, a batch-voting arm's rows each vote alone (runner.scoring_batch_size).
                     "voting": first.get("config", {}).get("routing") == "batch_vote",
                     "batch_dependent": first.get("config", {}).get("routing") == "batch_vote"
@@ -95,6 +99,18 @@ def summarise(results: Results) -> dict[str, list[dict[str, Any]]]:
         rows.sort(key=lambda row: (row["method"] != "lora", row["trainable_params"] if row["method"] == "lora" else 0))
         table[task] = rows
     return table
+
+
+def _mean_present(records: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in records if r.get(key) is not None]
+    return statistics.fmean(values) if values else None
+
+
+def _inference_flops(row: dict[str, Any]) -> str:
+    if row["inference_flops"] is None:
+        return "–"
+    partial = "" if row["inference_flops_seeds"] == len(row["seeds"]) else f" ({row['inference_flops_seeds']} seeds)"
+    return f"{row['inference_flops']:.3g}{partial}"
 
 
 def _mean_start(records: list[dict[str, Any]], key: str) -> float | None:
@@ -224,8 +240,8 @@ def render_markdown(
             "",
             "| arm | lr | seeds | accuracy (mean ± std) | Δ vs budget-matched LoRA, pp | 95% interval | detectable, pp"
             " | Δ vs claim reference, pp | claim interval | Δ vs base, pp [95% interval] | trainable params "
-            "| train FLOPs | train time | start distance |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| train FLOPs | inference FLOPs / token | train time | start distance |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in rows:
             mark = " †" if row["batch_dependent"] else ""
@@ -238,7 +254,7 @@ def render_markdown(
                 f"| {row['label']}{mark} | {', '.join(f'{lr:g}' for lr in row['lr'])} | {len(row['seeds'])} | "
                 f"{row['accuracy']:.4f} ± {row['std']:.4f}{f1} | {partner[0]} | {partner[1]} | {partner[2]} | "
                 f"{claim[0]} | {claim[1]} | {_versus_base(row, base.get(task))} | {row['trainable_params']:,} | "
-                f"{row['train_flops']:.3g} | "
+                f"{row['train_flops']:.3g} | {_inference_flops(row)} | "
                 f"{row['train_wall_s']:.0f} s | {_start_distance(row)} |"
             )
     lines += [
@@ -247,7 +263,10 @@ def render_markdown(
         "how far the method starts from the base model, 0 being exactly the base. KL: KL(base ‖ adapted) of the "
         "next-token distributions, nats per position (decoders). Δh: mean ‖h_adapted − h_base‖ / ‖h_base‖ of the "
         "final hidden states over real tokens (what a classifier head reads; an encoder's new head is random, so "
-        "its KL is not shown). – : not recorded (older runs).",
+        "its KL is not shown). Inference FLOPs / token (`inference_cost`): the trained adapter's forward on the "
+        "first 16 scored rows, each alone (no padding); what DLO's router saves shows here, not in its training "
+        "FLOPs (its training runs every token's MLP, for the labels). (n seeds): measured on n seeds only, from "
+        "kept adapters of runs older than the field. – : not recorded (older runs).",
     ]
     summary_rows = [row for rows in summarise(latest_test_results(tests, scorer)).values() for row in rows]
     if any(row["voting"] and not row["batch_dependent"] for row in summary_rows):
@@ -348,6 +367,7 @@ def write_report(records: list[dict[str, Any]], suite: str, folder: str | Path, 
     folder.mkdir(parents=True, exist_ok=True)
     markdown = folder / f"{suite}.md"
     figure = folder / f"{suite}.png"
+    records = with_inference_flops(records, read_records(inference_ledger_path(suite, folder)))
     majority = _majority_rates(records)
     tests = [r for r in records if r["split"] == "test" and (scorer is None or r.get("scorer") == scorer)]
     base = base_accuracies(read_records(base_ledger_path(suite, folder)), tests)

@@ -18,6 +18,8 @@ from peft import PeftModel
 
 from .arms import Arm, build_config
 from .data import TaskSplits, choice_examples, pair_examples
+from .inference_cost import FIELD as INFERENCE_FLOPS
+from .inference_cost import INFERENCE_ROWS, inference_flops_per_token
 from .ledger import append_record, record_key, run_key, to_jsonable
 from .models import CAUSAL, ModelSpec, load_model, load_tokenizer
 from .provenance import git_state, hardware, versions
@@ -199,6 +201,7 @@ def execute(
             _save_adapter(model, folder)
     with compute_precision(request.settings):  # scored in the arithmetic it trained in
         scores = _score(request, model, tokenizer)
+    inference_flops = inference_flops_per_token(request, model, tokenizer)  # after scoring: it cannot change a score
     record = {
         "run_key": key,
         "split": request.split,
@@ -226,6 +229,8 @@ def execute(
         **training,
         **provenance,
         **scores,
+        INFERENCE_FLOPS: inference_flops,
+        "inference_rows": INFERENCE_ROWS,
     }
     append_record(ledger, record)
     return record

@@ -7,7 +7,8 @@ Rules (issue 14), per claim, model and task, over the seeds both compared arms r
   design finds 80% of the time is given);
 - a **"non_inferior"** (≈) claim is *reproduced* when the interval's lower end is above −``NON_INFERIORITY_MARGIN``,
   *contradicted* when its upper end is below −margin, and *not detectable* otherwise; with ``fewer_flops`` it also
-  needs fewer training FLOPs than the compared arm, else it is contradicted on cost.
+  needs fewer inference FLOPs per token than the compared arm (``inference_cost``: DLO's router saves compute when
+  the trained model runs; its training runs every token's MLP by design), else it is contradicted on cost.
 
 Before any of that, a comparison where neither arm's mean accuracy clears always giving the test set's most frequent
 label (``data.majority_rate``, m) by more than that test set's sampling noise - 1.96 binomial standard errors,
@@ -24,6 +25,7 @@ from typing import Any
 
 from .arms import Arm, Claim, arms_for
 from .data import majority_rate
+from .inference_cost import inference_ledger_path, with_inference_flops
 from .ledger import read_records
 from .models import resolve_model
 from .report import latest_test_results, summarise
@@ -66,6 +68,8 @@ class Verdict:
     planned_seeds: int
     flops_ratio: float | None
     verdict: str
+    #: Seeds the FLOPs ratio's numerator and denominator were measured on (runs older than the field: kept adapters).
+    flops_seeds: tuple[int, int] | None = None
     #: Mean accuracies of the arm and of what it is compared with, and the test set's majority-class rate.
     accuracies: tuple[float, float | None] = (0.0, None)
     majority: float | None = None
@@ -91,7 +95,7 @@ def judge(
         found = REPRODUCED if summary.low > -margin else CONTRADICTED if summary.high < -margin else NOT_DETECTABLE
     if claim.fewer_flops and found == REPRODUCED:
         if flops_ratio is None:
-            return PENDING
+            return f"{PENDING} (inference FLOPs not measured: `quality.py inference-flops`)"
         if flops_ratio >= 1.0:
             return f"{CONTRADICTED} (not fewer FLOPs)"
     return found
@@ -123,9 +127,15 @@ def suite_verdicts(
             for claim in arm.claims if arm else ():
                 other = row["partner"] if claim.against == "partner" else arm.claim_reference
                 summary = row["vs_partner"] if claim.against == "partner" else row["vs_claim"]
-                ratio = None
-                if claim.fewer_flops and other in by_arm:
-                    ratio = row["train_flops"] / by_arm[other]["train_flops"]
+                ratio = flops_seeds = None
+                if (
+                    claim.fewer_flops
+                    and other in by_arm
+                    and row["inference_flops"]
+                    and by_arm[other]["inference_flops"]
+                ):
+                    ratio = row["inference_flops"] / by_arm[other]["inference_flops"]
+                    flops_seeds = (row["inference_flops_seeds"], by_arm[other]["inference_flops_seeds"])
                 other_accuracy = by_arm[other]["accuracy"] if other in by_arm else None
                 floor = (majority or {}).get(task)
                 no_signal = floor is not None and not any(
@@ -146,6 +156,7 @@ def suite_verdicts(
                         seeds=0 if summary is None else len(summary.differences),
                         planned_seeds=planned_seeds,
                         flops_ratio=ratio,
+                        flops_seeds=flops_seeds,
                         verdict=judge(claim, summary, ratio, no_signal),
                         accuracies=(row["accuracy"], other_accuracy),
                         majority=floor,
@@ -183,7 +194,9 @@ def render_verdicts(verdicts: list[Verdict]) -> str:
             difference = f"{_pp(s.mean)} [{_pp(s.low)}, {_pp(s.high)}]"
             detectable = f"{100 * s.detectable:.1f}"
         if v.flops_ratio is not None:
-            difference += f"; FLOPs ×{v.flops_ratio:.2f}"
+            difference += f"; inference FLOPs / token ×{v.flops_ratio:.3f}"
+            if v.flops_seeds is not None and min(v.flops_seeds) < v.seeds:
+                difference += f" (measured on {v.flops_seeds[0]} and {v.flops_seeds[1]} seeds)"
         verdict = f"**{v.verdict}**" + (" (provisional)" if v.provisional else "")
         arm_accuracy, other_accuracy = v.accuracies
         accuracies = f"{arm_accuracy:.3f} vs " + ("–" if other_accuracy is None else f"{other_accuracy:.3f}")
@@ -207,7 +220,9 @@ def write_verdicts(results_dir: str | Path, suites: dict[str, Any]) -> Path:
         path = ledger_path(name, Path(results_dir))
         if suite.indicative or not path.is_file():
             continue
-        records = read_records(path)
+        records = with_inference_flops(
+            read_records(path), read_records(inference_ledger_path(name, Path(results_dir)))
+        )
         majority = {task: majority_rate(task) for task in {r["task"] for r in records}}
         verdicts += suite_verdicts(name, records, len(suite.seeds), majority=majority)
     output = Path(results_dir) / "verdicts.md"
