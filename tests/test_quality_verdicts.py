@@ -123,7 +123,7 @@ def test_a_cost_claim_counts_only_the_seeds_that_were_measured_and_says_so():
         )
     (verdict,) = suite_verdicts("s", records, planned_seeds=3, arms=arms)
     assert verdict.flops_ratio == pytest.approx(0.75) and verdict.flops_seeds == (1, 1)
-    assert "(measured on 1 and 1 seeds)" in render_verdicts([verdict])
+    assert "(measured on 1 and 1 seed)" in render_verdicts([verdict])
     unmeasured = [{**r, "inference_flops_per_token": None} for r in records]
     (pending,) = suite_verdicts("s", unmeasured, planned_seeds=3, arms=arms)
     assert pending.flops_ratio is None and pending.verdict.startswith(PENDING) and "not measured" in pending.verdict

@@ -109,7 +109,8 @@ def _mean_present(records: list[dict[str, Any]], key: str) -> float | None:
 def _inference_flops(row: dict[str, Any]) -> str:
     if row["inference_flops"] is None:
         return "–"
-    partial = "" if row["inference_flops_seeds"] == len(row["seeds"]) else f" ({row['inference_flops_seeds']} seeds)"
+    measured = row["inference_flops_seeds"]
+    partial = "" if measured == len(row["seeds"]) else f" ({measured} seed{'s' if measured > 1 else ''})"
     return f"{row['inference_flops']:.3g}{partial}"
 
 

@@ -196,7 +196,8 @@ def render_verdicts(verdicts: list[Verdict]) -> str:
         if v.flops_ratio is not None:
             difference += f"; inference FLOPs / token ×{v.flops_ratio:.3f}"
             if v.flops_seeds is not None and min(v.flops_seeds) < v.seeds:
-                difference += f" (measured on {v.flops_seeds[0]} and {v.flops_seeds[1]} seeds)"
+                arm_seeds, other_seeds = v.flops_seeds
+                difference += f" (measured on {arm_seeds} and {other_seeds} seed{'s' if other_seeds > 1 else ''})"
         verdict = f"**{v.verdict}**" + (" (provisional)" if v.provisional else "")
         arm_accuracy, other_accuracy = v.accuracies
         accuracies = f"{arm_accuracy:.3f} vs " + ("–" if other_accuracy is None else f"{other_accuracy:.3f}")
