@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (test arguments name the fixtures imported from test_quality_harness)
 """Inference FLOPs per token (benchmarks/quality/inference_cost.py): what DLO's efficiency claim is judged on.
 
 DLO trains every token's MLP (its labels need them), so its training FLOPs equal the dense expansion's; its router
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import get_peft_model
-from test_quality_harness import SETTINGS, choice_rows, write_task
+from test_quality_harness import SETTINGS, choice_task, tiny_causal  # noqa: F401  (their fixtures, shared)
 from tiny_models import tiny_llama, word_tokenizer
 
 from peft_depth.tasks import encode_answer_only
@@ -41,19 +42,6 @@ from quality.sweep import Suite, ledger_path, run_suite  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama().save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory) -> str:
-    return write_task(tmp_path_factory.mktemp("task"), choice_rows(16, 0), choice_rows(6, 1), choice_rows(8, 2))
-
-
 def request_for(spec, task: str, arm_name: str) -> RunRequest:
     arm = arm_by_name(arms_for(spec), arm_name)
     return RunRequest("tiny", spec, task, load_splits(task), arm, 1e-3, 0, SETTINGS, "test", OURS)
@@ -66,12 +54,12 @@ def adapted(spec, request: RunRequest, **overrides):
     return get_peft_model(tiny_llama(), config).eval()
 
 
-def test_the_mlps_a_dlo_router_skips_are_not_counted(model_folder, task):
+def test_the_mlps_a_dlo_router_skips_are_not_counted(tiny_causal, choice_task):
     """A fresh router scores every token 0.5 and runs every MLP (s >= 0.5), as the dense expansion of the same depth
     does; a router that executes half of each row's tokens (``inference_selection="capacity"``, ``inference_capacity=0.5``) costs less per token."""
-    spec = resolve_model(str(model_folder))
+    spec = resolve_model(str(tiny_causal))
     tokenizer = word_tokenizer()
-    dlo, dense = request_for(spec, task, "dlo"), request_for(spec, task, "dense")
+    dlo, dense = request_for(spec, choice_task, "dlo"), request_for(spec, choice_task, "dense")
     full = inference_flops_per_token(dense, adapted(spec, dense), tokenizer)
     fresh = inference_flops_per_token(dlo, adapted(spec, dlo), tokenizer)
     half = inference_flops_per_token(
@@ -81,25 +69,25 @@ def test_the_mlps_a_dlo_router_skips_are_not_counted(model_folder, task):
     assert half < 0.9 * full
 
 
-def test_rows_are_counted_alone_so_padding_is_never_counted(model_folder, task):
-    spec = resolve_model(str(model_folder))
-    request = request_for(spec, task, "lora")
+def test_rows_are_counted_alone_so_padding_is_never_counted(tiny_causal, choice_task):
+    spec = resolve_model(str(tiny_causal))
+    request = request_for(spec, choice_task, "lora")
     model = adapted(spec, request)
     tokenizer = word_tokenizer()
-    rows = load_splits(task).test[:3]
-    encoded = encode_answer_only(choice_examples(task, rows), tokenizer)
+    rows = load_splits(choice_task).test[:3]
+    encoded = encode_answer_only(choice_examples(choice_task, rows), tokenizer)
     alone = [forward_flops(lambda r=r: model(input_ids=torch.tensor([r["input_ids"]]))) for r in encoded]
     tokens = sum(len(r["input_ids"]) for r in encoded)
     assert inference_flops_per_token(request, model, tokenizer, rows=3) == pytest.approx(sum(alone) / tokens)
     assert len({len(r["input_ids"]) for r in encoded}) > 1  # rows of different lengths: a batch would have padded
 
 
-def test_a_count_from_a_kept_adapter_equals_the_recorded_one(model_folder, task, tmp_path):
+def test_a_count_from_a_kept_adapter_equals_the_recorded_one(tiny_causal, choice_task, tmp_path):
     """Runs older than the field get it from their kept adapter, into a side ledger; the sweep's ledger is never
     rewritten. Here the sweep records the field, it is then removed (an older ledger), and the backfill must give
     the same counts for every run whose adapter was kept (the dev runs and seed 0's test run)."""
-    spec = resolve_model(str(model_folder))
-    suite = Suite("tiny", str(model_folder), (task,), (0, 1), SETTINGS, test_scorer=OURS)
+    spec = resolve_model(str(tiny_causal))
+    suite = Suite("tiny", str(tiny_causal), (choice_task,), (0, 1), SETTINGS, test_scorer=OURS)
     arms = ("dlo", "dense")
     list(run_suite(suite, spec, tmp_path, tmp_path / "adapters", only=arms, progress=False))
     ledger = ledger_path("tiny", tmp_path)
@@ -120,9 +108,9 @@ def test_a_count_from_a_kept_adapter_equals_the_recorded_one(model_folder, task,
     assert sorted(r.get(FIELD) is None for r in merged if r["arm"] in arms) == [False] * len(kept) + [True] * 2
 
 
-def test_a_backfill_refuses_a_run_the_suite_no_longer_describes(model_folder, task, tmp_path):
-    spec = resolve_model(str(model_folder))
-    suite = Suite("tiny", str(model_folder), (task,), (0,), SETTINGS, test_scorer=OURS)
+def test_a_backfill_refuses_a_run_the_suite_no_longer_describes(tiny_causal, choice_task, tmp_path):
+    spec = resolve_model(str(tiny_causal))
+    suite = Suite("tiny", str(tiny_causal), (choice_task,), (0,), SETTINGS, test_scorer=OURS)
     list(run_suite(suite, spec, tmp_path, tmp_path / "adapters", only=("dense",), progress=False))
     ledger = ledger_path("tiny", tmp_path)
     records = [{k: v for k, v in r.items() if k != FIELD} for r in read_records(ledger)]
