@@ -9,7 +9,9 @@ Modules, one job each:
 - ``data``: the train / dev / test splits of every task, deterministic and disjoint.
 - ``ledger``: the JSONL of finished runs, stable run keys, resuming.
 - ``provenance``: hardware, library versions and git commit of a run.
-- ``flops``: the training-FLOPs estimate of a run.
+- ``flops``: FLOPs counted on a real forward (+ backward): the training estimate of a run, and inference passes.
+- ``inference_cost``: a trained adapter's inference FLOPs per token (what DLO's cost claim is judged on), and the
+  backfill of older runs from their kept adapters.
 - ``train_causal`` / ``train_encoder``: one training run and its scores.
 - ``lm_eval_scorer``: EleutherAI lm-evaluation-harness scoring of a model in-process.
 - ``sweep``: which runs a sweep needs, learning-rate selection on dev, the loop with a progress bar.
