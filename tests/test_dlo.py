@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from tiny_models import batch, tiny_llama, tiny_qwen3
+from training_checks import assert_same_loss_and_gradients, backward_once, train_steps
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import peft_depth
@@ -421,16 +422,8 @@ def test_training_moves_only_dlo_parameters_and_losses_decrease():
     assert trainable and all(".dlo_new_layers.default." in n or ".dlo_routers.default." in n for n in trainable)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     inputs = batch(batch_size=4, seq_len=12, left_pad=2)
-    lm, router = [], []
-    for step in range(20):
-        tuner(model).set_dlo_step(step)
-        out = model(**inputs, labels=inputs["input_ids"])
-        aux = peft_depth.aux_losses(model)
-        (out.loss + sum(aux.values())).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        lm.append(out.loss.item())
-        router.append(aux["router"].item())
+    history = train_steps(model, optimizer, inputs, steps=20, before_step=tuner(model).set_dlo_step)
+    lm, router = [step["lm"] for step in history], [step["router"] for step in history]
     assert lm[-1] < lm[0] - 0.1
     assert router[-1] < router[0] - 0.02  # the routers learn their labels
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n not in trainable)
@@ -442,26 +435,14 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients():
         model = dlo(tiny_llama(num_layers=8), capacity=0.6, capacity_annealing_steps=0)
         randomise_routers(model, scale=0.5)
         perturb_new_layers(model)
-        model.train()
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-        inputs = batch()
-        out = model(**inputs, labels=inputs["input_ids"])
-        loss = out.loss + sum(peft_depth.aux_losses(model).values())
-        loss.backward()
+        result = backward_once(model, checkpointing)
         new_layer = tuner(model).dlo_new_layers["default"]["new4"]
         assert new_layer.gradient_checkpointing == checkpointing  # the new layers follow the switch
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        return loss.detach(), grads, peft_depth.routing_stats(model)
+        return result
 
-    loss_a, grads_a, stats_a = run(False)
-    loss_b, grads_b, stats_b = run(True)
-    torch.testing.assert_close(loss_a, loss_b)
-    assert grads_a.keys() == grads_b.keys()
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert stats_a == stats_b
+    run_a, run_b = run(False), run(True)
+    assert_same_loss_and_gradients(run_a, run_b)
+    assert run_a[2] == run_b[2]  # the routing statistics
 
 
 # ---------------------------------------------------------------- PEFT behaviour: save/load, disable, merge
@@ -470,10 +451,7 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients():
 def _train_one_step(model, inputs, lr=1e-2):
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    out = model(**inputs, labels=inputs["input_ids"])
-    (out.loss + sum(peft_depth.aux_losses(model).values())).backward()
-    optimizer.step()
-    optimizer.zero_grad()
+    train_steps(model, optimizer, inputs, steps=1)
     model.eval()
 
 

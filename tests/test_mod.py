@@ -7,6 +7,7 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 from tiny_models import batch, clone_model, tiny_llama, tiny_qwen3
+from training_checks import assert_same_loss_and_gradients, backward_once, train_steps
 
 import peft_depth
 from peft_depth.core.lora_layer import DepthLoraLinear
@@ -364,14 +365,7 @@ def test_training_moves_only_adapter_parameters_and_loss_decreases():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     inputs = batch(batch_size=4, seq_len=12)
-    losses = []
-    for _ in range(15):
-        out = model(**inputs, labels=inputs["input_ids"])
-        loss = out.loss + sum(peft_depth.aux_losses(model).values())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(out.loss.item())
+    losses = [step["lm"] for step in train_steps(model, optimizer, inputs, steps=15)]
     assert losses[-1] < losses[0] - 0.1
     for name, param in model.named_parameters():
         moved = not torch.equal(param, before[name])
@@ -399,25 +393,13 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients():
     def run(checkpointing):
         torch.manual_seed(0)
         model = nontrivial(mod(tiny_llama(), target_modules=ALL_PROJ, init_lora_weights=False, lora_dropout=0.0))
-        model.train()
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-        inputs = batch()
-        out = model(**inputs, labels=inputs["input_ids"])
-        loss = out.loss + sum(peft_depth.aux_losses(model).values())
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        return loss.detach(), grads, peft_depth.routing_stats(model)
+        return backward_once(model, checkpointing)
 
-    loss_a, grads_a, stats_a = run(False)
-    loss_b, grads_b, stats_b = run(True)
-    torch.testing.assert_close(loss_a, loss_b)
-    assert grads_a.keys() == grads_b.keys()
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert stats_a["mod"]["default"]["num_tokens"] == stats_b["mod"]["default"]["num_tokens"] == 12
-    assert stats_a["mod"]["default"]["distill_kl"] == pytest.approx(stats_b["mod"]["default"]["distill_kl"])
+    run_a, run_b = run(False), run(True)
+    assert_same_loss_and_gradients(run_a, run_b)
+    stats_a, stats_b = run_a[2]["mod"]["default"], run_b[2]["mod"]["default"]
+    assert stats_a["num_tokens"] == stats_b["num_tokens"] == 12
+    assert stats_a["distill_kl"] == pytest.approx(stats_b["distill_kl"])
 
 
 # ---------------------------------------------------------------- PEFT behaviour

@@ -8,6 +8,7 @@ from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from tiny_models import batch, clone_model, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
+from training_checks import assert_same_loss_and_gradients, backward_once, train_steps
 
 import peft_depth
 from peft_depth import MoLAConfig
@@ -209,25 +210,12 @@ def test_routing_stats_report_usage_per_layer():
 def test_gradient_checkpointing_gives_same_loss_and_gradients():
     def run(checkpointing):
         model = mola(tiny_llama(), expert_pattern=[2, 4], init_lora_weights=False, lora_dropout=0.0)
-        model.train()
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-        inputs = batch()
-        out = model(**inputs, labels=inputs["input_ids"])
-        loss = out.loss + sum(peft_depth.aux_losses(model, {"routing": 0.1}).values())
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        return loss.detach(), grads, peft_depth.routing_stats(model)
+        return backward_once(model, checkpointing, aux_weights={"routing": 0.1})
 
-    loss_a, grads_a, stats_a = run(False)
-    loss_b, grads_b, stats_b = run(True)
-    torch.testing.assert_close(loss_a, loss_b)
-    assert grads_a.keys() == grads_b.keys()
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
+    run_a, run_b = run(False), run(True)
+    assert_same_loss_and_gradients(run_a, run_b)
     # recomputation during backward overwrote, not appended: same token counts as one forward
-    for row_a, row_b in zip(stats_a["mola"]["default"], stats_b["mola"]["default"], strict=True):
+    for row_a, row_b in zip(run_a[2]["mola"]["default"], run_b[2]["mola"]["default"], strict=True):
         assert row_a["num_tokens"] == row_b["num_tokens"] == 12
         assert row_a["expert_fraction"] == pytest.approx(row_b["expert_fraction"])
         assert row_a["mean_prob"] == pytest.approx(row_b["mean_prob"], abs=1e-5)
@@ -328,14 +316,7 @@ def test_training_moves_only_adapter_parameters_and_loss_decreases():
     assert all(("mola_" in n) == p.requires_grad for n, p in model.named_parameters())
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
     inputs = batch(batch_size=4, seq_len=12)
-    losses = []
-    for _ in range(15):
-        out = model(**inputs, labels=inputs["input_ids"])
-        loss = out.loss + sum(peft_depth.aux_losses(model).values())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(out.loss.item())
+    losses = [step["lm"] for step in train_steps(model, optimizer, inputs, steps=15)]
     assert losses[-1] < losses[0] - 0.1
     for name, param in model.named_parameters():
         moved = not torch.equal(param, before[name])

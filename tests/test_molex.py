@@ -7,6 +7,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from tiny_models import batch, clone_model, tiny_bert, tiny_gpt2, tiny_llama, tiny_qwen3, tiny_roberta
+from training_checks import assert_same_loss_and_gradients, backward_once, train_steps
 from transformers.cache_utils import Cache
 
 import peft_depth
@@ -264,24 +265,12 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients():
     def run(checkpointing):
         model = molex(tiny_llama(), molex_layers=[0, 1, 2], alpha=0.5, init_lora_weights=False, lora_dropout=0.0)
         sharpen_gate(model, scale=3.0)
-        model.train()
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-        inputs = batch()
-        out = model(**inputs, labels=inputs["input_ids"])
-        loss = out.loss + sum(peft_depth.aux_losses(model).values())
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        return loss.detach(), grads, peft_depth.routing_stats(model)
+        return backward_once(model, checkpointing)
 
-    loss_a, grads_a, stats_a = run(False)
-    loss_b, grads_b, stats_b = run(True)
-    torch.testing.assert_close(loss_a, loss_b)
-    assert grads_a.keys() == grads_b.keys()
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert [r["chosen"] for r in stats_a["molex"]["default"]] == [r["chosen"] for r in stats_b["molex"]["default"]]
+    run_a, run_b = run(False), run(True)
+    assert_same_loss_and_gradients(run_a, run_b)
+    chosen = [[row["chosen"] for row in run[2]["molex"]["default"]] for run in (run_a, run_b)]
+    assert chosen[0] == chosen[1]
 
 
 def test_output_hidden_states_records_each_layer_once():
@@ -370,14 +359,7 @@ def test_training_moves_only_adapter_parameters_and_loss_decreases():
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
     optimizer = torch.optim.AdamW([*groups, {"params": rest}], lr=1e-2)
     inputs = batch(batch_size=4, seq_len=12)
-    losses = []
-    for _ in range(15):
-        out = model(**inputs, labels=inputs["input_ids"])
-        loss = out.loss + sum(peft_depth.aux_losses(model).values())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(out.loss.item())
+    losses = [step["lm"] for step in train_steps(model, optimizer, inputs, steps=15)]
     assert losses[-1] < losses[0] - 0.1
     for name, param in model.named_parameters():
         moved = not torch.equal(param, before[name])
