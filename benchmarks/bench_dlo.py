@@ -26,6 +26,7 @@ from common import (
     report_timings,
     smollm2_shaped_model,
     token_batch,
+    train_step_fn,
 )
 from peft import LoraConfig, get_peft_model
 
@@ -69,20 +70,6 @@ def forward_fn(model, inputs, fraction: float | None = None):
             model(**inputs, logits_to_keep=1)
 
     return forward
-
-
-def train_step_fn(model, batch):
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-
-    def step():
-        out = model(**batch)
-        loss = out.loss + sum(peft_depth.aux_losses(model).values())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def main() -> None:
@@ -140,7 +127,7 @@ def main() -> None:
     for name, model in train_models.items():
         trainable, total = model.get_nb_trainable_parameters()
         print(f"{name:<16} trainable {trainable:>11,} ({100 * trainable / total:.2f}%)")
-    steps = {name: train_step_fn(model, batch) for name, model in train_models.items()}
+    steps = {name: train_step_fn(model, batch, lr=1e-5) for name, model in train_models.items()}
     times = interleaved_timings(steps, repeats=args.train_repeats, warmup=1)
     report_timings(
         times,

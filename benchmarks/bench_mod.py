@@ -31,10 +31,18 @@ import subprocess
 import sys
 
 import torch
-from common import ALL_PROJECTIONS, interleaved_timings, report_timings, smollm2_shaped_model, token_batch
+from common import (
+    ALL_PROJECTIONS,
+    interleaved_timings,
+    print_peak_rss_json,
+    report_timings,
+    reset_peak_rss,
+    smollm2_shaped_model,
+    token_batch,
+    train_step_fn,
+)
 from peft import LoraConfig, get_peft_model
 
-import peft_depth
 from peft_depth import MoDConfig
 
 R, ALPHA, DROPOUT = 8, 16, 0.05
@@ -61,21 +69,6 @@ def build(variant: str, base: torch.nn.Module, copy_base: bool = True):
     return get_peft_model(model, config)
 
 
-def train_step_fn(model, batch):
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        model.train()
-        out = model(**batch)
-        loss = out.loss + sum(peft_depth.aux_losses(model).values())  # what the trainer optimises
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def forward_fn(model, batch):
     inputs = {k: v for k, v in batch.items() if k != "labels"}
 
@@ -87,32 +80,14 @@ def forward_fn(model, batch):
     return forward
 
 
-def _status_mb(field: str) -> float:
-    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process from /proc, in MB.
-
-    Not ``getrusage().ru_maxrss``: Linux carries the pre-exec high-water mark into it, so a child forked from a
-    large parent reports the parent's RSS as its own peak.
-    """
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
 def memory_child(variant: str, args) -> None:
     torch.set_num_threads(args.threads)
     model = build(variant, smollm2_shaped_model(args.num_layers), copy_base=False)
     step = train_step_fn(model, token_batch(args.batch_size, args.seq_len))
-    # Reset the peak-RSS counter (Linux clear_refs "5"), so VmHWM afterwards is the training peak, not a construction
-    # transient.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status_mb("VmRSS")
+    baseline = reset_peak_rss()  # the peak afterwards is the training steps', not the model's construction
     for _ in range(2):
         step()
-    peak = _status_mb("VmHWM")
-    print(json.dumps({"peak_rss_mb": peak, "before_steps_mb": before}))
+    print_peak_rss_json(baseline)
 
 
 def measure_memory(variants: list[str], args) -> dict[str, dict[str, float]]:
@@ -140,9 +115,9 @@ def measure_memory(variants: list[str], args) -> dict[str, dict[str, float]]:
 def report_memory(rows: dict[str, dict[str, float]]) -> None:
     print("peak memory of a fresh process running 2 training steps (peak counter reset before the first step)")
     ref = rows["lora_r8"]
-    ref_increment = ref["peak_rss_mb"] - ref["before_steps_mb"]
+    ref_increment = ref["peak_rss_mb"] - ref["baseline_mb"]
     for name, row in rows.items():
-        increment = row["peak_rss_mb"] - row["before_steps_mb"]
+        increment = row["peak_rss_mb"] - row["baseline_mb"]
         print(
             f"{name:<18} peak RSS {row['peak_rss_mb']:>7.0f} MB ({row['peak_rss_mb'] / ref['peak_rss_mb']:.3f}x)   "
             f"training increment {increment:>6.0f} MB ({increment / ref_increment:.3f}x)",

@@ -22,10 +22,10 @@ from common import (
     reset_peak_rss,
     smollm2_shaped_model,
     token_batch,
+    train_step_fn,
 )
 from peft import LoraConfig, get_peft_model
 
-import peft_depth
 from peft_depth import MoLAConfig
 
 R, ALPHA, DROPOUT = 8, 16, 0.05
@@ -54,19 +54,6 @@ def build(variant: str, base: torch.nn.Module, copy_base: bool = True):
     model = get_peft_model(model, config)
     model.train()
     return model
-
-
-def train_step_fn(model, batch):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        out = model(**batch)
-        loss = out.loss + sum(peft_depth.aux_losses(model).values())  # what the trainer optimises
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def decode_fn(model, prompt, new_tokens):

@@ -22,7 +22,7 @@ import statistics
 import time
 
 import torch
-from common import interleaved_timings, report_timings, smollm2_shaped_model, token_batch
+from common import interleaved_timings, report_timings, smollm2_shaped_model, token_batch, train_step_fn
 from peft import LoraConfig, get_peft_model
 
 import peft_depth
@@ -65,19 +65,6 @@ def force_mixing(model, num_layers: int) -> None:
             gate.proj.weight.zero_()
             gate.proj.bias.fill_(0.0)
             gate.proj.bias[(index + 1) % num_layers] = 10.0
-
-
-def train_step_fn(model, batch):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        out = model(**batch)
-        loss = out.loss + sum(peft_depth.aux_losses(model).values())  # what the trainer optimises
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def expert_passes(model) -> float:

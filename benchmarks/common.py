@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import peft_depth
+
 SMOLLM2_SHAPE = dict(
     vocab_size=49152,
     hidden_size=576,
@@ -76,6 +78,21 @@ def interleaved_timings(
             variants[name]()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def train_step_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor], lr: float = 1e-4) -> Callable[[], None]:
+    """One optimizer step per call on LM loss plus every aux loss: what ``DepthSFTTrainer`` optimises."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+    def step() -> None:
+        model.train()  # a forward benchmark may have switched the model to eval between steps
+        out = model(**batch)
+        loss = out.loss + sum(peft_depth.aux_losses(model).values())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 def paired_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:

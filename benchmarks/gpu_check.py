@@ -59,7 +59,7 @@ import bench_mod  # noqa: E402
 import bench_mola  # noqa: E402
 import bench_molex  # noqa: E402
 import torch  # noqa: E402
-from common import SMOLLM2_SHAPE, TINY_SHAPE, interleaved_timings, paired_ratio, token_batch  # noqa: E402
+from common import SMOLLM2_SHAPE, TINY_SHAPE, interleaved_timings, paired_ratio, token_batch, train_step_fn  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import peft_depth  # noqa: E402
@@ -280,7 +280,7 @@ def train_section(run: ShapeRun, args, device: torch.device, dtype: torch.dtype)
                     torch.cuda.reset_peak_memory_stats()
                 model = variant.build(base, run.num_layers, True)
                 model.train()
-                step = synced(bench_mola.train_step_fn(model, batch), device)
+                step = synced(train_step_fn(model, batch), device)
                 step()  # two warm-up steps: AdamW's state exists from the first on
                 step()
                 if device.type == "cuda":
@@ -408,7 +408,7 @@ def qlora_section(args, device: torch.device, results: dict[str, dict[str, Varia
                         )
                         model = VARIANTS[key].build(model, SHAPES[shape]["num_hidden_layers"], False)
                         model.train()
-                        step = synced(bench_mola.train_step_fn(model, batch), device)
+                        step = synced(train_step_fn(model, batch), device)
                         if device.type == "cuda":
                             torch.cuda.reset_peak_memory_stats()
                         step()  # warm-up: AdamW's state is created here
