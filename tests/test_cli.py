@@ -419,60 +419,22 @@ def test_inspect_with_explicit_base_and_tokenizer(workspace, capsys, tmp_path):
     assert [row["num_tokens"] for row in rows] == [report["counts"]["tokens"]] * 4  # real tokens only, every layer
 
 
+def _one_forward_stats(num_tokens, expert_fraction, mean_prob, balance_loss, executed_fraction, chosen):
+    """`routing_stats` of one forward with one MoLA layer, one DLO layer and one MoLEx layer, all of adapter "a"."""
+    mola_row = {"layer": 0, "num_experts": 2, "top_k": 1, "num_tokens": num_tokens, "usage_entropy": 0.0}
+    mola_row |= {"expert_fraction": expert_fraction, "mean_prob": mean_prob, "balance_loss": balance_loss}
+    dlo_layer = {"layer": 0, "new": False, "num_tokens": num_tokens, "executed_fraction": executed_fraction}
+    return {
+        "mola": {"a": [mola_row]},
+        "dlo": {"a": {"layers": [dlo_layer], "executed_fraction": executed_fraction, "step": 0}},
+        "molex": {"a": [{"layer": 1, "chosen": chosen, "num_tokens": num_tokens, "alpha": 0.9}]},
+    }
+
+
 def test_routing_accumulator_weights_by_tokens():
     acc = RoutingAccumulator()
-    acc.add(
-        {
-            "mola": {
-                "a": [
-                    {
-                        "layer": 0,
-                        "num_experts": 2,
-                        "top_k": 1,
-                        "num_tokens": 3,
-                        "expert_fraction": [1.0, 0.0],
-                        "mean_prob": [0.8, 0.2],
-                        "usage_entropy": 0.0,
-                        "balance_loss": 1.6,
-                    }
-                ]
-            },
-            "dlo": {
-                "a": {
-                    "layers": [{"layer": 0, "new": False, "num_tokens": 3, "executed_fraction": 1.0}],
-                    "executed_fraction": 1.0,
-                    "step": 0,
-                }
-            },
-            "molex": {"a": [{"layer": 1, "chosen": 0, "num_tokens": 3, "alpha": 0.9}]},
-        }
-    )
-    acc.add(
-        {
-            "mola": {
-                "a": [
-                    {
-                        "layer": 0,
-                        "num_experts": 2,
-                        "top_k": 1,
-                        "num_tokens": 1,
-                        "expert_fraction": [0.0, 1.0],
-                        "mean_prob": [0.4, 0.6],
-                        "usage_entropy": 0.0,
-                        "balance_loss": 1.2,
-                    }
-                ]
-            },
-            "dlo": {
-                "a": {
-                    "layers": [{"layer": 0, "new": False, "num_tokens": 1, "executed_fraction": 0.0}],
-                    "executed_fraction": 0.0,
-                    "step": 0,
-                }
-            },
-            "molex": {"a": [{"layer": 1, "chosen": 3, "num_tokens": 1, "alpha": 0.9}]},
-        }
-    )
+    acc.add(_one_forward_stats(3, [1.0, 0.0], [0.8, 0.2], balance_loss=1.6, executed_fraction=1.0, chosen=0))
+    acc.add(_one_forward_stats(1, [0.0, 1.0], [0.4, 0.6], balance_loss=1.2, executed_fraction=0.0, chosen=3))
     merged = acc.result()
     row = merged["mola"]["a"][0]
     assert row["num_tokens"] == 4 and row["num_experts"] == 2 and row["layer"] == 0
