@@ -14,6 +14,7 @@ Modules, one job each:
   backfill of older runs from their kept adapters.
 - ``train_causal`` / ``train_encoder``: one training run and its scores.
 - ``lm_eval_scorer``: EleutherAI lm-evaluation-harness scoring of a model in-process.
+- ``exclusive``: a machine-wide lock, so two shards never score with lm-eval (a run's memory peak) at once.
 - ``sweep``: which runs a sweep needs, learning-rate selection on dev, the loop with a progress bar.
 - ``stats`` / ``report``: mean ± std, paired bootstrap intervals, detectable effects, the markdown table and plot.
 - ``timing`` / ``plan``: one measured training step per arm, and the sweep's CPU-hour estimate.

@@ -18,6 +18,7 @@ from peft import PeftModel
 
 from .arms import Arm, build_config
 from .data import TaskSplits, choice_examples, pair_examples
+from .exclusive import one_at_a_time
 from .inference_cost import FIELD as INFERENCE_FLOPS
 from .inference_cost import INFERENCE_ROWS, inference_flops_per_token
 from .ledger import append_record, record_key, run_key, to_jsonable
@@ -139,7 +140,8 @@ def _score(request: RunRequest, model, tokenizer) -> dict[str, Any]:
         from .lm_eval_scorer import lm_eval_score
 
         batch_size = scoring_batch_size(request)
-        result = lm_eval_score(model, tokenizer, request.task, rows, batch_size)
+        with one_at_a_time("lm-eval-scoring"):  # its peak is the largest of a run (see exclusive.py)
+            result = lm_eval_score(model, tokenizer, request.task, rows, batch_size)
         correct = "".join("1" if c else "0" for c in result.correct)
         return {"accuracy": result.accuracy, "correct": correct, "eval_batch_size": batch_size}
     from peft_depth.tasks import multiple_choice_accuracy
