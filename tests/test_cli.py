@@ -419,7 +419,7 @@ def test_inspect_with_explicit_base_and_tokenizer(workspace, capsys, tmp_path):
     assert [row["num_tokens"] for row in rows] == [report["counts"]["tokens"]] * 4  # real tokens only, every layer
 
 
-def _one_forward_stats(num_tokens, expert_fraction, mean_prob, balance_loss, executed_fraction, chosen):
+def _accumulator_input(num_tokens, expert_fraction, mean_prob, balance_loss, executed_fraction, chosen):
     """`routing_stats` of one forward with one MoLA layer, one DLO layer and one MoLEx layer, all of adapter "a"."""
     mola_row = {"layer": 0, "num_experts": 2, "top_k": 1, "num_tokens": num_tokens, "usage_entropy": 0.0}
     mola_row |= {"expert_fraction": expert_fraction, "mean_prob": mean_prob, "balance_loss": balance_loss}
@@ -433,8 +433,8 @@ def _one_forward_stats(num_tokens, expert_fraction, mean_prob, balance_loss, exe
 
 def test_routing_accumulator_weights_by_tokens():
     acc = RoutingAccumulator()
-    acc.add(_one_forward_stats(3, [1.0, 0.0], [0.8, 0.2], balance_loss=1.6, executed_fraction=1.0, chosen=0))
-    acc.add(_one_forward_stats(1, [0.0, 1.0], [0.4, 0.6], balance_loss=1.2, executed_fraction=0.0, chosen=3))
+    acc.add(_accumulator_input(3, [1.0, 0.0], [0.8, 0.2], balance_loss=1.6, executed_fraction=1.0, chosen=0))
+    acc.add(_accumulator_input(1, [0.0, 1.0], [0.4, 0.6], balance_loss=1.2, executed_fraction=0.0, chosen=3))
     merged = acc.result()
     row = merged["mola"]["a"][0]
     assert row["num_tokens"] == 4 and row["num_experts"] == 2 and row["layer"] == 0
