@@ -291,22 +291,19 @@ def design_notes(crosschecks: list[dict[str, Any]], entries) -> str:
 
 #: How to run (and resume) the sweep in the background; rerunning a command resumes it.
 COMMANDS = """Run from the repository root; each command resumes where it stopped (finished runs are skipped), so
-rerun it after an interruption. Two single-thread shards use both cores; the indicative suite needs the main suite's
-dev results (its learning rates), so it goes second.
+rerun it after an interruption. SmolLM2 runs as one process with two threads: a BoolQ run peaks at about 10 GB
+while training and 12-15 GB while lm-eval scores, so two single-thread shards do not fit this 24 GB machine, and
+one and two threads give bit-identical training steps and scores (`benchmarks/thread_determinism.py`). MiniLM's
+runs are small, so two single-thread shards use both cores. The indicative suite needs the main suite's dev results
+(its learning rates), so it goes second.
 
 ```bash
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 mkdir -p outputs/quality
-for shard in 0 1; do
-  nohup .venv/bin/python benchmarks/quality.py run --suite smollm2-main --threads 1 --shard $shard/2 \\
-    > outputs/quality/smollm2-main.$shard.log 2>&1 &
-done
-wait
-for shard in 0 1; do
-  nohup .venv/bin/python benchmarks/quality.py run --suite smollm2-indicative --threads 1 --shard $shard/2 \\
-    > outputs/quality/smollm2-indicative.$shard.log 2>&1 &
-done
-wait
+nohup .venv/bin/python benchmarks/quality.py run --suite smollm2-main --threads 2 \\
+  > outputs/quality/smollm2-main.log 2>&1
+nohup .venv/bin/python benchmarks/quality.py run --suite smollm2-indicative --threads 2 \\
+  > outputs/quality/smollm2-indicative.log 2>&1
 for shard in 0 1; do
   nohup .venv/bin/python benchmarks/quality.py run --suite minilm --threads 1 --shard $shard/2 \\
     > outputs/quality/minilm.$shard.log 2>&1 &
