@@ -791,6 +791,61 @@ def test_learning_rates_are_chosen_only_from_dev_runs_of_the_current_recipe(tiny
     assert request.lr == arm.lr_grid[-1]
 
 
+def _borrowed_dev_record(arm, task, lr, accuracy, precision="bf16-mixed"):
+    return {"run_key": f"{task}-{lr}", "split": "dev", "task": task, "arm": arm.name, "lr": lr,
+            "accuracy": accuracy, "precision": precision}  # fmt: skip
+
+
+def test_an_indicative_suite_borrows_the_rate_best_on_average_over_every_task_of_its_source():
+    from quality.sweep import SUITES, borrowed_lr
+
+    suite = SUITES["smollm2-indicative"]
+    arm = lora_arm("causal")
+    low, mid, high = arm.lr_grid
+    # BoolQ alone would pick `low`, PIQA alone `high`; averaged over both, `mid` wins.
+    records = [
+        _borrowed_dev_record(arm, task, lr, accuracy)
+        for task, accuracies in (("boolq", (0.70, 0.68, 0.50)), ("piqa", (0.50, 0.68, 0.70)))
+        for lr, accuracy in zip(arm.lr_grid, accuracies, strict=True)
+    ]
+    assert borrowed_lr(suite, arm, records) == mid
+    # a dev record of another recipe (fp32, the suite is bf16-mixed) never counts
+    assert borrowed_lr(suite, arm, [*records, _borrowed_dev_record(arm, "piqa", low, 1.0, "fp32")]) == mid
+
+
+def test_an_indicative_suite_refuses_a_source_whose_dev_phase_is_unfinished():
+    """Averaging over the tasks done so far would pick a rate that changes when the source suite finishes."""
+    from quality.sweep import SUITES, borrowed_lr
+
+    suite = SUITES["smollm2-indicative"]
+    arm = lora_arm("causal")
+    piqa_only = [_borrowed_dev_record(arm, "piqa", lr, 0.6) for lr in arm.lr_grid]
+    with pytest.raises(
+        ValueError, match=r"boolq lr \[0\.0003, 0\.001, 0\.003\]; run `quality.py run --suite smollm2-main`"
+    ):
+        borrowed_lr(suite, arm, piqa_only)
+    one_missing = piqa_only + [_borrowed_dev_record(arm, "boolq", lr, 0.6) for lr in arm.lr_grid[:2]]
+    with pytest.raises(ValueError, match=r"no bf16-mixed dev result at boolq lr \[0\.003\];"):
+        borrowed_lr(suite, arm, one_missing)
+
+
+def test_an_indicative_sweep_with_an_unfinished_source_stops_before_any_run(tiny_causal, choice_task, tmp_path):
+    from quality import sweep as sweep_module
+
+    spec = resolve_model(str(tiny_causal))
+    source = replace(lora_suite(tiny_causal, choice_task), name="tiny-source")
+    indicative = replace(source, name="tiny-indicative", lr_from="tiny-source")
+    arm = lora_arm("causal")
+    partial = [{**_borrowed_dev_record(arm, choice_task, lr, 0.5), "precision": "fp32"} for lr in arm.lr_grid[:2]]
+    for record in partial:
+        append_record(tmp_path / "tiny-source.jsonl", record, required=())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sweep_module.SUITES, "tiny-source", source)
+        with pytest.raises(ValueError, match="tiny-source"):
+            next(run_suite(indicative, spec, tmp_path, None, only=ONLY_LORA, progress=False))
+    assert not (tmp_path / "tiny-indicative.jsonl").exists()
+
+
 def test_lm_eval_scores_under_the_callers_autocast(tiny_causal, choice_task):
     """lm-eval wraps each forward in its own autocast, enabled only with ``mixed_precision_dtype``: without passing
     the caller's dtype on, a bf16-mixed run would silently be scored in float32."""

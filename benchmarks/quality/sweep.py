@@ -35,7 +35,17 @@ from .provenance import git_state
 from .runner import LM_EVAL, OURS, RunRequest, execute
 from .train_causal import RunSettings
 
-__all__ = ["Suite", "SUITES", "ledger_path", "choose_lr", "dev_requests", "test_requests", "run_suite", "RESULTS"]
+__all__ = [
+    "Suite",
+    "SUITES",
+    "ledger_path",
+    "choose_lr",
+    "borrowed_lr",
+    "dev_requests",
+    "test_requests",
+    "run_suite",
+    "RESULTS",
+]
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "quality"
 ADAPTERS = Path(__file__).resolve().parents[2] / "outputs" / "quality" / "adapters"
@@ -169,11 +179,30 @@ def _lr_for(
     if not suite.indicative:
         keys = {request.run_key for request in dev_requests(suite, spec, task, splits, [arm])}
         return choose_lr(arm, _dev_scores(records, task, keys).get((task, arm.name), {}))
+    return borrowed_lr(suite, arm, lr_from)
+
+
+def borrowed_lr(suite: Suite, arm: Arm, lr_from: list[dict[str, Any]]) -> float:
+    """An indicative suite's learning rate for ``arm``: the grid value with the best dev accuracy averaged over every
+    task of the suite named in ``suite.lr_from`` (``lr_from``: that suite's records)."""
+    source = SUITES[suite.lr_from]
     same_recipe = [r for r in lr_from if r.get("precision", "fp32") == suite.settings.precision]
-    per_task = [scores for (_, name), scores in _dev_scores(same_recipe).items() if name == arm.name]
-    if not per_task:
-        raise ValueError(f"Suite {suite.lr_from!r} has no dev results for arm {arm.name!r}; run it first.")
-    averaged = {lr: statistics.fmean(s[lr] for s in per_task if lr in s) for lr in arm.lr_grid}
+    scores = _dev_scores(same_recipe)
+    # Every task of the source suite at every grid value: averaging over the tasks that happen to be done would give
+    # a rate that changes once the source suite finishes, with nothing in the record to say so.
+    missing = {
+        source_task: [lr for lr in arm.lr_grid if lr not in scores.get((source_task, arm.name), {})]
+        for source_task in source.tasks
+    }
+    missing = {source_task: lrs for source_task, lrs in missing.items() if lrs}
+    if missing:
+        raise ValueError(
+            f"Suite {suite.name!r} takes arm {arm.name!r}'s learning rate from the dev phase of {source.name!r} on "
+            f"all of its tasks {list(source.tasks)}, which has no {suite.settings.precision} dev result at "
+            f"{'; '.join(f'{t} lr {lrs}' for t, lrs in missing.items())}; run `quality.py run --suite {source.name}` "
+            "first."
+        )
+    averaged = {lr: statistics.fmean(scores[(t, arm.name)][lr] for t in source.tasks) for lr in arm.lr_grid}
     return choose_lr(arm, averaged)
 
 
@@ -251,6 +280,10 @@ def run_suite(
     def runs_of(arm: Arm) -> int:
         return len(suite.seeds) + (0 if suite.indicative else len(arm.lr_grid))
 
+    if suite.indicative:
+        for arms, _ in plans.values():
+            for arm in arms:
+                borrowed_lr(suite, arm, lr_from)  # an unfinished source suite stops the sweep before any work
     total = sum(runs_of(arm) for arms, _ in plans.values() for arm in arms)
     bar = tqdm(total=total, desc=suite.name, unit="run", disable=not progress)
     claims = claims_folder(ledger)
