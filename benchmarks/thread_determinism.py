@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality.arms import Arm, arms_for, build_config  # noqa: E402
+from quality.cpu_arithmetic import cpu_arithmetic  # noqa: E402
 from quality.models import ModelSpec, resolve_model  # noqa: E402
 
 import peft_depth  # noqa: E402
@@ -102,7 +103,7 @@ def main() -> None:
     score_tokens = torch.randint(0, vocab, (16, 512), generator=generator)
     print(
         f"random SmolLM2, {args.layers} blocks; 8 x 320-token training step and 16 x 512-token scoring forward, "
-        "bf16 autocast; 1 vs 2 torch threads"
+        f"bf16 autocast; 1 vs 2 torch threads; CPU {cpu_arithmetic()} (the answer holds for this kind of CPU's kernels)"
     )
     results = [_check_arm(spec, arm, args.layers, train_tokens, score_tokens) for arm in arms]
     sys.exit(0 if all(results) else 1)

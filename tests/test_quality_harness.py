@@ -415,6 +415,7 @@ def test_a_killed_sweep_process_leaves_the_ledger_parseable(tiny_causal, choice_
         str(REPO / "benchmarks" / "quality.py"),
         "--threads",
         "1",
+        "--allow-slow-bf16",  # the suite is bf16-mixed; a tiny model's emulated bf16 costs nothing
         "run",
         "--suite",
         "smollm2-main",

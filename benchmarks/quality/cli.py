@@ -9,6 +9,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from .cpu_arithmetic import require_fast_bf16
+
 __all__ = ["build_parser", "main"]
 
 
@@ -39,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="quality.py", description=__doc__)
     parser.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--allow-slow-bf16",
+        action="store_true",
+        help="run a bf16-mixed suite on a CPU without native bf16 products (refused by default: cpu_arithmetic.py)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     budgets = commands.add_parser("budgets", help="print the matched-budget pairing table of a model's arms")
@@ -127,6 +134,7 @@ def _suite(args):
         settings = replace(settings, batch_size=args.batch_size)
     if args.precision is not None:
         settings = replace(settings, precision=args.precision)
+    require_fast_bf16(settings.precision, args.allow_slow_bf16)  # before any work: models, data, runs
     return replace(
         suite,
         model=args.model or suite.model,
@@ -193,6 +201,7 @@ def _measure(args) -> int:
         raise SystemExit(f"quality.py measure: no suite uses {args.model!r}; name one with --suite for its settings.")
     suite = suites[0]
     settings = replace(suite.settings, steps=args.steps)
+    require_fast_bf16(settings.precision, args.allow_slow_bf16)
     _print_budgets(spec, [args.task], args.arms)
     arms = task_arms(spec, args.task, tuple(args.arms) if args.arms else None)[0]
     output = args.output or RESULTS / f"step_times_{spec.name}.json"

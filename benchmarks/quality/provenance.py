@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from .cpu_arithmetic import cpu_arithmetic
+
 __all__ = ["hardware", "versions", "git_state"]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,6 +34,7 @@ def _cpu_model() -> str:
 def hardware() -> dict[str, Any]:
     """CPU model, cores and torch threads, or the GPU's name when one is used; comparisons never mix the two."""
     info: dict[str, Any] = {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    info.update(cpu_arithmetic())  # "AMD EPYC" alone names machines with and without native bf16 products
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     info["device"] = "gpu" if "gpu" in info else "cpu"

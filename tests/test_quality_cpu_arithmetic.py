@@ -1,0 +1,76 @@
+"""The quality harness refuses a bf16-mixed sweep on a CPU that emulates bf16 products, and records the CPU's kind."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from quality import cli  # noqa: E402
+from quality import cpu_arithmetic as arithmetic  # noqa: E402
+from quality.provenance import hardware  # noqa: E402
+
+ZEN1 = {
+    "vendor_id": "AuthenticAMD",
+    "cpu family": "23",
+    "model": "1",
+    "model name": "AMD EPYC",
+    "stepping": "2",
+    "flags": "fpu sse sse2 avx f16c avx2 fma",
+}
+ZEN4 = {**ZEN1, "cpu family": "25", "model": "17", "flags": ZEN1["flags"] + " avx512f avx512_bf16 avx512_vnni"}
+
+
+def test_the_cpu_record_tells_apart_machines_that_share_a_marketing_name():
+    old, new = arithmetic.cpu_arithmetic(ZEN1), arithmetic.cpu_arithmetic(ZEN4)
+    assert old["cpu_id"] == "AuthenticAMD family 23 model 1 stepping 2"
+    assert new["cpu_id"] == "AuthenticAMD family 25 model 17 stepping 2"
+    assert (old["native_bf16"], new["native_bf16"]) == (False, True)
+    assert arithmetic.cpu_arithmetic({})["native_bf16"] is None  # no /proc/cpuinfo: unknown, not "no"
+    assert old["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_every_run_records_the_cpu_arithmetic():
+    record = hardware()
+    assert {"cpu_id", "cpu_capability", "native_bf16"} <= set(record)
+
+
+def test_an_emulated_bf16_cpu_is_refused_naming_the_slowdown_and_the_way_out():
+    with pytest.raises(SystemExit, match=r"takes 64x as long as a float32 one.*--allow-slow-bf16"):
+        arithmetic.require_fast_bf16("bf16-mixed", slowdown=64.0)
+    arithmetic.require_fast_bf16("bf16-mixed", slowdown=0.5)  # native: runs
+    arithmetic.require_fast_bf16("bf16-mixed", allow_slow=True, slowdown=64.0)  # asked for: runs
+
+
+def test_fp32_is_never_measured_or_refused(monkeypatch):
+    def no_probe(*args, **kwargs):
+        raise AssertionError("fp32 must not time bf16 products")
+
+    monkeypatch.setattr(arithmetic, "bf16_slowdown", no_probe)
+    arithmetic.require_fast_bf16("fp32")
+
+
+def test_the_slowdown_probe_measures_a_ratio():
+    ratio = arithmetic.bf16_slowdown(size=64, repeats=2)
+    assert math.isfinite(ratio) and ratio > 0
+
+
+@pytest.mark.parametrize("command", [["run", "--suite", "smollm2-main"], ["base", "--suite", "smollm2-main"]])
+def test_the_command_line_refuses_before_loading_anything(monkeypatch, command):
+    monkeypatch.setattr(arithmetic, "bf16_slowdown", lambda *a, **k: 64.0)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("refused runs must not load a model")
+
+    monkeypatch.setattr("quality.models.resolve_model", no_work)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CPU that multiplies bfloat16 natively"):
+        cli.main(command)
+    # --precision fp32 is not refused (it then loads the model: stopped here by the patch)
+    with pytest.raises(AssertionError, match="must not load a model"):
+        cli.main([*command, "--precision", "fp32"])
