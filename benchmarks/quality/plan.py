@@ -253,7 +253,8 @@ def design_notes(crosschecks: list[dict[str, Any]], entries) -> str:
   the Trainer's forwards and in scoring; `RunSettings.precision`): on this CPU (AVX-512 BF16) that made a training
   step 1.8x and scoring 2.9x faster than float32, with the same predictions on 64 BoolQ rows, and it is how these
   methods are trained on GPUs. MiniLM runs in float32 (its suite was under way before; a run's precision is part of
-  its key, so the two never mix).
+  its key, so the two never mix). A CPU without native bf16 products (AVX2 only) emulates them 30-64x slower than
+  float32, so `quality.py` refuses bf16-mixed work there (`quality/cpu_arithmetic.py`; `--allow-slow-bf16`).
 - **Scoring dominates.** Every test run scores all of BoolQ's test rows (long passages; on CPU a scored token costs
   about as much as a training step's forward), so BoolQ's scoring alone is most of SmolLM2's budget, whatever the
   training length: see "of which scoring" above. Within 30 *core*-hours the issue's sizes (≥ 2,000 BoolQ test rows ×
