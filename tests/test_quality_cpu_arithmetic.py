@@ -40,7 +40,8 @@ def test_every_run_records_the_cpu_arithmetic():
     assert {"cpu_id", "cpu_capability", "native_bf16"} <= set(record)
 
 
-def test_an_emulated_bf16_cpu_is_refused_naming_the_slowdown_and_the_way_out():
+def test_an_emulated_bf16_cpu_is_refused_naming_the_slowdown_and_the_way_out(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU run is never refused
     with pytest.raises(SystemExit, match=r"takes 64x as long as a float32 one.*--allow-slow-bf16"):
         arithmetic.require_fast_bf16("bf16-mixed", slowdown=64.0)
     arithmetic.require_fast_bf16("bf16-mixed", slowdown=0.5)  # native: runs
