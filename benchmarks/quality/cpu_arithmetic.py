@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["NATIVE_BF16_FLAGS", "cpu_arithmetic", "bf16_slowdown", "require_fast_bf16", "SLOWDOWN_LIMIT"]
+__all__ = ["NATIVE_BF16_FLAGS", "cpuinfo", "cpu_arithmetic", "bf16_slowdown", "require_fast_bf16", "SLOWDOWN_LIMIT"]
 
 #: /proc/cpuinfo flags of x86 instructions that multiply bfloat16 matrices natively.
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -24,7 +24,7 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 SLOWDOWN_LIMIT = 3.0
 
 
-def _cpuinfo() -> dict[str, str]:
+def cpuinfo() -> dict[str, str]:
     """The first processor's fields of /proc/cpuinfo (empty where there is none, e.g. macOS)."""
     fields: dict[str, str] = {}
     try:
@@ -39,11 +39,11 @@ def _cpuinfo() -> dict[str, str]:
     return fields
 
 
-def cpu_arithmetic(cpuinfo: dict[str, str] | None = None) -> dict[str, Any]:
+def cpu_arithmetic(fields: dict[str, str] | None = None) -> dict[str, Any]:
     """Which CPU this is beyond its marketing name ("AMD EPYC" covers machines with and without bf16 instructions):
     family/model/stepping, the vector instructions torch dispatches to, and whether bf16 products are native (None
     where the flags cannot be read)."""
-    info = _cpuinfo() if cpuinfo is None else cpuinfo
+    info = cpuinfo() if fields is None else fields
     flags = set(info.get("flags", "").split())
     identity = " ".join(
         f"{label} {info[key]}" for key, label in (("cpu family", "family"), ("model", "model"), ("stepping", "stepping"))

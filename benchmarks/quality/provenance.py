@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .cpu_arithmetic import cpu_arithmetic
+from .cpu_arithmetic import cpu_arithmetic, cpuinfo
 
 __all__ = ["hardware", "versions", "git_state"]
 
@@ -21,14 +21,7 @@ PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "p
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 def hardware() -> dict[str, Any]:
