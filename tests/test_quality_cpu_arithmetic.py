@@ -56,9 +56,15 @@ def test_fp32_is_never_measured_or_refused(monkeypatch):
     arithmetic.require_fast_bf16("fp32")
 
 
-def test_the_slowdown_probe_measures_a_ratio():
-    ratio = arithmetic.bf16_slowdown(size=64, repeats=2)
+def test_the_slowdown_probe_agrees_with_the_cpu_flags():
+    """The guard decides by timing; where the flags say what this CPU is, the timing must say the same, or the guard
+    would refuse a native-bf16 machine (or let an emulating one through)."""
+    ratio = arithmetic.bf16_slowdown()
     assert math.isfinite(ratio) and ratio > 0
+    native = arithmetic.cpu_arithmetic()["native_bf16"]
+    if native is None:
+        pytest.skip("no /proc/cpuinfo flags to compare the timing with")
+    assert (ratio <= arithmetic.SLOWDOWN_LIMIT) == native, f"bf16/fp32 time ratio {ratio:.1f}, native_bf16={native}"
 
 
 @pytest.mark.parametrize("command", [["run", "--suite", "smollm2-main"], ["base", "--suite", "smollm2-main"]])
