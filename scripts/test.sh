@@ -21,6 +21,14 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 FLOOR_FILES=(tests/test_invariants.py tests/test_call_convention.py tests/test_cross_version.py tests/test_hub.py
   tests/test_load_trust.py tests/test_trainer.py tests/test_registration.py tests/test_autoload.py
   tests/test_stock_trainer.py tests/test_pipeline.py tests/test_concurrency.py tests/test_core.py)
+# One pytest-xdist worker per core (at most 4; PEFT_DEPTH_TEST_WORKERS overrides, 0 runs in-process), each with its share
+# of the cores as torch threads (tests/conftest.py): the suite is mostly small models and subprocesses, which one
+# thread serves nearly as fast as two, so two workers on two cores halve its time. worksteal rebalances the long
+# files (compile, the quality harness) across workers as they finish.
+WORKERS=${PEFT_DEPTH_TEST_WORKERS:-$(nproc 2>/dev/null || echo 1)}
+[ "$WORKERS" -gt 4 ] && WORKERS=4
+XDIST=(-n "$WORKERS" --dist worksteal)
+[ "$WORKERS" -le 1 ] && XDIST=(-p no:xdist)
 declare -A results
 overall=0
 for set in $SETS; do
@@ -30,7 +38,7 @@ for set in $SETS; do
   set +e
   files=()
   if [ "$set" = floor ] && [ "$#" -eq 0 ]; then files=("${FLOOR_FILES[@]}"); fi
-  PEFT_DEPTH_CROSS_PYTHON="$PWD/$(venv_of "$other")/bin/python" "$(venv_of "$set")/bin/python" -m pytest -q "${files[@]}" "$@"
+  PEFT_DEPTH_CROSS_PYTHON="$PWD/$(venv_of "$other")/bin/python" "$(venv_of "$set")/bin/python" -m pytest -q "${XDIST[@]}" "${files[@]}" "$@"
   status=$?
   set -e
   # pytest exits 5 when nothing was collected (e.g. a -k filter that matches nothing): not a failure of the code.

@@ -9,7 +9,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from warning_guard import GUARD, report  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two torch threads, or the cores shared out among pytest-xdist workers (scripts/test.sh runs one worker per core):
+# two workers that each use both cores oversubscribe them, and tiny-model tests gain little from a second thread.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
 
 
 def pytest_configure(config):

@@ -43,17 +43,25 @@ def save(folder: Path) -> None:
         logits[method] = _logits(model)
     save_file(logits, str(folder / "logits.safetensors"))
     (folder / "versions.json").write_text(json.dumps(_versions()))
+    # A CPU matmul's reduction order depends on the thread count, so the logits are bit-comparable only at the same
+    # count: the checking process (another interpreter, maybe under a pytest-xdist worker's count) adopts this one.
+    (folder / "torch_threads.json").write_text(json.dumps(torch.get_num_threads()))
 
 
 def check(folder: Path) -> list[str]:
     expected = load_file(str(folder / "logits.safetensors"))
     problems = []
-    for method in METHODS:
-        base = AutoModelForCausalLM.from_pretrained(folder / "base").eval()
-        model = PeftModel.from_pretrained(base, folder / method).eval()
-        got = _logits(model)
-        if not torch.equal(got, expected[method]):
-            problems.append(f"{method}: max |Δlogit| {float((got - expected[method]).abs().max()):.3g}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(json.loads((folder / "torch_threads.json").read_text()))
+    try:
+        for method in METHODS:
+            base = AutoModelForCausalLM.from_pretrained(folder / "base").eval()
+            model = PeftModel.from_pretrained(base, folder / method).eval()
+            got = _logits(model)
+            if not torch.equal(got, expected[method]):
+                problems.append(f"{method}: max |Δlogit| {float((got - expected[method]).abs().max()):.3g}")
+    finally:
+        torch.set_num_threads(threads)
     return problems
 
 
