@@ -81,3 +81,22 @@ def test_the_command_line_refuses_before_loading_anything(monkeypatch, command):
     # --precision fp32 is not refused (it then loads the model: stopped here by the patch)
     with pytest.raises(AssertionError, match="must not load a model"):
         cli.main([*command, "--precision", "fp32"])
+
+
+def test_measure_times_the_precision_it_is_given_without_the_bf16_refusal(monkeypatch, tmp_path):
+    """On a CPU that emulates bf16, `measure --precision fp32` is how the float32 step time is taken (quality.md)."""
+    monkeypatch.setattr(arithmetic, "bf16_slowdown", lambda *a, **k: 64.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("quality.data.load_splits", lambda task: None)
+    timed = {}
+    monkeypatch.setattr(
+        "quality.timing.measure",
+        lambda spec, task, splits, arms, settings, output: timed.update(
+            precision=settings.precision, steps=settings.steps, arms=[arm.name for arm in arms]
+        ),
+    )
+    command = ["measure", "--suite", "smollm2-main", "--arms", "lora", "--steps", "3", "--output", str(tmp_path / "t")]
+    assert cli.main([*command, "--precision", "fp32"]) == 0
+    assert timed == {"precision": "fp32", "steps": 3, "arms": ["lora"]}
+    with pytest.raises(SystemExit, match="needs a CPU that multiplies bfloat16 natively"):
+        cli.main(command)  # the suite's own bf16-mixed is still refused here

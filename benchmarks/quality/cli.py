@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--suite", default=None, help="take batch size and max length from this suite")
     measure.add_argument("--steps", type=_positive, default=3, help="steps per arm; the first is a warm-up")
     measure.add_argument("--arms", type=_csv, default=None, help="comma list of arms (default: all)")
+    measure.add_argument("--precision", choices=PRECISIONS, default=None, help="override the suite's arithmetic")
     measure.add_argument("--output", default=None, help="default: results/quality/step_times_<model>.json")
 
     plan = commands.add_parser("plan", help="write the sweep plan with its CPU-hour estimate")
@@ -200,7 +201,7 @@ def _measure(args) -> int:
     if not suites:
         raise SystemExit(f"quality.py measure: no suite uses {args.model!r}; name one with --suite for its settings.")
     suite = suites[0]
-    settings = replace(suite.settings, steps=args.steps)
+    settings = replace(suite.settings, steps=args.steps, precision=args.precision or suite.settings.precision)
     require_fast_bf16(settings.precision, args.allow_slow_bf16)
     _print_budgets(spec, [args.task], args.arms)
     arms = task_arms(spec, args.task, tuple(args.arms) if args.arms else None)[0]
