@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
-__all__ = ["LayerStack", "find_layer_stack", "find_final_norm"]
+__all__ = ["LayerStack", "find_layer_stack", "find_final_norm", "text_config"]
 
 # Attribute paths tried first, in order; the generic search below covers the rest.
 _KNOWN_STACK_PATHS = (
@@ -109,3 +110,12 @@ def find_final_norm(model: nn.Module, stack: LayerStack) -> tuple[nn.Module, str
         if isinstance(module, nn.Module):
             return module, stack.backbone_path, name
     return None
+
+
+def text_config(model: nn.Module) -> Any:
+    """The config that describes ``model``'s block stack: ``config.get_text_config()`` (a multimodal model's text
+    part; the config itself otherwise), or None for a model without a config."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        return config.get_text_config()
+    return config

@@ -24,7 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
-from .layer_stack import LayerStack
+from .layer_stack import LayerStack, text_config
 from .quantization import dequantized_linear, dequantized_weight, floating_dtype, is_quantized_linear
 
 __all__ = [
@@ -168,10 +168,7 @@ class StackRewiring:
 
     @property
     def config(self) -> Any:
-        config = getattr(self.model, "config", None)
-        if config is not None and hasattr(config, "get_text_config"):
-            return config.get_text_config()
-        return config
+        return text_config(self.model)
 
     def install(self, blocks: Sequence[nn.Module], sources: Sequence[int], extra_config: dict[str, Any] | None = None):
         """Run ``blocks`` in order. ``sources[i]`` is the original index whose per-layer config entries block ``i``

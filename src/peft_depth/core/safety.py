@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .layer_stack import find_layer_stack
+from .layer_stack import find_layer_stack, text_config
 from .quantization import logical_bytes
 
 __all__ = [
@@ -52,17 +52,16 @@ def base_model_facts(model: nn.Module) -> dict[str, Any]:
 
     Called on the model *before* injection (DLO changes the depth afterwards).
     """
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    stack_config = text_config(model)
     facts: dict[str, Any] = {"architecture": type(model).__name__}
-    model_type = getattr(config, "model_type", None)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
     if isinstance(model_type, str) and model_type:
         facts["model_type"] = model_type
     stack = find_layer_stack(model)
-    num_layers = stack.num_layers if stack is not None else getattr(text_config, "num_hidden_layers", None)
+    num_layers = stack.num_layers if stack is not None else getattr(stack_config, "num_hidden_layers", None)
     if isinstance(num_layers, int):
         facts["num_layers"] = num_layers
-    hidden_size = getattr(text_config, "hidden_size", None)
+    hidden_size = getattr(stack_config, "hidden_size", None)
     if isinstance(hidden_size, int):
         facts["hidden_size"] = hidden_size
     return facts

@@ -15,6 +15,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ...core.layer_stack import text_config
 from ...core.quantization import floating_parameter
 from ...core.rewiring import plain_layer_copy, plain_state_dict
 from .config import DLOConfig, expansion_plan
@@ -62,9 +63,8 @@ def matches_module_name(module_path: str, names: Sequence[str]) -> bool:
 
 def hidden_size(model: nn.Module) -> int:
     """The model's hidden size, read from its (text) config."""
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
-    hidden = getattr(text_config, "hidden_size", None) or getattr(text_config, "n_embd", None)
+    config = text_config(model)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     if hidden is None:
         raise ValueError("DLO could not read the hidden size from the model config (`hidden_size`).")
     return int(hidden)

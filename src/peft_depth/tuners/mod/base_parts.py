@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ...core.layer_stack import LayerStack, find_final_norm, find_layer_stack
+from ...core.layer_stack import LayerStack, find_final_norm, find_layer_stack, text_config
 
 __all__ = ["MoDBaseParts", "find_base_parts", "final_logit_softcap"]
 
@@ -60,8 +60,4 @@ def find_base_parts(model: nn.Module) -> MoDBaseParts:
 
 def final_logit_softcap(model: nn.Module) -> float | None:
     """The model's final-logit soft-capping constant (Gemma 2/3), or None."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text_config, "final_logit_softcapping", None)
+    return getattr(text_config(model), "final_logit_softcapping", None)

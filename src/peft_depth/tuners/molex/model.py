@@ -11,16 +11,15 @@ import torch
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from ...core.distributed import calls_on_every_process, fsdp_gathered
-from ...core.layer_call import BlockCall, bind_block_call
+from ...core.layer_call import bind_block_call
+from ...core.layer_stack import text_config
 from ...core.lora_layer import DepthLoraLayer
-from ...core.nonfinite import check_routing_scores
 from ...core.quantization import floating_parameter
 from ...core.tuner import DepthTuner
 from .config import MoLExConfig
-from .expert_cache import expert_cache_state
 from .layer import SHARED_GATE_KEY, MoLExAlpha, build_gate, layer_key
-from .routing import LayerRecord, MoLExDecision, decide, layer_statistics
+from .mixing import MoLExMixing
+from .routing import LayerRecord
 from .statistics import MoLExStatistics
 
 __all__ = ["MoLExModel"]
@@ -45,13 +44,6 @@ def _is_causal(stack_layers: nn.ModuleList) -> bool:
     return any(getattr(module, "is_causal", False) is True for module in stack_layers[0].modules())
 
 
-def _text_config(model: nn.Module) -> Any:
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        return config.get_text_config()
-    return config
-
-
 class _BlockForward:
     """Installed as ``block.forward`` of every MoLEx layer: runs the mixture, or the plain block when not routing.
 
@@ -68,7 +60,7 @@ class _BlockForward:
         return self.tuner._block_forward(self.index, args, kwargs)
 
 
-class MoLExModel(MoLExStatistics, DepthTuner):
+class MoLExModel(MoLExMixing, MoLExStatistics, DepthTuner):
     """Creates a MoLEx model from a pretrained transformers model (https://arxiv.org/abs/2503.11144).
 
     Use through ``peft.get_peft_model(model, MoLExConfig(...))`` after ``import peft_depth``.
@@ -118,8 +110,7 @@ class MoLExModel(MoLExStatistics, DepthTuner):
         num_layers = len(layers)
         causal = _is_causal(layers)
         molex_layers, expert_layers = config.resolve_layers(num_layers, causal=causal)
-        text_config = _text_config(self.model)
-        layer_types = getattr(text_config, "layer_types", None)
+        layer_types = getattr(text_config(self.model), "layer_types", None)
         if layer_types is not None and len(layer_types) != num_layers:
             layer_types = None
         candidates, masks = {}, {}
@@ -152,7 +143,7 @@ class MoLExModel(MoLExStatistics, DepthTuner):
                 f"MoLEx could not tell the dtype the blocks compute in: {type(layers[0]).__name__} has no floating-point "
                 "parameter outside quantized weights and adapters."
             )
-        hidden_size = getattr(_text_config(self.model), "hidden_size", None)
+        hidden_size = getattr(text_config(self.model), "hidden_size", None)
         if hidden_size is None:
             raise ValueError("MoLEx needs `config.hidden_size` to size its gates.")
         keys = [SHARED_GATE_KEY] if config.shared_gate else [layer_key(i) for i in plan.molex_layers]
@@ -233,139 +224,6 @@ class MoLExModel(MoLExStatistics, DepthTuner):
         call = bind_block_call(self.layer_stack.layers[index], original, args, kwargs)
         return self._mix(adapter, index, original, call)
 
-    def _mix(self, adapter: str, index: int, original, call: BlockCall) -> Any:
-        """Block ``index``'s output mixed with the expert layer its gate picks: ``α·u_i + (1−α)·u_j``."""
-        config: MoLExConfig = self.peft_config[adapter]
-        self._check_cache_allowed(config, call, index)
-        decision = self._route(adapter, index, call.hidden)
-        # Expert calls must never write the model's cache: without token routing they get none; with it, each
-        # expert pass (index, j) gets its own slot in a side cache.
-        expert_state = None
-        if config.routing == "token" and call.cache is not None:
-            key = (id(self), adapter, index)
-            expert_state = expert_cache_state(call.cache, key, _text_config(self.model), call.past_length(index))
-        own = original(call.hidden, **call.arguments)
-        own_hidden = _first(own)
-        # Sharded blocks: every process also runs the layers only other processes chose (their shards are gathered
-        # collectively), and mixes as one process holding all rows would.
-        experts = calls_on_every_process(self.layer_stack.layers, decision.experts, call.hidden.device)
-        other = self._expert_outputs(index, call, decision, experts, own_hidden, expert_state)
-        if expert_state is not None:
-            expert_state.append(call.hidden, call.arguments)
-        mixed, alpha = self._combine(adapter, index, own_hidden, other, decision, experts)
-        self._record(adapter, index, decision, alpha)
-        return (mixed, *own[1:]) if isinstance(own, tuple) else mixed
-
-    @staticmethod
-    def _check_cache_allowed(config: MoLExConfig, call: BlockCall, index: int) -> None:
-        if config.routing != "token" and call.cache is not None and call.past_length(index) > 0:
-            raise ValueError(
-                f"MoLEx routing={config.routing!r} chooses the expert from all tokens of the input, so it cannot "
-                "continue from a KV cache (the choice would change with every new token). Generate with "
-                "`use_cache=False` (PeftModel.generate does this for you), or use routing='token'."
-            )
-
-    def _route(self, adapter: str, index: int, hidden: torch.Tensor) -> MoLExDecision:
-        """The gate's decision for the tokens of block ``index`` (non-finite scores handled by the config's policy)."""
-        config: MoLExConfig = self.peft_config[adapter]
-        gates = self.molex_gate[adapter]
-        gate = gates[SHARED_GATE_KEY] if config.shared_gate else gates[layer_key(index)]
-        logits = gate(hidden.reshape(-1, hidden.shape[-1]))
-        nonfinite = check_routing_scores(logits, config.nonfinite_routing, f"MoLEx adapter {adapter!r}, layer {index}")
-        return decide(
-            logits,
-            self._plans[adapter].candidate_masks[index].to(logits.device),
-            config.routing,
-            (hidden.shape[0], hidden.shape[1]),
-            self.routing_context.flat_mask(hidden.shape),
-            nonfinite,
-            index,
-            self.routing_context,
-        )
-
-    def _expert_outputs(self, index, call: BlockCall, decision: MoLExDecision, experts, own_hidden, expert_state):
-        """``u_j`` per token: the output of the expert layer it chose (its own output where it chose block ``index``).
-
-        One pass per layer of ``experts`` (the distinct chosen layers; with sharded blocks, those of every process);
-        with per-sequence choices, a layer only runs on the rows that chose it.
-        """
-        batch, seq = call.hidden.shape[0], call.hidden.shape[1]
-        other = own_hidden
-        layers = self.layer_stack.layers
-        for j in experts:
-            if j == index:
-                continue
-            # block j's own forward, past its hooks (it is no layer of this forward), but with its FSDP shards gathered
-            expert_forward = fsdp_gathered(layers[j], self._original_forward(j))
-            rows = None if decision.row_choice is None else decision.row_choice == j
-            if expert_state is not None:
-                out_j = self._run_expert_with_cache(expert_forward, j, call, expert_state)
-            elif rows is not None and 0 < int(rows.sum()) < batch:
-                out_j = _run_on_rows(expert_forward, call.hidden, call.without_cache(), rows)
-                other = torch.where(rows.view(batch, 1, 1), out_j, other)
-                continue
-            else:
-                out_j = _first(expert_forward(call.hidden, **call.without_cache()))
-            selected = (decision.chosen == j).view(batch, seq, 1)
-            other = torch.where(selected, out_j.to(other.dtype), other)
-        return other
-
-    def _combine(self, adapter: str, index: int, own_hidden, other, decision: MoLExDecision, experts: list[int]):
-        """``(α·u_i + (1−α)·u_j, α)``; tokens on the base path keep ``u_i`` exactly."""
-        config: MoLExConfig = self.peft_config[adapter]
-        batch, seq = own_hidden.shape[0], own_hidden.shape[1]
-        if config.learn_alpha:
-            alpha = self.molex_alpha[adapter](index)
-        else:
-            alpha = torch.tensor(self._plans[adapter].alpha, device=own_hidden.device)
-        mixes = any(j != index for j in experts)
-        if config.straight_through_gate:
-            # forward value unchanged (ratio 1), gradient of the chosen probability reaches the gate
-            chosen_prob = decision.probs.gather(1, decision.chosen[:, None])
-            detached = chosen_prob.detach()
-            ratio = torch.where(detached > 0, chosen_prob / detached.clamp_min(1e-30), torch.ones_like(detached))
-            other = other * ratio.view(batch, seq, 1).to(other.dtype)
-            mixes = True
-        if not mixes:
-            # every token chose its own layer: α·u_i + (1−α)·u_i is u_i, computed once
-            return own_hidden, alpha
-        alpha_cast = alpha.to(own_hidden.dtype)
-        mixed = alpha_cast * own_hidden + (1 - alpha_cast) * other
-        return torch.where(decision.base_path.view(batch, seq, 1), own_hidden, mixed), alpha
-
-    def _record(self, adapter: str, index: int, decision: MoLExDecision, alpha: torch.Tensor) -> None:
-        """Keep this layer's statistics in this thread's forward context (published last: gradient-checkpoint
-        recomputation may stop part-way through a forward)."""
-        config: MoLExConfig = self.peft_config[adapter]
-        prob_sums, counts, num_tokens = layer_statistics(decision)
-        if config.routing == "batch_vote":
-            chosen: int | list[int] = decision.experts[0]
-        elif config.routing == "sequence":
-            chosen = decision.row_choice.tolist()
-        else:
-            chosen = [j for j in decision.experts if counts[j] > 0]
-        record = LayerRecord(
-            prob_sums=prob_sums,
-            counts=counts,
-            num_tokens=num_tokens,
-            num_candidates=len(self._plans[adapter].candidates[index]),
-            alpha=float(alpha.detach()),
-            chosen=chosen,
-            base_path=decision.base_path,
-        )
-        records = self._records
-        records[adapter] = {**records.get(adapter, {}), index: record}
-
-    @staticmethod
-    def _run_expert_with_cache(expert_forward, j: int, call: BlockCall, state) -> torch.Tensor:
-        """Block j on the call's input with its own side-cache slot, after catching up on positions it has not seen."""
-        expert_kwargs = call.with_cache(state.cache)
-        seen = state.cache.get_seq_length(j)
-        if seen < state.past_length:
-            caught = state.catch_up_kwargs(seen, state.past_length, expert_kwargs)
-            expert_forward(state.inputs[:, seen:], **caught)
-        return _first(expert_forward(call.hidden, **expert_kwargs))
-
     # ------------------------------------------------------------------ generation
 
     def _needs_uncached_generation(self) -> bool:
@@ -419,24 +277,3 @@ def _placed(module: nn.Module, reference: torch.Tensor, training: bool) -> nn.Mo
     if not any(p.device.type == "meta" for p in module.parameters()):
         module.to(device=reference.device)
     return module.train(training)
-
-
-def _first(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _run_on_rows(forward, hidden: torch.Tensor, kwargs: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:
-    """Run ``forward`` on the selected sequences only and scatter back (other rows: zeros, overwritten by caller)."""
-    batch = hidden.shape[0]
-    index = rows.nonzero().squeeze(-1)
-
-    def select(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == batch:
-            return value.index_select(0, index)
-        if isinstance(value, tuple):
-            return tuple(select(v) for v in value)
-        return value
-
-    out = _first(forward(hidden.index_select(0, index), **{k: select(v) for k, v in kwargs.items()}))
-    full = torch.zeros_like(hidden, dtype=out.dtype)
-    return full.index_copy(0, index, out)
