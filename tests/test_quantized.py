@@ -340,7 +340,16 @@ def test_a_4bit_layer_that_bitsandbytes_repacked_for_cpu_inference_is_copied_exa
         base(**batch(left_pad=0))  # the first no-grad eval forward repacks 4-bit weights for the CPU kernel
     linear = base.model.layers[1].self_attn.q_proj
     if not getattr(linear.weight.quant_state, "packing_format_for_cpu", False):
-        pytest.skip("bitsandbytes did not repack the 4-bit weights for CPU inference on this machine (no AVX512-BF16)")
+        # No AVX512-BF16 here, so bitsandbytes kept the standard layout. Repack with the function its forward calls
+        # (pure torch), so that the case is tested on every machine and not only where the kernel exists.
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu
+        from bitsandbytes.nn import Linear4bit
+
+        for module in base.modules():
+            if isinstance(module, Linear4bit):
+                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu(
+                    module.weight.data, module.weight.quant_state
+                )
     # the repacking rounds the block scales to bf16: equal up to that rounding
     expected = dequantized_weight(fresh_base.model.layers[1].self_attn.q_proj, torch.float32)
     torch.testing.assert_close(dequantized_weight(linear, torch.float32), expected, rtol=1e-2, atol=1e-3)
