@@ -22,7 +22,7 @@ import torch
 from allocation_guard import allocation_counter
 from hub_cases import BASE_ID, METHODS, adapted, fresh_copy, inputs, method_configs, tiny_base
 from huggingface_hub import HfApi, ModelCard, constants
-from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
+from peft import AutoPeftModel, AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
@@ -579,24 +579,42 @@ def test_loading_without_the_plugin_fails_with_the_method_name(tmp_path):
     assert "KeyError: 'MOLA'" in card and "`import peft_depth` must come first" in card
 
 
-def test_no_code_from_the_adapter_folder_is_executed(tmp_path):
-    """Python files and an auto_map in a downloaded adapter are never imported (peft's import allowlist, our loader
-    reading only JSON and safetensors)."""
+def test_no_code_from_the_adapter_folder_is_executed(tmp_path, monkeypatch):
+    """Python files and auto_maps in a downloaded adapter are never imported, and nobody is asked at a prompt whether
+    to run them (transformers asks on the terminal when ``trust_remote_code`` is left unset). The folder is on
+    ``sys.path`` and the base loads from disk, so any import of the planted modules would run them."""
     model, pristine, path = _saved(tmp_path, "mola")
+    base_dir = tmp_path / "base"
+    pristine.save_pretrained(base_dir)
     marker = tmp_path / "executed"
     for name in ("modeling_evil.py", "tokenization_evil.py", "peft_depth_plugin.py"):
-        (path / name).write_text(f"open({str(marker)!r}, 'w').write('pwned')\n")
+        (path / name).write_text(
+            f"open({str(marker)!r}, 'w').write('pwned')\nclass EvilModel: pass\nclass EvilTokenizer: pass\n"
+        )
     (path / "tokenizer_config.json").write_text(
         json.dumps({"auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}})
     )
     config = json.loads((path / "adapter_config.json").read_text())
     config["auto_mapping"] = {"base_model_class": "EvilModel", "parent_library": "modeling_evil"}
+    config["base_model_name_or_path"] = str(base_dir)
     (path / "adapter_config.json").write_text(json.dumps(config))
-    loaded = PeftModel.from_pretrained(pristine, path).eval()
+    monkeypatch.syspath_prepend(str(path))
+
+    prompts = []  # transformers turns any error of the prompt into its refusal, so the prompt answers "no"
+    monkeypatch.setattr("builtins.input", lambda *args: prompts.append(args) or "n")
+    loaded = PeftModel.from_pretrained(fresh_copy(pristine), path).eval()
     assert torch.equal(_logits(loaded, inputs()), _logits(model, inputs()))
-    with pytest.raises(Exception):  # noqa: B017 - any refusal is fine; what matters is that nothing ran
+    # the tokenizer's auto_map is refused (remote code is off unless the caller turns it on)
+    with pytest.raises(ValueError, match="trust_remote_code"):
         AutoPeftModelForCausalLM.from_pretrained(path)
+    # without a task type, AutoPeftModel would import auto_mapping's library: peft's allowlist refuses it
+    (path / "tokenizer_config.json").unlink()
+    config["task_type"] = None
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="not in the import allowlist"):
+        AutoPeftModel.from_pretrained(path)
     assert not marker.exists()
+    assert not prompts, f"the load asked at a prompt whether to run the folder's code: {prompts}"
 
 
 # ---------------------------------------------------------------------------------------------------- versioning

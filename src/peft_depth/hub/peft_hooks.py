@@ -370,10 +370,13 @@ def _check_tokenizer_fits_base(adapter_path: str, peft_config: PeftConfig, kwarg
 
     if not os.path.isfile(os.path.join(adapter_path, TOKENIZER_CONFIG_NAME)):
         return
-    tokenizer_size = len(AutoTokenizer.from_pretrained(adapter_path))
+    # As peft's own tokenizer load: remote code only when the caller asked for it. Left at None, transformers would
+    # ask on the terminal whether to run the adapter folder's tokenizer code.
+    trust_remote_code = kwargs.get("trust_remote_code", False)
+    tokenizer_size = len(AutoTokenizer.from_pretrained(adapter_path, trust_remote_code=trust_remote_code))
     base_path = peft_config.base_model_name_or_path
     base_config = AutoConfig.from_pretrained(
-        base_path, revision=peft_config.revision, trust_remote_code=kwargs.get("trust_remote_code", False)
+        base_path, revision=peft_config.revision, trust_remote_code=trust_remote_code
     )
     text_config = base_config.get_text_config() if hasattr(base_config, "get_text_config") else base_config
     vocab_size = getattr(text_config, "vocab_size", None)
