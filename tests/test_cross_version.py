@@ -4,14 +4,18 @@
 the other set's interpreter; run alone, the other interpreter is this one (still a separate, fresh process).
 """
 
+import importlib.metadata
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from cross_version import check, save
 
 TESTS = Path(__file__).parent
+# the packages whose versions the two dependency sets differ in (constraints/floor.txt)
+VERSIONED = ("transformers", "peft", "trl", "accelerate", "huggingface-hub", "datasets")
 
 
 def _run_other(command: str, folder: Path) -> subprocess.CompletedProcess:
@@ -37,3 +41,16 @@ def test_adapters_saved_in_the_other_set_load_here_with_identical_logits(tmp_pat
     result = _run_other("save", tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert check(tmp_path) == []
+
+
+def test_the_other_interpreter_is_another_dependency_set():
+    """Under scripts/test.sh the two tests above cross dependency sets only if the other interpreter really has other
+    versions; a misconfigured PEFT_DEPTH_CROSS_PYTHON would turn them into same-version round trips unnoticed."""
+    other = os.environ.get("PEFT_DEPTH_CROSS_PYTHON")
+    if not other:
+        pytest.skip("PEFT_DEPTH_CROSS_PYTHON is unset: the tests above load in a fresh process of this interpreter")
+    code = f"import importlib.metadata as m; print([m.version(p) for p in {VERSIONED!r}])"
+    result = subprocess.run([other, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    here = [importlib.metadata.version(p) for p in VERSIONED]
+    assert result.stdout.strip() != str(here), f"{other} has the same versions as this interpreter: {here}"

@@ -148,20 +148,23 @@ def _edit_config(**changes):
     return edit
 
 
+# (corruption, the refusal): a missing tensor is found after the new layers were built and the stack rewired (the
+# rollback case); the two config errors are found before anything is built.
 CORRUPTIONS = {
-    "missing_tensor": _drop_a_new_layer_tensor,
-    "unknown_zero_out_module": _edit_config(zero_out_modules=["no_such_proj"]),
-    "expansion_beyond_the_depth": _edit_config(expansion=[0, 5]),
+    "missing_tensor": (_drop_a_new_layer_tensor, "1 missing key"),
+    "unknown_zero_out_module": (_edit_config(zero_out_modules=["no_such_proj"]), "`zero_out_modules`"),
+    "expansion_beyond_the_depth": (_edit_config(expansion=[0, 5]), r"`expansion` lists source layers \[5\]"),
 }
 
 
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
 def test_a_failed_load_leaves_the_base_as_it_was(tmp_path, corruption):
     get_peft_model(tiny_llama(), DLOConfig(task_type="CAUSAL_LM", expand_every=2)).save_pretrained(tmp_path)
-    CORRUPTIONS[corruption](tmp_path)
+    corrupt, refusal = CORRUPTIONS[corruption]
+    corrupt(tmp_path)
     base = tiny_llama().eval()
     before = base_snapshot(base)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=refusal):
         PeftModel.from_pretrained(base, tmp_path)
     assert_same_base(before, base_snapshot(base))
 

@@ -79,7 +79,8 @@ def test_failed_from_pretrained_leaves_the_base_exactly_as_it_was(tmp_path, meth
     base = fresh_copy(pristine)
     handle = base.model.layers[0].register_forward_hook(lambda *a: None)  # a caller's own hook survives and removes
     before = fingerprint(base)
-    with pytest.raises(ValueError):
+    # refused at the weight check, after the adapter was injected: what is tested is the rollback of the injection
+    with pytest.raises(ValueError, match={"missing": "1 missing key", "nan": "NaN or infinite values"}[how]):
         PeftModel.from_pretrained(base, bad)
     assert_same(before, fingerprint(base))
     # the retry on the very same object is exactly the adapter
@@ -96,7 +97,7 @@ def test_failed_load_adapter_leaves_the_peft_model_exactly_as_it_was(tmp_path, m
     model, _ = adapted(method, base=fresh_copy(pristine), seed=1)
     before = fingerprint(model)
     configs_before = list(model.peft_config)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="1 missing key"):  # after the adapter 'other' was injected
         model.load_adapter(good, adapter_name="other")
     assert list(model.peft_config) == configs_before
     assert_same(before, fingerprint(model))

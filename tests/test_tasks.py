@@ -52,6 +52,12 @@ def test_predictions_equal_one_example_at_a_time_for_any_batch_size():
 
 def test_scoring_keeps_the_model_mode_and_builds_no_graph():
     model, tokenizer = tiny_llama().train(), word_tokenizer()
+    forwards = []  # (training, grad enabled, logits carry a graph) at every scoring forward
+    model.register_forward_hook(
+        lambda module, args, output: forwards.append(
+            (module.training, torch.is_grad_enabled(), output.logits.requires_grad)
+        )
+    )
     multiple_choice_predictions(model, tokenizer, _examples(4, seed=1))
-    assert model.training
-    assert all(p.grad is None for p in model.parameters())
+    assert forwards and all(seen == (False, False, False) for seen in forwards), forwards  # eval mode, no graph
+    assert model.training  # the caller's mode is back
