@@ -13,6 +13,7 @@ from training_checks import assert_same_loss_and_gradients, backward_once, train
 import peft_depth
 from peft_depth import MoLAConfig
 from peft_depth.core.config import CONFIG_FORMAT_VERSION
+from peft_depth.core.routing import route_top_k
 from peft_depth.tuners.mola import MoLALinear
 from peft_depth.tuners.mola.config import expand_expert_pattern
 
@@ -332,11 +333,23 @@ def test_generate_with_cache_equals_without():
     assert torch.equal(with_cache, without)
 
 
-def test_bf16_model_routes_in_fp32():
+def test_bf16_model_routes_in_fp32(monkeypatch):
+    from peft_depth.tuners.mola import layer as mola_layer
+
+    decisions = []
+
+    def recording_route(logits, top_k):
+        decision = route_top_k(logits, top_k)
+        decisions.append((logits.dtype, decision.probs.dtype, decision.gates.dtype))
+        return decision
+
+    monkeypatch.setattr(mola_layer, "route_top_k", recording_route)
     model = mola(tiny_llama().to(torch.bfloat16), num_experts=4, top_k=2, init_lora_weights=False)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.mola_A["default"].dtype == torch.float32  # peft autocasts adapter weights up
     out = model(**batch())
+    # every router of the bf16 model turns its scores into float32 probabilities and mixing weights
+    assert decisions and all(probs == gates == torch.float32 for _, probs, gates in decisions), decisions
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
     assert torch.isfinite(peft_depth.aux_losses(model)["routing"])
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hub_cases import METHODS, adapted
+from hub_cases import METHODS, adapted, perturb_adapter
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, pipeline
 
@@ -27,9 +27,18 @@ def _greedy_text(model, tokenizer) -> str:
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
+def _adapted_with_other_text(method: str):
+    """An adapted model whose greedy text differs from the base's, so that a pipeline that ran the base is seen
+    (the common 0.05 perturbation leaves MoD's four greedy tokens as the base's)."""
+    model, pristine = adapted(method)
+    perturb_adapter(model, seed=1, scale=0.5)
+    assert _greedy_text(model, _tokenizer()) != _greedy_text(pristine, _tokenizer())
+    return model, pristine
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_pipeline_accepts_a_depth_peft_model(method):
-    model, _ = adapted(method)
+    model, _ = _adapted_with_other_text(method)
     tokenizer = _tokenizer()
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
     text = generator(PROMPT, max_new_tokens=4, do_sample=False)[0]["generated_text"]
@@ -38,7 +47,7 @@ def test_pipeline_accepts_a_depth_peft_model(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_pipeline_from_an_adapter_folder_works_or_names_peft_model_from_pretrained(tmp_path, method):
-    model, pristine = adapted(method)
+    model, pristine = _adapted_with_other_text(method)
     tokenizer = _tokenizer()
     pristine.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")

@@ -21,7 +21,7 @@ from tiny_models import batch, tiny_llama
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import peft_depth
-from peft_depth.core.quantization import dequantized_weight, is_quantized_linear
+from peft_depth.core.quantization import dequantized_weight, floating_dtype, is_quantized_linear
 from peft_depth.trainer import set_training_step
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -324,6 +324,9 @@ def test_dlo_new_layers_are_dequantized_copies(bases, kind):
                 assert is_quantized_linear(original)
                 # trained in full, in float32 (peft's autocast of adapter weights), from the dequantized weights
                 assert linear.weight.dtype == torch.float32 and linear.weight.requires_grad
+                # exactly the dequantized weight, in the dtype the block computes in (int8's scales round there)
+                computes_in = floating_dtype(source)
+                assert torch.equal(linear.weight.detach(), dequantized_weight(original, computes_in).float())
                 # the copy computes what the quantized linear computes (4-bit kernels in bf16: bf16 tolerance)
                 original.train()  # bitsandbytes' CPU inference repacking is exercised separately below
                 hidden = torch.randn(2, 5, linear.in_features, generator=generator).to(torch.bfloat16)
