@@ -186,17 +186,14 @@ def test_user_written_card_is_kept_and_only_gains_metadata(tmp_path):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_transformers_add_and_load_adapter_work_or_are_refused(tmp_path, method):
-    """transformers' model.load_adapter / add_adapter go through peft's inject_adapter_in_model, which drops the tuner:
-    MoLA (all weights in its layers) loads exactly; methods with tuner-level weights are refused with the way out,
-    instead of silently running the base model."""
-    model, pristine = _saved(tmp_path, method)[:2]
-    expected = _logits(model, inputs())
-    if method == "mola":
-        pristine.load_adapter(str(tmp_path / method))
-        assert torch.equal(_logits(pristine.eval(), inputs()), expected)
-        return
-    with pytest.raises(ValueError, match=r"keeps adapter weights on the tuner.*PeftModel\.from_pretrained"):
+def test_transformers_add_and_load_adapter_are_refused_before_touching_the_model(tmp_path, method):
+    """transformers' model.load_adapter loads weights with its own loader (no peft-depth check: pickles read, missing
+    keys logged, extra keys written into the base); add_adapter goes through peft's inject_adapter_in_model, which
+    drops the tuner. Each is refused with the way out, and the model is left as it was."""
+    _saved(tmp_path, method)
+    pristine = tiny_base()
+    before = {k: v.clone() for k, v in pristine.state_dict().items()}
+    with pytest.raises(ValueError, match=r"runs none of peft-depth's load checks.*PeftModel\.from_pretrained"):
         pristine.load_adapter(str(tmp_path / method))
     # transformers' add_adapter checks peft against its own minimum first (0.22 from transformers 5.24, when peft
     # 0.22 was not yet released): below it transformers refuses, for plain LoRA too; above it the refusal is ours.
@@ -204,12 +201,32 @@ def test_transformers_add_and_load_adapter_work_or_are_refused(tmp_path, method)
     from transformers.integrations.peft import MIN_PEFT_VERSION
 
     ours = Version(peft.__version__) >= Version(MIN_PEFT_VERSION)
-    with pytest.raises(ValueError, match=r"get_peft_model" if ours else r"PEFT you are using is not compatible"):
-        pristine.add_adapter(method_configs()[method])
-    # the path add_adapter takes once peft is new enough, reached directly: our refusal, whatever the versions
-    with pytest.raises(ValueError, match=r"keeps adapter weights on the tuner.*get_peft_model"):
-        peft.inject_adapter_in_model(method_configs()[method], pristine)
+    if method != "mola":  # MoLA keeps every weight in its layers: adding it empty is allowed
+        with pytest.raises(ValueError, match=r"get_peft_model" if ours else r"PEFT you are using is not compatible"):
+            pristine.add_adapter(method_configs()[method])
+        # the path add_adapter takes once peft is new enough, reached directly: our refusal, whatever the versions
+        with pytest.raises(ValueError, match=r"keeps adapter weights on the tuner.*get_peft_model"):
+            peft.inject_adapter_in_model(method_configs()[method], pristine)
     assert not any(isinstance(m, BaseTunerLayer) for m in pristine.modules())  # refused before any injection
+    assert pristine.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in pristine.state_dict().items())
+
+
+def test_an_adapter_file_cannot_write_base_weights_through_transformers_load_adapter(tmp_path):
+    """The attack the refusal above closes: a MoLA file with extra keys used to overwrite lm_head and the final norm
+    through transformers' loader (peft-depth's own loader refuses the unexpected keys)."""
+    model, pristine, path = _saved(tmp_path, "mola")
+    weights = load_file(path / "adapter_model.safetensors")
+    weights["base_model.model.lm_head.weight"] = torch.zeros_like(pristine.lm_head.weight)
+    weights["base_model.model.model.norm.weight"] = torch.full_like(pristine.model.norm.weight, 7.0)
+    save_file(weights, path / "adapter_model.safetensors")
+    base = fresh_copy(pristine)
+    with pytest.raises(ValueError, match="runs none of peft-depth's load checks"):
+        base.load_adapter(str(path))
+    with pytest.raises(ValueError, match="2 unexpected key"):
+        PeftModel.from_pretrained(base, path)
+    assert torch.equal(base.lm_head.weight, pristine.lm_head.weight)
+    assert torch.equal(base.model.norm.weight, pristine.model.norm.weight)
 
 
 def test_other_peft_methods_are_untouched(tmp_path):

@@ -21,7 +21,9 @@ For peft-depth adapters:
   refused for methods that keep state on the tuner (MoLEx gates, MoD ensembles, DLO new layers and routers), as
   peft refuses its own ``shadow``: the function keeps only the model and drops the tuner, so those weights would be
   neither trained, saved nor loaded (transformers' ``load_adapter`` then ran the base model with a load report).
-  MoLA, whose weights all live in its layers, goes through.
+  MoLA, whose weights all live in its layers, goes through ``add_adapter``, but not transformers' ``load_adapter``
+  (marked by a wrapper of ``PeftAdapterMixin.load_adapter``): transformers loads the weights with its own loader,
+  which reads pickles, only logs missing keys and writes a file's extra keys into the base model.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ __all__ = ["install", "is_depth_adapter_source", "resolve_safetensors_file"]
 
 #: Keys of the weights the last peft-depth load read (set by load_peft_weights, consumed by load_adapter).
 _LAST_LOADED = threading.local()
+#: ``depth``: how many of transformers' ``load_adapter`` calls are in progress on this thread.
+_TRANSFORMERS_LOAD = threading.local()
 #: ``(peft_model, adapter_name)`` of the load_adapter call in progress on this thread (its weights file is checked
 #: against that adapter's own keys before any tensor is read).
 _LOAD_TARGET = threading.local()
@@ -403,9 +407,34 @@ def _wrap_auto_from_pretrained(original: Any) -> Any:
     return _mark(classmethod(from_pretrained))
 
 
+def _wrap_transformers_load_adapter(original: Any) -> Any:
+    """Mark transformers' ``load_adapter`` (also behind ``AutoModel*.from_pretrained(adapter_dir)`` and
+    ``pipeline(model=adapter_dir)``) as in progress on this thread, for ``inject_adapter_in_model`` to refuse."""
+
+    @functools.wraps(original)
+    def load_adapter(self: Any, *args: Any, **kwargs: Any) -> Any:
+        depth = getattr(_TRANSFORMERS_LOAD, "depth", 0)
+        _TRANSFORMERS_LOAD.depth = depth + 1
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _TRANSFORMERS_LOAD.depth = depth
+
+    return _mark(load_adapter)
+
+
 def _wrap_inject_adapter_in_model(original: Any) -> Any:
     @functools.wraps(original)
     def inject_adapter_in_model(peft_config: PeftConfig, model: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(peft_config, DepthPeftConfig) and getattr(_TRANSFORMERS_LOAD, "depth", 0):
+            # Refused before the injection, so the caller's model is untouched.
+            raise ValueError(
+                f"transformers' `load_adapter` (also used by `AutoModel*.from_pretrained(adapter_dir)` and "
+                f"`pipeline(model=adapter_dir)`) reads a {type(peft_config).__name__} adapter's weights with its own "
+                "loader, which runs none of peft-depth's load checks: it reads `adapter_model.bin` pickles, only "
+                "logs missing keys, and lets extra keys in the file overwrite base weights such as `lm_head`. Load "
+                "it with `PeftModel.from_pretrained(model, path)` (a pipeline accepts the PeftModel it returns)."
+            )
         if isinstance(peft_config, DepthPeftConfig):
             from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
@@ -443,6 +472,10 @@ def install() -> None:
         _BaseAutoPeftModel.from_pretrained = _wrap_auto_from_pretrained(_BaseAutoPeftModel.__dict__["from_pretrained"])
     if not getattr(peft.peft_model.load_peft_weights, "_peft_depth_hook", False):
         peft.peft_model.load_peft_weights = _wrap_load_peft_weights(peft.peft_model.load_peft_weights)
+    from transformers.integrations.peft import PeftAdapterMixin
+
+    if not getattr(PeftAdapterMixin.load_adapter, "_peft_depth_hook", False):
+        PeftAdapterMixin.load_adapter = _wrap_transformers_load_adapter(PeftAdapterMixin.load_adapter)
     # transformers imports it from the package at call time; direct users may import it from peft.mapping
     for owner in (peft, peft.mapping):
         if not getattr(owner.inject_adapter_in_model, "_peft_depth_hook", False):
