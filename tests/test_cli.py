@@ -531,3 +531,51 @@ def test_analyze_smollm2_final_lens_is_the_model_loss(capsys, tmp_path):
     assert report["counts"]["lens_positions"] == count
     assert report["layers"]["lens_loss"][-1] == pytest.approx(total / count, rel=1e-4)
     assert report["counts"]["layers"] == 30 and len(report["suggestions"]["mola"]["num_experts_per_layer"]) == 30
+
+
+@pytest.mark.parametrize(
+    "planted, refused",
+    [("tokenizer_with_a_local_class", False), ("tokenizer_code_only", True), ("base_code_only", True)],
+)
+def test_inspect_never_runs_or_asks_about_code_from_a_downloaded_folder(
+    workspace, capsys, tmp_path, monkeypatch, planted, refused
+):
+    """`inspect` reads the adapter's tokenizer (when it ships one) and the base its config names. A stranger's auto_map
+    there is never imported and nobody is asked at a prompt whether to run it (transformers asks on the terminal
+    when trust_remote_code is left unset and no library class fits): a folder with a library class loads with it,
+    one with code only is refused in one line."""
+    base_dir = tmp_path / "base"
+    shutil.copytree(workspace["model"], base_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), _method_configs()["mola"])
+    adapter_dir = tmp_path / "adapter"
+    model.save_pretrained(adapter_dir)
+    marker = tmp_path / "executed"
+    folder = base_dir if planted == "base_code_only" else adapter_dir
+    (folder / "evil_code.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\nclass Evil: pass\n")
+    tokenizer_auto_map = {"auto_map": {"AutoTokenizer": ["evil_code.Evil", None]}}
+    if planted == "tokenizer_with_a_local_class":
+        _tokenizer().save_pretrained(adapter_dir)
+        config = json.loads((adapter_dir / "tokenizer_config.json").read_text())
+        (adapter_dir / "tokenizer_config.json").write_text(json.dumps({**config, **tokenizer_auto_map}))
+    elif planted == "tokenizer_code_only":
+        (adapter_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_auto_map))
+    else:
+        config = json.loads((base_dir / "config.json").read_text())
+        config.update(model_type="evil-arch", auto_map={"AutoConfig": "evil_code.Evil"})
+        (base_dir / "config.json").write_text(json.dumps(config))
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = str(base_dir)
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(adapter_config))
+    monkeypatch.syspath_prepend(str(folder))
+    prompts = []  # transformers turns any error of the prompt into its refusal, so the prompt answers "no"
+    monkeypatch.setattr("builtins.input", lambda *args: prompts.append(args) or "n")
+
+    argv = ["inspect", adapter_dir, "--dataset", workspace["data"], "--output-dir", tmp_path / "out", "--quiet"]
+    code, _, stderr = _run_cli(argv, capsys)
+    if refused:
+        assert code == 1 and "contains custom code" in stderr, stderr
+        assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, stderr
+    else:
+        assert code == 0, stderr
+    assert not prompts, f"inspect asked at a prompt whether to run the folder's code: {prompts}"
+    assert not marker.exists()

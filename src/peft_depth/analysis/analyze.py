@@ -58,7 +58,8 @@ def load_causal_lm(model_path: str, device: str):
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        # a folder may come from an adapter config written by a stranger: its code never runs, nor is asked about
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, trust_remote_code=False)
     except Exception as error:
         raise AnalysisError(f"Could not load a causal LM from {model_path!r}: {_first_line(error)}") from None
     return model.to(device).eval()

@@ -110,7 +110,7 @@ def load_tokenizer(model_path: str, tokenizer: str | None = None):
             )
         raise AnalysisError(f"No tokenizer files in {source!r} (given with --tokenizer).")
     try:
-        loaded = AutoTokenizer.from_pretrained(source)
+        loaded = AutoTokenizer.from_pretrained(source, trust_remote_code=False)  # an adapter folder's code never runs
     except Exception as error:
         flag = "" if tokenizer is not None else "; pass a working one with --tokenizer PATH"
         raise AnalysisError(f"Could not load the tokenizer from {source!r} ({_first_line(error)}){flag}.") from None
