@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import peft_depth
 from peft_depth import DepthSFTConfig
 from peft_depth.core.aux import raw_aux_losses
 from peft_depth.trainer import routing_health
-from peft_depth.trainer.hooks import depth_tuners
+from peft_depth.trainer.hooks import depth_tuners, weighted_aux_terms
 
 METHODS = method_configs()
 
@@ -229,6 +230,45 @@ def test_full_logits_path_gives_the_fused_head_gradients(tmp_path):
     assert logits_log["mean_token_accuracy"] == pytest.approx(fused_log["mean_token_accuracy"])
     for name in fused:
         torch.testing.assert_close(via_logits[name], fused[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def _token_mean_nll(outputs, labels, num_items_in_batch=None):
+    logits, targets = outputs.logits[:, :-1].float(), labels[:, 1:]
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+@pytest.mark.parametrize("method", ["mola", "dlo"])
+@pytest.mark.parametrize("setting", ["label_smoothing", "compute_loss_func"])
+def test_a_loss_from_full_logits_keeps_the_auxiliary_losses_of_its_own_forward(setting, method, tmp_path):
+    """With label smoothing or a compute_loss_func, SFTTrainer computes the loss from full logits and then runs a
+    second, no-grad forward for its metrics; the balance loss (MoLA) and the router loss (DLO) must come from the
+    forward that carries the gradient, not from that one (they had no gradient, or were missing)."""
+    overrides = {"label_smoothing_factor": 0.1} if setting == "label_smoothing" else {}
+    with warnings.catch_warnings():
+        # TRL 1.16 deprecates label smoothing in SFTTrainer (removal in 2.0): the user's setting, which this test needs
+        warnings.filterwarnings("ignore", message="`label_smoothing_factor` is deprecated", category=FutureWarning)
+        trainer = make_trainer(METHODS[method](), str(tmp_path), max_steps=1, **overrides)
+    if setting == "compute_loss_func":
+        trainer.compute_loss_func = _token_mean_nll
+    model = trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # as Trainer's loop sets it
+    inputs = next(iter(trainer.get_train_dataloader()))
+    torch.manual_seed(0)  # the same dropout masks in both forwards
+    loss = trainer.compute_loss(model, dict(inputs))
+    # the same loss, computed by hand from one forward
+    torch.manual_seed(0)
+    outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
+    if setting == "compute_loss_func":
+        expected = _token_mean_nll(outputs, inputs["labels"])
+    else:
+        expected = trainer.label_smoother(outputs, inputs["labels"], shift_labels=True)
+    terms = weighted_aux_terms(model, trainer._aux_overrides)  # of the forward just above
+    assert terms and all(term.weighted.requires_grad for term in terms.values()), terms
+    expected = expected + sum(term.weighted for term in terms.values())
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for got, want in zip(torch.autograd.grad(loss, trainable), torch.autograd.grad(expected, trainable)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.skipif("mod" not in METHODS, reason="MoD not present")

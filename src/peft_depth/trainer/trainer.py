@@ -163,7 +163,7 @@ class DepthSFTTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        if needs_full_logits(self.model):
+        if needs_full_logits(self.model) or (self._has_depth_tuners and self._loss_from_logits()):
             lm_loss = self._logits_path_loss(model, inputs, num_items_in_batch, mode)
         else:
             # The loss only: with return_outputs, SFTTrainer runs an extra no-grad forward for the logits, which
@@ -191,29 +191,46 @@ class DepthSFTTrainer(SFTTrainer):
             return loss, outputs
         return loss
 
-    def _logits_path_loss(self, model, inputs, num_items_in_batch, mode: str) -> torch.Tensor:
-        """The LM loss through the model's own LM head, for adapters that must see full logits.
+    def _loss_from_logits(self) -> bool:
+        """Whether SFTTrainer computes this loss from full logits (a ``compute_loss_func``, or label smoothing with
+        ``loss_type="nll"``). It then runs a second, no-grad forward with its fused head for its metrics, and the
+        depth adapters' records (balance losses, DLO's router labels) would be read from that forward: without a
+        gradient, or missing. So for depth adapters the loss is computed here, from one forward."""
+        smoothed = self.label_smoother is not None and self.args.loss_type == "nll"
+        return self.compute_loss_func is not None or smoothed
 
-        TRL's fused LM head never materialises logits, so an adapter that transforms them (MoD's ``mix_space=
-        "log_probs"``) cannot run under it. This is SFTTrainer's token-mean NLL computed from ``logits`` instead of
-        ``log_probs``, with the same normalisation (``num_items_in_batch``, tokens of every process).
+    def _logits_path_loss(self, model, inputs, num_items_in_batch, mode: str) -> torch.Tensor:
+        """The LM loss through the model's own LM head, in one forward whose records the auxiliary losses read.
+
+        Used for adapters that must see full logits (TRL's fused LM head never materialises them, so an adapter that
+        transforms them, MoD's ``mix_space="log_probs"``, cannot run under it) and for losses SFTTrainer computes
+        from full logits (``_loss_from_logits``). Without a custom loss this is SFTTrainer's token-mean NLL from
+        ``logits`` instead of ``log_probs``; otherwise SFTTrainer's ``compute_loss_func`` or label smoother on this
+        forward's outputs. The normalisation is SFTTrainer's (``num_items_in_batch``, tokens of every process).
         """
-        if self.args.loss_type != "nll" or self.label_smoother is not None or self.compute_loss_func is not None:
+        custom = self._loss_from_logits()
+        if self.args.loss_type != "nll" and not custom:
             raise ValueError(
-                "An active adapter needs the full-logits forward (e.g. MoD with mix_space='log_probs'), which "
-                "DepthSFTTrainer supports with loss_type='nll', no label smoothing and no compute_loss_func only."
+                f"An active adapter needs the full-logits forward (e.g. MoD with mix_space='log_probs'), which "
+                f"DepthSFTTrainer supports with loss_type='nll' (or a compute_loss_func), not {self.args.loss_type!r}."
             )
         labels = inputs["labels"]
         logits_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "fused_lm_head")}
         logits_inputs["use_cache"] = False
-        logits = model(**logits_inputs).logits[:, :-1]
+        outputs = model(**logits_inputs)
+        logits = outputs.logits[:, :-1]
         targets = labels[:, 1:].to(logits.device)
-        per_token = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none"
-        )
         mask = targets.flatten() != -100
-        num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = per_token.sum() / torch.as_tensor(num_tokens, device=per_token.device).clamp(min=1)
+        if self.compute_loss_func is not None:
+            loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
+        elif custom:
+            loss = self.label_smoother(outputs, labels, shift_labels=True, num_items_in_batch=num_items_in_batch)
+        else:
+            per_token = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none"
+            )
+            num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = per_token.sum() / torch.as_tensor(num_tokens, device=per_token.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         with torch.no_grad():
