@@ -14,7 +14,7 @@ import pytest
 import torch
 from allocation_guard import allocation_counter
 from hub_cases import METHODS, adapted, fresh_copy, method_configs, tiny_base
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 BATCH = {"input_ids": torch.tensor([[3, 5, 7, 9, 11], [2, 4, 6, 8, 10]]), "attention_mask": torch.ones(2, 5)}
@@ -88,6 +88,28 @@ def test_failed_from_pretrained_leaves_the_base_exactly_as_it_was(tmp_path, meth
     assert torch.equal(_logits(retried), expected)
     handle.remove()
     assert not any(len(m._forward_hooks) for m in retried.get_base_model().model.layers[0].modules())
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("failure", ["no_target_module", "over_the_allocation_budget"])
+def test_failed_get_peft_model_leaves_the_base_exactly_as_it_was(monkeypatch, method, failure):
+    """get_peft_model edits the caller's model in place (routing hooks, swapped linears, rewired blocks) before
+    peft finds that a target module is missing or the budget stops the build: none of it may stay."""
+    config = method_configs()[method]
+    if failure == "no_target_module":
+        config.target_modules = ["no_such_proj"]
+        message = "no_such_proj"
+    else:
+        monkeypatch.setenv("PEFT_DEPTH_MAX_ADAPTER_BYTES", "64")  # less than any of these adapters
+        message = "would allocate more than"
+    base = tiny_base()
+    handle = base.model.layers[0].register_forward_hook(lambda *a: None)  # a caller's own hook survives
+    before = fingerprint(base)
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(base, config)
+    assert_same(before, fingerprint(base))
+    handle.remove()
+    assert not any(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in base.modules())
 
 
 @pytest.mark.parametrize("method", METHODS)

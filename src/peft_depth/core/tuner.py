@@ -22,6 +22,7 @@ from .layer_stack import LayerStack, find_layer_stack
 from .lora_layer import DepthLoraLayer, DepthLoraLinear
 from .quantization import check_merge_into_quantized
 from .safety import AllocationBudget, adapter_allocation_limit, base_model_facts, check_base_model_facts
+from .snapshot import ModelSnapshot
 from .state_marker import install_state_marker, remove_state_marker
 
 __all__ = ["DepthTuner"]
@@ -51,6 +52,9 @@ def _guard_injection(inject: Callable[..., Any]) -> Callable[..., Any]:
             return inject(self, model, adapter_name, *args, **kwargs)
         refuse_deepspeed_zero3(f"{type(self).__name__} adapter {adapter_name!r}")
         facts = self.__dict__.get("_depth_base_model_facts")
+        # The first injection (get_peft_model, PeftModel.from_pretrained) edits the caller's base model in place: if
+        # it fails, the caller keeps the model exactly as it was (hooks, swapped layers, configs), whatever failed.
+        snapshot = ModelSnapshot(model) if facts is None else None
         if facts is None:
             # First injection: the model is still the pristine base model (DLO changes the depth afterwards).
             facts = self.__dict__["_depth_base_model_facts"] = base_model_facts(model)
@@ -68,6 +72,10 @@ def _guard_injection(inject: Callable[..., Any]) -> Callable[..., Any]:
                 result = inject(self, model, adapter_name, *args, **kwargs)
             install_aux_watch(self)
             return result
+        except BaseException:
+            if snapshot is not None:
+                snapshot.restore()
+            raise
         finally:
             self.__dict__["_depth_injecting"] = False
 
