@@ -287,6 +287,34 @@ def test_push_to_hub_and_load_back_by_repo_id_revision_and_subfolder(local_hub, 
     assert not any(path.endswith(".bin") for _, path in local_hub.requests), "adapter_model.bin must never be fetched"
 
 
+def test_auto_peft_model_from_a_hub_repo_refuses_to_resize_the_base_for_a_larger_tokenizer(
+    local_hub, tmp_path, monkeypatch
+):
+    """As for a local folder (test_load_trust): a repo whose tokenizer is larger than the base's embeddings would
+    make AutoPeftModel give the new tokens random rows."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    # peft asks the Hub for the repo's tokenizer only when HF_HUB_OFFLINE is off in the environment (the stand-in
+    # answers every request; nothing leaves the process)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+
+    base = tiny_base()
+    base.push_to_hub(BASE_ID)
+    model, _ = adapted("mola", base=fresh_copy(base))
+    model.save_pretrained(tmp_path / "adapter")
+    vocab = {f"w{i}": i for i in range(200)}  # the base has 128 embedding rows
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0")))
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    HfApi().create_repo("org/mola-big-tokenizer")
+    HfApi().upload_folder(folder_path=tmp_path / "adapter", repo_id="org/mola-big-tokenizer")
+    # the stand-in lists the repo's tree, which transformers' tokenizer load asks for when online
+    listed = {entry.path for entry in HfApi().list_repo_tree("org/mola-big-tokenizer")}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= listed
+    with pytest.raises(ValueError, match="has 200 tokens but the base model .* has 128 embedding rows"):
+        AutoPeftModelForCausalLM.from_pretrained("org/mola-big-tokenizer")
+
+
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "mola"])
 def test_push_to_hub_round_trip_for_every_method(local_hub, method):
     base = tiny_base()

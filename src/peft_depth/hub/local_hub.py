@@ -13,6 +13,7 @@ Served endpoints (model repos only):
 - ``POST /api/models/{repo}/commit/{rev}`` (NDJSON: header, file, deletedFile)
 - ``POST /api/validate-yaml`` (parses the card's YAML front matter)
 - ``GET /api/models/{repo}`` and ``/api/models/{repo}/revision/{rev}`` (sha and file list)
+- ``GET /api/models/{repo}/tree/{rev}[/{path}]`` (``list_repo_tree``, one page, ``recursive`` honoured)
 - ``HEAD``/``GET /{repo}/resolve/{rev}/{path}`` (``X-Repo-Commit``, ``ETag``, ``Content-Length``; 404s carry the
   Hub's ``X-Error-Code``: RepoNotFound, RevisionNotFound, EntryNotFound)
 """
@@ -141,6 +142,10 @@ class LocalHub:
                     return self._commit(repo_id, revision, request.content)
                 if method == "GET" and action in ("info", "revision"):
                     return self._info(repo_id, revision)
+                if method == "GET" and action == "tree":
+                    tree_revision, _, folder = revision.partition("/")
+                    recursive = request.url.params.get("recursive", "").lower() in ("true", "1")
+                    return self._tree(repo_id, tree_revision or "main", folder, recursive)
             if len(parts) >= 5 and parts[2] == "resolve" and method in ("GET", "HEAD"):
                 repo_id = f"{parts[0]}/{parts[1]}"
                 return self._resolve(repo_id, unquote(parts[3]), unquote("/".join(parts[4:])), method)
@@ -255,6 +260,31 @@ class LocalHub:
             return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
         siblings = [{"rfilename": path} for path in sorted(repo.commits[sha])]
         return httpx2.Response(200, json={"id": repo_id, "modelId": repo_id, "sha": sha, "siblings": siblings})
+
+    def _tree(self, repo_id: str, revision: str, folder: str, recursive: bool) -> httpx2.Response:
+        """``list_repo_tree``: the files and folders under ``folder`` (one page; EntryNotFound for a missing one)."""
+        repo = self._repo_or_error(repo_id)
+        if isinstance(repo, httpx2.Response):
+            return repo
+        sha = repo.resolve(revision)
+        if sha is None:
+            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+        prefix = folder.strip("/") + "/" if folder.strip("/") else ""
+        entries: dict[str, dict[str, Any]] = {}
+        for path, content in sorted(repo.commits[sha].items()):
+            if not path.startswith(prefix):
+                continue
+            parts = path[len(prefix) :].split("/")
+            depth = len(parts) if recursive else 1
+            for level in range(1, min(depth, len(parts) - 1) + 1):  # the folders on the way
+                folder_path = prefix + "/".join(parts[:level])
+                entries.setdefault(folder_path, {"type": "directory", "oid": "0" * 40, "size": 0, "path": folder_path})
+            if recursive or len(parts) == 1:
+                oid = hashlib.sha1(content).hexdigest()
+                entries[path] = {"type": "file", "oid": oid, "size": len(content), "path": path}
+        if prefix and not entries:
+            return self._error(404, "EntryNotFound", f"{folder} does not exist on {revision}")
+        return httpx2.Response(200, json=list(entries.values()))
 
     def _resolve(self, repo_id: str, revision: str, path: str, method: str) -> httpx2.Response:
         repo = self._repo_or_error(repo_id)

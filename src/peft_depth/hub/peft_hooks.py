@@ -363,21 +363,34 @@ def _wrap_from_pretrained(original: Any) -> Any:
 
 
 def _check_tokenizer_fits_base(adapter_path: str, peft_config: PeftConfig, kwargs: dict[str, Any]) -> None:
-    """Refuse the embedding resize ``AutoPeftModel*`` makes when the adapter folder ships a larger tokenizer.
+    """Refuse the embedding resize ``AutoPeftModel*`` makes when the adapter folder or repo ships a larger tokenizer.
 
     peft then calls ``resize_token_embeddings``, which writes new, randomly initialised rows into the base model; a
     peft-depth adapter never holds embedding rows, so those tokens would run on noise. Checked from the two configs,
-    before the base model is loaded.
+    before the base model is loaded, with peft's own test for whether it will load a tokenizer (a local
+    ``tokenizer_config.json``, else one in the Hub repo) and the same tokenizer arguments.
     """
     from peft.utils.constants import TOKENIZER_CONFIG_NAME
+    from peft.utils.other import check_file_exists_on_hf_hub
     from transformers import AutoConfig, AutoTokenizer
 
-    if not os.path.isfile(os.path.join(adapter_path, TOKENIZER_CONFIG_NAME)):
+    token = kwargs.get("token", kwargs.get("use_auth_token"))
+    revision = kwargs.get("revision")
+    if not os.path.exists(os.path.join(adapter_path, TOKENIZER_CONFIG_NAME)) and not check_file_exists_on_hf_hub(
+        repo_id=adapter_path,
+        filename=TOKENIZER_CONFIG_NAME,
+        revision=revision,
+        repo_type=kwargs.get("repo_type"),
+        token=token,
+    ):
         return
     # As peft's own tokenizer load: remote code only when the caller asked for it. Left at None, transformers would
     # ask on the terminal whether to run the adapter folder's tokenizer code.
     trust_remote_code = kwargs.get("trust_remote_code", False)
-    tokenizer_size = len(AutoTokenizer.from_pretrained(adapter_path, trust_remote_code=trust_remote_code))
+    tokenizer = AutoTokenizer.from_pretrained(
+        adapter_path, revision=revision, token=token, trust_remote_code=trust_remote_code
+    )
+    tokenizer_size = len(tokenizer)
     base_path = peft_config.base_model_name_or_path
     base_config = AutoConfig.from_pretrained(
         base_path, revision=peft_config.revision, trust_remote_code=trust_remote_code
@@ -399,8 +412,9 @@ def _wrap_auto_from_pretrained(original: Any) -> Any:
     @functools.wraps(function)
     def from_pretrained(cls: type, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
         path = os.fspath(pretrained_model_name_or_path)
-        if os.path.isdir(path) and is_depth_adapter_source(path):
-            config = kwargs.get("config") or PeftConfig.from_pretrained(path, revision=kwargs.get("revision"))
+        hub_kwargs = {key: kwargs[key] for key in (*_HUB_KWARGS, "subfolder") if kwargs.get(key) is not None}
+        if is_depth_adapter_source(path, **hub_kwargs):  # a folder or a Hub repo, as peft's AutoPeftModel reads it
+            config = kwargs.get("config") or PeftConfig.from_pretrained(path, **hub_kwargs)
             _check_tokenizer_fits_base(path, config, kwargs)
         return function(cls, pretrained_model_name_or_path, *args, **kwargs)
 
