@@ -9,12 +9,18 @@ A context is made by a forward pre-hook on the top-level model and is kept after
 thread's next forward of the same model: activation-checkpoint recomputation runs during backward, after the forward
 returned, and must see the same mask. Methods keep their own per-forward values in ``ForwardContext.state`` under a
 key of their own rather than as attributes of their modules.
+
+A context holds what its forward saw (the cache, the layers whose records it keeps), so it must not outlive its
+model: when a tracked model is garbage-collected, its context is dropped from the thread that collects it at once,
+and from every other thread at that thread's next forward of any tracked model. Without that, a loop that builds,
+runs and deletes models kept every deleted model's adapted layers (and their base weights) alive.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +37,16 @@ __all__ = ["ForwardContext", "ForwardContextTracker"]
 # mutated in place, so a context copied into another thread or task keeps its own view.
 _CONTEXTS: ContextVar[dict[int, ForwardContext]] = ContextVar("peft_depth_forward_contexts")
 _KEYS = itertools.count()
+#: Keys of trackers whose model has been garbage-collected (keys are never reused).
+_DEAD_KEYS: set[int] = set()
+
+
+def _forget(key: int) -> None:
+    """Finalizer of a tracked model: drop its context here; other threads drop theirs at their next forward."""
+    _DEAD_KEYS.add(key)
+    contexts = _CONTEXTS.get({})
+    if key in contexts:
+        _CONTEXTS.set({k: v for k, v in contexts.items() if k != key})
 
 
 @dataclass
@@ -66,11 +82,15 @@ class ForwardContextTracker:
         duplicate = type(self).__new__(type(self))
         memo[id(self)] = duplicate
         for name, value in self.__dict__.items():
-            setattr(duplicate, name, copy.deepcopy(value, memo))
+            if name != "_finalizer":  # set at the copy's first forward, on the copied model
+                setattr(duplicate, name, copy.deepcopy(value, memo))
         duplicate.key = next(_KEYS)
         return duplicate
 
     def _begin(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if not self.__dict__.get("_finalizer"):
+            # the model this hook sits on (a deep copy's tracker learns its own copy here)
+            self._finalizer = weakref.finalize(module, _forget, self.key)
         mask = kwargs.get("attention_mask")
         _, cache = call_cache(kwargs, self._where)
         self.begin_context(
@@ -83,7 +103,7 @@ class ForwardContextTracker:
 
     def begin_context(self, context: ForwardContext) -> ForwardContext:
         """Make ``context`` this thread's current one for the model (replacing its previous forward's)."""
-        contexts = dict(_CONTEXTS.get({}))
+        contexts = {key: value for key, value in _CONTEXTS.get({}).items() if key not in _DEAD_KEYS}
         contexts[self.key] = context
         _CONTEXTS.set(contexts)
         return context

@@ -244,13 +244,8 @@ class MoDModel(DepthTuner):
         if cache is not None and self._sequence_state_key not in attached_states(cache):
             attach_state(cache, self._sequence_state_key, pending)
 
-    def _capture_hook(self, index: int):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            state = self._forward_state()
-            if state is not None and state.captured is not None:  # None: recomputation after the forward
-                state.captured[index] = output[0] if isinstance(output, (tuple, list)) else output
-
-        return hook
+    def _capture_hook(self, index: int) -> _CaptureBlockOutput:
+        return _CaptureBlockOutput(self, index)
 
     def _mix_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         # a final norm called outside a model forward gets a state of its own (and fails below if MoD is active)
@@ -342,3 +337,21 @@ class MoDModel(DepthTuner):
     def depth_routing_stats(self) -> dict[str, Any]:
         report = {name: record.as_stats() for name, record in self._records().items()}
         return {"mod": report} if report else {}
+
+
+class _CaptureBlockOutput:
+    """Forward hook of a late block: keeps its output for the ensemble in the current forward's state.
+
+    An object rather than a closure: ``copy.deepcopy(peft_model)`` copies it with the model, pointing at the copy's
+    tuner (a closure is copied as the same function, so the copy's blocks fed the original's state and the copy's
+    forward failed).
+    """
+
+    def __init__(self, tuner: MoDModel, index: int) -> None:
+        self.tuner = tuner
+        self.index = index
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        state = self.tuner._forward_state()
+        if state is not None and state.captured is not None:  # None: recomputation after the forward
+            state.captured[self.index] = output[0] if isinstance(output, (tuple, list)) else output
