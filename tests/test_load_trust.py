@@ -119,10 +119,14 @@ def test_failed_load_adapter_leaves_the_peft_model_exactly_as_it_was(tmp_path, m
     model, _ = adapted(method, base=fresh_copy(pristine), seed=1)
     before = fingerprint(model)
     configs_before = list(model.peft_config)
+    tuner = model.base_model
+    # the tuner's own bookkeeping too: what it reports to peft as available, what peft recorded as targeted
+    bookkeeping = (sorted(tuner.marked_adapters()), list(tuner.targeted_module_names))
     with pytest.raises(ValueError, match="1 missing key"):  # after the adapter 'other' was injected
         model.load_adapter(good, adapter_name="other")
     assert list(model.peft_config) == configs_before
     assert_same(before, fingerprint(model))
+    assert (sorted(tuner.marked_adapters()), list(tuner.targeted_module_names)) == bookkeeping
 
 
 @pytest.mark.parametrize("method", METHODS)
