@@ -251,27 +251,33 @@ class LocalHub:
                 return httpx2.Response(400, json={"errors": [{"message": "metadata must be a mapping"}]})
         return httpx2.Response(200, json={"errors": [], "warnings": []})
 
-    def _info(self, repo_id: str, revision: str) -> httpx2.Response:
+    def _files_at(self, repo_id: str, revision: str) -> tuple[str, dict[str, bytes]] | httpx2.Response:
+        """``(commit sha, files)`` of the repo at ``revision``, or the Hub's error response."""
         repo = self._repo_or_error(repo_id)
         if isinstance(repo, httpx2.Response):
             return repo
         sha = repo.resolve(revision)
         if sha is None:
             return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
-        siblings = [{"rfilename": path} for path in sorted(repo.commits[sha])]
+        return sha, repo.commits[sha]
+
+    def _info(self, repo_id: str, revision: str) -> httpx2.Response:
+        found = self._files_at(repo_id, revision)
+        if isinstance(found, httpx2.Response):
+            return found
+        sha, files = found
+        siblings = [{"rfilename": path} for path in sorted(files)]
         return httpx2.Response(200, json={"id": repo_id, "modelId": repo_id, "sha": sha, "siblings": siblings})
 
     def _tree(self, repo_id: str, revision: str, folder: str, recursive: bool) -> httpx2.Response:
         """``list_repo_tree``: the files and folders under ``folder`` (one page; EntryNotFound for a missing one)."""
-        repo = self._repo_or_error(repo_id)
-        if isinstance(repo, httpx2.Response):
-            return repo
-        sha = repo.resolve(revision)
-        if sha is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+        found = self._files_at(repo_id, revision)
+        if isinstance(found, httpx2.Response):
+            return found
+        sha, files = found
         prefix = folder.strip("/") + "/" if folder.strip("/") else ""
         entries: dict[str, dict[str, Any]] = {}
-        for path, content in sorted(repo.commits[sha].items()):
+        for path, content in sorted(files.items()):
             if not path.startswith(prefix):
                 continue
             parts = path[len(prefix) :].split("/")
@@ -287,13 +293,11 @@ class LocalHub:
         return httpx2.Response(200, json=list(entries.values()))
 
     def _resolve(self, repo_id: str, revision: str, path: str, method: str) -> httpx2.Response:
-        repo = self._repo_or_error(repo_id)
-        if isinstance(repo, httpx2.Response):
-            return repo
-        sha = repo.resolve(revision)
-        if sha is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
-        content = repo.commits[sha].get(path)
+        found = self._files_at(repo_id, revision)
+        if isinstance(found, httpx2.Response):
+            return found
+        sha, files = found
+        content = files.get(path)
         if content is None:
             return self._error(404, "EntryNotFound", f"{path} does not exist at {revision}")
         headers = {
