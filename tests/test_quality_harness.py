@@ -10,6 +10,7 @@ import math
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,7 @@ from quality.ledger import REQUIRED_FIELDS, append_record, read_records  # noqa:
 from quality.models import load_model, load_tokenizer, resolve_model  # noqa: E402
 from quality.report import latest_test_results, render_markdown, summarise, write_report  # noqa: E402
 from quality.runner import OURS, RunRequest  # noqa: E402
-from quality.stats import MDE_FACTOR, paired_summary  # noqa: E402
+from quality.stats import detectable_factor, paired_summary  # noqa: E402
 from quality.sweep import Suite, choose_lr, ledger_path, run_suite, shard_of_arms  # noqa: E402
 from quality.train_causal import RunSettings  # noqa: E402
 
@@ -547,18 +548,20 @@ def synthetic_records(arm_accuracies: dict[str, list[float]], partner: str = BAS
 
 
 def test_report_interval_and_detectable_effect_match_a_hand_computation(tmp_path):
-    # Δ per seed = 0.02, 0.05, 0.08. Exact bootstrap over 3 seeds: 27 equally likely resamples; the extremes
-    # (0.02 and 0.08) each have probability 1/27 > 2.5%, so the 95% interval is [0.02, 0.08]. SE = population std
-    # / √3 = √(((−0.03)² + 0 + 0.03²) / 3) / √3 = √0.0002 = 0.014142; detectable = 2.8016 × SE = 0.03962.
+    # Δ per seed = 0.02, 0.05, 0.08: mean 0.05, sample std 0.03, SE = 0.03 / √3 = 0.017321. t₀.₉₇₅ with 2 degrees of
+    # freedom = 4.302653, so the 95% interval is 0.05 ± 0.074524 = [−0.024524, 0.124524]: three positive seeds do not
+    # exclude 0 (the percentile bootstrap gave [0.02, 0.08]). detectable = (4.302653 + t₀.₈₀,₂ = 1.060660) · SE
+    # = 0.092895.
     records = synthetic_records({"lora": [0.70, 0.72, 0.71], "mola": [0.72, 0.77, 0.79]})
     row = next(r for r in summarise(latest_test_results(records))["t"] if r["arm"] == "mola")
     summary = row["vs_partner"]
     assert summary.differences == pytest.approx([0.02, 0.05, 0.08])
     assert summary.mean == pytest.approx(0.05)
-    assert (summary.low, summary.high) == (pytest.approx(0.02), pytest.approx(0.08))
-    assert summary.se == pytest.approx(math.sqrt(0.0002))
-    assert MDE_FACTOR == pytest.approx(1.959964 + 0.841621, abs=1e-5)
-    assert summary.detectable == pytest.approx(0.03962, abs=1e-5)
+    assert summary.se == pytest.approx(0.03 / math.sqrt(3))
+    assert (summary.low, summary.high) == (pytest.approx(-0.024524, abs=1e-6), pytest.approx(0.124524, abs=1e-6))
+    assert not summary.excludes_zero
+    assert detectable_factor(3) == pytest.approx(4.302653 + 1.060660, abs=1e-5)
+    assert summary.detectable == pytest.approx(0.092895, abs=1e-5)
     assert row["accuracy"] == pytest.approx(0.76) and row["std"] == pytest.approx(0.036055, abs=1e-6)
     for record in records:
         if record["arm"] == "mola":
@@ -567,24 +570,40 @@ def test_report_interval_and_detectable_effect_match_a_hand_computation(tmp_path
     mola_line = next(line for line in markdown.splitlines() if line.startswith("| mola"))
     assert mola_line.endswith("| KL 0.283, Δh 0.5 |")  # mean start distances over the three seeds
     assert next(line for line in markdown.splitlines() if line.startswith("| lora")).endswith("| – |")
-    assert "+5.0 vs lora (+2.0, +5.0, +8.0)" in markdown and "[+2.0, +8.0] excl. 0" in markdown
-    assert "| 4.0 |" in markdown
+    assert "+5.0 vs lora (+2.0, +5.0, +8.0)" in markdown and "| [-2.5, +12.5] |" in markdown
+    assert "| 9.3 |" in markdown
     path = write_report(records, "synthetic", tmp_path)
     assert path.read_text().startswith("# Quality comparison") and (tmp_path / "synthetic.png").stat().st_size > 1000
 
 
-def test_bootstrap_with_two_seeds_and_with_many_seeds():
-    # Δ = 0 and 0.1: resample means 0 (p 1/4), 0.05 (1/2), 0.1 (1/4) -> interval [0, 0.1], SE = √0.00125
+def test_t_interval_with_one_two_and_many_seeds():
+    # one seed: no interval, nothing detectable
+    one = paired_summary([0.6], [0.5])
+    assert one.mean == pytest.approx(0.1) and one.low == -math.inf and one.high == math.inf
+    assert not one.excludes_zero and one.detectable == math.inf
+    # Δ = 0 and 0.1: mean 0.05, SE = std / √2 = 0.05, t₀.₉₇₅,₁ = 12.706205 -> ±0.635310
     two = paired_summary([0.5, 0.6], [0.5, 0.5])
-    assert (two.low, two.high, two.se) == (pytest.approx(0.0), pytest.approx(0.1), pytest.approx(math.sqrt(0.00125)))
-    assert not two.excludes_zero
-    # 7 seeds: sampled (20,000 draws), SE close to population std / √n
+    assert two.se == pytest.approx(0.05)
+    assert (two.low, two.high) == (pytest.approx(0.05 - 0.635310, abs=1e-6), pytest.approx(0.05 + 0.635310, abs=1e-6))
+    # 7 seeds: t₀.₉₇₅,₆ = 2.446912
     differences = [0.01, 0.03, -0.02, 0.05, 0.00, 0.04, 0.02]
     many = paired_summary([0.5 + d for d in differences], [0.5] * 7)
-    mean = sum(differences) / 7
-    exact = math.sqrt(sum((d - mean) ** 2 for d in differences) / 7 / 7)
-    assert many.se == pytest.approx(exact, rel=0.03)
-    assert many.low < mean < many.high
+    mean, std = statistics.fmean(differences), statistics.stdev(differences)
+    assert many.se == pytest.approx(std / math.sqrt(7))
+    assert many.low == pytest.approx(mean - 2.446912 * std / math.sqrt(7), abs=1e-6)
+
+
+def test_the_interval_excludes_zero_about_5_percent_of_the_time_when_there_is_no_effect():
+    """The property the percentile bootstrap over seeds lacked: with 3 seeds it is [min Δ, max Δ], which excluded 0
+    in a quarter of pure-noise comparisons."""
+    rng = random.Random(0)
+    for seeds in (3, 5):
+        trials = 4000
+        false_alarms = sum(
+            paired_summary([rng.gauss(0, 0.01) for _ in range(seeds)], [0.0] * seeds).excludes_zero
+            for _ in range(trials)
+        )
+        assert 0.03 < false_alarms / trials < 0.07, (seeds, false_alarms / trials)
 
 
 # ------------------------------------------------------------------------------------------------ scoring

@@ -30,9 +30,13 @@ def summary(differences: list[float]):
 
 def test_a_better_claim_needs_the_interval_above_zero():
     better = Claim("partner", "better")
-    assert judge(better, summary([0.01, 0.02, 0.03])) == REPRODUCED
+    # with 3 seeds the 95% interval is mean ± 4.30 · SE
+    assert judge(better, summary([0.020, 0.021, 0.022])) == REPRODUCED
+    assert (
+        judge(better, summary([0.01, 0.02, 0.03])) == NOT_DETECTABLE
+    )  # 3 positive seeds, too spread: [−0.005, 0.045]
     assert judge(better, summary([-0.01, 0.02, 0.03])) == NOT_DETECTABLE
-    assert judge(better, summary([-0.01, -0.02, -0.03])) == CONTRADICTED
+    assert judge(better, summary([-0.020, -0.021, -0.022])) == CONTRADICTED
     assert judge(better, summary([0.05])) == PENDING  # one seed: no interval
     assert judge(better, None) == PENDING
 
@@ -40,9 +44,9 @@ def test_a_better_claim_needs_the_interval_above_zero():
 def test_a_non_inferiority_claim_allows_the_margin_and_a_cost_claim_needs_fewer_flops():
     close = Claim("partner", "non_inferior")
     margin = NON_INFERIORITY_MARGIN
-    assert judge(close, summary([-margin / 2, 0.0, -margin / 4])) == REPRODUCED
+    assert judge(close, summary([-margin / 2, -margin / 2 + 0.001, -margin / 2 - 0.001])) == REPRODUCED
     assert judge(close, summary([-2 * margin, 0.0, -margin / 4])) == NOT_DETECTABLE
-    assert judge(close, summary([-2 * margin, -3 * margin, -1.5 * margin])) == CONTRADICTED
+    assert judge(close, summary([-2 * margin, -2.1 * margin, -2.2 * margin])) == CONTRADICTED
     cheaper = Claim("reference", "non_inferior", fewer_flops=True)
     assert judge(cheaper, summary([0.0, 0.01, -0.005]), flops_ratio=0.8) == REPRODUCED
     assert judge(cheaper, summary([0.0, 0.01, -0.005]), flops_ratio=1.1).startswith(CONTRADICTED)
@@ -102,7 +106,9 @@ def test_the_table_is_built_from_the_ledger_records_alone():
     assert verdicts[("t", "d")].compared_with == "R"
     assert verdicts[("u", "m")].verdict == PENDING
     table = render_verdicts(list(verdicts.values()))
-    assert "| s | t | M | beats LoRA | LORA | 0.730 vs 0.700 | +3.0 [+2.0, +4.0] |" in table
+    # Δ = 0.02, 0.03, 0.04: mean 0.03 ± t₀.₉₇₅,₂ 4.303 · 0.01 / √3 = ±0.0248
+    assert "| s | t | M | beats LoRA | LORA | 0.730 vs 0.700 | +3.0 [+0.5, +5.5] |" in table
+    assert "| +10.0 (1 seed: no interval) | – | 1 of 3 | **pending** |" in table
     assert "inference FLOPs / token ×0.500" in table and "| 3 of 3 | **reproduced** |" in table
     assert "measured on" not in table  # every seed of both arms has the count
 

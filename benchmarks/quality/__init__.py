@@ -16,6 +16,6 @@ Modules, one job each:
 - ``lm_eval_scorer``: EleutherAI lm-evaluation-harness scoring of a model in-process.
 - ``exclusive``: a machine-wide lock, so two shards never score with lm-eval (a run's memory peak) at once.
 - ``sweep``: which runs a sweep needs, learning-rate selection on dev, the loop with a progress bar.
-- ``stats`` / ``report``: mean ± std, paired bootstrap intervals, detectable effects, the markdown table and plot.
+- ``stats`` / ``report``: mean ± std, paired t intervals, detectable effects, the markdown table and plot.
 - ``timing`` / ``plan``: one measured training step per arm, and the sweep's CPU-hour estimate.
 """

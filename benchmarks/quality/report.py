@@ -1,7 +1,7 @@
 """The report of a suite: a markdown table per task and a PNG, from the suite's JSONL ledger alone.
 
 Per arm: the learning rate it ran at, accuracy mean ± std over seeds, the per-seed paired difference to its
-budget-matched LoRA with the 95% bootstrap interval and the smallest effect the design could detect (``stats``), the
+budget-matched LoRA with the 95% paired t interval and the smallest effect the design could detect (``stats``), the
 difference to the arm its paper claim names (DLO vs dense expansion, MoLA ▽ vs □), trainable parameters, training
 FLOPs and training time. When a training run appears more than once for a (task, arm, seed) (a config default
 changed between sweeps), the latest record counts.
@@ -18,7 +18,7 @@ from .base_scores import base_accuracies, base_ledger_path
 from .inference_cost import inference_ledger_path, with_inference_flops
 from .ledger import read_records
 from .models import MINILM, MINILM_NOTE, SMOLLM2, SMOLLM2_NOTE
-from .stats import MDE_FACTOR, PairedSummary, clears_majority, mean_std, paired_summary
+from .stats import PairedSummary, clears_majority, mean_std, paired_summary
 
 __all__ = ["latest_test_results", "summarise", "render_markdown", "plot", "write_report"]
 
@@ -196,11 +196,11 @@ def _header(records: list[dict[str, Any]], suite: str, scorer: str | None) -> li
         "(decoders) or the classifier's argmax (encoders).",
         f"- **Hardware**: {'; '.join(hardware)}. **Code**: {', '.join(commits)}. **Versions**: "
         + ", ".join(f"{k} {v}" for k, v in versions.items() if v),
-        f"- **Statistics**: Δ = arm − reference on the same seed (percentage points), mean and per seed; 95% interval "
-        "= percentile bootstrap of the mean Δ over seeds (exact enumeration up to 6 seeds; with 3 seeds it is "
-        f"[min Δ, max Δ]); detectable = (z₀.₉₇₅ + z₀.₈₀) · SE = {MDE_FACTOR:.2f} · SE, SE = the bootstrap standard "
-        "deviation of the mean Δ: the smallest true difference this design finds 80% of the time at α = 0.05. "
-        "The test set is fixed, so its sampling noise is not in the interval.",
+        "- **Statistics**: Δ = arm − reference on the same seed (percentage points), mean and per seed; 95% interval "
+        "= mean Δ ± t₀.₉₇₅,ₙ₋₁ · SE, SE = the sample standard deviation of Δ over the n seeds / √n (a paired t "
+        "interval: with 3 seeds t₀.₉₇₅,₂ = 4.30); detectable = (t₀.₉₇₅,ₙ₋₁ + t₀.₈₀,ₙ₋₁) · SE (6.0 · SE with 3 seeds, "
+        "4.0 · SE with 5): the smallest true difference this design finds 80% of the time at α = 0.05. The test set "
+        "is fixed, so its sampling noise is not in the interval.",
     ]
     return lines
 

@@ -175,7 +175,7 @@ def render_verdicts(verdicts: list[Verdict]) -> str:
         "",
         "Regenerated from the sweep ledgers by `python benchmarks/quality.py verdicts`; the rules are in "
         "`benchmarks/quality/verdicts.py`. Δ = arm − compared arm on the same seed, in percentage points, with its "
-        "95% bootstrap interval over seeds; detectable = the smallest true Δ the design finds 80% of the time. "
+        "95% paired t interval over seeds; detectable = the smallest true Δ the design finds 80% of the time. "
         f"≈ claims allow {100 * NON_INFERIORITY_MARGIN:.0f} pp. *Provisional*: fewer seeds than the suite plans. "
         "†: scored in batches by a method that votes over the batch (MoLEx `batch_vote`; see the suite's report).",
         "",
@@ -191,8 +191,11 @@ def render_verdicts(verdicts: list[Verdict]) -> str:
             difference, detectable = "–", "–"
         else:
             s = v.summary
-            difference = f"{_pp(s.mean)} [{_pp(s.low)}, {_pp(s.high)}]"
-            detectable = f"{100 * s.detectable:.1f}"
+            if len(s.differences) < 2:  # one seed: no interval, nothing detectable
+                difference, detectable = f"{_pp(s.mean)} (1 seed: no interval)", "–"
+            else:
+                difference = f"{_pp(s.mean)} [{_pp(s.low)}, {_pp(s.high)}]"
+                detectable = f"{100 * s.detectable:.1f}"
         if v.flops_ratio is not None:
             difference += f"; inference FLOPs / token ×{v.flops_ratio:.3f}"
             if v.flops_seeds is not None and min(v.flops_seeds) < v.seeds:
