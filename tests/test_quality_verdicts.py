@@ -168,3 +168,16 @@ def test_the_report_marks_a_comparison_without_signal():
     assert "(no signal: majority class)" in render_markdown(records, "s", majority={"t": 0.518})
     assert "(no signal" not in render_markdown(records, "s", majority={"t": 0.40})
     assert "(no signal" not in render_markdown(records, "s")  # no floor known: nothing claimed
+
+
+def test_the_verdicts_read_only_the_suite_scorer_records():
+    """A ledger can hold a run's test score from both scorers (``run --scorer``); batch-voting MoLEx scores 0.47 with
+    one and 0.59 with the other on PIQA, so the verdict must not take whichever was written last."""
+    arms = {"m": Arm("m", "M", "x", (1e-3,), "own", "beats LoRA", claims=(Claim("partner", "better"),))}
+    records = []
+    for seed in range(3):
+        records.append(record("t", "lora", seed, 0.70, "lora"))
+        records.append(record("t", "m", seed, 0.75 + 0.001 * seed, "lora"))  # lm_eval: clearly better
+        records.append({**record("t", "m", seed, 0.60, "lora"), "scorer": "peft_depth"})  # written last
+    (verdict,) = suite_verdicts("s", records, 3, arms=arms, scorer="lm_eval")
+    assert verdict.verdict == REPRODUCED and verdict.summary.mean == pytest.approx(0.051)

@@ -111,10 +111,12 @@ def suite_verdicts(
     planned_seeds: int,
     arms: dict[str, Arm] | None = None,
     majority: dict[str, float] | None = None,
+    scorer: str | None = None,
 ) -> list[Verdict]:
     """Every claim of every arm that has test results in ``records`` (one suite's ledger); ``majority``: task ->
-    majority-class rate of its test split (tasks left out are not checked against it)."""
-    tests = [r for r in records if r["split"] == "test"]
+    majority-class rate of its test split (tasks left out are not checked against it); ``scorer``: only test records
+    of that scorer (a ledger can hold both scorers' records of a run, and they differ for batch-voting MoLEx)."""
+    tests = [r for r in records if r["split"] == "test" and (scorer is None or r.get("scorer") == scorer)]
     if not tests:
         return []
     arms = arms if arms is not None else _arms_by_name(tests[0]["model"])
@@ -228,7 +230,7 @@ def write_verdicts(results_dir: str | Path, suites: dict[str, Any]) -> Path:
             read_records(path), read_records(inference_ledger_path(name, Path(results_dir)))
         )
         majority = {task: majority_rate(task) for task in {r["task"] for r in records}}
-        verdicts += suite_verdicts(name, records, len(suite.seeds), majority=majority)
+        verdicts += suite_verdicts(name, records, len(suite.seeds), majority=majority, scorer=suite.test_scorer)
     output = Path(results_dir) / "verdicts.md"
     output.write_text(render_verdicts(verdicts))
     return output
