@@ -883,3 +883,17 @@ def test_lm_eval_scores_under_the_callers_autocast(tiny_causal, choice_task):
     mixed_ll = [x for row in mixed.loglikelihoods for x in row]
     assert full_ll != mixed_ll  # bf16 rounding shows: the autocast was honoured
     assert mixed_ll == pytest.approx(full_ll, abs=0.1)
+
+
+def test_scoring_precision_is_bf16_autocast_on_the_cpu_and_off_in_float32():
+    from types import SimpleNamespace
+
+    from quality.train_causal import compute_precision
+
+    with compute_precision(SimpleNamespace(bf16=True)):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        if torch.cuda.is_available():  # a model trained on the GPU is scored there in bf16 too
+            assert torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")
+    with compute_precision(SimpleNamespace(bf16=False)):
+        assert not torch.is_autocast_enabled("cpu")

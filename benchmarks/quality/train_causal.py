@@ -60,9 +60,17 @@ class RunSettings:
         return fields
 
 
-def compute_precision(settings: RunSettings):
-    """The context a run's forward passes outside the Trainer (scoring, encoder training) run under."""
-    return torch.autocast("cpu", dtype=torch.bfloat16) if settings.bf16 else contextlib.nullcontext()
+def compute_precision(settings: RunSettings) -> contextlib.AbstractContextManager:
+    """The context a run's forward passes outside the Trainer (scoring, encoder training) run under: bf16 autocast on
+    the CPU and, where there is one, the GPU (an autocast covers one device type; with the CPU's alone, a model
+    trained on a GPU was scored there in float32 while its record said bf16-mixed)."""
+    if not settings.bf16:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+    if torch.cuda.is_available():
+        stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
+    return stack
 
 
 @dataclass
