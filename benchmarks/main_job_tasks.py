@@ -89,7 +89,10 @@ def survey_task(task: str, args: argparse.Namespace, out_root: Path) -> dict:
     return {
         "task": task,
         "num_test": len(test),
+        # the training split's most frequent label, answered on every held-out row (what a model learns from the
+        # label prior alone), and the held-out rows' own most frequent label (the stricter floor quality.py uses)
         "majority_class": sum(ex.label == majority for ex in test) / len(test),
+        "test_majority_class": collections.Counter(ex.label for ex in test).most_common(1)[0][1] / len(test),
         "base_by_format": {name: sum(v) / len(v) for name, v in formats.items()},
         "best_base_format": best_format,
         "mola": sum(method) / len(method),
@@ -115,13 +118,13 @@ def write_table(rows: list[dict], path: Path, command: str) -> None:
         f"torch {torch.__version__}). Differences in percentage points with 95% paired-bootstrap intervals over the "
         "held-out rows (✓: excludes 0). The base model's best prompt format is chosen on the held-out rows.",
         "",
-        "| task | held-out | majority class | base (best format) | MoLA | LoRA | MoLA − base | LoRA − base | MoLA − LoRA | train s (MoLA / LoRA) |",
+        "| task | held-out | majority class (train's / held-out's) | base (best format) | MoLA | LoRA | MoLA − base | LoRA − base | MoLA − LoRA | train s (MoLA / LoRA) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = r["base_by_format"][r["best_base_format"]]
         lines.append(
-            f"| {r['task']} | {r['num_test']} | {r['majority_class']:.3f} | {base:.3f} ({r['best_base_format']}) | "
+            f"| {r['task']} | {r['num_test']} | {r['majority_class']:.3f} / {r.get('test_majority_class', float('nan')):.3f} | {base:.3f} ({r['best_base_format']}) | "
             f"{r['mola']:.3f} | {r['lora']:.3f} | {_interval(r['mola_vs_best_base'])} | "
             f"{_interval(r['lora_vs_best_base'])} | {_interval(r['mola_vs_lora'])} | "
             f"{r['train_seconds']['mola']:.0f} / {r['train_seconds']['lora']:.0f} |"
