@@ -57,7 +57,13 @@ import peft_depth  # noqa: E402  (registers the methods with peft)
 import peft_depth.assets  # noqa: E402
 from peft_depth import DepthSFTConfig, DepthSFTTrainer  # noqa: E402
 from peft_depth.analysis import paired_bootstrap  # noqa: E402
-from peft_depth.tasks import load_task, multiple_choice_predictions, to_sft_dataset, train_test_split  # noqa: E402
+from peft_depth.tasks import (  # noqa: E402
+    fit_examples,
+    load_task,
+    multiple_choice_predictions,
+    to_sft_dataset,
+    train_test_split,
+)
 
 SMOLLM2 = "smollm2"  # resolved to the offline SmolLM2-135M-Instruct directory (peft_depth.assets.smollm2_path)
 
@@ -262,11 +268,18 @@ def main() -> None:
     train_examples, test_examples = train_test_split(
         examples, script_args.num_test, seed=script_args.split_seed, num_train=script_args.num_train
     )
-    train_dataset = to_sft_dataset(train_examples)
-
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    # a row longer than max_length loses its answer to TRL's truncation and trains on nothing: leave it out
+    fitting, _ = fit_examples(train_examples, tokenizer, training_args.max_length)
+    if len(fitting) < len(train_examples) and state.is_main_process:
+        print(
+            f"{len(train_examples) - len(fitting)} of {len(train_examples)} training rows are longer than max_length "
+            f"{training_args.max_length} tokens with their answer and are left out.",
+            flush=True,
+        )
+    train_dataset = to_sft_dataset(fitting)
 
     def load_base():
         return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype)

@@ -8,7 +8,13 @@ import random
 import torch
 from tiny_models import tiny_llama, word_tokenizer
 
-from peft_depth.tasks import ChoiceExample, multiple_choice_accuracy, multiple_choice_predictions
+from peft_depth.tasks import (
+    ChoiceExample,
+    encode_answer_only,
+    fit_examples,
+    multiple_choice_accuracy,
+    multiple_choice_predictions,
+)
 
 
 def _examples(count: int, seed: int) -> list[ChoiceExample]:
@@ -61,3 +67,17 @@ def test_scoring_keeps_the_model_mode_and_builds_no_graph():
     multiple_choice_predictions(model, tokenizer, _examples(4, seed=1))
     assert forwards and all(seen == (False, False, False) for seen in forwards), forwards  # eval mode, no graph
     assert model.training  # the caller's mode is back
+
+
+def test_rows_whose_answer_would_be_truncated_away_are_left_out():
+    """TRL truncates a row longer than max_length from the end, which removes the answer (the only tokens with a
+    loss); fit_examples keeps exactly the rows whose prompt + answer fit, with their lengths."""
+    tokenizer = word_tokenizer()
+    examples = [
+        ChoiceExample(" ".join(f"w{4 + i}" for i in range(words)), (" w100", " w101"), 0) for words in (3, 7, 8, 12)
+    ]
+    kept, lengths = fit_examples(examples, tokenizer, max_length=8)  # answers are one token
+    assert [len(ex.prompt.split()) for ex in kept] == [3, 7] and lengths == [4, 8]
+    for example in kept:  # what TRL keeps of each row still ends with the answer
+        row = encode_answer_only([example], tokenizer)[0]
+        assert row["input_ids"][:8][-1] == tokenizer(example.answer, add_special_tokens=False)["input_ids"][-1]

@@ -19,7 +19,7 @@ from transformers import set_seed
 
 import peft_depth
 from peft_depth.analysis import distance_from_base
-from peft_depth.tasks import ChoiceExample, collate_answer_batch, encode_answer_only, to_sft_dataset
+from peft_depth.tasks import ChoiceExample, collate_answer_batch, encode_answer_only, fit_examples, to_sft_dataset
 
 from .flops import step_flops
 from .models import ModelSpec, load_model, load_tokenizer
@@ -88,16 +88,6 @@ class TrainedModel:
     #: ``peft_depth.analysis.distance_from_base`` of the untrained adapter on the first training batch (None in records
     #: older than it): how far the method starts from the base model.
     start_distance: dict[str, float] | None = None
-
-
-def fit_examples(examples: list[ChoiceExample], tokenizer, max_length: int) -> tuple[list[ChoiceExample], list[int]]:
-    """The examples whose prompt + answer fit ``max_length`` tokens, and those examples' token counts."""
-    kept, lengths = [], []
-    for example, row in zip(examples, encode_answer_only(examples, tokenizer)):
-        if len(row["input_ids"]) <= max_length:
-            kept.append(example)
-            lengths.append(len(row["input_ids"]))
-    return kept, lengths
 
 
 def _flops_per_token(model, tokenizer, examples: list[ChoiceExample]) -> float:

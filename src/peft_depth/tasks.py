@@ -20,6 +20,7 @@ __all__ = [
     "train_test_split",
     "to_sft_dataset",
     "encode_answer_only",
+    "fit_examples",
     "collate_answer_batch",
     "multiple_choice_accuracy",
     "multiple_choice_predictions",
@@ -105,6 +106,20 @@ def to_sft_dataset(examples: list[ChoiceExample]):
     from datasets import Dataset
 
     return Dataset.from_list([{"prompt": ex.prompt, "completion": ex.answer} for ex in examples])
+
+
+def fit_examples(examples: list[ChoiceExample], tokenizer, max_length: int) -> tuple[list[ChoiceExample], list[int]]:
+    """The examples whose prompt + answer fit ``max_length`` tokens, and those examples' token counts.
+
+    TRL truncates a longer row from the end, which cuts off the answer (the only tokens with a loss): the row would
+    train on nothing. Dropping it is the honest alternative; callers report how many they dropped.
+    """
+    kept, lengths = [], []
+    for example, row in zip(examples, encode_answer_only(examples, tokenizer)):
+        if len(row["input_ids"]) <= max_length:
+            kept.append(example)
+            lengths.append(len(row["input_ids"]))
+    return kept, lengths
 
 
 def encode_answer_only(examples: list[ChoiceExample], tokenizer) -> list[dict[str, list[int]]]:
