@@ -68,3 +68,24 @@ def test_a_deep_copy_after_a_forward_is_independent_and_freed(method):
     gc.collect()
     assert layer() is None
     assert torch.equal(_run(model), expected)  # the original keeps working, with its own context
+
+
+@pytest.mark.parametrize("method", ["mola", "mod"])
+def test_a_pickled_and_loaded_model_is_another_model_with_its_own_contexts(method):
+    """torch.save(model) / torch.load: the loaded model computes what the saved one did, keeps its own per-forward
+    contexts (not the original's key), and is freed when deleted."""
+    import io
+
+    model = get_peft_model(tiny_llama(), CONFIGS[method]()).eval()
+    expected = _run(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(_run(loaded), expected)
+    assert loaded.base_model.routing_context.forward is not model.base_model.routing_context.forward
+    layer = weakref.ref(_targeted_layer(loaded))
+    del loaded
+    gc.collect()
+    assert layer() is None
+    assert torch.equal(_run(model), expected)

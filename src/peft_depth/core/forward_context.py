@@ -87,6 +87,14 @@ class ForwardContextTracker:
         duplicate.key = next(_KEYS)
         return duplicate
 
+    def __getstate__(self) -> dict[str, Any]:
+        # a pickled model (torch.save(model)) is another model once loaded: no finalizer of the original's
+        return {name: value for name, value in self.__dict__.items() if name != "_finalizer"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.key = next(_KEYS)  # its own contexts, as for a deep copy
+
     def _begin(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if not self.__dict__.get("_finalizer"):
             # the model this hook sits on (a deep copy's tracker learns its own copy here)
