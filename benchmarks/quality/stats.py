@@ -6,8 +6,9 @@ the same data order and the same test set, so the pairing removes what the two r
 95% interval: mean(d) ± t_{0.975, n−1} · SE, SE = s_d / √n with s_d the sample standard deviation (n − 1). With the
 3-5 seeds a sweep affords, this is the interval whose coverage holds: the percentile bootstrap over seeds used before
 is [min d, max d] with 3 seeds, which excludes 0 whenever all three differences share a sign - a quarter of the
-time when there is no effect at all (a simulation of pure noise gave 24.5% with 3 seeds and 20.5% with 5, against
-the 5% a 95% interval promises). One seed gives no interval (infinite: nothing is ever detected from one run).
+time when there is no effect at all (2 in 8 by construction; simulations of pure noise gave 24.5% with 3 seeds and
+17.5-20.5% with 5, against the 5% a 95% interval promises). One seed gives no interval (infinite: nothing is ever
+detected from one run).
 
 Smallest detectable effect (two-sided α = 0.05, power 0.80): (t_{0.975, n−1} + t_{0.80, n−1}) · SE, the t-test's
 counterpart of the normal (z_{0.975} + z_{0.80}) · SE (= 2.80 · SE, which it approaches with many seeds: 6.0 · SE
