@@ -31,11 +31,10 @@ from quality.arms import arm_by_name, arms_for, build_config  # noqa: E402
 from quality.data import choice_examples, load_splits  # noqa: E402
 from quality.models import load_model, load_tokenizer, resolve_model  # noqa: E402
 from quality.sweep import SUITES  # noqa: E402
-from quality.train_causal import fit_examples  # noqa: E402
 
 from peft_depth.analysis import distance_from_base  # noqa: E402
 from peft_depth.core.layer_stack import find_layer_stack  # noqa: E402
-from peft_depth.tasks import collate_answer_batch, encode_answer_only  # noqa: E402
+from peft_depth.tasks import collate_answer_batch, encode_answer_only, fit_examples  # noqa: E402
 
 
 def _hidden(output) -> torch.Tensor:

@@ -20,11 +20,13 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from peft_depth.tasks import fit_examples
+
 from .arms import Arm, build_config
 from .data import TaskSplits, choice_examples, pair_examples
 from .models import CAUSAL, ModelSpec, load_tokenizer
 from .provenance import hardware, versions
-from .train_causal import RunSettings, TrainedModel, compute_precision, fit_examples, train_causal
+from .train_causal import RunSettings, TrainedModel, compute_precision, train_causal
 from .train_encoder import predict, train_encoder
 
 __all__ = ["measure", "tokens_per_row", "train_lengths", "padded_tokens_per_step"]

@@ -24,7 +24,7 @@ from peft_depth.tasks import ChoiceExample, collate_answer_batch, encode_answer_
 from .flops import step_flops
 from .models import ModelSpec, load_model, load_tokenizer
 
-__all__ = ["PRECISIONS", "RunSettings", "TrainedModel", "compute_precision", "train_causal", "fit_examples"]
+__all__ = ["PRECISIONS", "RunSettings", "TrainedModel", "compute_precision", "train_causal"]
 
 
 #: Arithmetic of a run: "fp32" throughout, or "bf16-mixed" - float32 weights and optimizer, matrix products under
