@@ -36,7 +36,7 @@ def test_the_cpu_record_tells_apart_machines_that_share_a_marketing_name():
 
 
 def test_every_run_records_the_cpu_arithmetic():
-    record = hardware()
+    record = hardware("cpu")
     assert {"cpu_id", "cpu_capability", "native_bf16"} <= set(record)
 
 

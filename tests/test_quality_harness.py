@@ -247,6 +247,7 @@ def test_a_run_is_appended_with_every_field(tiny_causal, choice_task, tmp_path):
         assert record["steps"] == 2 and record["batch_size"] == 4 and record["seed"] == 0
         assert record["split_sizes"] == {"train": 16, "dev": 6, "test": 8}
         assert record["hardware"]["device"] == "cpu" and record["hardware"]["torch_threads"] >= 1
+        assert record["score_device"] == "cpu"
         assert record["hardware"]["cpu"]
         assert all(record["versions"][name] for name in ("torch", "transformers", "peft", "trl"))
         assert len(record["git_commit"]) == 40
@@ -574,6 +575,46 @@ def test_report_interval_and_detectable_effect_match_a_hand_computation(tmp_path
     assert "| 9.3 |" in markdown
     path = write_report(records, "synthetic", tmp_path)
     assert path.read_text().startswith("# Quality comparison") and (tmp_path / "synthetic.png").stat().st_size > 1000
+
+
+def test_only_seeds_trained_and_scored_on_the_same_kind_of_device_are_paired():
+    """Issue 14: never pair a GPU run with a CPU run. Seed 1's LoRA ran on a GPU; seed 2's MoLA reused a CPU-trained
+    adapter but was scored on a GPU. Only seed 0 pairs (Δ = +0.02); seed 2's LoRA, trained and scored on the CPU, does
+    not pair with a run scored on the GPU."""
+    records = synthetic_records({"lora": [0.70, 0.72, 0.71], "mola": [0.72, 0.77, 0.79]})
+    for record in records:
+        record["hardware"]["device"] = "gpu" if (record["arm"], record["seed"]) == ("lora", 1) else "cpu"
+        record["score_device"] = "gpu" if (record["arm"], record["seed"]) in {("lora", 1), ("mola", 2)} else "cpu"
+    summary = next(r for r in summarise(latest_test_results(records))["t"] if r["arm"] == "mola")["vs_partner"]
+    assert summary.differences == pytest.approx([0.02])
+    for record in records:  # scored where they trained: every seed pairs again
+        record["hardware"]["device"] = record["score_device"] = "gpu" if record["seed"] == 1 else "cpu"
+    summary = next(r for r in summarise(latest_test_results(records))["t"] if r["arm"] == "mola")["vs_partner"]
+    assert summary.differences == pytest.approx([0.02, 0.05, 0.08])
+
+
+class _DeviceRecordingClassifier(torch.nn.Module):
+    """Weights on the meta device (a stand-in for a GPU); records where each input arrived, returns CPU logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(1, device="meta"))
+        self.input_devices: list[str] = []
+
+    def forward(self, **batch):
+        self.input_devices += sorted({tensor.device.type for tensor in batch.values()})
+        return type("Output", (), {"logits": torch.zeros(batch["input_ids"].shape[0], 2)})()
+
+
+def test_encoder_predictions_are_computed_where_the_model_is():
+    """On a GPU, the encoder's batches must go to the model's device (they stayed on the CPU: a crash, or for a
+    CPU-placed model scored on a GPU machine, a record that says GPU)."""
+    from quality.train_encoder import predict
+
+    model = _DeviceRecordingClassifier()
+    tokenizer = word_tokenizer()
+    predict(model, tokenizer, [("a b", None, 0), ("c", None, 1)], max_length=8, batch_size=1)
+    assert model.input_devices == ["meta", "meta"]
 
 
 def test_t_interval_with_one_two_and_many_seeds():

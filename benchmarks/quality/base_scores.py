@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from .data import TaskSplits, load_splits
 from .ledger import append_record, read_records, run_key
-from .models import CAUSAL, ModelSpec, load_model, load_tokenizer
-from .provenance import git_state, hardware, versions
+from .models import CAUSAL, ModelSpec, load_model, load_tokenizer, run_device
+from .provenance import git_state, hardware, model_device, versions
 from .runner import LM_EVAL
 from .train_causal import compute_precision
 
@@ -49,7 +49,7 @@ def score_base(suite: Suite, spec: ModelSpec, task: str, splits: TaskSplits) -> 
     _require_decoder(spec)
     settings = suite.settings_for(task)
     start = time.perf_counter()
-    model, tokenizer = load_model(spec).eval(), load_tokenizer(spec)
+    model, tokenizer = load_model(spec).to(run_device()).eval(), load_tokenizer(spec)
     with compute_precision(settings):
         if suite.test_scorer == LM_EVAL:
             from .lm_eval_scorer import lm_eval_score
@@ -78,7 +78,7 @@ def score_base(suite: Suite, spec: ModelSpec, task: str, splits: TaskSplits) -> 
         "accuracy": accuracy,
         "correct": correct,
         "wall_s": time.perf_counter() - start,
-        "hardware": hardware(),
+        "hardware": hardware(model_device(model)),
         "versions": versions(),
         **git_state(),
     }

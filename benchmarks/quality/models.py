@@ -9,7 +9,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["ModelSpec", "resolve_model", "load_model", "meta_model", "load_tokenizer", "CAUSAL", "ENCODER"]
+__all__ = [
+    "ModelSpec",
+    "resolve_model",
+    "load_model",
+    "run_device",
+    "meta_model",
+    "load_tokenizer",
+    "CAUSAL",
+    "ENCODER",
+]
 
 CAUSAL = "causal"
 ENCODER = "encoder"
@@ -75,6 +84,13 @@ def load_model(spec: ModelSpec, num_labels: int = 2) -> nn.Module:
     if spec.family == CAUSAL:
         return AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32)
     return AutoModelForSequenceClassification.from_pretrained(spec.path, num_labels=num_labels, dtype=torch.float32)
+
+
+def run_device() -> str:
+    """Where a run trains and scores: the GPU when there is one (where the Trainer puts a causal run), else the CPU.
+    The encoder loop, a reused adapter and the base model are put there too, so runs of one sweep are never split
+    between the two kinds of device."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def meta_model(spec: ModelSpec, num_labels: int = 2) -> nn.Module:

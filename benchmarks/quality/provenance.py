@@ -14,7 +14,7 @@ import torch
 
 from .cpu_arithmetic import cpu_arithmetic, cpuinfo
 
-__all__ = ["hardware", "versions", "git_state"]
+__all__ = ["hardware", "device_kind", "model_device", "versions", "git_state"]
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "peft-depth", "lm_eval")
@@ -24,13 +24,24 @@ def _cpu_model() -> str:
     return cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
-def hardware() -> dict[str, Any]:
-    """CPU model, cores and torch threads, or the GPU's name when one is used; comparisons never mix the two."""
+def device_kind(device: torch.device | str) -> str:
+    """ "gpu" for a CUDA device, "cpu" for the CPU: the kind of device a comparison must not mix."""
+    return "gpu" if torch.device(device).type == "cuda" else "cpu"
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s weights are, hence where its forward runs."""
+    return next(model.parameters()).device
+
+
+def hardware(device: torch.device | str) -> dict[str, Any]:
+    """CPU model, cores and torch threads, and the GPU's name when ``device`` (where the run computed: pass the model's
+    own device, not whether a GPU exists) is one; comparisons never mix the two kinds."""
     info: dict[str, Any] = {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     info.update(cpu_arithmetic())  # "AMD EPYC" alone names machines with and without native bf16 products
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    info["device"] = "gpu" if "gpu" in info else "cpu"
+    info["device"] = device_kind(device)
+    if info["device"] == "gpu":
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
 
 

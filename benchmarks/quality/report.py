@@ -53,7 +53,11 @@ def _paired(results: dict[str, dict[int, dict[str, Any]]], arm: str, reference: 
 
 
 def _device(record: dict[str, Any]) -> str:
-    return record.get("hardware", {}).get("device", "cpu")
+    """The kind of device a record's run trained on, and scored on when that differs (a reused adapter scored on the
+    other kind): such a run pairs only with one split the same way."""
+    trained = record.get("hardware", {}).get("device", "cpu")
+    scored = record.get("score_device", trained)  # records before the field was written trained and scored alike
+    return trained if scored == trained else f"{trained}-trained, {scored}-scored"
 
 
 def summarise(results: Results) -> dict[str, list[dict[str, Any]]]:

@@ -22,8 +22,8 @@ from .exclusive import one_at_a_time
 from .inference_cost import FIELD as INFERENCE_FLOPS
 from .inference_cost import INFERENCE_ROWS, inference_flops_per_token
 from .ledger import append_record, record_key, run_key, to_jsonable
-from .models import CAUSAL, ModelSpec, load_model, load_tokenizer
-from .provenance import git_state, hardware, versions
+from .models import CAUSAL, ModelSpec, load_model, load_tokenizer, run_device
+from .provenance import device_kind, git_state, hardware, model_device, versions
 from .train_causal import RunSettings, TrainedModel, compute_precision, train_causal
 from .train_encoder import predict, train_encoder
 
@@ -188,7 +188,8 @@ def execute(
     earlier = (trained_by or {}).get(key)
     start = time.perf_counter()
     if earlier is not None and folder is not None and (folder / "adapter_config.json").is_file():
-        model = PeftModel.from_pretrained(load_model(request.model), str(folder)).eval()
+        # scored where a fresh run would train (the GPU if there is one), not wherever from_pretrained left it
+        model = PeftModel.from_pretrained(load_model(request.model), str(folder)).to(run_device()).eval()
         tokenizer = load_tokenizer(request.model)
         training = {name: earlier.get(name) for name in TRAINING_FIELDS}  # older records lack newer fields
         provenance = {name: earlier[name] for name in PROVENANCE_FIELDS}
@@ -197,7 +198,7 @@ def execute(
         trained = _train(request)
         model, tokenizer = trained.model, trained.tokenizer
         training = _training_fields(trained)
-        provenance = {"hardware": hardware(), "versions": versions(), **git_state()}
+        provenance = {"hardware": hardware(model_device(model)), "versions": versions(), **git_state()}
         reused = False
         if folder is not None and request.split == "dev":
             _save_adapter(model, folder)
@@ -227,6 +228,8 @@ def execute(
         "split_sizes": request.splits.sizes,
         "split_fingerprint": request.splits.fingerprint,
         "adapter_reused": reused,
+        # where the scores were computed: a reused adapter's training provenance is copied from its training run
+        "score_device": device_kind(model_device(model)),
         "wall_s": time.perf_counter() - start,
         **training,
         **provenance,

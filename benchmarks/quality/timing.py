@@ -24,7 +24,7 @@ from peft_depth.tasks import fit_examples
 
 from .arms import Arm, build_config
 from .data import TaskSplits, choice_examples, pair_examples
-from .models import CAUSAL, ModelSpec, load_tokenizer
+from .models import CAUSAL, ModelSpec, load_tokenizer, run_device
 from .provenance import hardware, versions
 from .train_causal import RunSettings, TrainedModel, compute_precision, train_causal
 from .train_encoder import predict, train_encoder
@@ -130,7 +130,7 @@ def measure(
         "precision": settings.precision,
         "steps_timed": settings.steps - 1,
         "load_average_before": os.getloadavg(),
-        "hardware": hardware(),
+        "hardware": hardware(run_device()),  # both loops put every arm there
         "versions": versions(),
         "arms": {},
     }

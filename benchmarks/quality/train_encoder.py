@@ -21,7 +21,7 @@ from peft_depth.analysis import distance_from_base
 from peft_depth.trainer import collect_optimizer_groups, set_training_step
 
 from .flops import step_flops
-from .models import ModelSpec, load_model, load_tokenizer
+from .models import ModelSpec, load_model, load_tokenizer, run_device
 from .train_causal import RunSettings, TrainedModel, compute_precision
 
 __all__ = ["train_encoder", "encode_pairs", "predict"]
@@ -36,7 +36,7 @@ def encode_pairs(pairs: list[tuple[str, str | None, int]], tokenizer, max_length
     return rows
 
 
-def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_pairs(rows: list[dict], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     width = max(len(r["input_ids"]) for r in rows)
     batch: dict[str, torch.Tensor] = {}
     for name in ("input_ids", "token_type_ids", "attention_mask"):
@@ -45,7 +45,7 @@ def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         fill = pad_id if name == "input_ids" else 0
         batch[name] = torch.tensor([r[name] + [fill] * (width - len(r[name])) for r in rows])
     batch["labels"] = torch.tensor([r["labels"] for r in rows])
-    return batch
+    return {name: tensor.to(device) for name, tensor in batch.items()}
 
 
 def _optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -82,9 +82,10 @@ def train_encoder(
     tokenizer = load_tokenizer(spec)
     rows = encode_pairs(train_pairs, tokenizer, settings.max_length)
     set_seed(seed)
-    model = get_peft_model(load_model(spec, num_labels=2), config)
+    model = get_peft_model(load_model(spec, num_labels=2), config).to(run_device())
+    device = next(model.parameters()).device
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    first = collate_pairs(rows[: settings.batch_size], tokenizer.pad_token_id)
+    first = collate_pairs(rows[: settings.batch_size], tokenizer.pad_token_id, device)
     first.pop("labels")
     start_distance = distance_from_base(model, **first).as_dict()
     optimizer = _optimizer(model, lr, settings.weight_decay)
@@ -100,7 +101,7 @@ def train_encoder(
         if len(order) < settings.batch_size:
             order += torch.randperm(len(rows), generator=generator).tolist()
         picked, order = order[: settings.batch_size], order[settings.batch_size :]
-        batch = collate_pairs([rows[i] for i in picked], tokenizer.pad_token_id)
+        batch = collate_pairs([rows[i] for i in picked], tokenizer.pad_token_id, device)
         tokens += int(batch["attention_mask"].sum())
         for group, base_lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base_lr * _lr_scale(step, settings)
@@ -113,7 +114,7 @@ def train_encoder(
         if step_clock is not None:
             step_clock.append((time.perf_counter() - step_start[0], time.process_time() - step_start[1]))
     wall = time.perf_counter() - start
-    probe = collate_pairs(rows[: settings.batch_size], tokenizer.pad_token_id)
+    probe = collate_pairs(rows[: settings.batch_size], tokenizer.pad_token_id, device)
     per_token = step_flops(lambda: _loss(model, probe)) / int(probe["attention_mask"].sum())
     model.zero_grad(set_to_none=True)
     model.eval()
@@ -132,12 +133,13 @@ def train_encoder(
 
 @torch.no_grad()
 def predict(model, tokenizer, pairs: list[tuple[str, str | None, int]], max_length: int, batch_size: int = 32):
-    """Predicted labels of the pairs, batched in the given order."""
+    """Predicted labels of the pairs, batched in the given order, computed where ``model``'s weights are."""
     rows = encode_pairs(pairs, tokenizer, max_length)
+    device = next(model.parameters()).device
     model.eval()
     predictions: list[int] = []
     for begin in range(0, len(rows), batch_size):
-        batch = collate_pairs(rows[begin : begin + batch_size], tokenizer.pad_token_id)
+        batch = collate_pairs(rows[begin : begin + batch_size], tokenizer.pad_token_id, device)
         batch.pop("labels")
         predictions += model(**batch).logits.argmax(-1).tolist()
     return predictions
