@@ -207,7 +207,7 @@ def test_inference_runs_the_mlp_on_the_selected_tokens_only():
     seen: dict[int, int] = {}
     handles = []
     for position, block in enumerate(stack(model)):
-        mlp = block._mlp_shadow.inner
+        mlp = block._shadows["mlp"].inner
         handles.append(
             mlp.register_forward_hook(lambda m, a, o, p=position: seen.__setitem__(p, a[0].reshape(-1, 32).shape[0]))
         )
@@ -296,8 +296,8 @@ def _capture_mlp_io(model):
     """Record h' (input of the pre-MLP norm) and the MLP output for every routed layer."""
     captured, handles = {}, []
     for position, block in enumerate(stack(model)):
-        norm = block._norm_shadow.inner
-        mlp = block._mlp_shadow.inner
+        norm = block._shadows["post_attention_layernorm"].inner
+        mlp = block._shadows["mlp"].inner
         handles.append(
             norm.register_forward_hook(lambda m, a, o, p=position: captured.setdefault(p, {}).update(h=a[0]))
         )

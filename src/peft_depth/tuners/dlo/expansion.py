@@ -19,7 +19,7 @@ from ...core.layer_stack import text_config
 from ...core.quantization import floating_parameter
 from ...core.rewiring import plain_layer_copy, plain_state_dict
 from .config import DLOConfig, expansion_plan
-from .layer import NewLayerLoraLinear, find_mlp_and_norm
+from .layer import NewLayerLoraLinear, find_mlp_branch
 
 __all__ = [
     "DEFAULT_ZERO_OUT_MODULES",
@@ -101,7 +101,7 @@ def checked_layout(config: DLOConfig, originals: Sequence[nn.Module], model: nn.
     if config.routed_layers != "none":
         hidden_size(model)
         if config.skip_mode == "mlp":
-            find_mlp_and_norm(originals[0])
+            find_mlp_branch(originals[0])
     source = plan[0][1]
     modules = _plain_modules(originals[source])  # every original layer has the same structure
     name = type(originals[source]).__name__

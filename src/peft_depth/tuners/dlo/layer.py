@@ -1,14 +1,17 @@
 """DLO's per-layer machinery: the routed block, the MLP that runs on selected tokens only, and LoRA for new layers.
 
 A routed layer of the expanded stack is a ``DLOBlock`` around the decoder layer (original or new). The block scores
-each token's residual stream with its router, decides which tokens execute, and hands that *plan* to two shadows it
+each token's residual stream with its router, decides which tokens execute, and hands that *plan* to the shadows it
 installs on the decoder layer for the duration of DLO (see ``core.rewiring``: instance attributes that hide the
 registered modules without changing any state-dict key):
 
 - ``mlp`` -> ``SkipMLP``: in eval it gathers the selected tokens, runs the real MLP on those alone and scatters the
   scaled result back (skipped tokens get exactly zero: the residual passes through); in training it runs every token,
   because the router labels need every token's MLP output, and zeroes the unselected ones.
-- the pre-MLP norm -> ``ResidualTap``: records the residual stream ``h'`` entering the MLP, for the cosine labels.
+- the pre-MLP norm -> ``ResidualTap``: records the residual stream ``h'`` entering the MLP, for the cosine labels
+  (a layer whose MLP reads ``h'`` unnormed, OLMo-2, has ``SkipMLP`` record it);
+- a post-MLP norm, where the layer has one (Gemma-2/3, OLMo-2, GLM-4) -> ``BranchOutputGate``: the mask, the scale
+  and the labels apply after that norm, to the branch that joins the residual (``find_mlp_branch``).
 
 The shadows are shared by every forward; the plan is not. It belongs to the block's call in progress on the calling
 thread (``forward_state.running_plan``), also when checkpointing replays the layer in backward, so concurrent
@@ -17,6 +20,7 @@ forwards never see each other's plans.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,7 +44,17 @@ from .forward_state import (
 )
 from .selection import select_top_fraction
 
-__all__ = ["DLOBlock", "DLORecord", "NewLayerLoraLinear", "ResidualTap", "RoutingPlan", "SkipMLP"]
+__all__ = [
+    "BranchOutputGate",
+    "DLOBlock",
+    "DLORecord",
+    "MLPBranch",
+    "NewLayerLoraLinear",
+    "ResidualTap",
+    "RoutingPlan",
+    "SkipMLP",
+    "find_mlp_branch",
+]
 
 #: Why fully_shard refuses a DLOBlock, and what to shard instead.
 SHARDED_BLOCK_MESSAGE = (
@@ -61,21 +75,79 @@ SHARDED_BLOCK_SKIP_MESSAGE = (
     "skip_mode='block' under DDP."
 )
 
-#: Names of the norm that feeds the MLP, by architecture family (Llama/Qwen/Mistral, Gemma, GPT-2, OLMo-2 has none).
-PRE_MLP_NORM_NAMES = ("post_attention_layernorm", "pre_feedforward_layernorm", "ln_2")
+#: Names of a decoder layer's MLP.
 MLP_NAMES = ("mlp", "feed_forward")
+#: Names of a norm applied to the MLP's output before it joins the residual stream (Gemma-2/3, OLMo-2/3, GLM-4).
+POST_MLP_NORM_NAMES = ("post_feedforward_layernorm", "post_mlp_layernorm")
+#: Names of the norm that feeds the MLP in a plain pre-norm layer (Llama/Qwen/Mistral, GPT-NeoX, GPT-2).
+PRE_MLP_NORM_NAMES = ("post_attention_layernorm", "ln_2")
 
 
-def find_mlp_and_norm(layer: nn.Module) -> tuple[str, str]:
-    """Attribute names of a decoder layer's MLP and the norm in front of it; ValueError if not found."""
-    mlp = next((name for name in MLP_NAMES if isinstance(getattr(layer, name, None), nn.Module)), None)
-    norm = next((name for name in PRE_MLP_NORM_NAMES if isinstance(getattr(layer, name, None), nn.Module)), None)
-    if mlp is None or norm is None:
+@dataclass(frozen=True)
+class MLPBranch:
+    """Where a decoder layer's MLP branch is: ``h' + post_norm(mlp(pre_norm(h')))``, the residual stream ``h'``.
+
+    ``pre_norm`` is None when the MLP reads ``h'`` itself (OLMo-2); ``post_norm`` is None when the MLP's output joins
+    the residual as it is (Llama). DLO's mask and scale, and its cosine labels, apply to the branch's output: after
+    ``post_norm``, which would otherwise cancel a per-token scale (an RMSNorm is invariant to it).
+    """
+
+    mlp: str
+    pre_norm: str | None
+    post_norm: str | None
+
+
+def _module_named(layer: nn.Module, names: tuple[str, ...]) -> str | None:
+    return next((name for name in names if isinstance(getattr(layer, name, None), nn.Module)), None)
+
+
+def find_mlp_branch(layer: nn.Module) -> MLPBranch:
+    """The MLP branch of a decoder layer, by the names transformers gives its modules; ValueError if not found.
+
+    The name ``post_attention_layernorm`` means two things: the MLP's input norm in a pre-norm layer (Llama), and the
+    attention output's norm in a layer that also norms the MLP's output (Gemma-2, OLMo-2). So a layer with a post-MLP
+    norm takes its MLP's input norm from ``pre_feedforward_layernorm`` (Gemma), or ``post_attention_layernorm`` when the
+    attention branch has a norm of its own (GLM-4's ``post_self_attn_layernorm``), or none (OLMo-2, EXAONE-4).
+    """
+    kind = type(layer).__name__
+    if getattr(layer, "use_parallel_residual", False) or getattr(layer, "parallel_attn", False):
+        raise ValueError(
+            f"skip_mode='mlp' needs the MLP to read the residual stream after attention, but {kind} runs attention "
+            "and the MLP in parallel on the layer's input (`use_parallel_residual`), so the cosine labels would "
+            "compare the wrong states. Use skip_mode='block'."
+        )
+    mlp = _module_named(layer, MLP_NAMES)
+    post_norm = _module_named(layer, POST_MLP_NORM_NAMES)
+    if post_norm is None:
+        pre_norm = _module_named(layer, PRE_MLP_NORM_NAMES)
+    elif isinstance(getattr(layer, "pre_feedforward_layernorm", None), nn.Module):
+        pre_norm = "pre_feedforward_layernorm"
+    elif isinstance(getattr(layer, "post_self_attn_layernorm", None), nn.Module):
+        pre_norm = _module_named(layer, ("post_attention_layernorm",))
+    else:
+        pre_norm = None  # the MLP reads the residual stream itself
+    if mlp is None or (pre_norm is None and post_norm is None):
         raise ValueError(
             f"skip_mode='mlp' needs a decoder layer with an MLP ({'/'.join(MLP_NAMES)}) behind a pre-MLP norm "
-            f"({'/'.join(PRE_MLP_NORM_NAMES)}); {type(layer).__name__} has neither pair. Use skip_mode='block'."
+            f"({'/'.join(PRE_MLP_NORM_NAMES)}) or followed by a post-MLP norm ({'/'.join(POST_MLP_NORM_NAMES)}); "
+            f"{kind} has neither. Use skip_mode='block'."
         )
-    return mlp, norm
+    return MLPBranch(mlp=mlp, pre_norm=pre_norm, post_norm=post_norm)
+
+
+def gate_branch_output(plan: RoutingPlan, out: torch.Tensor) -> torch.Tensor:
+    """The MLP branch's output as DLO adds it to the residual: times ŝ, and zero for the tokens the router skipped
+    (in training, where every token ran; in eval the skipped tokens' output is zero already). Records the cosine
+    labels ``cos(h', h' + branch)`` when the plan wants them."""
+    shape = out.shape
+    if plan.training and plan.want_cos and plan.residual is not None:
+        with torch.no_grad():
+            residual = plan.residual.reshape(-1, shape[-1]).float()
+            plan.cos = F.cosine_similarity(residual, residual + out.reshape(residual.shape).float(), dim=-1)
+    gate = plan.scale.to(out.dtype)
+    if plan.training:
+        gate = gate * plan.selected.to(out.dtype)
+    return out * gate.view(*shape[:-1], 1)
 
 
 class _Delegating(nn.Module):
@@ -92,12 +164,17 @@ class SkipMLP(_Delegating):
     """Runs the wrapped MLP on the plan's selected tokens only (eval) or on all and masks (training).
 
     The plan is the current forward's, read through the block that owns this shadow (``DLOBlock.current_plan``).
+    ``gates_output``: the MLP's output is the branch's (no post-MLP norm), so the mask and scale apply here; otherwise
+    ``BranchOutputGate`` applies them after the norm. ``taps_residual``: the MLP reads ``h'`` itself (no pre-MLP
+    norm), so its input is the residual for the labels.
     """
 
-    def __init__(self, mlp: nn.Module, block: DLOBlock) -> None:
+    def __init__(self, mlp: nn.Module, block: DLOBlock, *, gates_output: bool, taps_residual: bool) -> None:
         super().__init__()
         self.inner = mlp
         self._block = (block,)  # a plain tuple, not a child: the block wraps the layer this shadow sits in
+        self._gates_output = gates_output
+        self._taps_residual = taps_residual
 
     @property
     def plan(self) -> RoutingPlan | None:
@@ -107,17 +184,12 @@ class SkipMLP(_Delegating):
         plan = self.plan
         if plan is None:
             return self.inner(x)
-        shape = x.shape
-        if plan.training:
+        if self._taps_residual and plan.want_cos:
+            plan.residual = x.detach()
+        if plan.training or plan.index is None:
             out = self.inner(x)
-            if plan.want_cos and plan.residual is not None:
-                with torch.no_grad():
-                    residual = plan.residual.reshape(-1, shape[-1]).float()
-                    plan.cos = F.cosine_similarity(residual, residual + out.reshape(residual.shape).float(), dim=-1)
-            gate = plan.selected.to(out.dtype) * plan.scale.to(out.dtype)
-            return out * gate.view(*shape[:-1], 1)
-        if plan.index is None:
-            return self.inner(x) * plan.scale.to(x.dtype).view(*shape[:-1], 1)
+            return gate_branch_output(plan, out) if self._gates_output else out
+        shape = x.shape
         flat = x.reshape(-1, shape[-1])
         result = flat.new_zeros(flat.shape)
         # Only the selected tokens go through the MLP: this is where inference saves compute. Base-path tokens (a
@@ -126,9 +198,30 @@ class SkipMLP(_Delegating):
         for index in (plan.index, plan.base_index):
             if index.numel():
                 chosen = self.inner(flat.index_select(0, index).unsqueeze(0)).squeeze(0)
-                chosen = chosen * plan.scale.index_select(0, index).to(chosen.dtype).unsqueeze(-1)
+                if self._gates_output:
+                    chosen = chosen * plan.scale.index_select(0, index).to(chosen.dtype).unsqueeze(-1)
                 result = result.index_copy(0, index, chosen.to(result.dtype))
         return result.view(shape)
+
+
+class BranchOutputGate(_Delegating):
+    """The post-MLP norm, followed by DLO's mask and scale (``gate_branch_output``). The norm of a skipped token's
+    zero MLP output is zero (an RMSNorm or a LayerNorm without bias), and the gate keeps it exactly zero."""
+
+    def __init__(self, norm: nn.Module, block: DLOBlock) -> None:
+        super().__init__()
+        self.inner = norm
+        self._block = (block,)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.inner(x, *args, **kwargs)
+        plan = self._block[0].current_plan()
+        if plan is None:
+            return out
+        if not plan.training and plan.index is not None:
+            # eval with a selection: skipped tokens' MLP output was zero; zero their branch whatever the norm does
+            return out * (plan.scale * plan.selected).to(out.dtype).view(*out.shape[:-1], 1)
+        return gate_branch_output(plan, out)
 
 
 class ResidualTap(_Delegating):
@@ -256,13 +349,20 @@ class DLOBlock(_Delegating):
         self._installation = installation
         # a plain tuple: registering the reference as a child would renumber its layer_idx with this block's
         self._checkpoint_reference = (checkpoint_reference,)
-        self._mlp_shadow: SkipMLP | None = None
-        self._norm_shadow: ResidualTap | None = None
+        # attribute name on the decoder layer -> the shadow that hides its module while DLO is attached
+        self._shadows: dict[str, nn.Module] = {}
         if router is not None and skip_mode == "mlp":
-            mlp_name, norm_name = find_mlp_and_norm(layer)
-            self._mlp_name, self._norm_name = mlp_name, norm_name
-            self._mlp_shadow = SkipMLP(layer._modules[mlp_name], self)
-            self._norm_shadow = ResidualTap(layer._modules[norm_name], self)
+            branch = find_mlp_branch(layer)
+            self._shadows[branch.mlp] = SkipMLP(
+                layer._modules[branch.mlp],
+                self,
+                gates_output=branch.post_norm is None,
+                taps_residual=branch.pre_norm is None,
+            )
+            if branch.pre_norm is not None:
+                self._shadows[branch.pre_norm] = ResidualTap(layer._modules[branch.pre_norm], self)
+            if branch.post_norm is not None:
+                self._shadows[branch.post_norm] = BranchOutputGate(layer._modules[branch.post_norm], self)
 
     # ----------------------------------------------------------------- this thread's current forward
 
@@ -279,14 +379,13 @@ class DLOBlock(_Delegating):
     # ----------------------------------------------------------------- shadows on the decoder layer
 
     def attach(self) -> None:
-        if self._mlp_shadow is not None:
-            object.__setattr__(self.inner, self._mlp_name, self._mlp_shadow)
-            object.__setattr__(self.inner, self._norm_name, self._norm_shadow)
+        for name, shadow in self._shadows.items():
+            object.__setattr__(self.inner, name, shadow)
 
     def detach(self) -> None:
-        if self._mlp_shadow is not None:
-            self.inner.__dict__.pop(self._mlp_name, None)
-            self.inner.__dict__.pop(self._norm_name, None)
+        if self._shadows:
+            for name in self._shadows:
+                self.inner.__dict__.pop(name, None)
             stop_carrying_plans(self.inner)
 
     # ----------------------------------------------------------------- forward
@@ -297,7 +396,7 @@ class DLOBlock(_Delegating):
             self.inner.gradient_checkpointing = reference.gradient_checkpointing
             if hasattr(reference, "_gradient_checkpointing_func"):
                 self.inner._gradient_checkpointing_func = reference._gradient_checkpointing_func
-        if self._mlp_shadow is not None:
+        if self._shadows:
             # the shadows need the plan again when checkpointing replays the layer, maybe on another thread
             carry_plans_into_checkpointing(self.inner)
 

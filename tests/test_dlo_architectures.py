@@ -1,0 +1,149 @@
+"""DLO's MLP skip on every layer layout transformers uses: the mask, the scale ŝ and the cosine labels apply to the
+branch that joins the residual stream, ``h' + post_norm(mlp(pre_norm(h')))``, whichever norms a family puts around
+its MLP (methods.md, DLO: label = cos(h', h' + MLP branch); output = h' + selected · ŝ · branch).
+
+The truth is computed from the decoder layer itself, with no knowledge of its layout: ``y`` = the layer's output, and
+``h'`` = its output with the MLP replaced by zeros (every family's post-MLP norm maps zero to zero). Before the fix,
+Gemma-2/3 and OLMo-2 labels compared the attention output instead of ``h'``, and a post-MLP RMSNorm cancelled ŝ.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model
+from tiny_models import VOCAB, batch
+from torch import nn
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    Glm4Config,
+    Glm4ForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+)
+
+from peft_depth.core.layer_stack import find_layer_stack
+from peft_depth.tuners.dlo import DLOConfig, DLOModel
+from peft_depth.tuners.dlo.layer import DLOBlock
+
+SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+)
+
+BUILDERS = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**SHAPE)),
+    "gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(**SHAPE, head_dim=8)),
+    "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(**SHAPE, head_dim=8)),
+    "olmo2": lambda: Olmo2ForCausalLM(Olmo2Config(**SHAPE)),
+    "glm4": lambda: Glm4ForCausalLM(Glm4Config(**SHAPE, head_dim=8)),
+    "gpt_neox": lambda: GPTNeoXForCausalLM(
+        GPTNeoXConfig(**{k: v for k, v in SHAPE.items() if k != "num_key_value_heads"}, use_parallel_residual=False)
+    ),
+    "gpt2": lambda: GPT2LMHeadModel(
+        GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=128, pad_token_id=0,
+                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    ),
+}  # fmt: skip
+
+
+def build(family: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = BUILDERS[family]()
+    with torch.no_grad():  # norms that are not the identity, so a norm put in the wrong place shows
+        for name, param in model.named_parameters():
+            if "norm" in name or "ln_" in name:
+                param.add_(torch.randn_like(param) * 0.3)
+    return model
+
+
+class _ZeroMLP(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def _output(result):
+    return result[0] if isinstance(result, tuple) else result
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_mask_scale_and_labels_apply_to_the_mlp_branch_that_joins_the_residual(family, training):
+    """In training every token runs and the skipped ones are masked; in eval only the selected tokens run the MLP."""
+    model = get_peft_model(
+        build(family),
+        DLOConfig(
+            task_type="CAUSAL_LM",
+            routed_layers="all",
+            capacity=0.5,
+            capacity_annealing_steps=0,
+            scale_gap=1.0,
+            inference_selection="capacity",  # half the tokens in eval too, whatever the random routers score
+        ),
+    )
+    tuner: DLOModel = model.base_model
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for router in tuner.dlo_routers["default"].values():
+            router.weight.copy_(torch.randn(router.weight.shape, generator=generator) * 3.0)
+    stack = find_layer_stack(model.base_model.model).layers  # the expanded stack DLO runs
+    blocks = [block for block in stack if isinstance(block, DLOBlock) and block.router is not None]
+    calls = {}
+    handles = [
+        block.register_forward_hook(
+            lambda m, args, kwargs, out, b=block: calls.__setitem__(b, (args, kwargs, _output(out).detach())),
+            with_kwargs=True,
+        )
+        for block in blocks
+    ]
+    model.train(training)
+    model(**batch(batch_size=2, seq_len=7, left_pad=0), use_cache=False)  # the layers are called again below
+    for handle in handles:
+        handle.remove()
+    assert len(calls) == len(blocks) >= 4
+    for block, (args, kwargs, output) in calls.items():
+        layer, hidden = block.inner, args[0]
+        mlp_name = "mlp"
+        with torch.no_grad():  # outside the block's call, its shadows pass everything through unchanged
+            full = _output(layer(hidden, *args[1:], **kwargs))
+            shadow = layer.__dict__[mlp_name]
+            object.__setattr__(layer, mlp_name, _ZeroMLP())
+            try:
+                residual = _output(layer(hidden, *args[1:], **kwargs))
+            finally:
+                object.__setattr__(layer, mlp_name, shadow)
+        record = block.last_record
+        width = hidden.shape[-1]
+        h, y = residual.reshape(-1, width), full.reshape(-1, width)
+        if training:
+            torch.testing.assert_close(record.cos, F.cosine_similarity(h, y, dim=-1), atol=1e-5, rtol=1e-5)
+        scale = 1.0 + 1.0 * (torch.sigmoid(record.logits.detach()) - 0.5)
+        gate = (record.selected.float() * scale).unsqueeze(-1)
+        assert 0 < int(record.selected.sum()) < record.selected.numel()  # some tokens skipped, some scaled
+        torch.testing.assert_close(output.reshape(-1, width), h + gate * (y - h), atol=1e-5, rtol=1e-5)
+
+
+def test_a_parallel_residual_layer_is_refused_for_mlp_skipping_naming_the_way_out():
+    base = GPTNeoXForCausalLM(
+        GPTNeoXConfig(**{k: v for k, v in SHAPE.items() if k != "num_key_value_heads"}, use_parallel_residual=True)
+    )
+    with pytest.raises(ValueError, match=r"in parallel.*use_parallel_residual.*skip_mode='block'"):
+        get_peft_model(base, DLOConfig(task_type="CAUSAL_LM", routed_layers="all"))
+    model = get_peft_model(base, DLOConfig(task_type="CAUSAL_LM", routed_layers="all", skip_mode="block"))
+    assert model(**batch(batch_size=1, seq_len=4, left_pad=0)).logits.isfinite().all()
