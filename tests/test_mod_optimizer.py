@@ -39,9 +39,18 @@ def test_bad_learning_rates_are_refused_naming_the_field(field, value):
         MoDConfig(**{field: value})
 
 
-def test_without_rates_mod_claims_no_group_and_trains_as_before():
+def test_without_rates_only_the_gate_has_a_group_at_the_trainers_rate_and_decay():
+    """As the trainer's default decay group would train it; its own group lets `gate_learning_rate` reach it."""
     model = _mod()
-    assert model.base_model.depth_optimizer_groups(1e-3, 0.01) == []
+    ensemble = model.base_model.mod_ensemble["default"]
+    groups = model.base_model.depth_optimizer_groups(1e-3, 0.01)
+    assert groups == [{"name": "gate", "params": [ensemble.gate], "lr": 1e-3, "weight_decay": 0.01}]
+
+
+def test_the_trainers_gate_learning_rate_reaches_a_gate_without_gate_lr():
+    model = _mod()
+    groups = collect_optimizer_groups(model, 1e-4, 0.0, gate_learning_rate=0.3)
+    assert [g["lr"] for g in groups if g["name"] == "gate"] == [0.3]
 
 
 def test_gate_lr_moves_the_gate_at_its_own_rate():
@@ -62,7 +71,8 @@ def test_router_lr_covers_router_and_norms_with_the_trainers_decay_policy():
     model = _mod(router_lr=0.02, gate_init=0.5)
     ensemble = model.base_model.mod_ensemble["default"]
     groups = {g["name"]: g for g in model.base_model.depth_optimizer_groups(1e-4, 0.1)}
-    assert set(groups) == {"router", "router_no_decay"}
+    assert set(groups) == {"gate", "router", "router_no_decay"}
+    del groups["gate"]
     expected = {id(p) for p in ensemble.parameters()} - {id(ensemble.gate)}
     assert {id(p) for g in groups.values() for p in g["params"]} == expected
     assert groups["router"]["weight_decay"] == 0.1 and groups["router_no_decay"]["weight_decay"] == 0.0

@@ -7,7 +7,7 @@ input fails before any model is touched.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from peft.config import PeftConfig
@@ -38,6 +38,19 @@ def check_positive_int(name: str, value: Any) -> None:
 def check_non_negative_number(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
         raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+
+
+#: Largest auxiliary-loss coefficient: beyond it the auxiliary loss is all the loss there is (and 1e308 made the
+#: weighted loss inf).
+MAX_LOSS_COEF = 1e3
+
+
+def check_loss_coef(name: str, value: Any) -> None:
+    """An auxiliary-loss coefficient: a real number in [0, MAX_LOSS_COEF] (0 turns the loss off)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_LOSS_COEF:
+        raise ValueError(
+            f"`{name}` must be a finite number in [0, {MAX_LOSS_COEF:g}] (0 turns the loss off), got {value!r}."
+        )
 
 
 def check_probability(name: str, value: Any, *, allow_zero: bool = True, allow_one: bool = True) -> None:
@@ -164,6 +177,23 @@ class DepthPeftConfig(PeftConfig):
                     f"num_layers, hidden_size), got {facts!r}."
                 )
 
+    def revalidate(self) -> None:
+        """Run every check of the constructor again on the current values, and keep their normalised form.
+
+        A dataclass's fields can be set after it was built (``config.alpha = 2.0``). Injection calls this before the
+        model is touched, so such a value fails as it would in the constructor, instead of training, saving, and
+        then failing to load.
+        """
+        self._refresh_defaults()
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        checked = type(self)(**values)
+        for name in values:
+            setattr(self, name, getattr(checked, name))
+
+    def _refresh_defaults(self) -> None:
+        """Undo the constructor's filling-in of defaults that follow other fields, so that ``revalidate`` derives
+        them from the current values (methods with such defaults override this)."""
+
     #: Config fields holding auxiliary-loss coefficients: a nonzero one is a loss a stock Trainer drops.
     aux_loss_fields: ClassVar[tuple[str, ...]] = ()
 
@@ -234,10 +264,10 @@ class LoraFieldsConfig(DepthPeftConfig):
         self._check_lora_fields(allow_zero_rank=False)
 
     def _check_lora_fields(self, *, allow_zero_rank: bool) -> None:
-        if allow_zero_rank and self.r == 0:
-            pass
-        else:
+        if not allow_zero_rank:
             check_positive_int("r", self.r)
+        elif isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
+            raise ValueError(f"`r` must be an integer >= 0 (0: no LoRA), got {self.r!r}.")
         if (
             isinstance(self.lora_alpha, bool)
             or not isinstance(self.lora_alpha, (int, float))

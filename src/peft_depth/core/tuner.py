@@ -62,6 +62,7 @@ def _guard_injection(inject: Callable[..., Any]) -> Callable[..., Any]:
         config = self.peft_config.get(adapter_name)
         check_base_model_facts(getattr(config, "base_model_facts", None), facts, adapter_name=adapter_name)
         if config is not None:
+            config.revalidate()  # fields set after the config was built get the constructor's checks
             config.check_against_base(model)
         budget = AllocationBudget(
             adapter_allocation_limit(model), what=f"{type(self).__name__} adapter {adapter_name!r}"

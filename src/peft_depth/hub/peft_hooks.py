@@ -113,11 +113,15 @@ def _wrap_save_pretrained(original: Any) -> Any:
             # "auto" would look the base model's config up on the Hub to see whether the vocabulary grew
             arguments["save_embedding_layers"] = False
         facts = getattr(self.base_model, "base_model_facts", None)
-        for name in depth:
-            config = self.peft_config[name]
-            if config.base_model_facts is None and facts:
-                config.base_model_facts = dict(facts)
-        result = original(*bound.args, **bound.kwargs)
+        # written for the save only: the caller's config object stays as it was, reusable on another base model
+        filled = [self.peft_config[name] for name in depth if self.peft_config[name].base_model_facts is None]
+        for config in filled if facts else ():
+            config.base_model_facts = dict(facts)
+        try:
+            result = original(*bound.args, **bound.kwargs)
+        finally:
+            for config in filled:
+                config.base_model_facts = None
         if arguments.get("is_main_process", True):
             _write_card_or_warn(self, save_directory, adapter_names=depth)
         return result

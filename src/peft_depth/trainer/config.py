@@ -7,7 +7,7 @@ from typing import Any
 
 from trl import SFTConfig
 
-from ..core.config import check_non_negative_number
+from ..core.config import check_loss_coef, check_non_negative_number
 
 __all__ = ["DepthSFTConfig", "AUX_COEFFICIENT_FIELDS"]
 
@@ -69,8 +69,8 @@ class DepthSFTConfig(SFTConfig):
         default=None,
         metadata={
             "help": "Learning rate of the parameter groups a method tags as gates (e.g. MoLEx gates and alpha; the "
-            "paper trains gates at up to 0.1). None keeps the method's own choice (by default the main "
-            "`learning_rate`)."
+            "paper trains gates at up to 0.1). None keeps each adapter config's own `gate_lr` (MoLEx's default is "
+            "the official one; MoD's default None trains its gate at the main `learning_rate`)."
         },
     )
     gate_weight_decay: float | None = field(
@@ -88,12 +88,19 @@ class DepthSFTConfig(SFTConfig):
     def __post_init__(self) -> None:
         _adopt_activation_checkpointing(self)
         super().__post_init__()
-        for name in (*AUX_COEFFICIENT_FIELDS.values(), "gate_weight_decay"):
-            value = getattr(self, name)
-            if value is not None:
-                check_non_negative_number(name, value)
-        if self.gate_learning_rate is not None and not self.gate_learning_rate > 0:
-            raise ValueError(f"`gate_learning_rate` must be > 0 (or None), got {self.gate_learning_rate!r}.")
+        for name in AUX_COEFFICIENT_FIELDS.values():
+            if getattr(self, name) is not None:
+                check_loss_coef(name, getattr(self, name))
+        if self.gate_weight_decay is not None:
+            check_non_negative_number("gate_weight_decay", self.gate_weight_decay)
+        rate = self.gate_learning_rate
+        if rate is not None and (
+            isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < float("inf")
+        ):
+            raise ValueError(f"`gate_learning_rate` must be a finite number > 0 (or None), got {rate!r}.")
+        for name in ("sync_routing_stats", "log_routing_health"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
 
     def aux_coefficient_overrides(self) -> dict[str, float]:
         """``{aux-loss name: coefficient}`` for every coefficient field that is set."""

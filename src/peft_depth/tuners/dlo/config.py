@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from ...core.config import (
     LoraFieldsConfig,
     check_choice,
+    check_loss_coef,
     check_non_negative_number,
     check_positive_int,
     check_probability,
@@ -296,10 +297,19 @@ class DLOConfig(LoraFieldsConfig):
         },
     )
 
+    @property
+    def lora_on_originals(self) -> bool:
+        """Whether LoRA goes on the original layers' `target_modules`: a rank, and `lora_on_original_layers`."""
+        return self.r > 0 and self.lora_on_original_layers
+
+    def _refresh_defaults(self) -> None:
+        if getattr(self, "_routed_layers_defaulted", False):
+            self.routed_layers = None
+
     def _default_routed_layers(self) -> str:
         if self.peft_depth_version < 3:
             return "all"  # the default of the layouts before version 3
-        trains_originals = (self.r > 0 and self.lora_on_original_layers) or bool(self.trained_original_modules)
+        trains_originals = self.lora_on_originals or bool(self.trained_original_modules)
         return "all" if trains_originals or self.unrouted_edge_layers else "new"
 
     def _check_lora_fields(self, *, allow_zero_rank: bool) -> None:
@@ -332,6 +342,8 @@ class DLOConfig(LoraFieldsConfig):
                 "`init`='random' with new_layer_training='lora' would freeze random layers; use init 'zero_out', "
                 "'copy' or 'mean', or new_layer_training='full'."
             )
+        # a default that follows other fields: re-resolved by revalidate() if they are set after construction
+        self._routed_layers_defaulted = self.routed_layers is None or getattr(self, "_routed_layers_defaulted", False)
         if self.routed_layers is None:
             self.routed_layers = self._default_routed_layers()
         check_choice("routed_layers", self.routed_layers, ROUTED_LAYERS)
@@ -347,6 +359,12 @@ class DLOConfig(LoraFieldsConfig):
         if self.inference_capacity is not None:
             check_probability("inference_capacity", self.inference_capacity, allow_zero=False)
         check_probability("min_capacity", self.min_capacity, allow_zero=False)
+        if self.loss_type == "cos_global" and self.min_capacity > self.capacity:
+            raise ValueError(
+                f"`min_capacity` ({self.min_capacity!r}) must be <= `capacity` ({self.capacity!r}): it is the floor of "
+                "the per-layer capacities loss_type='cos_global' sets around that mean, and above it every layer "
+                "would run at the floor."
+            )
         if isinstance(self.capacity_annealing_steps, bool) or not isinstance(self.capacity_annealing_steps, int):
             raise ValueError(
                 f"`capacity_annealing_steps` must be an integer >= 0, got {self.capacity_annealing_steps!r}."
@@ -360,11 +378,9 @@ class DLOConfig(LoraFieldsConfig):
         _check_unrouted_edge_layers(self)
         _check_trained_original_modules(self)
         _check_unused_fields(self)
-        check_non_negative_number("router_loss_coef", self.router_loss_coef)
+        check_loss_coef("router_loss_coef", self.router_loss_coef)
         if not isinstance(self.lora_on_original_layers, bool):
             raise ValueError(f"`lora_on_original_layers` must be True or False, got {self.lora_on_original_layers!r}.")
-        if self.r == 0:
-            self.lora_on_original_layers = False
         if not isinstance(self.capacity_lr_scaling, bool):
             raise ValueError(f"`capacity_lr_scaling` must be True or False, got {self.capacity_lr_scaling!r}.")
         for name in ("zero_out_modules", "new_layer_target_modules"):

@@ -122,7 +122,7 @@ class DLOModel(CapacitySchedule, CapacityLearningRates, StackInstallation, Adapt
     # ------------------------------------------------------------------ injection
 
     def _prepare_adapter_config(self, peft_config: DLOConfig, model_config: dict) -> DLOConfig:
-        if not peft_config.lora_on_original_layers:
+        if not peft_config.lora_on_originals:
             # No LoRA on the original layers: peft injects nothing (the stored config keeps its target_modules).
             return replace_config(peft_config, target_modules=DUMMY_TARGET_MODULES)
         return super()._prepare_adapter_config(peft_config, model_config)
@@ -180,7 +180,7 @@ class DLOModel(CapacitySchedule, CapacityLearningRates, StackInstallation, Adapt
         paths = trained_original_module_paths(config, originals, stack_path)
         if not paths:
             return previous
-        if config.lora_on_original_layers:
+        if config.lora_on_originals:
             lora_view = self._prepare_adapter_config(replace_config(config), self.get_model_config(model))
             check_lora_outside_trained_modules(model, lora_view, paths)
         config.modules_to_save = list(dict.fromkeys([*(previous or []), *paths]))

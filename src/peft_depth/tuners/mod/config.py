@@ -14,7 +14,7 @@ from typing import Any
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
-from ...core.config import LoraFieldsConfig, check_choice, check_positive_int, check_probability
+from ...core.config import MAX_LOSS_COEF, LoraFieldsConfig, check_choice, check_positive_int, check_probability
 from ...core.peft_registration import add_peft_type
 from .base_parts import final_logit_softcap, find_base_parts
 
@@ -32,7 +32,7 @@ TEMPERATURE_RANGE = (1e-3, 1e3)
 #: extrapolation far outside the layers' range (and 1e308 overflowed the float32 gate).
 GATE_INIT_BOUND = 10.0
 #: Largest distill_loss_coef: the summed KL starts near 30 (see the field), so beyond 1e3 it is all the loss there is.
-MAX_DISTILL_LOSS_COEF = 1e3
+MAX_DISTILL_LOSS_COEF = MAX_LOSS_COEF
 
 
 def _check_number_in(name: str, value: Any, low: float, high: float, why: str) -> None:

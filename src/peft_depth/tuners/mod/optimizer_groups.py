@@ -25,24 +25,28 @@ def _no_decay(name: str) -> bool:
 def mod_optimizer_groups(
     ensembles: dict[str, MoDEnsemble], configs: dict[str, MoDConfig], base_lr: float, weight_decay: float
 ) -> list[dict[str, Any]]:
-    """Groups ``gate`` (g, lr ``gate_lr``) and ``router`` (router and norms, lr ``router_lr``) per adapter.
+    """Groups ``gate`` (g, lr ``gate_lr``, else the main rate) and ``router`` (router and norms, lr ``router_lr``)
+    per adapter.
 
-    A group is only emitted when its rate is set, so an adapter without them trains exactly as before (in the
-    trainer's default decay/no-decay groups). Names get ``.<adapter>`` with several adapters.
+    The router group is only emitted when its rate is set, so an adapter without one trains its router and norms in
+    the trainer's default decay/no-decay groups. The gate always has a group, with the trainer's decay, as in the
+    default group (so the trainer's ``gate_learning_rate`` can set its rate). Names get ``.<adapter>`` with several
+    adapters.
     """
     groups: list[dict[str, Any]] = []
     suffix = (lambda name: f".{name}") if len(ensembles) > 1 else (lambda name: "")
     for adapter_name, ensemble in ensembles.items():
         config = configs[adapter_name]
-        if config.gate_lr is not None:
-            groups.append(
-                {
-                    "name": "gate" + suffix(adapter_name),
-                    "params": [ensemble.gate],
-                    "lr": config.gate_lr,
-                    "weight_decay": weight_decay,
-                }
-            )
+        # always a group of its own (at the main rate without `gate_lr`, as the trainer's default group would
+        # train it), so that the trainer's `gate_learning_rate` reaches it
+        groups.append(
+            {
+                "name": "gate" + suffix(adapter_name),
+                "params": [ensemble.gate],
+                "lr": config.gate_lr if config.gate_lr is not None else base_lr,
+                "weight_decay": weight_decay,
+            }
+        )
         if config.router_lr is not None:
             named = [(n, p) for n, p in ensemble.named_parameters() if p is not ensemble.gate]
             for decay, label in ((True, "router"), (False, "router_no_decay")):

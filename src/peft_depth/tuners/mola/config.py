@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...core.config import LoraFieldsConfig, check_choice, check_non_negative_number, check_positive_int
+from ...core.config import LoraFieldsConfig, check_choice, check_loss_coef, check_positive_int
 from ...core.peft_registration import add_peft_type
 
 __all__ = ["MoLAConfig", "expand_expert_pattern"]
@@ -79,8 +79,9 @@ class MoLAConfig(LoraFieldsConfig):
         super().__post_init__()
         self.peft_type = MOLA
         check_choice("bias", self.bias, ("none", "all", "mola_only"))
-        check_non_negative_number("balance_loss_coef", self.balance_loss_coef)
+        check_loss_coef("balance_loss_coef", self.balance_loss_coef)
         pattern_is_default = self.num_experts is None and self.expert_pattern is None
+        self._allocation_defaulted = pattern_is_default or getattr(self, "_allocation_defaulted", False)
         if pattern_is_default:
             # Made explicit, so that the saved config says what was trained whatever a later default is.
             if self.peft_depth_version >= 2:
@@ -120,6 +121,22 @@ class MoLAConfig(LoraFieldsConfig):
                 raise ValueError(
                     f"`top_k` ({self.top_k}) must be <= the smallest entry of `expert_pattern` ({smallest}){default}."
                 )
+
+    def _refresh_defaults(self) -> None:
+        # the default ▽ pattern (or v1's 8 experts) was filled in: a `num_experts` or `expert_pattern` set since
+        # replaces it, as it would have in the constructor
+        if getattr(self, "_allocation_defaulted", False):
+            default = (
+                (list(DEFAULT_EXPERT_PATTERN), None)
+                if self.peft_depth_version >= 2
+                else (None, V1_DEFAULT_NUM_EXPERTS)
+            )
+            if (self.expert_pattern, self.num_experts) != default:
+                self._allocation_defaulted = False
+                if self.num_experts is not None and self.expert_pattern == default[0]:
+                    self.expert_pattern = None
+                elif self.expert_pattern is not None and self.num_experts == default[1]:
+                    self.num_experts = None
 
     @property
     def is_per_layer(self) -> bool:

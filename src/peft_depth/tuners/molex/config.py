@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from ...core.config import (
     LoraFieldsConfig,
     check_choice,
+    check_loss_coef,
     check_non_negative_number,
     check_positive_int,
     check_probability,
@@ -206,7 +207,7 @@ class MoLExConfig(LoraFieldsConfig):
         check_choice("gate_type", self.gate_type, GATE_TYPES)
         check_choice("learned_alpha_start", self.learned_alpha_start, LEARNED_ALPHA_STARTS)
         check_positive_int("gate_proj_dim", self.gate_proj_dim)
-        check_non_negative_number("balance_loss_coef", self.balance_loss_coef)
+        check_loss_coef("balance_loss_coef", self.balance_loss_coef)
         if self.alpha is not None:
             check_probability("alpha", self.alpha, allow_zero=False, allow_one=False)
         for name in ("learn_alpha", "shared_gate", "straight_through_gate"):
@@ -252,7 +253,11 @@ class MoLExConfig(LoraFieldsConfig):
         cover the gate and α; LoRA's rank, the learning rate and the epochs of the scripts are the trainer's business
         (methods.md lists them).
         """
-        key = task.lower().replace("-", "")
+        if not isinstance(task, str):
+            raise ValueError(
+                f"`task` must be one of {sorted(TASK_PRESETS)} (official MoLEx GLUE scripts); got {task!r}."
+            )
+        key = task.lower().replace("-", "").replace("_", "")
         if key not in TASK_PRESETS:
             raise ValueError(
                 f"`task` must be one of {sorted(TASK_PRESETS)} (official MoLEx GLUE scripts); got {task!r}."
