@@ -672,3 +672,25 @@ def test_routing_stats_split_the_executed_fraction_by_layer_kind():
         expected = executed / sum(row["num_tokens"] for row in rows)
         assert stats["executed_fraction_by_kind"][kind] == pytest.approx(expected)
     assert stats["executed_fraction_by_kind"]["original"] != stats["executed_fraction_by_kind"]["new"]
+
+
+@pytest.mark.parametrize("settings", [dict(skip_mode="block"), dict(inference_selection="capacity", capacity=0.5)])
+def test_generate_runs_uncached_where_dlo_keeps_no_cache_and_says_so(settings):
+    """Block skipping keeps no cache; a capacity budget chooses among all the tokens of a forward, so a cached decode
+    step would run every new token (executed fraction 1.0 for one row) and differ from uncached generation."""
+    model = dlo(tiny_llama(num_layers=8), **settings)
+    randomise_routers(model)
+    perturb_new_layers(model)
+    model.eval()
+    prompt = batch(batch_size=1, seq_len=5, left_pad=0)
+    options = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with pytest.warns(UserWarning, match="generating with use_cache=False"):
+        plain = model.generate(**prompt, **options)
+    uncached = model.generate(**prompt, **options, use_cache=False)
+    assert torch.equal(plain, uncached)
+    with torch.no_grad():
+        prefill = model(**prompt, use_cache=True) if "inference_selection" in settings else None
+    if prefill is not None:  # a forward that reads a cache is refused, naming the way out
+        step = {"input_ids": plain[:, 5:6], "attention_mask": torch.ones(1, 6, dtype=torch.long)}
+        with pytest.raises(ValueError, match=r"inference_selection='capacity'.*use_cache=False"):
+            model(**step, past_key_values=prefill.past_key_values)

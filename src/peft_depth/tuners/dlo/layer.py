@@ -1,17 +1,9 @@
-"""DLO's per-layer machinery: the routed block, the MLP that runs on selected tokens only, and LoRA for new layers.
+"""DLO's routed block and the LoRA of new layers.
 
 A routed layer of the expanded stack is a ``DLOBlock`` around the decoder layer (original or new). The block scores
-each token's residual stream with its router, decides which tokens execute, and hands that *plan* to the shadows it
-installs on the decoder layer for the duration of DLO (see ``core.rewiring``: instance attributes that hide the
-registered modules without changing any state-dict key):
-
-- ``mlp`` -> ``SkipMLP``: in eval it gathers the selected tokens, runs the real MLP on those alone and scatters the
-  scaled result back (skipped tokens get exactly zero: the residual passes through); in training it runs every token,
-  because the router labels need every token's MLP output, and zeroes the unselected ones.
-- the pre-MLP norm -> ``ResidualTap``: records the residual stream ``h'`` entering the MLP, for the cosine labels
-  (a layer whose MLP reads ``h'`` unnormed, OLMo-2, has ``SkipMLP`` record it);
-- a post-MLP norm, where the layer has one (Gemma-2/3, OLMo-2, GLM-4) -> ``BranchOutputGate``: the mask, the scale
-  and the labels apply after that norm, to the branch that joins the residual (``find_mlp_branch``).
+each token's residual stream with its router, decides which tokens execute, and hands that *plan* to the layer:
+with ``skip_mode='mlp'`` to the shadows it installs on the decoder layer's MLP branch for the duration of DLO
+(``mlp_branch``), with ``skip_mode='block'`` to ``block_skip``.
 
 The shadows are shared by every forward; the plan is not. It belongs to the block's call in progress on the calling
 thread (``forward_state.running_plan``), also when checkpointing replays the layer in backward, so concurrent
@@ -20,18 +12,18 @@ forwards never see each other's plans.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...core.context import RoutingContext
 from ...core.distributed import sharded_across_processes, sharded_by_fsdp
+from ...core.layer_call import bind_block_call
 from ...core.low_rank import init_low_rank, low_rank_delta
 from ...core.nonfinite import check_routing_scores
 from .block_skip import forward_block_skip
+from .delegating import Delegating
 from .forward_state import (
     DLORecord,
     RoutingPlan,
@@ -42,6 +34,7 @@ from .forward_state import (
     stop_carrying_plans,
     write_forward_state,
 )
+from .mlp_branch import BranchOutputGate, MLPBranch, ResidualTap, SkipMLP, find_mlp_branch
 from .selection import select_top_fraction
 
 __all__ = [
@@ -74,173 +67,6 @@ SHARDED_BLOCK_SKIP_MESSAGE = (
     "often (the processes would deadlock or crash). Train with skip_mode='mlp' (the default) under FSDP2, or with "
     "skip_mode='block' under DDP."
 )
-
-#: Names of a decoder layer's MLP.
-MLP_NAMES = ("mlp", "feed_forward")
-#: Names of a norm applied to the MLP's output before it joins the residual stream (Gemma-2/3, OLMo-2/3, GLM-4).
-POST_MLP_NORM_NAMES = ("post_feedforward_layernorm", "post_mlp_layernorm")
-#: Names of the norm that feeds the MLP in a plain pre-norm layer (Llama/Qwen/Mistral, GPT-NeoX, GPT-2).
-PRE_MLP_NORM_NAMES = ("post_attention_layernorm", "ln_2")
-
-
-@dataclass(frozen=True)
-class MLPBranch:
-    """Where a decoder layer's MLP branch is: ``h' + post_norm(mlp(pre_norm(h')))``, the residual stream ``h'``.
-
-    ``pre_norm`` is None when the MLP reads ``h'`` itself (OLMo-2); ``post_norm`` is None when the MLP's output joins
-    the residual as it is (Llama). DLO's mask and scale, and its cosine labels, apply to the branch's output: after
-    ``post_norm``, which would otherwise cancel a per-token scale (an RMSNorm is invariant to it).
-    """
-
-    mlp: str
-    pre_norm: str | None
-    post_norm: str | None
-
-
-def _module_named(layer: nn.Module, names: tuple[str, ...]) -> str | None:
-    return next((name for name in names if isinstance(getattr(layer, name, None), nn.Module)), None)
-
-
-def find_mlp_branch(layer: nn.Module) -> MLPBranch:
-    """The MLP branch of a decoder layer, by the names transformers gives its modules; ValueError if not found.
-
-    The name ``post_attention_layernorm`` means two things: the MLP's input norm in a pre-norm layer (Llama), and the
-    attention output's norm in a layer that also norms the MLP's output (Gemma-2, OLMo-2). So a layer with a post-MLP
-    norm takes its MLP's input norm from ``pre_feedforward_layernorm`` (Gemma), or ``post_attention_layernorm`` when the
-    attention branch has a norm of its own (GLM-4's ``post_self_attn_layernorm``), or none (OLMo-2, EXAONE-4).
-    """
-    kind = type(layer).__name__
-    if getattr(layer, "use_parallel_residual", False) or getattr(layer, "parallel_attn", False):
-        raise ValueError(
-            f"skip_mode='mlp' needs the MLP to read the residual stream after attention, but {kind} runs attention "
-            "and the MLP in parallel on the layer's input (`use_parallel_residual`), so the cosine labels would "
-            "compare the wrong states. Use skip_mode='block'."
-        )
-    mlp = _module_named(layer, MLP_NAMES)
-    post_norm = _module_named(layer, POST_MLP_NORM_NAMES)
-    if post_norm is None:
-        pre_norm = _module_named(layer, PRE_MLP_NORM_NAMES)
-    elif isinstance(getattr(layer, "pre_feedforward_layernorm", None), nn.Module):
-        pre_norm = "pre_feedforward_layernorm"
-    elif isinstance(getattr(layer, "post_self_attn_layernorm", None), nn.Module):
-        pre_norm = _module_named(layer, ("post_attention_layernorm",))
-    else:
-        pre_norm = None  # the MLP reads the residual stream itself
-    if mlp is None or (pre_norm is None and post_norm is None):
-        raise ValueError(
-            f"skip_mode='mlp' needs a decoder layer with an MLP ({'/'.join(MLP_NAMES)}) behind a pre-MLP norm "
-            f"({'/'.join(PRE_MLP_NORM_NAMES)}) or followed by a post-MLP norm ({'/'.join(POST_MLP_NORM_NAMES)}); "
-            f"{kind} has neither. Use skip_mode='block'."
-        )
-    return MLPBranch(mlp=mlp, pre_norm=pre_norm, post_norm=post_norm)
-
-
-def gate_branch_output(plan: RoutingPlan, out: torch.Tensor) -> torch.Tensor:
-    """The MLP branch's output as DLO adds it to the residual: times ŝ, and zero for the tokens the router skipped
-    (in training, where every token ran; in eval the skipped tokens' output is zero already). Records the cosine
-    labels ``cos(h', h' + branch)`` when the plan wants them."""
-    shape = out.shape
-    if plan.training and plan.want_cos and plan.residual is not None:
-        with torch.no_grad():
-            residual = plan.residual.reshape(-1, shape[-1]).float()
-            plan.cos = F.cosine_similarity(residual, residual + out.reshape(residual.shape).float(), dim=-1)
-    gate = plan.scale.to(out.dtype)
-    if plan.training:
-        gate = gate * plan.selected.to(out.dtype)
-    return out * gate.view(*shape[:-1], 1)
-
-
-class _Delegating(nn.Module):
-    """Unregistered wrapper that forwards unknown attributes to the module it wraps (``inner``)."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["inner"], name)
-
-
-class SkipMLP(_Delegating):
-    """Runs the wrapped MLP on the plan's selected tokens only (eval) or on all and masks (training).
-
-    The plan is the current forward's, read through the block that owns this shadow (``DLOBlock.current_plan``).
-    ``gates_output``: the MLP's output is the branch's (no post-MLP norm), so the mask and scale apply here; otherwise
-    ``BranchOutputGate`` applies them after the norm. ``taps_residual``: the MLP reads ``h'`` itself (no pre-MLP
-    norm), so its input is the residual for the labels.
-    """
-
-    def __init__(self, mlp: nn.Module, block: DLOBlock, *, gates_output: bool, taps_residual: bool) -> None:
-        super().__init__()
-        self.inner = mlp
-        self._block = (block,)  # a plain tuple, not a child: the block wraps the layer this shadow sits in
-        self._gates_output = gates_output
-        self._taps_residual = taps_residual
-
-    @property
-    def plan(self) -> RoutingPlan | None:
-        return self._block[0].current_plan()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan = self.plan
-        if plan is None:
-            return self.inner(x)
-        if self._taps_residual and plan.want_cos:
-            plan.residual = x.detach()
-        if plan.training or plan.index is None:
-            out = self.inner(x)
-            return gate_branch_output(plan, out) if self._gates_output else out
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        result = flat.new_zeros(flat.shape)
-        # Only the selected tokens go through the MLP: this is where inference saves compute. Base-path tokens (a
-        # non-finite router score) run in a call of their own, so the chosen tokens' call is the same, bit for bit,
-        # as in a batch without them.
-        for index in (plan.index, plan.base_index):
-            if index.numel():
-                chosen = self.inner(flat.index_select(0, index).unsqueeze(0)).squeeze(0)
-                if self._gates_output:
-                    chosen = chosen * plan.scale.index_select(0, index).to(chosen.dtype).unsqueeze(-1)
-                result = result.index_copy(0, index, chosen.to(result.dtype))
-        return result.view(shape)
-
-
-class BranchOutputGate(_Delegating):
-    """The post-MLP norm, followed by DLO's mask and scale (``gate_branch_output``). The norm of a skipped token's
-    zero MLP output is zero (an RMSNorm or a LayerNorm without bias), and the gate keeps it exactly zero."""
-
-    def __init__(self, norm: nn.Module, block: DLOBlock) -> None:
-        super().__init__()
-        self.inner = norm
-        self._block = (block,)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self.inner(x, *args, **kwargs)
-        plan = self._block[0].current_plan()
-        if plan is None:
-            return out
-        if not plan.training and plan.index is not None:
-            # eval with a selection: skipped tokens' MLP output was zero; zero their branch whatever the norm does
-            return out * (plan.scale * plan.selected).to(out.dtype).view(*out.shape[:-1], 1)
-        return gate_branch_output(plan, out)
-
-
-class ResidualTap(_Delegating):
-    """The pre-MLP norm, recording its input (the residual stream ``h'``) into the plan when labels are wanted."""
-
-    def __init__(self, norm: nn.Module, block: DLOBlock) -> None:
-        super().__init__()
-        self.inner = norm
-        self._block = (block,)
-
-    @property
-    def plan(self) -> RoutingPlan | None:
-        return self._block[0].current_plan()
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        plan = self.plan
-        if plan is not None and plan.want_cos:
-            plan.residual = x.detach()
-        return self.inner(x, *args, **kwargs)
 
 
 class NewLayerLoraLinear(nn.Module):
@@ -287,7 +113,7 @@ def gather_indices(chosen: torch.Tensor, base_path: torch.Tensor) -> tuple[torch
     return order[:num_chosen], order[num_chosen : num_chosen + num_base]
 
 
-class DLOBlock(_Delegating):
+class DLOBlock(Delegating):
     """A decoder layer of the expanded stack, with its router (None: always runs) and skip logic.
 
     Args:
@@ -415,6 +241,8 @@ class DLOBlock(_Delegating):
             valid = valid.to(scores.device)
         settings = self._owner[0].dlo_layer_settings(self._adapter_name, self.position, training=training)
         capacity, want_cos, inference_capacity = settings
+        if not training and inference_capacity is not None:
+            self._refuse_decoding_on_a_cache(hidden_states, args, kwargs)
         chosen = self._select(scores, valid, ~nonfinite, training, capacity, inference_capacity)
         # The base path of a token with non-finite scores: the layer runs on it, unscaled, as in the base model. It
         # joins the selection only after the batch-wide choice above, which never saw it.
@@ -443,6 +271,18 @@ class DLOBlock(_Delegating):
             nonfinite=nonfinite,
         )
         return output
+
+    def _refuse_decoding_on_a_cache(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> None:
+        """inference_selection='capacity' picks a fraction of all the tokens of a forward: a forward that adds tokens
+        to a cache would pick among the new tokens alone (every one of them, for one token per row)."""
+        call = bind_block_call(self.inner, self.inner.forward, (hidden_states, *args), kwargs)
+        if call.past_length(self.position) > 0:
+            raise ValueError(
+                f"{self._where}: inference_selection='capacity' executes the top `inference_capacity` fraction of "
+                "all the tokens of a forward, so a step that reads a KV cache would choose among its new tokens "
+                "alone (all of them, one token per row) and cached generation would differ from uncached. Generate "
+                "with use_cache=False (DLOModel.generate does so), or use inference_selection='threshold'."
+            )
 
     def _select(
         self,

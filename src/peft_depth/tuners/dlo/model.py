@@ -29,6 +29,7 @@ hands their output back in the stack's dtype. Merging into a quantized base is r
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -295,6 +296,35 @@ class DLOModel(CapacitySchedule, CapacityLearningRates, StackInstallation, Adapt
         state["rewiring"] = None
         if "routing_context" in self.__dict__:  # a cached_property: only remove what was made
             self.routing_context.tracker.remove()
+
+    # ------------------------------------------------------------------ generation
+
+    def _uncached_generation_reason(self) -> str | None:
+        adapter = self._active_dlo_adapter()
+        if adapter is None or not self.depth_adapters_enabled:
+            return None
+        config = self.peft_config[adapter]
+        if config.routed_layers == "none":
+            return None
+        if config.skip_mode == "block":
+            return "skip_mode='block' runs each routed layer's attention over its selected tokens only"
+        if config.inference_selection == "capacity":
+            return "inference_selection='capacity' executes a fraction of all the tokens of each forward"
+        return None
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``model.generate``; without KV cache where DLO cannot keep one (``skip_mode='block'``, or
+        ``inference_selection='capacity'``, whose choice is not causal), with a warning unless asked for."""
+        reason = self._uncached_generation_reason()
+        if reason is not None:
+            if kwargs.get("use_cache", True):
+                warnings.warn(
+                    f"DLO {reason}, so no KV cache can be kept: generating with use_cache=False.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            kwargs["use_cache"] = False
+        return self.model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ after each forward: the router loss
 

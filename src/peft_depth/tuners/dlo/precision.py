@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layer import _Delegating
+from .delegating import Delegating
 
 __all__ = ["PrecisionBridge", "cast_floating", "new_layer_weight"]
 
@@ -41,7 +41,7 @@ def cast_floating(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
-class PrecisionBridge(_Delegating):
+class PrecisionBridge(Delegating):
     """Runs ``inner`` (a new layer, or the ``DLOBlock`` around one) in the dtype of ``weight``.
 
     The dtype is read from the weight at each call, so a later ``model.to(dtype)`` that brings the layer back to the
