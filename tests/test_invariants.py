@@ -199,9 +199,63 @@ def _routing_stats_without_padding(model, inputs) -> object:
     stats = peft_depth.routing_stats(model)
     if "molex" in stats:
         return [(row["layer"], row["chosen"], row["num_tokens"]) for row in stats["molex"]["default"]]
+    if "mod" in stats:
+        return stats["mod"]["default"]["num_tokens"]
     mask = inputs["attention_mask"].reshape(-1).bool()
     return [
         tuple(block.last_record.selected.view(-1)[mask].tolist())
         for block in model.base_model._dlo["blocks"]
         if block.last_record is not None
     ]
+
+
+# ------------------------------------------------------------------------------------------------ how the mask arrives
+
+#: Cases that read the padding mask (a row statistic or a batch-wide choice).
+MASK_READERS = ["mod_sequence", *ROW_MIXING]
+
+
+@pytest.mark.parametrize("case", ["mola", "mod_token", "mod_sequence", "dlo_mlp"])
+def test_a_static_cache_keeps_the_padding_out(case):
+    """generate with a static cache hands the model a 4-D mask; the padding used to be lost there (MoD's sequence
+    router averaged a row's left padding into its mean: 0.063 from the row alone)."""
+    model = adapted(case, "llama")
+    lengths = [8, 3]
+    batch = _left_padded(lengths)
+    with torch.no_grad():
+        together = _step_logits(model, batch, cache_implementation="static")
+        for row, length in enumerate(lengths):
+            alone = {name: value[row : row + 1, -length:] for name, value in batch.items()}
+            torch.testing.assert_close(
+                together[row : row + 1], _step_logits(model, alone, cache_implementation="static"), atol=ATOL, rtol=0
+            )
+
+
+def _additive_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The 4-D float mask ``[batch, 1, seq, seq]`` a caller may pass instead: causal, padding keys hidden."""
+    seq = attention_mask.shape[1]
+    allowed = torch.ones(seq, seq, dtype=torch.bool).tril() & attention_mask.bool()[:, None, None, :]
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+@pytest.mark.parametrize("case", MASK_READERS)
+def test_a_4d_mask_and_a_positional_mask_give_what_the_2d_keyword_mask_gives(case):
+    model = adapted(case, "llama")
+    inputs = _left_padded([7, 4, 5])
+    positions = _positions(inputs)
+    with torch.no_grad():
+        reference = model(**inputs, position_ids=positions, use_cache=False).logits
+        routing = _routing_stats_without_padding(model, inputs)
+        four_d = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=_additive_mask(inputs["attention_mask"]),
+            position_ids=positions,
+            use_cache=False,
+        ).logits
+        assert _routing_stats_without_padding(model, inputs) == routing
+        positional = model.get_base_model()(inputs["input_ids"], inputs["attention_mask"], positions, use_cache=False)
+        assert _routing_stats_without_padding(model, inputs) == routing
+    mask = inputs["attention_mask"]
+    for logits in (four_d, positional.logits):
+        for a, b in zip(_real_logits(logits, mask), _real_logits(reference, mask)):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=0)

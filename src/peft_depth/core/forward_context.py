@@ -19,6 +19,7 @@ runs and deletes models kept every deleted model's adapted layers (and their bas
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import weakref
 from contextvars import ContextVar
@@ -31,7 +32,7 @@ from transformers.cache_utils import Cache
 
 from .layer_call import call_cache
 
-__all__ = ["ForwardContext", "ForwardContextTracker"]
+__all__ = ["ForwardContext", "ForwardContextTracker", "padding_mask"]
 
 # One dict per thread/task: tracker key -> the context of that tracker's model's latest forward. Replaced, never
 # mutated in place, so a context copied into another thread or task keeps its own view.
@@ -49,13 +50,48 @@ def _forget(key: int) -> None:
         _CONTEXTS.set({k: v for k, v in contexts.items() if k != key})
 
 
+def _call_arguments(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments by name: ``model(input_ids, attention_mask)`` passes the mask positionally."""
+    if len(args) <= 1 and "attention_mask" in kwargs:
+        return kwargs
+    try:
+        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):  # a forward that takes *args only: keywords are all there is
+        return kwargs
+    arguments = dict(bound.arguments)
+    arguments.update(arguments.pop("kwargs", None) or {})  # a **kwargs parameter's own entries
+    return arguments
+
+
+def padding_mask(mask: Any, past_length: int) -> torch.Tensor | None:
+    """The padding mask of a forward's ``attention_mask``: ``[batch, past + seq]`` or ``[batch, seq]``, 1 = real.
+
+    A 2-D mask is one already. A 4-D mask ``[batch, heads, seq, keys]`` (generate's with a static cache, or a
+    caller's attention bias; a dict of them per attention type) hides it: there a token is real when it may attend to
+    itself (its own key at ``past_length`` + its index), which holds for every real token under causal, sliding-window
+    and packed-sequence masks alike, and never for padding. Anything else gives None (every token real).
+    """
+    if isinstance(mask, dict):
+        mask = next((value for value in mask.values() if isinstance(value, torch.Tensor)), None)
+    if not isinstance(mask, torch.Tensor):
+        return None
+    if mask.dim() == 2:
+        return mask
+    if mask.dim() != 4 or past_length + mask.shape[-2] > mask.shape[-1]:
+        return None
+    seq = mask.shape[-2]
+    own_keys = torch.diagonal(mask[..., past_length : past_length + seq], dim1=-2, dim2=-1)  # [batch, heads, seq]
+    visible = own_keys if own_keys.dtype == torch.bool else own_keys == 0  # additive masks: 0 = attend
+    return visible.any(dim=1).long()
+
+
 @dataclass
 class ForwardContext:
     """What one top-level forward of a model was called with.
 
     Attributes:
-        attention_mask: the 2-D ``[batch, past + seq]`` padding mask, or None (4-D masks are attention biases, not
-            padding masks, and are not kept).
+        attention_mask: the padding mask, ``[batch, past + seq]`` as passed, or ``[batch, seq]`` read from a 4-D
+            mask (``padding_mask``); None when there is none (every token real).
         cache: the KV cache the call continues, if one was passed in (a cache created inside the forward is not
             known here; see ``layer_call.output_cache``).
         past_length: positions that cache held before the call.
@@ -99,13 +135,14 @@ class ForwardContextTracker:
         if not self.__dict__.get("_finalizer"):
             # the model this hook sits on (a deep copy's tracker learns its own copy here)
             self._finalizer = weakref.finalize(module, _forget, self.key)
-        mask = kwargs.get("attention_mask")
-        _, cache = call_cache(kwargs, self._where)
+        arguments = _call_arguments(module, args, kwargs)
+        _, cache = call_cache(arguments, self._where)
+        past_length = int(cache.get_seq_length()) if cache is not None else 0
         self.begin_context(
             ForwardContext(
-                attention_mask=mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
+                attention_mask=padding_mask(arguments.get("attention_mask"), past_length),
                 cache=cache,
-                past_length=int(cache.get_seq_length()) if cache is not None else 0,
+                past_length=past_length,
             )
         )
 
