@@ -694,3 +694,67 @@ def test_generate_runs_uncached_where_dlo_keeps_no_cache_and_says_so(settings):
         step = {"input_ids": plain[:, 5:6], "attention_mask": torch.ones(1, 6, dtype=torch.long)}
         with pytest.raises(ValueError, match=r"inference_selection='capacity'.*use_cache=False"):
             model(**step, past_key_values=prefill.past_key_values)
+
+
+def _tiny_mistral_window_4():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        sliding_window=4,
+    )
+    return MistralForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("layout", ["sliding_window_padded", "packed_sequences"])
+def test_block_skipping_keeps_the_layers_own_attention_mask(layout):
+    """The packed call used a plain causal mask among the chosen tokens, dropping a sliding window (a left-padded
+    row differed from itself alone by 0.42) and packed-sequence boundaries (0.48). Zero routers choose every real
+    token (random routers, for the packed row, skip the same tokens as alone), so each sequence must compute what it
+    computes alone."""
+    base = _tiny_mistral_window_4() if layout == "sliding_window_padded" else tiny_llama(num_layers=4)
+    model = dlo(base, skip_mode="block", expand_every=2)
+    perturb_new_layers(model)
+    if layout == "packed_sequences":  # some tokens skipped, in the packed row and alone alike (routing is per token)
+        randomise_routers(model)
+    model.eval()
+    generator = torch.Generator().manual_seed(3)
+    first, second = torch.randint(3, 128, (10,), generator=generator), torch.randint(3, 128, (7,), generator=generator)
+    with torch.no_grad():
+        alone = [model(input_ids=s[None], use_cache=False).logits[0] for s in (first, second)]
+        if layout == "sliding_window_padded":
+            ids = torch.stack([first, torch.cat([torch.zeros(3, dtype=torch.long), second])])
+            mask = (ids != 0).long()
+            mask[0] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+            together = [out[0], out[1, 3:]]
+        else:  # padding-free packing: one row, positions restart at each sequence
+            ids = torch.cat([first, second])[None]
+            positions = torch.cat([torch.arange(10), torch.arange(7)])[None]
+            out = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
+            together = [out[:10], out[10:]]
+    executed = peft_depth.routing_stats(model)["dlo"]["default"]["executed_fraction"]
+    assert 0 < executed < 1 if layout == "packed_sequences" else executed == 1
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_block_skipping_refuses_a_mask_it_cannot_take_at_the_chosen_tokens():
+    from peft_depth.tuners.dlo.block_skip import _packed_mask
+
+    order = torch.tensor([[0, 2]])
+    with pytest.raises(ValueError, match=r"cannot read \(dict.*skip_mode='mlp'"):
+        _packed_mask({"full_attention": None}, order, seq=3)
+    with pytest.raises(ValueError, match=r"cannot read \(shape \(1, 3\)"):
+        _packed_mask(torch.ones(1, 3), order, seq=3)
+    bias = torch.tensor([[0.0, -1e9, -1e9], [0.0, 0.0, -1e9], [-1e9, 0.0, 0.0]])[None, None]  # token 2 cannot see 0
+    assert _packed_mask(bias, order, seq=3).tolist() == [[[[True, False], [False, True]]]]

@@ -98,14 +98,40 @@ def _packed_delta(
     position_ids = kwargs.get("position_ids")
     if position_ids is not None:
         kwargs["position_ids"] = position_ids.expand(batch, -1).gather(1, order)
-    # Causal attention among the chosen tokens of each row (packing keeps their order); empty slots see only
-    # themselves so that no row of the softmax is empty.
-    causal = torch.ones(width, width, dtype=torch.bool, device=hidden_states.device).tril()
-    allowed = causal & slot_valid.unsqueeze(1) & slot_valid.unsqueeze(2)
+    # Among the chosen tokens of each row, what the layer's own mask allows (causal, and its sliding window, padding
+    # and packed-sequence boundaries); empty slots see only themselves so that no row of the softmax is empty.
+    allowed = _packed_mask(kwargs.get("attention_mask"), order, seq)
+    allowed = allowed & slot_valid[:, None, None, :] & slot_valid[:, None, :, None]
     allowed = allowed | torch.eye(width, dtype=torch.bool, device=hidden_states.device)
     bias = torch.zeros(allowed.shape, dtype=hidden_states.dtype, device=hidden_states.device)
-    kwargs["attention_mask"] = bias.masked_fill(~allowed, torch.finfo(hidden_states.dtype).min).unsqueeze(1)
+    kwargs["attention_mask"] = bias.masked_fill(~allowed, torch.finfo(hidden_states.dtype).min)
     out_packed = layer(packed, **kwargs)
     packed_scale = scale.view(batch, seq).gather(1, order).to(out_packed.dtype)
     update = (out_packed - packed) * (packed_scale * slot_valid.to(out_packed.dtype)).unsqueeze(-1)
     return torch.zeros_like(hidden_states).scatter(1, order.unsqueeze(-1).expand(-1, -1, dim), update)
+
+
+def _packed_mask(mask: Any, order: torch.Tensor, seq: int) -> torch.Tensor:
+    """``[B, heads, K, K]`` booleans: may packed token i attend to packed token j, read from the layer's own mask.
+
+    The layer's mask is ``[B or 1, heads or 1, seq, seq]`` (booleans, or an additive bias with 0 = attend), or None
+    when transformers found plain causal attention enough (then it is). Anything else (a flex-attention block mask, a
+    dict) is refused: a causal mask in its place dropped the model's sliding window and packed-sequence boundaries.
+    """
+    batch, width = order.shape
+    if mask is None:
+        causal = torch.ones(width, width, dtype=torch.bool, device=order.device).tril()
+        return causal.expand(batch, 1, width, width)
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2:] != (seq, seq):
+        description = f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(
+            "DLO skip_mode='block' runs each routed layer on its chosen tokens with the layer's own attention mask "
+            f"taken at those tokens, but the layer received a mask it cannot read ({description}; expected a 4-D "
+            "tensor over the sequence, as the eager and sdpa attention implementations get). Load the model with "
+            "attn_implementation='sdpa' or 'eager', or use skip_mode='mlp'."
+        )
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    allowed = allowed.expand(batch, -1, -1, -1)
+    heads = allowed.shape[1]
+    rows = allowed.gather(2, order[:, None, :, None].expand(batch, heads, width, seq))
+    return rows.gather(3, order[:, None, None, :].expand(batch, heads, width, width))
