@@ -259,3 +259,21 @@ def test_a_4d_mask_and_a_positional_mask_give_what_the_2d_keyword_mask_gives(cas
     for logits in (four_d, positional.logits):
         for a, b in zip(_real_logits(logits, mask), _real_logits(reference, mask)):
             torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("case", PER_ROW)
+def test_sequences_packed_in_one_row_compute_what_they_compute_alone(case):
+    """Padding-free batches (TRL ``padding_free``): sequences concatenated, ``position_ids`` restarting at each one.
+    MoD's sequence router used to carry its running mean from one packed sequence into the next (0.072)."""
+    model = adapted(case, "llama")
+    generator = torch.Generator().manual_seed(3)
+    sequences = [torch.randint(3, VOCAB, (length,), generator=generator) for length in (5, 6, 4)]
+    packed_ids = torch.cat(sequences)[None]
+    positions = torch.cat([torch.arange(len(s)) for s in sequences])[None]
+    with torch.no_grad():
+        packed = model(input_ids=packed_ids, position_ids=positions, use_cache=False).logits[0]
+        start = 0
+        for sequence in sequences:
+            alone = model(input_ids=sequence[None], use_cache=False).logits[0]
+            torch.testing.assert_close(packed[start : start + len(sequence)], alone, atol=ATOL, rtol=0)
+            start += len(sequence)

@@ -31,6 +31,7 @@ class CallInfo:
     cache: Any = None  # the KV cache object this forward continues (None: none passed in)
     fused_lm_head: bool = False
     logits_to_keep: Any = 0
+    position_ids: Any = None  # restarts mark the sequences of a padding-free (packed) row
 
 
 @dataclass

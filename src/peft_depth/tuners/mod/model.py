@@ -51,7 +51,7 @@ from .ensemble_head import PendingLogProbMix, distill_mask, log_prob_mix, make_r
 from .forward_state import CallInfo, MoDForwardState, MoDRecord, begin_forward_state, forward_state
 from .layer import MoDEnsemble
 from .optimizer_groups import ensembles_of, mod_optimizer_groups
-from .sequence_router import sequence_router_input
+from .sequence_router import segment_starts, sequence_router_input
 
 __all__ = ["MoDModel"]
 
@@ -204,6 +204,7 @@ class MoDModel(DepthTuner):
             cache=forward.cache,
             fused_lm_head=bool(kwargs.get("fused_lm_head", False)),
             logits_to_keep=kwargs.get("logits_to_keep", 0),
+            position_ids=kwargs.get("position_ids"),
         )
         log_prob_adapters = [
             name for name, _ in self._active_ensembles() if self.peft_config[name].mix_space == "log_probs"
@@ -277,8 +278,9 @@ class MoDModel(DepthTuner):
         granularities = {self.peft_config[name].router_granularity for name, _ in ensembles}
         sequence_input = None
         if "sequence" in granularities:
+            starts = segment_starts(info.position_ids, batch, seq)
             sequence_input, pending_state = sequence_router_input(
-                base, mask, info.cache, info.past_length, self._sequence_state_key
+                base, mask, info.cache, info.past_length, self._sequence_state_key, starts
             )
             state.pending_sequence_state = pending_state
         distilled = distill_mask(info, mask, batch, seq, self.model.training, base.device)
