@@ -758,3 +758,27 @@ def test_block_skipping_refuses_a_mask_it_cannot_take_at_the_chosen_tokens():
         _packed_mask(torch.ones(1, 3), order, seq=3)
     bias = torch.tensor([[0.0, -1e9, -1e9], [0.0, 0.0, -1e9], [-1e9, 0.0, 0.0]])[None, None]  # token 2 cannot see 0
     assert _packed_mask(bias, order, seq=3).tolist() == [[[[True, False], [False, True]]]]
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_block_skipping_reports_one_hidden_state_per_layer_of_the_expanded_stack(training):
+    """transformers records hidden states with hooks at every call of a layer; block skipping calls a layer up to
+    three times (packed, label and base-path calls), which gave 21 entries of packed shapes for 10 layers."""
+    model = dlo(tiny_llama(num_layers=8), skip_mode="block", capacity=0.5, capacity_annealing_steps=0)
+    randomise_routers(model, scale=1.0)
+    perturb_new_layers(model)
+    model.train(training)
+    outputs = []
+    handles = [block.register_forward_hook(lambda m, a, o: outputs.append(o)) for block in stack(model)]
+    inputs = batch(batch_size=2, seq_len=6, left_pad=0)
+    with torch.no_grad():
+        result = model(**inputs, output_hidden_states=True, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    assert 0 < peft_depth.routing_stats(model)["dlo"]["default"]["executed_fraction"] < 1
+    states = result.hidden_states
+    assert len(states) == len(stack(model)) + 1 == 11
+    for state, output in zip(states[1:-1], outputs[:-1]):  # the last entry is after the final norm
+        assert torch.equal(state, output)
+    with pytest.raises(ValueError, match=r"cannot report attentions.*skip_mode='mlp'"):
+        model(**inputs, output_attentions=True, use_cache=False)

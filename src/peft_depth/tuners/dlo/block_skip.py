@@ -1,12 +1,14 @@
 """``skip_mode='block'``: a routed layer runs, attention included, on each row's selected tokens only.
 
 The selected tokens of every row are packed to the front (in their order) and the layer runs on the packed batch with
-a causal mask among them, as in the official code; the others pass through unchanged. No KV cache can be kept, since
+its own mask taken at them (causal, as in the official code, and the model's window and sequence boundaries); the others pass through unchanged. No KV cache can be kept, since
 each layer's attention sees another subset of the tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -33,7 +35,56 @@ def forward_block_skip(
     ``base_path`` tokens (non-finite router scores) run the layer as the base model does (full attention over their
     row, unscaled), in a call of their own, so the chosen tokens' call is the one a batch without them makes. ``cos``
     (``want_cos``): per token, cosine similarity of the residual stream before and after the whole layer.
+
+    The layer runs up to three times here, and transformers records ``output_hidden_states`` with a hook at each of
+    its calls (packed ones included): those hooks are paused, and the block's output is recorded once.
     """
+    with _output_recording_paused() as collected:
+        output, cos = _skip(layer, hidden_states, args, kwargs, chosen, base_path, scale, want_cos)
+    if collected is not None and "hidden_states" in collected:
+        states, selection = collected["hidden_states"], collected.get("_hidden_states_layers")
+        for state in ([hidden_states] if not states else []) + [output]:  # the first layer also gives its input
+            states.append(state if selection is None or len(states) in selection else None)
+    return output, cos
+
+
+@contextlib.contextmanager
+def _output_recording_paused() -> Iterator[dict[str, Any] | None]:
+    """Pause transformers' per-layer output recording (``output_capturing``); yields what it collects, or None when
+    nothing is being collected."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # a transformers without this recorder records nothing through layer hooks
+        yield None
+        return
+    collected = _active_collector.get()
+    if not collected:
+        yield None
+        return
+    others = sorted(set(collected) - {"hidden_states", "_hidden_states_layers"})
+    if others:
+        raise ValueError(
+            f"DLO skip_mode='block' cannot report {', '.join(others)}: each routed layer attends over a packed "
+            "subset of the tokens, so it has no per-layer map over the sequence. Drop output_attentions (and the "
+            "like), or use skip_mode='mlp'."
+        )
+    token = _active_collector.set(None)
+    try:
+        yield collected
+    finally:
+        _active_collector.reset(token)
+
+
+def _skip(
+    layer: nn.Module,
+    hidden_states: torch.Tensor,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    chosen: torch.Tensor,
+    base_path: torch.Tensor,
+    scale: torch.Tensor,
+    want_cos: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     # the cache by what it is, under whichever keyword (or position) this transformers release passes it
     call = bind_block_call(layer, layer.forward, (hidden_states, *args), kwargs)
     if call.cache is not None or (call.arguments.get("use_cache") and not checkpointing_active(layer)):
