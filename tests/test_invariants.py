@@ -277,3 +277,24 @@ def test_sequences_packed_in_one_row_compute_what_they_compute_alone(case):
             alone = model(input_ids=sequence[None], use_cache=False).logits[0]
             torch.testing.assert_close(packed[start : start + len(sequence)], alone, atol=ATOL, rtol=0)
             start += len(sequence)
+
+
+def test_molex_token_routing_with_assisted_decoding_on_sliding_window_layers():
+    """Assisted decoding asks the cache to keep what a rejected draft's crop takes back; MoLEx's side caches for the
+    expert passes were not asked, so their sliding layers refused the crop (RuntimeError)."""
+    model = adapted("molex_token", "qwen3_sliding")
+    generator = torch.Generator().manual_seed(3)
+    pattern = torch.randint(3, VOCAB, (4,), generator=generator)
+    ids = torch.cat([pattern, pattern, pattern, pattern[:2]])[None]  # repeats, so prompt lookup proposes drafts
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    options = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        reference = model.generate(**inputs, **options, use_cache=False)
+        assisted = model.generate(**inputs, **options, prompt_lookup_num_tokens=3)
+    assert torch.equal(assisted, reference)
+
+
+def test_molex_token_routing_refuses_a_static_cache_naming_the_way_out():
+    model = adapted("molex_token", "llama")
+    with pytest.raises(ValueError, match=r"static.*dynamic cache.*routing='batch_vote'"):
+        _step_logits(model, _left_padded([5, 3]), cache_implementation="static")

@@ -96,6 +96,12 @@ class _FollowingCache:
         for state in attached_states(self).values():
             state.repeat_rows(repeats)
 
+    def activate_past_recording(self) -> None:
+        super().activate_past_recording()
+        for state in attached_states(self).values():
+            if hasattr(state, "activate_past_recording"):
+                state.activate_past_recording()
+
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)  # transformers takes a negative count (a positive one is refused there)
         if tokens_to_remove:

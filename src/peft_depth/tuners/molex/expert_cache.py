@@ -69,6 +69,10 @@ class ExpertCacheState(RowFollowingState):
 
     # ---- edits that follow the model's cache (core.cache_state.CacheFollower)
 
+    def activate_past_recording(self) -> None:
+        """Sliding-window layers keep the positions a later ``crop`` may take back (assisted decoding)."""
+        self.cache.activate_past_recording()
+
     def map_rows(self, rows: Any) -> None:
         if self.inputs is None:
             return
@@ -111,6 +115,12 @@ def expert_cache_state(cache: Cache, key: tuple[int, str, int], model_config: An
     ``real_past`` is the number of positions layer i's real cache holds before this call: 0 starts a new generation
     (fresh side caches); otherwise the stored history must cover exactly those positions.
     """
+    if any(getattr(layer, "is_compileable", False) for layer in getattr(cache, "layers", ())):
+        raise ValueError(
+            "MoLEx routing='token' keeps a growing side cache for each expert pass, which a static (compileable) KV "
+            "cache's fixed-width attention mask does not fit. Generate with the default dynamic cache (no "
+            "cache_implementation='static' / StaticCache), or use routing='batch_vote' or 'sequence'."
+        )
     state = attached_states(cache).get(("molex", key))
     if real_past == 0 or state is None:
         if real_past != 0:
@@ -121,6 +131,8 @@ def expert_cache_state(cache: Cache, key: tuple[int, str, int], model_config: An
         state = ExpertCacheState(
             cache=DynamicCache(config=model_config) if model_config is not None else DynamicCache()
         )
+        if any(getattr(layer, "record_past", False) for layer in getattr(cache, "layers", ())):
+            state.activate_past_recording()  # assisted decoding asked the model's cache to keep what it may crop
         attach_state(cache, ("molex", key), state)
     elif state.past_length != real_past:
         raise RuntimeError(
