@@ -121,6 +121,46 @@ def test_card_shows_metrics_and_plots_and_they_travel_with_the_adapter(tmp_path)
     assert (path / "plots" / "routing.png").read_bytes() == PNG_BYTES
 
 
+def test_plots_of_the_same_file_name_keep_their_own_images_and_titles(tmp_path):
+    """Two folders' routing_0.png used to be copied onto one file, showing the second image under both titles."""
+    before, after = tmp_path / "before" / "routing_0.png", tmp_path / "after" / "routing_0.png"
+    for plot, extra in ((before, b""), (after, b"\x00")):  # two different files
+        plot.parent.mkdir()
+        plot.write_bytes(PNG_BYTES + extra)
+    model, _ = adapted("mola")
+    set_card_info(model, plots={"Routing before training": before, "Routing after training": after})
+    model.save_pretrained(tmp_path / "out")
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert "![Routing before training](plots/routing_0.png)" in text
+    assert "![Routing after training](plots/1-routing_0.png)" in text
+    assert (tmp_path / "out" / "plots" / "routing_0.png").read_bytes() == before.read_bytes()
+    assert (tmp_path / "out" / "plots" / "1-routing_0.png").read_bytes() == after.read_bytes()
+    set_card_info(model, plots=[before, after])  # a list: titles are the file stems, made unique
+    model.save_pretrained(tmp_path / "listed")
+    text = (tmp_path / "listed" / "README.md").read_text()
+    assert "![routing_0](plots/routing_0.png)" in text and "![routing_0 (2)](plots/1-routing_0.png)" in text
+
+
+def test_the_card_leads_with_the_adapter_at_the_root_and_says_where_the_others_are(tmp_path):
+    """peft saves "default" at the folder's root and any other adapter in a subfolder of its name. With another
+    adapter active, the card described that one as if at the root, and sent "default" to a `default/` that does not
+    exist."""
+    model, _ = adapted("mola")
+    model.add_adapter("big", peft_depth.MoLAConfig(task_type="CAUSAL_LM", num_experts=3, top_k=1, r=8))
+    model.set_adapter("big")
+    model.save_pretrained(tmp_path / "both")
+    text = (tmp_path / "both" / "README.md").read_text()
+    assert "- `big` (MoLA, subfolder `big/`)" in text and "`default/`" not in text
+    assert 'PeftModel.from_pretrained(base, "path/to/this/adapter")' in text
+    root = json.loads((tmp_path / "both" / "adapter_config.json").read_text())
+    assert f"| LoRA rank `r` / `lora_alpha` | `{root['r']}` / `{root['lora_alpha']}` |" in text
+    only = get_peft_model(tiny_base(), peft_depth.MoLAConfig(task_type="CAUSAL_LM"), adapter_name="solo")
+    only.save_pretrained(tmp_path / "solo")
+    text = (tmp_path / "solo" / "README.md").read_text()
+    assert 'PeftModel.from_pretrained(base, "path/to/this/adapter", subfolder="solo")' in text
+    assert (tmp_path / "solo" / "solo" / "adapter_config.json").is_file()
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_routing_plots_from_the_last_forward_go_into_the_card(tmp_path, method):
     from peft_depth.hub import save_routing_plots

@@ -36,6 +36,8 @@ __all__ = [
 
 #: Marks a README written by peft-depth: such a card is re-rendered on the next save; any other card is only tagged.
 CARD_MARKER = "<!-- peft-depth model card -->"
+#: The adapter peft's save_pretrained writes at the folder's root (every other one goes into a subfolder).
+ROOT_ADAPTER = "default"
 #: Folder (next to adapter_config.json) that plots are copied into, so that they travel with the adapter.
 PLOTS_FOLDER = "plots"
 #: Environment variable naming a folder of card templates that replaces the shipped ``model_cards/``.
@@ -90,11 +92,14 @@ def set_card_info(
         items = plots.items() if isinstance(plots, Mapping) else ((Path(p).stem, p) for p in plots)
         checked = {}
         for title, path in items:
+            title, stem, copy = str(title), str(title), 2
+            while title in checked:  # a list of plots named alike (two folders' routing_0.png): keep both
+                title, copy = f"{stem} ({copy})", copy + 1
             path = Path(path)
             with open(path, "rb") as handle:
                 if handle.read(8) != _PNG_MAGIC:
                     raise ValueError(f"Plot {str(path)!r} is not a PNG file.")
-            checked[str(title)] = str(path)
+            checked[title] = str(path)
         info["plots"] = checked
     for key, value in (("license", license), ("datasets", datasets), ("tags", tags), ("description", description)):
         if value is not None:
@@ -169,7 +174,19 @@ def _adapter_context(model: nn.Module, adapter_name: str) -> dict[str, Any]:
         "facts": facts,
         "num_parameters": _adapter_parameter_count(model, adapter_name),
         "task_type": _json_config(config).get("task_type"),
+        # where peft's save_pretrained puts it: "default" at the root, any other adapter in a subfolder of its name
+        "subfolder": None if adapter_name == ROOT_ADAPTER else adapter_name,
     }
+
+
+def _plot_files(plots: Mapping[str, str]) -> dict[str, str]:
+    """title -> file name under ``plots/``: the source's name, made unique (two plots named ``routing_0.png`` from
+    different folders would otherwise overwrite each other and show one image under both titles)."""
+    files: dict[str, str] = {}
+    for index, (title, source) in enumerate(plots.items()):
+        name = Path(source).name
+        files[title] = name if name not in files.values() else f"{index}-{name}"
+    return files
 
 
 def _auto_class(task_type: str | None) -> str:
@@ -211,10 +228,12 @@ def render_model_card(
     ]
     if not names:
         raise ValueError("render_model_card needs a model with at least one peft-depth adapter.")
+    # the adapter at the folder's root leads (the one a plain from_pretrained of the folder loads); else the active one
     active = getattr(model, "active_adapter", None)
-    if isinstance(active, str) and active in names:
-        names.remove(active)
-        names.insert(0, active)
+    lead_name = ROOT_ADAPTER if ROOT_ADAPTER in names else active
+    if isinstance(lead_name, str) and lead_name in names:
+        names.remove(lead_name)
+        names.insert(0, lead_name)
     adapters = [_adapter_context(model, name) for name in names]
     lead = adapters[0]
     info = get_card_info(model)
@@ -250,7 +269,8 @@ def render_model_card(
     from .. import __version__
 
     plots = [
-        {"title": title, "path": f"{PLOTS_FOLDER}/{Path(path).name}"} for title, path in info.get("plots", {}).items()
+        {"title": title, "path": f"{PLOTS_FOLDER}/{name}"}
+        for title, name in _plot_files(info.get("plots", {})).items()
     ]
     templates = model_cards_dir()
     if templates is None:
@@ -272,6 +292,7 @@ def render_model_card(
             hub_base_model=hub_base,
             repo_id=repo_id,
             load_path=repo_id or "path/to/this/adapter",
+            load_subfolder=lead["subfolder"],
             auto_class=_auto_class(lead["task_type"]),
             metrics=info.get("metrics") or {},
             plots=plots,
@@ -310,8 +331,9 @@ def write_model_card(
     if plots:
         folder = Path(save_directory) / PLOTS_FOLDER
         folder.mkdir(parents=True, exist_ok=True)
-        for source in plots.values():
-            shutil.copyfile(source, folder / Path(source).name)
+        files = _plot_files(plots)
+        for title, source in plots.items():
+            shutil.copyfile(source, folder / files[title])
     card.save(path)
     return card
 
