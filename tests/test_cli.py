@@ -11,6 +11,7 @@ import math
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -294,6 +295,23 @@ def test_errors_are_one_line_without_traceback(workspace, capsys, tmp_path):
         (["analyze", workspace["model"], "--frobnicate"], 2, "--frobnicate"),
         (["inspect", tmp_path / "missing-adapter", *out], 1, "Adapter not found"),
         (["inspect", workspace["model"], *out], 1, "adapter_config.json"),
+    ]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    long_texts = tmp_path / "long.txt"
+    long_texts.write_text(" ".join(WORDS * 20) + "\n")
+    small_vocab = tmp_path / "small-vocab"
+    LlamaForCausalLM(replace(_tiny_llama().config, vocab_size=8)).save_pretrained(small_vocab)
+    _tokenizer().save_pretrained(small_vocab)
+    data = ["--dataset", workspace["data"]]
+    cases += [
+        # checked before the model loads: no traceback from mkdir after minutes of loading
+        (["analyze", workspace["model"], *data, "--output-dir", a_file, "--quiet"], 1, "Cannot write --output-dir"),
+        (["inspect", workspace["model"], *data, "--output-dir", a_file / "x", "--quiet"], 1, "adapter_config.json"),
+        (["analyze", workspace["model"], *data, "--split", "nosuch", *out], 1, "--split 'nosuch'"),
+        (["analyze", workspace["model"], "--dataset", "boolq", "--split", "train", *out], 1, "validation split only"),
+        (["analyze", workspace["model"], "--dataset", long_texts, "--max-length", "100", *out], 1, "64 positions"),
+        (["analyze", small_vocab, *data, *out], 1, "embeddings have 8 rows"),
     ]
     for argv, expected_code, needle in cases:
         code, _, stderr = _run_cli(argv, capsys)

