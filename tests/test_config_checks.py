@@ -129,3 +129,24 @@ def test_saving_leaves_the_callers_config_reusable_on_another_base(tmp_path):
     assert config.base_model_facts is None
     assert '"num_layers": 4' in (tmp_path / "adapter_config.json").read_text()
     get_peft_model(tiny_llama(num_layers=6), config)  # refused before: "saved for a different base model"
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(new_layer_target_modules=["q_proj"], new_layer_training="full"), "new_layer_target_modules"),
+        (dict(zero_out_modules=["o_proj"], init="copy"), "zero_out_modules"),
+        (dict(trained_original_layers=[0]), "trained_original_layers"),
+        (dict(target_modules=["q_proj"]), "target_modules"),
+        (dict(r=8, lora_on_original_layers=False, new_layer_training="full"), "r"),
+    ],
+)
+def test_a_dlo_field_the_rest_of_the_config_leaves_unused_is_named(kwargs, name):
+    with pytest.warns(UserWarning, match=rf"DLOConfig: `{name}` has no effect"):
+        DLOConfig(**CAUSAL, **kwargs)
+
+
+def test_a_classification_task_on_a_causal_lm_names_the_task_type():
+    """peft adds the classifier head to `modules_to_save` for SEQ_CLS; the error used to name only that field."""
+    with pytest.raises(ValueError, match=r"task_type='SEQ_CLS'.*task_type='CAUSAL_LM'"):
+        get_peft_model(tiny_llama(), MoLAConfig(task_type="SEQ_CLS", target_modules=["q_proj"]))

@@ -215,6 +215,13 @@ class DepthPeftConfig(PeftConfig):
         unknown_saved = missing(list(self.modules_to_save or []))
         # peft itself lists alternatives for sequence classification ("classifier", "score"): one must exist
         if self.modules_to_save and len(unknown_saved) == len(self.modules_to_save):
+            if set(self.modules_to_save) <= {"classifier", "score"}:  # what peft adds for a classification task
+                raise ValueError(
+                    f"task_type={self.task_type!r}: peft trains the model's classification head "
+                    f"(`modules_to_save`={list(self.modules_to_save)}), but this model has none of them. Is it a "
+                    "sequence classifier (AutoModelForSequenceClassification)? For a causal LM use "
+                    "task_type='CAUSAL_LM'."
+                )
             raise ValueError(
                 f"`modules_to_save` names {unknown_saved}, none of which the model has (names match the end of a "
                 "module path, e.g. 'lm_head' or 'classifier')."

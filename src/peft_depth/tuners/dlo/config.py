@@ -9,6 +9,7 @@ layer, MLP skipping, the cosine-similarity router loss with one global ranking, 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from ...core.config import (
@@ -466,6 +467,20 @@ def _check_unused_fields(config: DLOConfig) -> None:
             "`inference_capacity` is only used with inference_selection='capacity'; this config has "
             f"inference_selection={config.inference_selection!r}. Remove it or set inference_selection='capacity'."
         )
+    # Warnings, not errors, so that adapters already saved with such a field keep loading.
+    unused = []
+    if config.new_layer_target_modules is not None and config.new_layer_training != "lora":
+        unused.append(("new_layer_target_modules", f"new_layer_training={config.new_layer_training!r}, not 'lora'"))
+    if config.zero_out_modules is not None and config.init != "zero_out":
+        unused.append(("zero_out_modules", f"init={config.init!r}, not 'zero_out'"))
+    if config.trained_original_layers != "routed" and not config.trained_original_modules:
+        unused.append(("trained_original_layers", "`trained_original_modules` is not set"))
+    if config.target_modules and not config.lora_on_originals:
+        unused.append(("target_modules", "there is no LoRA on the original layers (r=0 or lora_on_original_layers)"))
+    if config.r > 0 and not config.lora_on_original_layers and config.new_layer_training != "lora":
+        unused.append(("r", "no layer gets LoRA (lora_on_original_layers=False, new_layer_training is not 'lora')"))
+    for name, why in unused:
+        warnings.warn(f"DLOConfig: `{name}` has no effect, since {why}.", UserWarning, stacklevel=4)
 
 
 def _check_unrouted_edge_layers(config: DLOConfig) -> None:
