@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from tiny_models import batch, tiny_llama, tiny_qwen3
+from tiny_models import batch, tiny_decoder, tiny_llama, tiny_qwen3
 from training_checks import assert_same_loss_and_gradients, backward_once, train_steps
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
@@ -696,31 +696,18 @@ def test_generate_runs_uncached_where_dlo_keeps_no_cache_and_says_so(settings):
             model(**step, past_key_values=prefill.past_key_values)
 
 
-def _tiny_mistral_window_4():
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        sliding_window=4,
-    )
-    return MistralForCausalLM(config).eval()
-
-
 @pytest.mark.parametrize("layout", ["sliding_window_padded", "packed_sequences"])
 def test_block_skipping_keeps_the_layers_own_attention_mask(layout):
     """The packed call used a plain causal mask among the chosen tokens, dropping a sliding window (a left-padded
     row differed from itself alone by 0.42) and packed-sequence boundaries (0.48). Zero routers choose every real
     token (random routers, for the packed row, skip the same tokens as alone), so each sequence must compute what it
     computes alone."""
-    base = _tiny_mistral_window_4() if layout == "sliding_window_padded" else tiny_llama(num_layers=4)
+    if layout == "sliding_window_padded":
+        from transformers import MistralConfig, MistralForCausalLM
+
+        base = tiny_decoder(MistralForCausalLM, MistralConfig, sliding_window=4)
+    else:
+        base = tiny_llama(num_layers=4)
     model = dlo(base, skip_mode="block", expand_every=2)
     perturb_new_layers(model)
     if layout == "packed_sequences":  # some tokens skipped, in the packed row and alone alike (routing is per token)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import get_peft_model
-from tiny_models import VOCAB, batch
+from tiny_models import VOCAB, batch, tiny_decoder
 from torch import nn
 from transformers import (
     Gemma2Config,
@@ -36,26 +36,13 @@ from peft_depth.core.layer_stack import find_layer_stack
 from peft_depth.tuners.dlo import DLOConfig, DLOModel
 from peft_depth.tuners.dlo.layer import DLOBlock
 
-SHAPE = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    pad_token_id=0,
-)
-
 BUILDERS = {
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(**SHAPE)),
-    "gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(**SHAPE, head_dim=8)),
-    "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(**SHAPE, head_dim=8)),
-    "olmo2": lambda: Olmo2ForCausalLM(Olmo2Config(**SHAPE)),
-    "glm4": lambda: Glm4ForCausalLM(Glm4Config(**SHAPE, head_dim=8)),
-    "gpt_neox": lambda: GPTNeoXForCausalLM(
-        GPTNeoXConfig(**{k: v for k, v in SHAPE.items() if k != "num_key_value_heads"}, use_parallel_residual=False)
-    ),
+    "llama": lambda: tiny_decoder(LlamaForCausalLM, LlamaConfig),
+    "gemma2": lambda: tiny_decoder(Gemma2ForCausalLM, Gemma2Config, head_dim=8),
+    "gemma3": lambda: tiny_decoder(Gemma3ForCausalLM, Gemma3TextConfig, head_dim=8),
+    "olmo2": lambda: tiny_decoder(Olmo2ForCausalLM, Olmo2Config),
+    "glm4": lambda: tiny_decoder(Glm4ForCausalLM, Glm4Config, head_dim=8),
+    "gpt_neox": lambda: tiny_decoder(GPTNeoXForCausalLM, GPTNeoXConfig, use_parallel_residual=False),
     "gpt2": lambda: GPT2LMHeadModel(
         GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=128, pad_token_id=0,
                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -140,9 +127,7 @@ def test_mask_scale_and_labels_apply_to_the_mlp_branch_that_joins_the_residual(f
 
 
 def test_a_parallel_residual_layer_is_refused_for_mlp_skipping_naming_the_way_out():
-    base = GPTNeoXForCausalLM(
-        GPTNeoXConfig(**{k: v for k, v in SHAPE.items() if k != "num_key_value_heads"}, use_parallel_residual=True)
-    )
+    base = tiny_decoder(GPTNeoXForCausalLM, GPTNeoXConfig, use_parallel_residual=True)
     with pytest.raises(ValueError, match=r"in parallel.*use_parallel_residual.*skip_mode='block'"):
         get_peft_model(base, DLOConfig(task_type="CAUSAL_LM", routed_layers="all"))
     model = get_peft_model(base, DLOConfig(task_type="CAUSAL_LM", routed_layers="all", skip_mode="block"))

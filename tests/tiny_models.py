@@ -19,6 +19,23 @@ from transformers import (
 )
 
 VOCAB = 128
+#: The tiny decoder shape of the test models, for families built from their own config class (``tiny_decoder``).
+TINY_DECODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+)
+
+
+def tiny_decoder(model_class, config_class, seed: int = 0, **overrides):
+    """``model_class`` in eval mode, random weights from ``seed``, on ``TINY_DECODER`` with ``overrides``."""
+    torch.manual_seed(seed)
+    return model_class(config_class(**{**TINY_DECODER, **overrides})).eval()
 
 
 def tiny_llama(
