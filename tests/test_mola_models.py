@@ -11,7 +11,7 @@ from peft import (
     get_peft_model_state_dict,
     set_peft_model_state_dict,
 )
-from tiny_models import VOCAB, batch, clone_model, tiny_bert, tiny_llama, tiny_qwen3, tiny_roberta
+from tiny_models import TINY_DECODER, batch, clone_model, tiny_bert, tiny_llama, tiny_qwen3, tiny_roberta
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -25,16 +25,7 @@ import peft_depth
 from peft_depth import MoLAConfig
 from peft_depth.tuners.mola import MoLALinear
 
-SMALL = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    pad_token_id=0,
-)
+SMALL = {**TINY_DECODER, "max_position_embeddings": 64}
 
 
 def _llama_family():

@@ -42,37 +42,20 @@ def tiny_llama(
     num_layers: int = 4, seed: int = 0, hidden_size: int = 32, intermediate_size: int = 64, **overrides
 ) -> LlamaForCausalLM:
     """``hidden_size`` >= 64 for bitsandbytes' CPU 4-bit kernels (they quantize in blocks of 64 inputs)."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
+    return tiny_decoder(
+        LlamaForCausalLM,
+        LlamaConfig,
+        seed,
+        num_hidden_layers=num_layers,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
         **overrides,
     )
-    return LlamaForCausalLM(config).eval()
 
 
 def tiny_qwen3(num_layers: int = 4, seed: int = 0, **overrides) -> Qwen3ForCausalLM:
     """Qwen3 with `layer_types` (sliding + full attention), for methods that must respect layer types."""
-    torch.manual_seed(seed)
-    config = Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        **overrides,
-    )
-    return Qwen3ForCausalLM(config).eval()
+    return tiny_decoder(Qwen3ForCausalLM, Qwen3Config, seed, num_hidden_layers=num_layers, head_dim=8, **overrides)
 
 
 def tiny_gpt2(num_layers: int = 4, seed: int = 0) -> GPT2LMHeadModel:
