@@ -298,3 +298,21 @@ def test_molex_token_routing_refuses_a_static_cache_naming_the_way_out():
     model = adapted("molex_token", "llama")
     with pytest.raises(ValueError, match=r"static.*dynamic cache.*routing='batch_vote'"):
         _step_logits(model, _left_padded([5, 3]), cache_implementation="static")
+
+
+def test_the_padding_mask_read_from_4d_masks_of_every_kind():
+    from peft_depth.core.forward_context import padding_mask
+
+    real = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    boolean = torch.ones(4, 4, dtype=torch.bool).tril() & real.bool()[:, None, None, :]  # [2, 1, 4, 4]
+    additive = torch.zeros(boolean.shape).masked_fill(~boolean, torch.finfo(torch.float32).min)
+    assert torch.equal(padding_mask(boolean, 0), real) and torch.equal(padding_mask(additive, 0), real)
+    # a static cache's mask: 3 cached positions, 1 new token, keys up to a fixed width of 8
+    step = torch.zeros(2, 1, 1, 8, dtype=torch.bool)
+    step[0, 0, 0, 2:4] = True  # row 0: a padded row whose new token (key 3) sees itself
+    step[1, 0, 0, :3] = True  # row 1: its new token is padding (it does not see key 3)
+    assert padding_mask(step, 3).tolist() == [[1], [0]]
+    sliding = torch.zeros(2, 1, 4, 2, dtype=torch.bool)  # a sliding layer's keys do not span the sequence
+    assert torch.equal(padding_mask({"sliding_attention": sliding, "full_attention": boolean}, 0), real)
+    assert padding_mask(sliding, 0) is None and padding_mask(None, 0) is None
+    assert torch.equal(padding_mask(real, 0), real)  # a 2-D mask is one already

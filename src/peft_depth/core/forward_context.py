@@ -71,8 +71,9 @@ def padding_mask(mask: Any, past_length: int) -> torch.Tensor | None:
     itself (its own key at ``past_length`` + its index), which holds for every real token under causal, sliding-window
     and packed-sequence masks alike, and never for padding. Anything else gives None (every token real).
     """
-    if isinstance(mask, dict):
-        mask = next((value for value in mask.values() if isinstance(value, torch.Tensor)), None)
+    if isinstance(mask, dict):  # per attention type: the full-attention one spans every key (a sliding one may not)
+        tensors = [mask.get("full_attention"), *mask.values()]
+        mask = next((value for value in tensors if isinstance(value, torch.Tensor)), None)
     if not isinstance(mask, torch.Tensor):
         return None
     if mask.dim() == 2:
