@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.layer_stack import text_config
 from .errors import AnalysisError
 
 __all__ = [
@@ -291,8 +292,7 @@ def check_batches_fit(batches: list[TextBatch], model, max_length: int) -> None:
             f"The tokenizer gives token id {largest}, but the model's embeddings have {rows} rows: give the model's "
             "own tokenizer with --tokenizer (or none, to use the one in the model folder)."
         )
-    config = getattr(model, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = text_config(model)
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     longest = max(batch.input_ids.shape[1] for batch in batches)
     if isinstance(limit, int) and longest > limit:
