@@ -8,7 +8,8 @@ each layer's attention sees another subset of the tokens.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -20,32 +21,22 @@ from ...core.layer_call import bind_block_call, checkpointing_active
 __all__ = ["forward_block_skip"]
 
 
-def forward_block_skip(
-    layer: nn.Module,
-    hidden_states: torch.Tensor,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    chosen: torch.Tensor,
-    base_path: torch.Tensor,
-    scale: torch.Tensor,
-    want_cos: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(output, cos)`` of ``layer`` run on the ``[N]`` ``chosen`` tokens, scaled by ``scale``.
+def _recorded_once(forward: Callable[..., tuple[torch.Tensor, Any]]) -> Callable[..., tuple[torch.Tensor, Any]]:
+    """The layer runs up to three times in ``forward`` (the packed, label and base-path calls), and transformers
+    records ``output_hidden_states`` with a hook at each of its calls: those hooks are paused, and the block's output
+    is recorded once, as one layer's."""
 
-    ``base_path`` tokens (non-finite router scores) run the layer as the base model does (full attention over their
-    row, unscaled), in a call of their own, so the chosen tokens' call is the one a batch without them makes. ``cos``
-    (``want_cos``): per token, cosine similarity of the residual stream before and after the whole layer.
+    @functools.wraps(forward)
+    def recorded(layer: nn.Module, hidden_states: torch.Tensor, *rest: Any) -> tuple[torch.Tensor, Any]:
+        with _output_recording_paused() as collected:
+            output, cos = forward(layer, hidden_states, *rest)
+        if collected is not None and "hidden_states" in collected:
+            states, selection = collected["hidden_states"], collected.get("_hidden_states_layers")
+            for state in ([hidden_states] if not states else []) + [output]:  # the first layer also gives its input
+                states.append(state if selection is None or len(states) in selection else None)
+        return output, cos
 
-    The layer runs up to three times here, and transformers records ``output_hidden_states`` with a hook at each of
-    its calls (packed ones included): those hooks are paused, and the block's output is recorded once.
-    """
-    with _output_recording_paused() as collected:
-        output, cos = _skip(layer, hidden_states, args, kwargs, chosen, base_path, scale, want_cos)
-    if collected is not None and "hidden_states" in collected:
-        states, selection = collected["hidden_states"], collected.get("_hidden_states_layers")
-        for state in ([hidden_states] if not states else []) + [output]:  # the first layer also gives its input
-            states.append(state if selection is None or len(states) in selection else None)
-    return output, cos
+    return recorded
 
 
 @contextlib.contextmanager
@@ -75,7 +66,8 @@ def _output_recording_paused() -> Iterator[dict[str, Any] | None]:
         _active_collector.reset(token)
 
 
-def _skip(
+@_recorded_once
+def forward_block_skip(
     layer: nn.Module,
     hidden_states: torch.Tensor,
     args: tuple[Any, ...],
@@ -85,6 +77,12 @@ def _skip(
     scale: torch.Tensor,
     want_cos: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(output, cos)`` of ``layer`` run on the ``[N]`` ``chosen`` tokens, scaled by ``scale``.
+
+    ``base_path`` tokens (non-finite router scores) run the layer as the base model does (full attention over their
+    row, unscaled), in a call of their own, so the chosen tokens' call is the one a batch without them makes. ``cos``
+    (``want_cos``): per token, cosine similarity of the residual stream before and after the whole layer.
+    """
     # the cache by what it is, under whichever keyword (or position) this transformers release passes it
     call = bind_block_call(layer, layer.forward, (hidden_states, *args), kwargs)
     if call.cache is not None or (call.arguments.get("use_cache") and not checkpointing_active(layer)):
