@@ -5,12 +5,14 @@ from __future__ import annotations
 import functools
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
 from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .adapter_keys import adapter_key_prefixes, select_adapter_entries
@@ -192,11 +194,51 @@ class DepthTuner(BaseTuner, DepthAuxSource):
                 container[name].requires_grad_(requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        was_active = adapter_name in self.active_adapters
+        survivors = [name for name in self.active_adapters if name != adapter_name]
+        trainable = {name: param.requires_grad for name, param in self.model.named_parameters()}
         super().delete_adapter(adapter_name)
         for _, container in self.tuner_modules():
             if adapter_name in container:
                 del container[adapter_name]
+        self._restore_active_adapters(adapter_name, was_active, survivors, trainable)
         self._sync_tuner_module_trainability()
+
+    def _restore_active_adapters(
+        self, deleted: str, was_active: bool, survivors: list[str], trainable: dict[str, bool]
+    ) -> None:
+        """Keep the adapters that were active (or, when the deleted one was, the first remaining) active.
+
+        peft reads the new active adapters off the first adapter layer it finds in the model, skipping module names
+        that contain the tuner's prefix. An adapter that keeps all its weights on the tuner (MoD or DLO with ``r=0``)
+        has no such layer: peft then deactivates every adapter, ``modules_to_save`` wrappers included, so the model
+        silently ran as the base (or, when the active adapter was deleted, kept a dangling name).
+        """
+        if not self.peft_config:
+            return
+        if not survivors and was_active:
+            survivors = list(self.peft_config)[:1]
+            if not self.active_adapters:  # peft's adapter layers warn themselves when they chose it
+                warnings.warn(
+                    f"Adapter {deleted} was active which is now deleted. Setting active adapter to {survivors[0]}.",
+                    stacklevel=4,
+                )
+        if not survivors or (self.active_adapters == survivors and not self._wrappers_lost(survivors)):
+            return
+        self.set_adapter(survivors[0] if len(survivors) == 1 else survivors)
+        if not was_active:
+            # deleting an inactive adapter changes no adapter's trainability (peft's set_adapter would)
+            for name, param in self.model.named_parameters():
+                if name in trainable:
+                    param.requires_grad_(trainable[name])
+
+    def _wrappers_lost(self, survivors: list[str]) -> bool:
+        """Whether a ``modules_to_save`` wrapper holding an active adapter was switched off by peft's deletion."""
+        for module in self.model.modules():
+            if isinstance(module, AuxiliaryTrainingWrapper) and not module.active_adapters:
+                if any(name in getattr(module, "modules_to_save", {}) for name in survivors):
+                    return True
+        return False
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)

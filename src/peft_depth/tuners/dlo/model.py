@@ -254,13 +254,8 @@ class DLOModel(CapacitySchedule, CapacityLearningRates, StackInstallation, Adapt
         self._reinstall()
 
     def delete_adapter(self, adapter_name: str) -> None:
-        previous = [name for name in self.active_adapters if name != adapter_name]
         with self._rewiring_suspended():
             super().delete_adapter(adapter_name)
-            if not self.active_adapters and self.peft_config:
-                # peft reads the new active adapter off the adapter layers; with r=0 DLO has none in the model
-                remaining = [name for name in previous if name in self.peft_config] or list(self.peft_config)[:1]
-                self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
             self._dlo["layouts"].pop(adapter_name, None)
             self._dlo["capacities"].pop(adapter_name, None)
 
