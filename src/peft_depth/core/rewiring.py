@@ -25,6 +25,7 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from .layer_stack import LayerStack, text_config
+from .output_capture import drop_output_capture
 from .quantization import dequantized_linear, dequantized_weight, floating_dtype, is_quantized_linear
 
 __all__ = [
@@ -81,6 +82,7 @@ def plain_layer_copy(layer: nn.Module) -> nn.Module:
         id(module): dequantized_linear(module, dtype) for module in layer.modules() if is_quantized_linear(module)
     }
     duplicate = copy.deepcopy(layer, memo)
+    drop_output_capture(duplicate)  # the source's recording hooks would report the copy's outputs as its own
     if isinstance(duplicate, BaseTunerLayer):
         return duplicate.get_base_layer()
     _unwrap_tuner_layers(duplicate)

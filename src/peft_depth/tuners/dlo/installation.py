@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
 
 from torch import nn
 
+from ...core.output_capture import drop_output_capture, drop_output_capture_mark, install_output_capture
 from ...core.quantization import floating_dtype
 from ...core.rewiring import StackRewiring
 from .config import DLOConfig
@@ -21,7 +21,7 @@ from .expansion import merge_new_layer_lora
 from .layer import DLOBlock
 from .precision import PrecisionBridge, new_layer_weight
 
-__all__ = ["StackInstallation", "install_output_capture"]
+__all__ = ["StackInstallation"]
 
 
 class StackInstallation:
@@ -139,33 +139,12 @@ class StackInstallation:
             sources.append(source)
         rewiring.install(blocks, sources)
         rewiring.make_permanent()
-
-
-def install_output_capture(backbone: nn.Module, layer: nn.Module, name: str) -> None:
-    """Give a new layer the output-recording hooks transformers puts on the registered layers.
-
-    transformers collects ``output_hidden_states`` / ``output_attentions`` through forward hooks it installs once on
-    the modules registered in the model; the new layers live on the tuner, so they get the same hooks here.
-    """
-    if getattr(layer, "_dlo_output_capture", False):
-        return
-    try:
-        from transformers.utils.output_capturing import (
-            _CAN_RECORD_REGISTRY,
-            OutputRecorder,
-            recursively_install_hooks,
-        )
-    except ImportError:  # another transformers layout: hidden states of new layers are then not reported
-        return
-    tasks: list[tuple[str, Any]] = []
-    for key, specs in _CAN_RECORD_REGISTRY.get(backbone).items():
-        for spec in specs if isinstance(specs, list) else [specs]:
-            if not isinstance(spec, OutputRecorder):
-                spec = OutputRecorder(
-                    target_class=None if isinstance(spec, str) else spec,
-                    index=0 if "hidden_states" in key else 1,
-                    class_name=spec if isinstance(spec, str) else None,
-                )
-            tasks.append((key, spec))
-    recursively_install_hooks(layer, name, tasks)
-    layer._dlo_output_capture = True
+        # the new layers are the model's own now: they record outputs as its other layers do, or not yet, when the
+        # model has not installed its hooks (it then hooks every registered layer at its first recording forward)
+        hooked = getattr(rewiring.parent, "_output_capturing_hooks_installed", False)
+        for position, (kind, _) in enumerate(state["layouts"][adapter_name]):
+            if kind != "orig":
+                drop_output_capture(blocks[position])
+                if hooked:
+                    install_output_capture(rewiring.parent, blocks[position], f"{rewiring.stack.path}.{position}")
+                    drop_output_capture_mark(blocks[position])  # a plain layer of the model, nothing of ours on it

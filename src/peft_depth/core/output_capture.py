@@ -1,0 +1,68 @@
+"""transformers' per-layer output recording (``output_hidden_states`` / ``output_attentions``) on layers we add.
+
+transformers 5 records hidden states and attention maps with forward hooks that it installs once, at the first
+forward that asks for them, on the modules registered in the model. Layers a tuner adds need the same hooks, exactly
+once: a deep copy of a hooked layer carries its source's hooks along, and a model that installs its hooks later
+(after a merge made the layers its own) hooks them again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+__all__ = ["drop_output_capture", "drop_output_capture_mark", "install_output_capture"]
+
+_CAPTURE_MODULE = "transformers.utils.output_capturing"
+_FLAG = "_depth_output_capture"
+
+
+def _is_capture_hook(hook: Any) -> bool:
+    return getattr(hook, "__module__", None) == _CAPTURE_MODULE and getattr(hook, "__name__", "") == (
+        "output_capturing_hook"
+    )
+
+
+def drop_output_capture(layer: nn.Module) -> None:
+    """Remove transformers' output-recording hooks from ``layer`` and its submodules (other hooks stay)."""
+    for module in layer.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if _is_capture_hook(hook):
+                del module._forward_hooks[key]
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_always_called.pop(key, None)
+    drop_output_capture_mark(layer)
+
+
+def drop_output_capture_mark(layer: nn.Module) -> None:
+    """Forget that ``install_output_capture`` hooked ``layer`` (its hooks stay)."""
+    layer.__dict__.pop(_FLAG, None)
+
+
+def install_output_capture(backbone: nn.Module, layer: nn.Module, name: str) -> None:
+    """Give ``layer`` (registered in ``backbone``'s stack as ``name``, or standing in for it) the output-recording
+    hooks transformers puts on ``backbone``'s own layers, once; hooks it carries from a copied layer are replaced."""
+    if layer.__dict__.get(_FLAG, False):
+        return
+    try:
+        from transformers.utils.output_capturing import (
+            _CAN_RECORD_REGISTRY,
+            OutputRecorder,
+            recursively_install_hooks,
+        )
+    except ImportError:  # another transformers layout: hidden states of these layers are then not reported
+        return
+    drop_output_capture(layer)
+    tasks: list[tuple[str, Any]] = []
+    for key, specs in _CAN_RECORD_REGISTRY.get(backbone).items():
+        for spec in specs if isinstance(specs, list) else [specs]:
+            if not isinstance(spec, OutputRecorder):
+                spec = OutputRecorder(
+                    target_class=None if isinstance(spec, str) else spec,
+                    index=0 if "hidden_states" in key else 1,
+                    class_name=spec if isinstance(spec, str) else None,
+                )
+            tasks.append((key, spec))
+    recursively_install_hooks(layer, name, tasks)
+    layer.__dict__[_FLAG] = True
