@@ -113,3 +113,27 @@ def test_routing_context_tracks_mask_of_latest_call_with_cache_offset():
     assert not context.syncing
     t = torch.ones(2)
     assert context.reduce_sum(t) is t
+
+
+@pytest.mark.parametrize("method", ["mod", "dlo"])
+def test_the_state_marker_answers_weight_lookups_and_peft_fsdp_wrap_policy(method):
+    """MoD and DLO without LoRA register a parameter-free marker layer. peft's FSDP auto-wrap policy (what
+    transformers' Trainer installs for a PEFT model under FSDP v1) asks every module for its ``weight``; the marker
+    is its own base layer, and the lookup recursed forever."""
+    from peft import get_peft_model
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    from peft_depth import DLOConfig, MoDConfig
+    from peft_depth.core.state_marker import TunerStateMarker
+
+    config = MoDConfig(num_late_layers=2) if method == "mod" else DLOConfig(expand_every=2)
+    config.task_type = "CAUSAL_LM"
+    model = get_peft_model(tiny_llama(), config)
+    markers = [module for module in model.modules() if isinstance(module, TunerStateMarker)]
+    assert len(markers) == 1
+    assert getattr(markers[0], "weight", None) is None and getattr(markers[0], "bias", None) is None
+    policy = fsdp_auto_wrap_policy(model)
+    wrapped = [
+        name for name, module in model.named_modules() if policy(module=module, recurse=False, nonwrapped_numel=1)
+    ]
+    assert wrapped  # the policy ran over every module and chose the trainable leaves

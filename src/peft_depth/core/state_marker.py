@@ -29,6 +29,16 @@ class TunerStateMarker(nn.Module, BaseTunerLayer):
     def active_adapter(self) -> str | list[str]:
         return self._tuner.active_adapter
 
+    # peft's BaseTunerLayer reads ``weight``/``bias`` off its base layer, and the marker is its own base layer: without
+    # these, ``hasattr(marker, "weight")`` (peft's FSDP auto-wrap policy asks it of every module) recursed forever.
+    @property
+    def weight(self) -> Any:
+        raise AttributeError("TunerStateMarker has no weight: it holds no tensors")
+
+    @property
+    def bias(self) -> Any:
+        raise AttributeError("TunerStateMarker has no bias: it holds no tensors")
+
     def _get_available_adapters(self) -> set[str]:
         return set(self._tuner.marked_adapters())
 
