@@ -732,3 +732,21 @@ def test_mola_adapter_written_by_release_0_1_0_reproduces_its_outputs():
     expected = load_file(folder / "expected_logits.safetensors")["logits"]
     loaded = PeftModel.from_pretrained(tiny_base(seed=0), folder).eval()
     assert torch.allclose(_logits(loaded, inputs()), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_never_asks_the_hub_and_the_card_counts_the_saved_parameters(local_hub, tmp_path, method):
+    """The card's parameter count came from peft's state dict with ``save_embedding_layers="auto"``: it looked the
+    base's config up on the Hub at every save, and counted embedding matrices the file lacks when the local model's
+    vocabulary differs from the Hub base's."""
+    base = tiny_base()
+    base.push_to_hub(BASE_ID)
+    local = fresh_copy(base)
+    local.resize_token_embeddings(local.config.vocab_size + 32, mean_resizing=False)
+    model, _ = adapted(method, base=local, seed=1)
+    local_hub.requests.clear()
+    model.save_pretrained(tmp_path)
+    assert local_hub.requests == []
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert f"**{sum(t.numel() for t in saved.values()):,}**" in card.text

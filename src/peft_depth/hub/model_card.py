@@ -150,7 +150,8 @@ def _adapter_parameter_count(model: nn.Module, adapter_name: str) -> int | None:
     from peft.utils import get_peft_model_state_dict
 
     try:
-        state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        # as the save itself: embeddings never go into a depth adapter (and "auto" would look the base up on the Hub)
+        state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     except Exception:  # a model that is not a PeftModel: the card simply omits the count
         return None
     return int(sum(t.numel() for t in state.values()))
