@@ -527,3 +527,49 @@ def test_trainer_push_to_hub_uploads_the_peft_depth_card(tmp_path, monkeypatch):
     card = ModelCard(files["README.md"].decode())
     assert CARD_MARKER in card.text and 'from_pretrained("org/mola-sft")' in card.text
     assert {"mola", "peft-depth", "trl", "sft"} <= set(card.data.tags)  # TRL's metadata kept
+
+
+@pytest.mark.skipif("mod" not in METHODS, reason="MoD not present")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_the_full_logits_path_distils_the_labelled_positions_as_a_labelled_call_does(training, tmp_path):
+    """The full-logits loss calls the model without ``labels`` (it computes the loss itself); MoD then distilled every
+    real token in training (prompt tokens included) and nothing in eval. It must distil what a labelled call does."""
+    from peft_depth.tuners.mod import MoDConfig
+
+    trainer = make_trainer(MoDConfig(task_type="CAUSAL_LM", mix_space="log_probs"), str(tmp_path), max_steps=1)
+    model = trainer.model.train(training)
+    inputs = dict(next(iter(trainer.get_train_dataloader())))
+    inputs["labels"] = inputs["labels"].clone()
+    inputs["labels"][:, :5] = -100  # a prompt: its positions carry no label
+    trainer._logits_path_loss(model, inputs, None, "train" if training else "eval")
+    via_trainer = peft_depth.aux_losses(model)["distill"]
+    model(**inputs, use_cache=False)
+    labelled_call = peft_depth.aux_losses(model)["distill"]
+    torch.testing.assert_close(via_trainer, labelled_call, rtol=0, atol=0)
+    model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)  # the old behaviour, for contrast
+    unlabelled = peft_depth.aux_losses(model).get("distill")
+    assert unlabelled is None if not training else not torch.equal(unlabelled, labelled_call)
+
+
+@pytest.mark.parametrize(
+    "method, config_field, override, loss_name",
+    [
+        ("mod", "distill_loss_coef", "distill_loss_coef", "distill"),
+        ("dlo", "router_loss_coef", "router_loss_coef", "router"),
+    ],
+)
+def test_an_override_weights_a_loss_the_adapter_config_switches_off(
+    method, config_field, override, loss_name, tmp_path
+):
+    """MoD and DLO skip computing a loss whose configured coefficient is 0; a DepthSFTConfig override of 0.5 must
+    still train with it (it was silently left out)."""
+    if method not in METHODS:
+        pytest.skip(f"{method} not present")
+    config = METHODS[method]()
+    setattr(config, config_field, 0.0)
+    trainer = make_trainer(config, str(tmp_path), max_steps=1, **{override: 0.5})
+    trainer.train()
+    entry = train_logs(trainer)[-1]
+    assert entry[f"loss/{loss_name}"] == pytest.approx(0.5 * entry[f"aux/{loss_name}"], rel=1e-5)
+    assert entry[f"aux/{loss_name}"] > 0
+    assert entry["loss"] == pytest.approx(entry["loss/lm"] + entry[f"loss/{loss_name}"], rel=1e-5)

@@ -42,11 +42,19 @@ class RoutingContext:
         sync_across_processes: when True (set by ``DepthSFTTrainer`` from ``sync_routing_stats``), batch-level routing
             statistics are summed over all processes of the default process group during the forward, so that
             routing decisions and balance losses are those of the global batch, not of each process's shard.
+        loss_coefficient_overrides: ``{aux-loss name: coefficient}`` of this training run (set by
+            ``DepthSFTTrainer`` from ``DepthSFTConfig``), read through ``loss_coefficient``: a method that skips
+            computing a loss whose configured coefficient is 0 must still compute it when the run weights it.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.tracker = TokenMaskTracker(model)
         self.sync_across_processes = False
+        self.loss_coefficient_overrides: dict[str, float] = {}
+
+    def loss_coefficient(self, name: str, configured: float) -> float:
+        """The weight of the auxiliary loss ``name`` in this run: the trainer's override, else ``configured``."""
+        return float(self.loss_coefficient_overrides.get(name, configured))
 
     @property
     def forward(self) -> ForwardContext:

@@ -18,10 +18,12 @@ runs and deletes models kept every deleted model's adapted layers (and their bas
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import itertools
 import weakref
+from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +34,7 @@ from transformers.cache_utils import Cache
 
 from .layer_call import call_cache
 
-__all__ = ["ForwardContext", "ForwardContextTracker", "padding_mask"]
+__all__ = ["ForwardContext", "ForwardContextTracker", "labels_outside_the_call", "outside_labels", "padding_mask"]
 
 # One dict per thread/task: tracker key -> the context of that tracker's model's latest forward. Replaced, never
 # mutated in place, so a context copied into another thread or task keeps its own view.
@@ -40,6 +42,25 @@ _CONTEXTS: ContextVar[dict[int, ForwardContext]] = ContextVar("peft_depth_forwar
 _KEYS = itertools.count()
 #: Keys of trackers whose model has been garbage-collected (keys are never reused).
 _DEAD_KEYS: set[int] = set()
+#: Labels of the forwards that run in ``labels_outside_the_call`` (this thread's or task's).
+_OUTSIDE_LABELS: ContextVar[torch.Tensor | None] = ContextVar("peft_depth_outside_labels", default=None)
+
+
+@contextlib.contextmanager
+def labels_outside_the_call(labels: torch.Tensor | None) -> Iterator[None]:
+    """Run forwards whose loss is computed by the caller from the logits, with ``labels`` held back from the call
+    (so the model computes no loss of its own), while adapters that read the labels still see them
+    (``outside_labels``): MoD distils only the positions that carry a label."""
+    token = _OUTSIDE_LABELS.set(labels)
+    try:
+        yield
+    finally:
+        _OUTSIDE_LABELS.reset(token)
+
+
+def outside_labels() -> torch.Tensor | None:
+    """The labels ``labels_outside_the_call`` holds for the current forward (None outside it)."""
+    return _OUTSIDE_LABELS.get()
 
 
 def _forget(key: int) -> None:

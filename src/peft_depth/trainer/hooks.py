@@ -111,6 +111,13 @@ def set_sync_routing_stats(model: nn.Module, enabled: bool) -> int:
     return len(tuners)
 
 
+def set_loss_coefficient_overrides(model: nn.Module, overrides: Mapping[str, float]) -> None:
+    """Hand this run's auxiliary-loss coefficients to every depth tuner (``RoutingContext.loss_coefficient``), so a
+    loss the adapter config switches off (coefficient 0, not computed) is computed when the run weights it."""
+    for tuner in depth_tuners(model):
+        tuner.routing_context.loss_coefficient_overrides = {name: float(value) for name, value in overrides.items()}
+
+
 def set_training_step(model: nn.Module, step: int) -> None:
     """Tell every module with a ``set_training_step`` hook the trainer's global step.
 

@@ -20,6 +20,7 @@ from trl import SFTTrainer
 
 from ..core.config import DepthPeftConfig
 from ..core.distributed import refuse_deepspeed_zero3
+from ..core.forward_context import labels_outside_the_call
 from ..hub.model_card import write_model_card
 from .config import DepthSFTConfig
 from .hooks import (
@@ -32,6 +33,7 @@ from .hooks import (
     lr_multipliers,
     needs_full_logits,
     routing_health,
+    set_loss_coefficient_overrides,
     set_sync_routing_stats,
     set_training_step,
     set_training_total_steps,
@@ -117,6 +119,7 @@ class DepthSFTTrainer(SFTTrainer):
             self.args.aux_coefficient_overrides() if isinstance(self.args, DepthSFTConfig) else {}
         )
         set_sync_routing_stats(self.model, _arg(self.args, "sync_routing_stats"))
+        set_loss_coefficient_overrides(self.model, self._aux_overrides)
         self._has_depth_tuners = bool(depth_tuners(self.model))
         # Adapter names are left out of routing/... metric names when there is only one adapter.
         names = set(getattr(self.model, "peft_config", {}) or {})
@@ -217,7 +220,9 @@ class DepthSFTTrainer(SFTTrainer):
         labels = inputs["labels"]
         logits_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "fused_lm_head")}
         logits_inputs["use_cache"] = False
-        outputs = model(**logits_inputs)
+        # without labels, so the model computes no loss of its own; MoD still distils the labelled positions
+        with labels_outside_the_call(labels):
+            outputs = model(**logits_inputs)
         logits = outputs.logits[:, :-1]
         targets = labels[:, 1:].to(logits.device)
         mask = targets.flatten() != -100

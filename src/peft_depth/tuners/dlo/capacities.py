@@ -93,7 +93,8 @@ class CapacitySchedule:
         inference = None
         if config.inference_selection == "capacity":
             inference = config.inference_capacity if config.inference_capacity is not None else config.capacity
-        return capacity, config.router_loss_coef > 0, inference
+        wants_labels = self.routing_context.loss_coefficient("router", config.router_loss_coef) > 0
+        return capacity, wants_labels, inference
 
     def dlo_layer_capacities(self, adapter_name: str | None = None) -> dict[int, float]:
         """Training capacity each routed layer uses in the next forward."""

@@ -343,7 +343,7 @@ class DLOModel(CapacitySchedule, CapacityLearningRates, StackInstallation, Adapt
         records = {
             p: r for p, r in forward.records.items() if r.training and r.cos is not None and r.logits.requires_grad
         }
-        if not records or config.router_loss_coef == 0:
+        if not records or self.routing_context.loss_coefficient("router", config.router_loss_coef) == 0:
             return
         context = self.routing_context
         sync = context if context.syncing else None

@@ -114,6 +114,7 @@ def make_record(
     distill_positions_mask: torch.Tensor | None,
     head: nn.Linear,
     softcap: float | None,
+    distill_coef: float,
 ) -> MoDRecord:
     """The routing statistics of one adapter over real tokens with finite scores and, when distillation runs, its
     loss over the distilled positions among them."""
@@ -131,7 +132,7 @@ def make_record(
         nonfinite=nonfinite if mask is None else nonfinite & mask.bool(),
         rows_are_sequences=config.router_granularity == "sequence",
     )
-    if distill_positions_mask is None or config.distill_loss_coef == 0:
+    if distill_positions_mask is None or distill_coef == 0:
         return record
     distilled = distill_positions_mask.to(states.device) & ~nonfinite.to(states.device)
     positions = distilled.reshape(-1).nonzero().squeeze(1)

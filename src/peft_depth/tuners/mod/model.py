@@ -41,6 +41,7 @@ from torch import nn
 
 from ...core.aux import AuxLossTerm
 from ...core.cache_state import attach_state, attached_states
+from ...core.forward_context import outside_labels
 from ...core.layer_call import output_cache
 from ...core.lora_layer import DepthLoraLayer
 from ...core.targets import ALL_PROJECTIONS_TARGET_MODULES_MAPPING
@@ -197,9 +198,12 @@ class MoDModel(DepthTuner):
     def _record_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         # the cache by what it is (its keyword was renamed in transformers 5.24): ``core.forward_context`` made it
         forward = self.routing_context.forward
+        labels, shift_labels = kwargs.get("labels"), kwargs.get("shift_labels")
+        if labels is None and shift_labels is None:
+            labels = outside_labels()  # DepthSFTTrainer's full-logits loss calls the model without them
         info = CallInfo(
-            labels=kwargs.get("labels"),
-            shift_labels=kwargs.get("shift_labels"),
+            labels=labels,
+            shift_labels=shift_labels,
             past_length=forward.past_length,
             cache=forward.cache,
             fused_lm_head=bool(kwargs.get("fused_lm_head", False)),
@@ -299,8 +303,9 @@ class MoDModel(DepthTuner):
                 delta_total = delta if delta_total is None else delta_total + delta
             else:
                 pending.append(PendingLogProbMix(states, weights, ensemble.gate, nonfinite))
+            distill_coef = self.routing_context.loss_coefficient("distill", config.distill_loss_coef)
             records[name] = make_record(
-                ensemble, config, states, base, weights, nonfinite, mask, distilled, head, softcap
+                ensemble, config, states, base, weights, nonfinite, mask, distilled, head, softcap, distill_coef
             )
         state.pending_log_probs = pending or None
         state.records = records
