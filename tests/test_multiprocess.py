@@ -32,6 +32,14 @@ def _configs():
     except ImportError:
         pass
     try:
+        from peft_depth.tuners.mod import MoDConfig
+
+        # the gate starts open so the router gets gradient; the distillation is a mean over the global batch's
+        # labelled positions, and the processes' shards hold different numbers of them
+        configs["mod"] = lambda: MoDConfig(task_type="CAUSAL_LM", num_late_layers=2, gate_init=0.5)
+    except ImportError:
+        pass
+    try:
         from peft_depth.tuners.dlo import DLOConfig
 
         # capacity 0.5 from the first step, so the batch-wide top-k really selects; the routers start at zero, so
@@ -192,4 +200,6 @@ def test_without_sync_the_routing_gradient_differs(method, two_process_results, 
     print(
         f"{method}: max relative gradient difference vs one process: sync {diff_synced:.2e}, no sync {diff_unsynced:.2e}"
     )
-    assert diff_unsynced > 1e-3 > diff_synced
+    # MoD's share is its distillation loss (coefficient 0.1, a KL near 1e-3 on these tiny models): a smaller gap
+    gap = 1e-4 if method == "mod" else 1e-3
+    assert diff_unsynced > gap > 1e-5 > diff_synced

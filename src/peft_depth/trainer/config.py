@@ -59,7 +59,8 @@ class DepthSFTConfig(SFTConfig):
         default=False,
         metadata={
             "help": "In multi-process training, all-reduce batch-level routing statistics during the forward (MoLA's "
-            "balance-loss f·P, MoLEx's layer vote, DLO's batch-wide top-k and capacities), so that routing and "
+            "balance-loss f·P, MoLEx's layer vote, DLO's batch-wide top-k and capacities, the position count of MoD's "
+            "distillation mean), so that routing and "
             "auxiliary losses are those of the global batch and the gradients equal a single-process run on the same "
             "global batch. Off: each process routes and balances its own shard (the official implementations' "
             "behaviour under DDP). No effect with one process."

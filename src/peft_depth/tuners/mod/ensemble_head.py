@@ -18,6 +18,7 @@ raises ``NonFiniteRoutingError`` naming the adapter and its layers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +116,7 @@ def make_record(
     head: nn.Linear,
     softcap: float | None,
     distill_coef: float,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> MoDRecord:
     """The routing statistics of one adapter over real tokens with finite scores and, when distillation runs, its
     loss over the distilled positions among them."""
@@ -149,6 +151,11 @@ def make_record(
         softcap=softcap,
         chunk_size=config.distill_chunk_size,
     )
+    if reduce is not None:
+        # across processes (``sync_routing_stats``): the mean over the global batch's distilled positions, as one
+        # process computes it, not the mean of per-process means (those weight a short shard's positions more)
+        count = torch.tensor(float(positions.numel()), device=kl.device)
+        kl = reduce(kl * count) / reduce(count).clamp_min(1)
     record.distill_loss = kl.sum() * config.distill_temperature**2
     record.distill_kl = kl.detach()
     record.distill_positions = int(positions.numel())

@@ -290,6 +290,7 @@ class MoDModel(DepthTuner):
         distilled = distill_mask(info, mask, batch, seq, self.model.training, base.device)
         head, softcap = self._frozen_head(), final_logit_softcap(self.model)
         records: dict[str, MoDRecord] = {}
+        reduce = self.routing_context.reduce_sum if self.routing_context.syncing else None
         pending = []
         delta_total = None
         for name, ensemble in ensembles:
@@ -305,7 +306,18 @@ class MoDModel(DepthTuner):
                 pending.append(PendingLogProbMix(states, weights, ensemble.gate, nonfinite))
             distill_coef = self.routing_context.loss_coefficient("distill", config.distill_loss_coef)
             records[name] = make_record(
-                ensemble, config, states, base, weights, nonfinite, mask, distilled, head, softcap, distill_coef
+                ensemble,
+                config,
+                states,
+                base,
+                weights,
+                nonfinite,
+                mask,
+                distilled,
+                head,
+                softcap,
+                distill_coef,
+                reduce,
             )
         state.pending_log_probs = pending or None
         state.records = records
