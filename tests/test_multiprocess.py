@@ -203,3 +203,64 @@ def test_without_sync_the_routing_gradient_differs(method, two_process_results, 
     # MoD's share is its distillation loss (coefficient 0.1, a KL near 1e-3 on these tiny models): a smaller gap
     gap = 1e-4 if method == "mod" else 1e-3
     assert diff_unsynced > gap > 1e-5 > diff_synced
+
+
+def _block_skip_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Plain DDP (``find_unused_parameters=False``, as DepthSFTTrainer builds it) over a DLO block-skip model whose
+    global top-k leaves process 1 (one row of 3 tokens) no token in some routed layer."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from peft import get_peft_model
+    from tiny_models import VOCAB, tiny_llama
+    from torch.nn.parallel import DistributedDataParallel
+
+    import peft_depth
+    from peft_depth.trainer import set_sync_routing_stats
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
+    )
+    config = peft_depth.DLOConfig(
+        task_type="CAUSAL_LM", r=4, lora_dropout=0.0, capacity=0.4, capacity_annealing_steps=0, skip_mode="block"
+    )
+    model = get_peft_model(tiny_llama(num_layers=4).train(), config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained-looking routers and LoRA: the scores no longer tie
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+    set_sync_routing_stats(model, True)
+    ddp = DistributedDataParallel(model, find_unused_parameters=False)
+    generator = torch.Generator().manual_seed(1)
+    rows = [torch.randint(3, VOCAB, (n,), generator=generator) for n in (9, 6, 7, 3)]
+    mine = rows[:3] if rank == 0 else rows[3:]
+    width = max(len(r) for r in mine)
+    ids = torch.zeros(len(mine), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(mine):
+        ids[i, : len(row)], mask[i, : len(row)] = row, 1
+    executed, finished = [], 0
+    for _ in range(2):
+        out = ddp(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        layers = peft_depth.routing_stats(model)["dlo"]["default"]["layers"]
+        executed.append([round(r["executed_fraction"] * r["num_tokens"]) for r in layers])
+        (out.loss + sum(peft_depth.aux_losses(model).values())).backward()
+        model.zero_grad(set_to_none=True)
+        finished += 1
+    torch.save({"executed": executed, "finished": finished}, os.path.join(out_dir, f"block{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo spawn test runs on Linux/macOS")
+def test_block_skip_trains_under_ddp_when_a_process_gets_no_token_of_a_layer(tmp_path):
+    """With sync_routing_stats the batch-wide top-k can leave a process's shard no token of a layer the other process
+    runs. The layer's parameters then got no gradient there, and DDP crashed (gloo) or hung (NCCL) in backward."""
+    mp.start_processes(
+        _block_skip_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
+    rank0, rank1 = (torch.load(tmp_path / f"block{r}.pt") for r in (0, 1))
+    assert rank0["finished"] == rank1["finished"] == 2
+    assert any(0 in step for step in rank1["executed"]), rank1  # the case this test is about did happen
+    assert all(min(step) > 0 for step in rank0["executed"]), rank0

@@ -27,9 +27,11 @@ def _recorded_once(forward: Callable[..., tuple[torch.Tensor, Any]]) -> Callable
     is recorded once, as one layer's."""
 
     @functools.wraps(forward)
-    def recorded(layer: nn.Module, hidden_states: torch.Tensor, *rest: Any) -> tuple[torch.Tensor, Any]:
+    def recorded(
+        layer: nn.Module, hidden_states: torch.Tensor, *rest: Any, **options: Any
+    ) -> tuple[torch.Tensor, Any]:
         with _output_recording_paused() as collected:
-            output, cos = forward(layer, hidden_states, *rest)
+            output, cos = forward(layer, hidden_states, *rest, **options)
         if collected is not None and "hidden_states" in collected:
             states, selection = collected["hidden_states"], collected.get("_hidden_states_layers")
             for state in ([hidden_states] if not states else []) + [output]:  # the first layer also gives its input
@@ -76,6 +78,7 @@ def forward_block_skip(
     base_path: torch.Tensor,
     scale: torch.Tensor,
     want_cos: bool,
+    every_process_differentiates: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(output, cos)`` of ``layer`` run on the ``[N]`` ``chosen`` tokens, scaled by ``scale``.
 
@@ -107,6 +110,8 @@ def forward_block_skip(
             cos = F.cosine_similarity(before, full.reshape(-1, dim).float(), dim=-1)
     if num_base == 0:
         if width == 0:
+            if every_process_differentiates:
+                hidden_states = hidden_states + _zero_tie(layer, scale).to(hidden_states.dtype)
             return hidden_states, cos
         if fewest == seq:  # every token chosen: one plain call
             output = layer(hidden_states, **kwargs)
@@ -120,6 +125,20 @@ def forward_block_skip(
     base_output = layer(hidden_states, **kwargs)
     delta = torch.where(base_path.view(batch, seq, 1), base_output - hidden_states, delta)
     return hidden_states + delta, cos
+
+
+def _zero_tie(layer: nn.Module, scale: torch.Tensor) -> torch.Tensor:
+    """A zero that depends on every trainable parameter of ``layer`` and on ``scale`` (the router's output).
+
+    With ``sync_routing_stats`` the batch-wide top-k can leave this process's shard no token of a layer that other
+    processes run; DDP (``find_unused_parameters=False``) then waits for gradients this process never produces, and
+    training crashed (gloo) or hung (NCCL). Tying them in gives those parameters a zero gradient, which DDP averages
+    with the other processes' real ones."""
+    tie = scale.sum()
+    for param in layer.parameters():
+        if param.requires_grad:
+            tie = tie + param.sum()
+    return tie * 0
 
 
 def _packed_delta(

@@ -258,7 +258,15 @@ class DLOBlock(Delegating):
             if sharded_across_processes(self.inner):
                 raise NotImplementedError(f"{self._where}: {SHARDED_BLOCK_SKIP_MESSAGE}")
             output, cos = forward_block_skip(
-                self.inner, hidden_states, args, kwargs, chosen, base_path, scale, want_cos
+                self.inner,
+                hidden_states,
+                args,
+                kwargs,
+                chosen,
+                base_path,
+                scale,
+                want_cos,
+                every_process_differentiates=self._context.syncing and torch.is_grad_enabled(),
             )
         # Publish at the end only: checkpoint recomputation may stop part-way through a forward.
         write_forward_state(self._context.forward, self._installation).records[self.position] = DLORecord(
