@@ -264,3 +264,38 @@ def test_block_skip_trains_under_ddp_when_a_process_gets_no_token_of_a_layer(tmp
     assert rank0["finished"] == rank1["finished"] == 2
     assert any(0 in step for step in rank1["executed"]), rank1  # the case this test is about did happen
     assert all(min(step) > 0 for step in rank0["executed"]), rank0
+
+
+def _balance_off_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+    )
+    torch.set_num_threads(1)
+    from peft_depth.tuners.molex import MoLExConfig
+
+    config = MoLExConfig(task_type="CAUSAL_LM", r=4, lora_dropout=0.0, balance_loss_coef=0.0)
+    trainer = make_trainer(
+        config,
+        os.path.join(out_dir, str(rank)),
+        dataset=counting_dataset(16),
+        max_steps=3,
+        per_device_train_batch_size=2,
+    )
+    trainer.train()
+    torch.save({"steps": trainer.state.global_step}, os.path.join(out_dir, f"balance_off{rank}.pt"))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo spawn test runs on Linux/macOS")
+def test_molex_trains_under_ddp_with_its_balance_loss_off(tmp_path):
+    """MoLEx's gates learn only from the balance loss. With it off (coefficient 0) they get no gradient at all, and
+    DDP without its unused-parameter search (what DepthSFTTrainer chose for depth adapters) failed at step 2."""
+    mp.start_processes(
+        _balance_off_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
+    assert [torch.load(tmp_path / f"balance_off{r}.pt")["steps"] for r in (0, 1)] == [3, 3]

@@ -9,7 +9,7 @@ from trl import SFTConfig
 
 from ..core.config import check_loss_coef, check_non_negative_number
 
-__all__ = ["DepthSFTConfig", "AUX_COEFFICIENT_FIELDS"]
+__all__ = ["DepthSFTConfig", "AUX_COEFFICIENT_FIELDS", "AUX_LOSS_OF_ADAPTER_FIELD"]
 
 #: Auxiliary-loss name (as reported by ``peft_depth.aux_losses``) -> the DepthSFTConfig field that overrides its
 #: coefficient. A loss called ``"<name>.<adapter>"`` (several adapters of one method) follows the ``<name>`` field.
@@ -17,6 +17,13 @@ AUX_COEFFICIENT_FIELDS: dict[str, str] = {
     "routing": "routing_loss_coef",
     "distill": "distill_loss_coef",
     "router": "router_loss_coef",
+}
+
+#: Coefficient field of an adapter config (its ``aux_loss_fields``) -> the name of the loss it weights.
+AUX_LOSS_OF_ADAPTER_FIELD: dict[str, str] = {
+    "balance_loss_coef": "routing",  # MoLA, MoLEx
+    "distill_loss_coef": "distill",  # MoD
+    "router_loss_coef": "router",  # DLO
 }
 
 

@@ -22,7 +22,7 @@ from ..core.config import DepthPeftConfig
 from ..core.distributed import refuse_deepspeed_zero3
 from ..core.forward_context import labels_outside_the_call
 from ..hub.model_card import write_model_card
-from .config import DepthSFTConfig
+from .config import AUX_LOSS_OF_ADAPTER_FIELD, DepthSFTConfig
 from .hooks import (
     CHECKPOINT_STATE_FILE,
     apply_lr_multipliers,
@@ -135,10 +135,23 @@ class DepthSFTTrainer(SFTTrainer):
             # unused to it: DDP marks them ready at the end of the forward, and the aux gradient arriving in backward
             # then fails ("marked as ready twice"). Every depth-adapter parameter gets a gradient each step (expert
             # weights are stacked tensors), so the search is not needed; set ddp_find_unused_parameters to override.
+            # Except when an auxiliary loss is off for this run: the parameters that learn only from it (MoLEx's
+            # gates) then get no gradient at all, and only the search lets DDP go on without them.
+            search = self._an_auxiliary_loss_is_off()
             for handler in args.get("kwargs_handlers", []):
                 if hasattr(handler, "find_unused_parameters"):
-                    handler.find_unused_parameters = False
+                    handler.find_unused_parameters = search
         return args
+
+    def _an_auxiliary_loss_is_off(self) -> bool:
+        """Whether some depth adapter's auxiliary loss has coefficient 0 in this run (its config's, or the override)."""
+        overrides = self.args.aux_coefficient_overrides() if isinstance(self.args, DepthSFTConfig) else {}
+        for config in (getattr(self.model, "peft_config", None) or {}).values():
+            for field_name in getattr(config, "aux_loss_fields", ()):
+                loss_name = AUX_LOSS_OF_ADAPTER_FIELD.get(field_name)
+                if float(overrides.get(loss_name, getattr(config, field_name))) == 0:
+                    return True
+        return False
 
     # ------------------------------------------------------------------------------------------- training step
 
