@@ -170,3 +170,28 @@ def test_inductor_compile_equals_eager_for_mola():
             assert (a is None) == (b is None), f"{what} of {name}"
             if a is not None:
                 torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("case", ["mola", "mod_token", "molex_token"])
+def test_a_model_compiled_before_its_first_call_follows_disable_adapter(case):
+    """Two things a model compiled at once must do (DPO's reference forward runs inside disable_adapter()):
+
+    - its first call may be the compiled one: the forward pre-hook registered a weakref finalizer at the model's
+      first forward, and traced by dynamo that failed its own guard on the finalizer registry ("Guard failed on the
+      same frame it was created");
+    - disable_adapter() reaches the compiled graph: the tuner's disabled flag was absent from its __dict__ until the
+      first disable, dynamo guards a key's value, not its absence, and MoD's ensemble and MoLEx's mixing kept running.
+    """
+    model = adapted(case, "llama").eval()
+    batch = _batches()[0]
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        with_adapter = compiled(**batch).logits  # before any eager forward
+        torch.testing.assert_close(with_adapter, model(**batch).logits, atol=ATOL, rtol=0)
+        with model.disable_adapter():
+            base_compiled = compiled(**batch).logits
+            base_eager = model(**batch).logits
+        again = compiled(**batch).logits
+    assert (with_adapter - base_eager).abs().max() > 1e-3  # the adapter changes the output
+    torch.testing.assert_close(base_compiled, base_eager, atol=ATOL, rtol=0)
+    torch.testing.assert_close(again, with_adapter, atol=ATOL, rtol=0)

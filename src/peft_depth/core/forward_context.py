@@ -133,6 +133,7 @@ class ForwardContextTracker:
         self.key = next(_KEYS)
         self._where = f"{type(model).__name__}.forward"
         self._handle = model.register_forward_pre_hook(self._begin, with_kwargs=True)
+        self._finalizer = weakref.finalize(model, _forget, self.key)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ForwardContextTracker:
         # A deep copy tracks another model (``copy.deepcopy(peft_model)``): it needs its own key, or the two models'
@@ -153,10 +154,17 @@ class ForwardContextTracker:
         self.__dict__.update(state)
         self.key = next(_KEYS)  # its own contexts, as for a deep copy
 
+    @torch.compiler.disable
+    def _track(self, module: nn.Module) -> None:
+        """Drop this tracker's contexts when ``module`` is collected. A deep copy's or unpickled tracker learns its own
+        model here, at its first forward; outside compiled code, since dynamo guards the finalizer registry's size
+        and a registration while tracing failed that guard at once ("Guard failed on the same frame")."""
+        if not self.__dict__.get("_finalizer"):
+            self._finalizer = weakref.finalize(module, _forget, self.key)
+
     def _begin(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if not self.__dict__.get("_finalizer"):
-            # the model this hook sits on (a deep copy's tracker learns its own copy here)
-            self._finalizer = weakref.finalize(module, _forget, self.key)
+            self._track(module)
         arguments = _call_arguments(module, args, kwargs)
         _, cache = call_cache(arguments, self._where)
         past_length = int(cache.get_seq_length()) if cache is not None else 0

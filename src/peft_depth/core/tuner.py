@@ -114,6 +114,9 @@ class DepthTuner(BaseTuner, DepthAuxSource):
 
     @_guard_injection
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        # present from the start: torch.compile guards the value of a key in a module's __dict__, not the absence of
+        # one, so a model compiled before its first disable_adapter() kept running its adapters inside it
+        self.__dict__.setdefault("_depth_adapters_disabled", False)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         if self.tuner_module_names:
             # so that disable_adapter() / get_model_status() work when every weight lives on the tuner
