@@ -21,7 +21,7 @@ from tiny_models import batch, tiny_llama
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import peft_depth
-from peft_depth.core.quantization import dequantized_weight, floating_dtype, is_quantized_linear
+from peft_depth.core.quantization import dequantized_linear, dequantized_weight, floating_dtype, is_quantized_linear
 from peft_depth.trainer import set_training_step
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -413,3 +413,33 @@ def test_readme_memory_table_is_the_computed_one(monkeypatch):
     assert rows["DLO (8 new layers, trained in full)"].trained_parameters == 8 * layer + 8 * 4096
     table = qlora_memory.markdown_table(list(rows.values()))
     assert table in (REPOSITORY / "README.md").read_text(), f"update the README's QLoRA table:\n{table}"
+
+
+def test_mod_refuses_a_quantized_output_head_naming_the_way_out(bases):
+    """A BitsAndBytesConfig with its own ``llm_int8_skip_modules`` quantizes the LM head too. MoD projects every late
+    layer through that head: it crashed deep inside ("Only Tensors of floating point ... can require gradients")."""
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=["embed_tokens"],
+    )
+    model = AutoModelForCausalLM.from_pretrained(bases.path, quantization_config=config, dtype=torch.bfloat16)
+    assert quantized_linears(model)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"`lm_head` of this base is quantized .*llm_int8_skip_modules"):
+        get_peft_model(model, peft_depth.MoDConfig(task_type="CAUSAL_LM", num_late_layers=2))
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_copying_a_quantized_layer_leaves_the_random_state_alone(bases, kind):
+    """A dequantized copy was built as an initialised nn.Linear: DLO's LoRA, initialised after the copies, then
+    differed between a quantized base and its float twin at the same seed."""
+    layer = next(m for m in bases.quantized(kind, prepared=False).modules() if is_quantized_linear(m))
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    dequantized_linear(layer, torch.float32)
+    assert torch.equal(torch.rand(4), expected)

@@ -101,8 +101,15 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 def dequantized_linear(module: nn.Linear, dtype: torch.dtype) -> nn.Linear:
     """A plain ``nn.Linear`` in ``dtype`` computing what the quantized ``module`` computes, on its device."""
     weight = dequantized_weight(module, dtype)
-    linear = nn.Linear(
-        module.in_features, module.out_features, bias=module.bias is not None, device=weight.device, dtype=dtype
+    # uninitialised (its values are overwritten below): nn.Linear's own init would draw from the global RNG, and the
+    # adapter weights initialised after a copy would then differ between a quantized base and its float twin
+    linear = torch.nn.utils.skip_init(
+        nn.Linear,
+        module.in_features,
+        module.out_features,
+        bias=module.bias is not None,
+        device=weight.device,
+        dtype=dtype,
     )
     linear.weight.copy_(weight)
     if module.bias is not None:

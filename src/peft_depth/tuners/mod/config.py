@@ -16,6 +16,7 @@ from torch import nn
 
 from ...core.config import MAX_LOSS_COEF, LoraFieldsConfig, check_choice, check_positive_int, check_probability
 from ...core.peft_registration import add_peft_type
+from ...core.quantization import is_quantized_linear
 from .base_parts import final_logit_softcap, find_base_parts
 
 __all__ = ["MoDConfig", "ROUTER_GRANULARITIES", "MIX_SPACES"]
@@ -216,6 +217,14 @@ class MoDConfig(LoraFieldsConfig):
             raise ValueError(
                 f"`target_modules` matches the output head `{parts.head_name}`: MoD shares the frozen LM head across "
                 "the late layers (and the final layer is the teacher), so it cannot carry LoRA. Exclude it."
+            )
+        if is_quantized_linear(parts.head):
+            name = parts.head_name or "the output head"
+            raise ValueError(
+                f"The output head `{name}` of this base is quantized ({type(parts.head).__name__}). MoD projects every "
+                "late layer through that head (the ensemble's dtype, the distillation, log-probability mixing), so it "
+                f"needs the head in floating point: keep it out of quantization, e.g. "
+                f"BitsAndBytesConfig(..., llm_int8_skip_modules=[..., '{name.rsplit('.', 1)[-1]}'])."
             )
         if self.mix_space == "log_probs" and final_logit_softcap(model) is not None:
             raise ValueError(
