@@ -443,3 +443,30 @@ def test_copying_a_quantized_layer_leaves_the_random_state_alone(bases, kind):
     torch.manual_seed(0)
     dequantized_linear(layer, torch.float32)
     assert torch.equal(torch.rand(4), expected)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("new_layer_training", ["full", "lora"])
+def test_dlo_may_double_a_prepared_quantized_base_within_the_allocation_budget(
+    bases, monkeypatch, kind, new_layer_training
+):
+    """The budget (2x the model) counted a quantized weight at its 16-bit size, while DLO's copies of a prepared base
+    are float32 (and dequantizing allocates temporaries): doubling the depth, which the config allows, was refused as
+    'absurd sizes' on a 7B QLoRA base. The 1 GiB floor is lifted here so the 2x rule decides, as on a real model."""
+    import peft_depth.core.safety as safety
+
+    monkeypatch.setattr(safety, "_MIN_BUDGET_BYTES", 0)
+    model = get_peft_model(
+        bases.quantized(kind),
+        peft_depth.DLOConfig(
+            task_type="CAUSAL_LM",
+            expand_every=1,
+            new_layer_training=new_layer_training,
+            r=4 if new_layer_training == "lora" else 0,
+        ),
+    )
+    assert len(new_layers(model)) == model.base_model.base_model_facts["num_layers"]
+    # and the budget still counts: a quarter of it refuses the same doubling
+    monkeypatch.setenv(safety.MAX_ADAPTER_BYTES_ENV, str(safety.adapter_allocation_limit(bases.quantized(kind)) // 4))
+    with pytest.raises(ValueError, match="absurd sizes"):
+        get_peft_model(bases.quantized(kind), peft_depth.DLOConfig(task_type="CAUSAL_LM", expand_every=1))

@@ -120,15 +120,15 @@ def dequantized_linear(module: nn.Linear, dtype: torch.dtype) -> nn.Linear:
 
 
 def logical_bytes(param: torch.Tensor) -> int:
-    """Bytes ``param`` takes once dequantized (its own size when it is not quantized): what a full-precision copy of
-    it costs, e.g. one of DLO's new layers built from a 4-bit layer."""
+    """Bytes a full-precision copy of ``param`` can take (its own size when it is not quantized), e.g. one of DLO's
+    new layers built from a 4-bit layer. A quantized weight counts at float32: copies are built in the dtype their
+    layer computes in (its norms'), which ``prepare_model_for_kbit_training`` makes float32."""
     state = getattr(param, "quant_state", None)
     shape = getattr(state, "shape", None)
     if is_quantized_parameter(param) and shape is not None:
-        dtype = getattr(state, "dtype", None) or torch.get_default_dtype()
-        return int(torch.Size(shape).numel()) * dtype.itemsize
-    if is_quantized_parameter(param):  # 8-bit: one int8 per weight, dequantized to a 16-bit compute dtype at least
-        return param.numel() * 2
+        return int(torch.Size(shape).numel()) * torch.float32.itemsize
+    if is_quantized_parameter(param):  # 8-bit: one int8 per weight
+        return param.numel() * torch.float32.itemsize
     return param.numel() * param.element_size()
 
 

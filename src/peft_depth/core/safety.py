@@ -87,7 +87,7 @@ def check_base_model_facts(recorded: dict[str, Any] | None, actual: dict[str, An
 
 def adapter_allocation_limit(model: nn.Module) -> int:
     """Bytes an adapter injection may allocate: ``$PEFT_DEPTH_MAX_ADAPTER_BYTES``, else max(2x the model, 1 GiB),
-    the model's quantized weights counted dequantized."""
+    the model's quantized weights counted as float32 copies (``logical_bytes``)."""
     override = os.environ.get(MAX_ADAPTER_BYTES_ENV)
     if override:
         try:
@@ -96,7 +96,7 @@ def adapter_allocation_limit(model: nn.Module) -> int:
             raise ValueError(
                 f"${MAX_ADAPTER_BYTES_ENV} must be an integer number of bytes, got {override!r}."
             ) from None
-    # a quantized weight counts at its dequantized size: DLO's copy of a 4-bit layer is full precision
+    # a quantized weight counts at the size of a float32 copy: DLO's copy of a 4-bit layer is full precision
     model_bytes = sum(logical_bytes(p) for p in model.parameters())
     model_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
     return max(_BASE_MODEL_MULTIPLE * model_bytes, _MIN_BUDGET_BYTES)
