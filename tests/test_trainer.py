@@ -228,6 +228,9 @@ def test_full_logits_path_gives_the_fused_head_gradients(tmp_path):
     (fused_log, fused), (logits_log, via_logits) = results
     assert logits_log["loss"] == pytest.approx(fused_log["loss"], rel=1e-5)
     assert logits_log["mean_token_accuracy"] == pytest.approx(fused_log["mean_token_accuracy"])
+    # SFTTrainer's other metrics, which the logits path computes itself
+    assert logits_log["entropy"] == pytest.approx(fused_log["entropy"], rel=1e-5)
+    assert logits_log["num_tokens"] == fused_log["num_tokens"] > 0
     for name in fused:
         torch.testing.assert_close(via_logits[name], fused[name], rtol=1e-4, atol=1e-7, msg=name)
 

@@ -92,7 +92,9 @@ class DepthSFTTrainer(SFTTrainer):
     - adds every auxiliary loss of the last forward, weighted by the adapter config's coefficient or its
       ``DepthSFTConfig`` override, scaled for gradient accumulation by the rule ``Trainer`` applies to the LM loss (the
       rule TRL uses for native MoE aux losses);
-    - logs ``loss/lm`` and ``loss/<name>`` per auxiliary loss (weighted; they add up to the logged ``loss``),
+    - logs ``loss/lm`` and ``loss/<name>`` per auxiliary loss (weighted; they add up to the logged ``loss``; in
+      evaluation they are means over the eval batches, where Trainer weights ``eval_loss`` by each batch's rows, so
+      the two agree when every eval batch has the same number of rows),
       ``aux/<name>`` (unweighted), and routing health under ``routing/...``;
     - sets ``sync_routing_stats`` on every depth tuner (the config is the source of truth), calls the tuners'
       ``set_training_step`` / ``set_training_total_steps`` hooks before each micro-batch, builds the optimizer from
@@ -252,12 +254,32 @@ class DepthSFTTrainer(SFTTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         with torch.no_grad():
+            # SFTTrainer's metrics, from these logits: entropy and top-1 accuracy over the labelled positions
             valid = self.accelerator.gather_for_metrics(mask.sum()).sum()
             correct = (logits.argmax(dim=-1).flatten() == targets.flatten()) & mask
             correct = self.accelerator.gather_for_metrics(correct.sum()).sum()
-            accuracy = (correct / valid).item() if valid > 0 else 0.0
-        self._metrics[mode]["mean_token_accuracy"].append(accuracy)
+            labelled = logits.flatten(0, 1)[mask].float()
+            entropy = (torch.logsumexp(labelled, dim=-1) - (labelled.softmax(dim=-1) * labelled).sum(dim=-1)).sum()
+            entropy = self.accelerator.gather_for_metrics(entropy).sum()
+        self._metrics[mode]["entropy"].append((entropy / valid).item() if valid > 0 else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
+        self._count_tokens(mode, inputs)
         return loss
+
+    def _count_tokens(self, mode: str, inputs: dict[str, Any]) -> None:
+        """SFTTrainer's ``num_tokens`` metric (tokens trained on so far), which its own loss path keeps."""
+        if not hasattr(self, "_total_train_tokens"):
+            return
+        if mode == "train":
+            if "attention_mask" in inputs:
+                local = inputs["attention_mask"].sum()
+            elif "position_ids" in inputs:  # padding-free: one packed row
+                local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            else:
+                return
+            tokens = int(self.accelerator.gather_for_metrics(local).sum().item())
+            self._total_train_tokens += tokens // max(int(getattr(self, "_tp_size", 1)), 1)
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
     # ------------------------------------------------------------------------------------------- logging
 
