@@ -69,7 +69,8 @@ def _one_step(method: str, sync: bool, world_size: int, out: str):
     return capture.grads[0], entry
 
 
-def _worker(rank: int, world_size: int, port: int, jobs: list, out_dir: str) -> None:
+def _join_process_group_environment(rank: int, world_size: int, port: int) -> None:
+    """What accelerate reads to join the gloo group (as torchrun would set it), offline, one thread a process."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -80,6 +81,10 @@ def _worker(rank: int, world_size: int, port: int, jobs: list, out_dir: str) -> 
         HF_DATASETS_OFFLINE="1",
     )
     torch.set_num_threads(1)
+
+
+def _worker(rank: int, world_size: int, port: int, jobs: list, out_dir: str) -> None:
+    _join_process_group_environment(rank, world_size, port)
     results = {}
     for method, sync in jobs:
         results[(method, sync)] = _one_step(method, sync, world_size, os.path.join(out_dir, f"{method}-{sync}-{rank}"))
@@ -267,16 +272,7 @@ def test_block_skip_trains_under_ddp_when_a_process_gets_no_token_of_a_layer(tmp
 
 
 def _balance_off_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-    )
-    torch.set_num_threads(1)
+    _join_process_group_environment(rank, world_size, port)
     from peft_depth.tuners.molex import MoLExConfig
 
     config = MoLExConfig(task_type="CAUSAL_LM", r=4, lora_dropout=0.0, balance_loss_coef=0.0)
