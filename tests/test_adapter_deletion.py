@@ -85,3 +85,17 @@ def test_deleting_the_active_adapter_activates_the_remaining_one_with_a_warning(
     for module in model.modules():  # the trained copies of the survivor run again
         if hasattr(module, "modules_to_save"):
             assert module.active_adapters == ["default"]
+
+
+@pytest.mark.parametrize("method", ["mod_alone", "dlo_trained_mlp", "lora_control"])
+def test_deleting_the_active_one_of_three_follows_peft_choice_and_its_warning(method):
+    """peft activates the first remaining name in sorted order and says so; the survivor must be that one, not the
+    first adapter added."""
+    model, _, _ = _two_adapters(CONFIGS[method])
+    config = CONFIGS[method]()
+    config.task_type = "CAUSAL_LM"
+    model.add_adapter("c", config)
+    model.set_adapter("c")
+    with pytest.warns(UserWarning, match="Setting active adapter to b"):
+        model.delete_adapter("c")
+    assert model.active_adapter == "b" and model.base_model.active_adapters == ["b"]

@@ -576,3 +576,32 @@ def test_an_override_weights_a_loss_the_adapter_config_switches_off(
     assert entry[f"loss/{loss_name}"] == pytest.approx(0.5 * entry[f"aux/{loss_name}"], rel=1e-5)
     assert entry[f"aux/{loss_name}"] > 0
     assert entry["loss"] == pytest.approx(entry["loss/lm"] + entry[f"loss/{loss_name}"], rel=1e-5)
+
+
+@pytest.mark.skipif("mod" not in METHODS, reason="MoD not present")
+def test_the_trainer_overrides_hold_for_its_own_run_only(tmp_path):
+    """A DepthSFTConfig override of 0 stayed on the tuners after training: the user's own loop afterwards
+    (``out.loss + sum(aux_losses(model).values())``) then trained without the loss the adapter config switches on."""
+    from peft_depth.tuners.mod import MoDConfig
+
+    trainer = make_trainer(
+        MoDConfig(task_type="CAUSAL_LM", distill_loss_coef=0.5), str(tmp_path), max_steps=1, distill_loss_coef=0.0
+    )
+    trainer.train()
+    assert "loss/distill" not in train_logs(trainer)[-1]  # off for the run
+    model = trainer.model.train()
+    inputs = next(iter(trainer.get_train_dataloader()))
+    model(**inputs)
+    assert float(peft_depth.aux_losses(model)["distill"]) > 0  # the adapter's own coefficient again
+
+
+def test_an_inactive_adapter_with_its_loss_off_leaves_ddp_unused_parameter_search_off(tmp_path):
+    """Only active adapters decide: the search on (for an inactive adapter's switched-off loss) made DDP mark the
+    active MoLEx gates ready twice."""
+    trainer = make_trainer(peft_depth.MoLExConfig(task_type="CAUSAL_LM", r=4), str(tmp_path), max_steps=1)
+    trainer.model.add_adapter("b", peft_depth.MoLExConfig(task_type="CAUSAL_LM", r=4, balance_loss_coef=0.0))
+    handlers = trainer._build_accelerator_args().get("kwargs_handlers", [])
+    assert [h.find_unused_parameters for h in handlers if hasattr(h, "find_unused_parameters")] == [False]
+    trainer.model.set_adapter("b")
+    handlers = trainer._build_accelerator_args().get("kwargs_handlers", [])
+    assert [h.find_unused_parameters for h in handlers if hasattr(h, "find_unused_parameters")] == [True]

@@ -210,7 +210,8 @@ class DepthTuner(BaseTuner, DepthAuxSource):
     def _restore_active_adapters(
         self, deleted: str, was_active: bool, survivors: list[str], trainable: dict[str, bool]
     ) -> None:
-        """Keep the adapters that were active (or, when the deleted one was, the first remaining) active.
+        """Keep the adapters that were active (or, when the deleted one was, peft's choice: the first remaining name
+        in sorted order) active.
 
         peft reads the new active adapters off the first adapter layer it finds in the model, skipping module names
         that contain the tuner's prefix. An adapter that keeps all its weights on the tuner (MoD or DLO with ``r=0``)
@@ -220,8 +221,10 @@ class DepthTuner(BaseTuner, DepthAuxSource):
         if not self.peft_config:
             return
         if not survivors and was_active:
-            survivors = list(self.peft_config)[:1]
-            if not self.active_adapters:  # peft's adapter layers warn themselves when they chose it
+            if self.active_adapters:  # peft's adapter layers chose (and warned)
+                survivors = list(self.active_adapters)
+            else:  # no adapter layer to choose: peft's rule (BaseTunerLayer._all_available_adapter_names)
+                survivors = sorted(self.peft_config)[:1]
                 warnings.warn(
                     f"Adapter {deleted} was active which is now deleted. Setting active adapter to {survivors[0]}.",
                     stacklevel=4,

@@ -50,10 +50,11 @@ trained model) takes part through these optional methods:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +75,7 @@ __all__ = [
     "needs_full_logits",
     "collect_optimizer_groups",
     "depth_tuners",
+    "loss_coefficient_overrides",
     "routing_health",
     "set_sync_routing_stats",
     "set_training_step",
@@ -111,11 +113,21 @@ def set_sync_routing_stats(model: nn.Module, enabled: bool) -> int:
     return len(tuners)
 
 
-def set_loss_coefficient_overrides(model: nn.Module, overrides: Mapping[str, float]) -> None:
-    """Hand this run's auxiliary-loss coefficients to every depth tuner (``RoutingContext.loss_coefficient``), so a
-    loss the adapter config switches off (coefficient 0, not computed) is computed when the run weights it."""
-    for tuner in depth_tuners(model):
+@contextlib.contextmanager
+def loss_coefficient_overrides(model: nn.Module, overrides: Mapping[str, float]) -> Iterator[None]:
+    """Within the block, every depth tuner weighs its auxiliary losses with this run's coefficients
+    (``RoutingContext.loss_coefficient``), so a loss the adapter config switches off (coefficient 0, not computed) is
+    computed when the run weights it. Afterwards the adapter configs' own coefficients hold again: a forward of the
+    user's own loop after training must not inherit the trainer's overrides."""
+    tuners = depth_tuners(model)
+    previous = [tuner.routing_context.loss_coefficient_overrides for tuner in tuners]
+    for tuner in tuners:
         tuner.routing_context.loss_coefficient_overrides = {name: float(value) for name, value in overrides.items()}
+    try:
+        yield
+    finally:
+        for tuner, saved in zip(tuners, previous):
+            tuner.routing_context.loss_coefficient_overrides = saved
 
 
 def set_training_step(model: nn.Module, step: int) -> None:

@@ -30,10 +30,10 @@ from .hooks import (
     collect_optimizer_groups,
     depth_tuners,
     load_checkpoint_state,
+    loss_coefficient_overrides,
     lr_multipliers,
     needs_full_logits,
     routing_health,
-    set_loss_coefficient_overrides,
     set_sync_routing_stats,
     set_training_step,
     set_training_total_steps,
@@ -121,7 +121,6 @@ class DepthSFTTrainer(SFTTrainer):
             self.args.aux_coefficient_overrides() if isinstance(self.args, DepthSFTConfig) else {}
         )
         set_sync_routing_stats(self.model, _arg(self.args, "sync_routing_stats"))
-        set_loss_coefficient_overrides(self.model, self._aux_overrides)
         self._has_depth_tuners = bool(depth_tuners(self.model))
         # Adapter names are left out of routing/... metric names when there is only one adapter.
         names = set(getattr(self.model, "peft_config", {}) or {})
@@ -148,7 +147,10 @@ class DepthSFTTrainer(SFTTrainer):
     def _an_auxiliary_loss_is_off(self) -> bool:
         """Whether some depth adapter's auxiliary loss has coefficient 0 in this run (its config's, or the override)."""
         overrides = self.args.aux_coefficient_overrides() if isinstance(self.args, DepthSFTConfig) else {}
-        for config in (getattr(self.model, "peft_config", None) or {}).values():
+        configs = getattr(self.model, "peft_config", None) or {}
+        active = getattr(self.model, "active_adapters", None) or list(configs)
+        # the active adapters only: an inactive one trains nothing, and the search would break the active one's
+        for config in (configs[name] for name in active if name in configs):
             for field_name in getattr(config, "aux_loss_fields", ()):
                 loss_name = AUX_LOSS_OF_ADAPTER_FIELD.get(field_name)
                 if float(overrides.get(loss_name, getattr(config, field_name))) == 0:
@@ -168,7 +170,9 @@ class DepthSFTTrainer(SFTTrainer):
             # scheduler's step, from the same capacities).
             apply_lr_multipliers(self.model, self.optimizer)
             self._lr_scaled_at_step = self.state.global_step
-        return super().training_step(model, inputs, num_items_in_batch=num_items_in_batch)
+        # forward and backward (checkpointed layers recompute in backward): this run's loss coefficients throughout
+        with loss_coefficient_overrides(self.model, self._aux_overrides):
+            return super().training_step(model, inputs, num_items_in_batch=num_items_in_batch)
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
         # The same decision as `Trainer.training_step`: if it holds, Trainer will NOT divide the returned loss by the
@@ -180,6 +184,10 @@ class DepthSFTTrainer(SFTTrainer):
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with loss_coefficient_overrides(self.model, self._aux_overrides):  # also for evaluation's forwards
+            return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _compute_loss(self, model, inputs, return_outputs, num_items_in_batch):
         mode = "train" if self.model.training else "eval"
         if needs_full_logits(self.model) or (self._has_depth_tuners and self._loss_from_logits()):
             lm_loss = self._logits_path_loss(model, inputs, num_items_in_batch, mode)
