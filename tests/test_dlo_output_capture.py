@@ -75,3 +75,18 @@ def test_a_merged_dense_expansion_reports_like_a_plain_model_of_its_depth(record
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     for layer in merged.model.layers:
         assert not [key for key in vars(layer) if "output_capture" in key]
+
+
+def test_a_transformers_without_its_output_recording_module_is_refused_when_outputs_are_asked_for(monkeypatch):
+    """If transformers stops recording layer outputs through the module DLO hooks its new layers with, a forward
+    that reports hidden states or attention maps would silently lack the new layers: it raises instead, and a plain
+    forward still runs."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers.utils.output_capturing", None)  # its import now fails
+    model = get_peft_model(_eager_base(), DLOConfig(task_type="CAUSAL_LM", **CONFIGS["routed"])).eval()
+    with torch.no_grad():
+        plain = model(**batch())
+    assert plain.hidden_states is None and torch.isfinite(plain.logits).all()
+    with pytest.raises(RuntimeError, match="hidden_states and attentions.*would be missing"):
+        _recorded(model)

@@ -12,10 +12,17 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["drop_output_capture", "drop_output_capture_mark", "install_output_capture"]
+__all__ = [
+    "drop_output_capture",
+    "drop_output_capture_mark",
+    "install_output_capture",
+    "output_capture_unavailable",
+    "refuse_unrecorded_outputs",
+]
 
 _CAPTURE_MODULE = "transformers.utils.output_capturing"
 _FLAG = "_depth_output_capture"
+_UNAVAILABLE = "_depth_output_capture_unavailable"
 
 
 def _is_capture_hook(hook: Any) -> bool:
@@ -38,6 +45,25 @@ def drop_output_capture(layer: nn.Module) -> None:
 def drop_output_capture_mark(layer: nn.Module) -> None:
     """Forget that ``install_output_capture`` hooked ``layer`` (its hooks stay)."""
     layer.__dict__.pop(_FLAG, None)
+    layer.__dict__.pop(_UNAVAILABLE, None)
+
+
+def output_capture_unavailable(layer: nn.Module) -> bool:
+    """Whether ``install_output_capture`` could not hook ``layer`` (transformers records outputs another way)."""
+    return layer.__dict__.get(_UNAVAILABLE, False)
+
+
+def refuse_unrecorded_outputs(layers: list[nn.Module], output: Any) -> None:
+    """Raise when ``output`` reports per-layer hidden states or attention maps but some of ``layers`` could not be
+    hooked to record theirs: the tuple would silently lack those layers."""
+    asked = [key for key in ("hidden_states", "attentions") if getattr(output, key, None) is not None]
+    if asked and any(output_capture_unavailable(layer) for layer in layers):
+        raise RuntimeError(
+            f"This model's output reports {' and '.join(asked)}, but the installed transformers records them "
+            f"without `{_CAPTURE_MODULE}`, which peft-depth uses to record the layers it adds: they would be missing. "
+            "Call the model without output_hidden_states / output_attentions, or install a transformers version "
+            "peft-depth supports (see pyproject.toml)."
+        )
 
 
 def install_output_capture(backbone: nn.Module, layer: nn.Module, name: str) -> None:
@@ -51,7 +77,8 @@ def install_output_capture(backbone: nn.Module, layer: nn.Module, name: str) -> 
             OutputRecorder,
             recursively_install_hooks,
         )
-    except ImportError:  # another transformers layout: hidden states of these layers are then not reported
+    except ImportError:  # another transformers layout: refuse_unrecorded_outputs raises if outputs are asked for
+        layer.__dict__[_UNAVAILABLE] = True
         return
     drop_output_capture(layer)
     tasks: list[tuple[str, Any]] = []

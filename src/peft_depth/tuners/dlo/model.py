@@ -39,6 +39,7 @@ from torch import nn
 
 from ...core.aux import AuxLossTerm
 from ...core.lora_layer import DepthLoraLayer
+from ...core.output_capture import refuse_unrecorded_outputs
 from ...core.rewiring import StackRewiring
 from ...core.targets import ALL_PROJECTIONS_TARGET_MODULES_MAPPING
 from ...core.tuner import DepthTuner
@@ -335,6 +336,9 @@ class DLOModel(CapacitySchedule, CapacityLearningRates, StackInstallation, Adapt
         return {} if forward is None else dict(forward.records)
 
     def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        installed = self._dlo["installed"]
+        if installed is not None:
+            refuse_unrecorded_outputs(list(self.dlo_new_layers[installed].values()), output)
         forward = self._forward_state()
         if forward is None:
             return
