@@ -588,3 +588,23 @@ def test_task_presets_are_the_official_scripts_settings():
     assert MoLExConfig.for_task("sst2", gate_proj_dim=64).gate_proj_dim == 64  # overrides win
     with pytest.raises(ValueError, match="`task` must be one of .*'sst2'"):
         MoLExConfig.for_task("squad")
+
+
+@pytest.mark.parametrize("routing", ["token", "sequence", "batch_vote"])
+def test_attention_maps_are_one_per_layer_from_its_own_pass(routing):
+    """An expert pass runs another layer's attention on this layer's input: it is no layer of the forward, so
+    ``output_attentions`` reports each layer's own map once, aligned with the base model's layers (the expert maps
+    were recorded too, and shifted every later layer's index)."""
+    base = tiny_llama()
+    base.config._attn_implementation = "eager"
+    reference = clone_model(base).eval()
+    # only the last layer mixes and LoRA starts at zero, so every own pass is the base's layer on the base's input
+    model = molex(base, molex_layers=[3], expert_layers=[1], routing=routing).eval()
+    with torch.no_grad():
+        mine = model(**batch(), output_attentions=True, output_hidden_states=True)
+        theirs = reference(**batch(), output_attentions=True, output_hidden_states=True)
+    assert len(mine.attentions) == len(theirs.attentions) == 4
+    assert len(mine.hidden_states) == len(theirs.hidden_states) == 5
+    for own, base_map in zip(mine.attentions, theirs.attentions, strict=True):
+        torch.testing.assert_close(own, base_map, rtol=0, atol=0)
+    assert not torch.equal(mine.logits, theirs.logits)  # the last layer did mix with another layer

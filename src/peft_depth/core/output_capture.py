@@ -8,6 +8,8 @@ once: a deep copy of a hooked layer carries its source's hooks along, and a mode
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
@@ -17,6 +19,7 @@ __all__ = [
     "drop_output_capture_mark",
     "install_output_capture",
     "output_capture_unavailable",
+    "output_recording_paused",
     "refuse_unrecorded_outputs",
 ]
 
@@ -29,6 +32,27 @@ def _is_capture_hook(hook: Any) -> bool:
     return getattr(hook, "__module__", None) == _CAPTURE_MODULE and getattr(hook, "__name__", "") == (
         "output_capturing_hook"
     )
+
+
+@contextlib.contextmanager
+def output_recording_paused() -> Iterator[dict[str, Any] | None]:
+    """Pause transformers' per-layer output recording for the calls inside (passes that are no layer of this
+    forward, such as a layer run again as another's expert); yields what the forward collects, or None when it
+    collects nothing."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # a transformers without this recorder records nothing through layer hooks
+        yield None
+        return
+    collected = _active_collector.get()
+    if not collected:
+        yield None
+        return
+    token = _active_collector.set(None)
+    try:
+        yield collected
+    finally:
+        _active_collector.reset(token)
 
 
 def drop_output_capture(layer: nn.Module) -> None:

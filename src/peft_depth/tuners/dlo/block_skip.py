@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.layer_call import bind_block_call, checkpointing_active
+from ...core.output_capture import output_recording_paused
 
 __all__ = ["forward_block_skip"]
 
@@ -43,29 +44,16 @@ def _recorded_once(forward: Callable[..., tuple[torch.Tensor, Any]]) -> Callable
 
 @contextlib.contextmanager
 def _output_recording_paused() -> Iterator[dict[str, Any] | None]:
-    """Pause transformers' per-layer output recording (``output_capturing``); yields what it collects, or None when
-    nothing is being collected."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # a transformers without this recorder records nothing through layer hooks
-        yield None
-        return
-    collected = _active_collector.get()
-    if not collected:
-        yield None
-        return
-    others = sorted(set(collected) - {"hidden_states", "_hidden_states_layers"})
-    if others:
-        raise ValueError(
-            f"DLO skip_mode='block' cannot report {', '.join(others)}: each routed layer attends over a packed "
-            "subset of the tokens, so it has no per-layer map over the sequence. Drop output_attentions (and the "
-            "like), or use skip_mode='mlp'."
-        )
-    token = _active_collector.set(None)
-    try:
+    """transformers' per-layer output recording paused; only hidden states can be reported for a packed layer."""
+    with output_recording_paused() as collected:
+        others = sorted(set(collected or ()) - {"hidden_states", "_hidden_states_layers"})
+        if others:
+            raise ValueError(
+                f"DLO skip_mode='block' cannot report {', '.join(others)}: each routed layer attends over a packed "
+                "subset of the tokens, so it has no per-layer map over the sequence. Drop output_attentions (and "
+                "the like), or use skip_mode='mlp'."
+            )
         yield collected
-    finally:
-        _active_collector.reset(token)
 
 
 @_recorded_once

@@ -18,8 +18,8 @@ Things to know:
 - Each MoLEx layer runs two blocks (its own and the chosen one) unless the gate picks the layer itself; ``"token"``
   routing runs one extra full-sequence pass per distinct chosen layer.
 - Merging is refused: the mixture depends on the input. ``unload()`` gives back the base model.
-- With ``output_attentions=True`` the attention maps of the expert passes are recorded too (hidden states are not:
-  ``output_hidden_states`` reports each layer's mixed output once).
+- ``output_attentions`` reports each layer's own attention map once, and ``output_hidden_states`` each layer's mixed
+  output once: expert passes are not recorded, so both stay aligned with the base model's layers.
 """
 
 from ...core.peft_registration import register_depth_method

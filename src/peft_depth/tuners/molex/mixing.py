@@ -10,6 +10,7 @@ from ...core.distributed import calls_on_every_process, fsdp_gathered
 from ...core.layer_call import BlockCall
 from ...core.layer_stack import text_config
 from ...core.nonfinite import check_routing_scores
+from ...core.output_capture import output_recording_paused
 from .config import MoLExConfig
 from .expert_cache import expert_cache_state
 from .layer import SHARED_GATE_KEY, layer_key
@@ -38,7 +39,8 @@ class MoLExMixing:
         # Sharded blocks: every process also runs the layers only other processes chose (their shards are gathered
         # collectively), and mixes as one process holding all rows would.
         experts = calls_on_every_process(self.layer_stack.layers, decision.experts, call.hidden.device)
-        other = self._expert_outputs(index, call, decision, experts, own_hidden, expert_state)
+        with output_recording_paused():  # expert passes are no layer of this forward: one record per layer
+            other = self._expert_outputs(index, call, decision, experts, own_hidden, expert_state)
         if expert_state is not None:
             expert_state.append(call.hidden, call.arguments)
         mixed, alpha = self._combine(adapter, index, own_hidden, other, decision, experts)
