@@ -504,3 +504,88 @@ def test_reading_routing_stats_under_no_grad_first_keeps_the_balance_loss_gradie
     loss.backward()
     routers = [m.mola_router["default"].weight for m in model.modules() if isinstance(m, MoLALinear)]
     assert all(r.grad is not None and r.grad.abs().sum() > 0 for r in routers)
+
+
+# ---------------------------------------------------------------- dropout per expert (the official dispatch)
+
+
+class _RecordedDropout(nn.Module):
+    """Inverted dropout whose masks are kept, so a reference can replay them."""
+
+    def __init__(self, p: float, seed: int) -> None:
+        super().__init__()
+        self.p, self.generator, self.masks = p, torch.Generator().manual_seed(seed), []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = (torch.rand(x.shape, generator=self.generator) >= self.p).to(x.dtype)
+        self.masks.append(mask)
+        return x * mask / (1 - self.p)
+
+
+def test_each_selected_expert_reads_its_own_dropout_mask_as_in_the_official_dispatch():
+    """The official code calls dropout once per expert on the tokens routed to it, so a token's k experts read k
+    independent masks of its input: replaying the masks drawn here in that per-expert loop gives the same output."""
+    model = mola(tiny_llama(), num_experts=4, top_k=2, init_lora_weights=False, lora_dropout=0.3)
+    layer = model.base_model.model.model.layers[1].mlp.up_proj
+    layer.mola_dropout["default"] = _RecordedDropout(0.3, seed=5)
+    model.train()
+    x = torch.randn(2, 5, layer.in_features)
+    with torch.no_grad():
+        out = layer(x)
+    (mask,) = layer.mola_dropout["default"].masks
+    assert mask.shape == (10, 2, layer.in_features)  # one mask per token and selected expert
+    E, r = 4, layer.mola_r["default"]
+    A, B = layer.mola_A["default"].view(E, r, -1), layer.mola_B["default"].view(-1, E, r)
+    flat = x.reshape(-1, x.shape[-1])
+    probs = torch.softmax(layer.mola_router["default"](flat).float(), dim=-1)
+    weights, chosen = probs.topk(2, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    expected = layer.base_layer(flat)
+    for token in range(flat.shape[0]):
+        for slot in range(2):
+            e, dropped = chosen[token, slot], flat[token] * mask[token, slot] / 0.7
+            expected[token] += weights[token, slot] * (B[:, e, :] @ (A[e] @ dropped)) * layer.mola_scaling["default"]
+    torch.testing.assert_close(out.view(10, -1), expected, rtol=1e-5, atol=1e-5)
+
+
+def _opposed_experts_layer(expert_dropout: str) -> MoLALinear:
+    """Two experts with the same A and opposite B, both always selected with weight 0.5: without dropout (and with
+    one mask shared by both) they cancel exactly."""
+    model = mola(tiny_llama(), num_experts=2, top_k=2, lora_dropout=0.5, expert_dropout=expert_dropout)
+    layer = model.base_model.model.model.layers[0].mlp.up_proj
+    with torch.no_grad():
+        r = layer.mola_r["default"]
+        layer.mola_A["default"][r:] = layer.mola_A["default"][:r]
+        layer.mola_B["default"].normal_()
+        layer.mola_B["default"][:, r:] = -layer.mola_B["default"][:, :r]
+        layer.mola_router["default"].weight.zero_()
+    model.train()
+    return layer
+
+
+def test_per_expert_masks_keep_the_official_noise_where_a_shared_mask_removes_it():
+    torch.manual_seed(0)
+    x = torch.randn(4000, 1, 32)
+    with torch.no_grad():
+        shared = _opposed_experts_layer("shared")
+        # one mask: the experts cancel (up to the matmul's rounding), no noise at all
+        torch.testing.assert_close(shared(x), shared.base_layer(x), rtol=0, atol=1e-5)
+        own = _opposed_experts_layer("per_expert")
+        delta = own(x) - own.base_layer(x)
+    assert delta.abs().mean() > 0.1  # independent masks: the experts' noise does not cancel
+    # unbiased: the mean update is the no-dropout one (zero), within sampling error
+    assert delta.mean(0).abs().max() < 5 * delta.std(0).max() / math.sqrt(x.shape[0])
+    own.eval()
+    with torch.no_grad():
+        # inference has no dropout: both modes are the same model
+        torch.testing.assert_close(own(x), own.base_layer(x), rtol=0, atol=1e-5)
+
+
+def test_expert_dropout_defaults_to_the_official_per_expert_masks_and_old_configs_keep_theirs(tmp_path):
+    assert MoLAConfig().expert_dropout == "per_expert"
+    assert MoLAConfig(peft_depth_version=3).expert_dropout == "shared"  # what adapters saved before trained with
+    with pytest.raises(ValueError, match=r"expert_dropout.*'per_expert', 'shared'"):
+        MoLAConfig(expert_dropout="independent")
+    model = mola(tiny_llama(), target_modules=["q_proj"])
+    model.save_pretrained(tmp_path)
+    assert MoLAConfig.from_pretrained(tmp_path).expert_dropout == "per_expert"  # saved explicitly

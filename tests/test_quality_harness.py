@@ -938,3 +938,33 @@ def test_scoring_precision_is_bf16_autocast_on_the_cpu_and_off_in_float32():
     assert not torch.is_autocast_enabled("cpu")
     with compute_precision(SimpleNamespace(bf16=False)):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_mola_arms_keep_the_ledgers_shared_dropout_and_their_run_keys(tiny_causal, choice_task):
+    """MoLA's default dropout became one mask per expert after the sweep's MoLA runs; its arms keep the shared mask
+    they ran with, and the field (added later) stays out of the key at that value, so those runs are found."""
+    spec = resolve_model(str(tiny_causal))
+    splits = load_splits(choice_task)
+    for name in ("mola_increasing", "mola_uniform"):
+        arm = arm_by_name(arms_for(spec), name)
+        request = RunRequest("s", spec, choice_task, splits, arm, 1e-3, 0, SETTINGS, "dev")
+        config = request.config().to_dict()
+        assert config["expert_dropout"] == "shared"
+        before_the_field = {
+            k: v for k, v in config.items() if k not in runner_module._METADATA_FIELDS and k != "expert_dropout"
+        }
+        legacy = ledger_module.run_key(
+            {
+                "model": spec.name,
+                "task": choice_task,
+                "data": splits.fingerprint,
+                "arm": arm.name,
+                "config": before_the_field,
+                "lr": 1e-3,
+                "seed": 0,
+                "settings": SETTINGS.key_fields(),
+            }
+        )
+        assert request.run_key == legacy
+        per_expert = replace(arm, options={**arm.options, "expert_dropout": "per_expert"})
+        assert replace(request, arm=per_expert).run_key != request.run_key

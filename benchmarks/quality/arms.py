@@ -87,6 +87,11 @@ def _molex_arm(lr_grid: tuple[float, ...]) -> Arm:
     return Arm("molex_lora", "MoLEx + LoRA", "molex", lr_grid, "own", claim, claims=(Claim("partner", "better"),))
 
 
+#: MoLA's dropout in the sweep: one mask shared by a token's experts, what every MoLA run of the ledger trained with
+#: (the package's default before `peft_depth_version` 4); kept so the runs to come pair with those already done.
+MOLA_SWEEP_DROPOUT = "shared"
+
+
 def _causal_arms() -> list[Arm]:
     method_grid = (3e-4, 1e-3)
     return [
@@ -99,7 +104,7 @@ def _causal_arms() -> list[Arm]:
             "own",
             "▽ (more experts in higher layers) beats □ with as many experts, and LoRA",
             "mola_uniform",
-            {"expert_pattern": [2, 4, 6, 8], "top_k": 2},
+            {"expert_pattern": [2, 4, 6, 8], "top_k": 2, "expert_dropout": MOLA_SWEEP_DROPOUT},
             claims=(Claim("reference", "better"), Claim("partner", "better")),
         ),
         Arm(
@@ -110,7 +115,7 @@ def _causal_arms() -> list[Arm]:
             "own",
             "□ is the allocation ▽ is claimed to beat",
             None,
-            {"expert_pattern": [5, 5, 5, 5], "top_k": 2},
+            {"expert_pattern": [5, 5, 5, 5], "top_k": 2, "expert_dropout": MOLA_SWEEP_DROPOUT},
         ),
         # Only norms, router and gate train (about 4k parameters on SmolLM2): a larger step size than LoRA's.
         Arm(

@@ -54,6 +54,18 @@ _METADATA_FIELDS = (
     "peft_depth_version",
 )
 
+#: Config fields added after the ledger's first runs, with the value those runs had before the field existed: left out
+#: of the run key at that value, so the runs already done keep their keys (and nothing is trained twice).
+_FIELDS_ADDED_LATER = {"expert_dropout": "shared"}
+
+
+def _key_config(config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in config.items()
+        if k not in _METADATA_FIELDS and not (k in _FIELDS_ADDED_LATER and v == _FIELDS_ADDED_LATER[k])
+    }
+
 
 @dataclass(frozen=True)
 class RunRequest:
@@ -78,7 +90,7 @@ class RunRequest:
 
     @property
     def run_key(self) -> str:
-        config = {k: v for k, v in self.config().to_dict().items() if k not in _METADATA_FIELDS}
+        config = _key_config(self.config().to_dict())
         return run_key(
             {
                 "model": self.model.name,

@@ -26,7 +26,8 @@ __all__ = [
 #: Version of the adapter_config.json layout written by this release; bumped when a field changes meaning.
 #: 2: a MoLA config with neither `num_experts` nor `expert_pattern` means the paper's ▽ pattern (8 everywhere in 1).
 #: 3: a DLO config without `routed_layers` routes only the new layers unless its original layers train ('all' in 2).
-CONFIG_FORMAT_VERSION = 3
+#: 4: a MoLA config without `expert_dropout` draws a dropout mask per selected expert ('shared' before).
+CONFIG_FORMAT_VERSION = 4
 #: Allowed values of ``nonfinite_routing`` (see ``core.nonfinite``).
 NONFINITE_ROUTING_CHOICES = ("base_path", "raise")
 

@@ -50,6 +50,7 @@ def low_rank_delta(
     scaling: float,
     dropout: nn.Module,
     gates: torch.Tensor | None = None,
+    mask_per_expert: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Adapter output ``scaling * sum_e g_e * B_e(A_e(dropout(x)))`` for ``x: [N, in]``.
 
@@ -58,9 +59,38 @@ def low_rank_delta(
     unselected expert thus contributes nothing and gets no gradient, exactly as sparse dispatch would, while E*r
     stays small enough (64 for 8 experts of rank 8) that gathering per-expert weights would cost more than it saves.
     Without gates (a single LoRA) it is plain ``B(A(dropout(x)))``.
+
+    By default the experts share one dropout mask per token. ``mask_per_expert``, the ``[N, k]`` indices of each
+    token's selected experts, gives each of them a mask of its own, as sparse dispatch draws one per expert call (the
+    official MoLA code): while dropout is active, the input is masked k times and every slot's expert reads its own.
     """
+    if gates is not None and mask_per_expert is not None and dropout.training and not isinstance(dropout, nn.Identity):
+        hidden = _hidden_with_a_mask_per_expert(x, lora_A, gates, mask_per_expert, dropout)
+        return F.linear(hidden, lora_B) * scaling
     hidden = F.linear(dropout(x), lora_A)
     if gates is not None:
         num_experts = gates.shape[-1]
         hidden = (hidden.view(x.shape[0], num_experts, -1) * gates.to(hidden.dtype).unsqueeze(-1)).view(x.shape[0], -1)
     return F.linear(hidden, lora_B) * scaling
+
+
+def _hidden_with_a_mask_per_expert(
+    x: torch.Tensor, lora_A: torch.Tensor, gates: torch.Tensor, top_indices: torch.Tensor, dropout: nn.Module
+) -> torch.Tensor:
+    """``[N, E*r]`` gated expert features where slot s of each token runs its expert on its own dropped input.
+
+    Each of the k masked copies goes through the whole stacked A (k × the small ``E*r`` product, no per-token weight
+    gather); each slot then keeps its expert's r features, weighted by its gate, in that expert's place.
+    """
+    tokens, slots = top_indices.shape
+    num_experts = gates.shape[-1]
+    dropped = dropout(x.unsqueeze(1).expand(tokens, slots, x.shape[-1]))  # an independent mask per (token, slot)
+    every = F.linear(dropped, lora_A).view(tokens, slots, num_experts, -1)
+    rank = every.shape[-1]
+    index = top_indices.reshape(tokens, slots, 1, 1).expand(tokens, slots, 1, rank)
+    picked = every.gather(2, index).squeeze(2) * gates.gather(1, top_indices).to(every.dtype).unsqueeze(-1)
+    # top-k indices of a token are distinct: each expert's slice is written at most once
+    hidden = picked.new_zeros(tokens, num_experts, rank).scatter(
+        1, top_indices.unsqueeze(-1).expand(-1, -1, rank), picked
+    )
+    return hidden.view(tokens, num_experts * rank)

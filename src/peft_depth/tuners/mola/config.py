@@ -15,6 +15,8 @@ MOLA = add_peft_type("MOLA")
 DEFAULT_EXPERT_PATTERN = (2, 4, 6, 8)
 #: What a config with neither field meant in `peft_depth_version` 1: 8 experts in every layer (□).
 V1_DEFAULT_NUM_EXPERTS = 8
+#: How `lora_dropout` masks the input of a token's selected experts (see `MoLAConfig.expert_dropout`).
+EXPERT_DROPOUT_CHOICES = ("per_expert", "shared")
 
 
 def expand_expert_pattern(pattern: list[int], num_layers: int) -> list[int]:
@@ -67,6 +69,17 @@ class MoLAConfig(LoraFieldsConfig):
             "does not divide. Mutually exclusive with `num_experts`."
         },
     )
+    expert_dropout: str | None = field(
+        default=None,
+        metadata={
+            "help": "How `lora_dropout` masks a token's input for its top-k experts while training. 'per_expert' "
+            "(the default): each selected expert draws a mask of its own, as the official code's dispatch does (one "
+            "dropout call per expert); it costs k masked copies of each adapted input. 'shared': one mask for all of "
+            "a token's experts: less memory, but the experts' updates then co-vary (up to k times the official "
+            "variance when they agree, none when they cancel). Inference is the same either way. Configs saved "
+            "with `peft_depth_version` <= 3 keep 'shared', which they trained with."
+        },
+    )
     balance_loss_coef: float = field(
         default=0.001,
         metadata={
@@ -80,6 +93,9 @@ class MoLAConfig(LoraFieldsConfig):
         self.peft_type = MOLA
         check_choice("bias", self.bias, ("none", "all", "mola_only"))
         check_loss_coef("balance_loss_coef", self.balance_loss_coef)
+        if self.expert_dropout is None:  # made explicit, so the saved config says how it trained
+            self.expert_dropout = "per_expert" if self.peft_depth_version >= 4 else "shared"
+        check_choice("expert_dropout", self.expert_dropout, EXPERT_DROPOUT_CHOICES)
         pattern_is_default = self.num_experts is None and self.expert_pattern is None
         self._allocation_defaulted = pattern_is_default or getattr(self, "_allocation_defaulted", False)
         if pattern_is_default:

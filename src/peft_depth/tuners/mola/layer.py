@@ -31,6 +31,7 @@ class MoLALayer(BaseTunerLayer):
         "mola_scaling",
         "mola_dropout",
         "mola_nonfinite_routing",
+        "mola_mask_per_expert",
     )
 
     def __init__(self, base_layer: nn.Module, layer_index: int | None, context: RoutingContext) -> None:
@@ -47,6 +48,7 @@ class MoLALayer(BaseTunerLayer):
         self.mola_top_k: dict[str, int] = {}
         self.mola_scaling: dict[str, float] = {}
         self.mola_nonfinite_routing: dict[str, str] = {}
+        self.mola_mask_per_expert: dict[str, bool] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self._routing_context = context
@@ -62,9 +64,11 @@ class MoLALayer(BaseTunerLayer):
         lora_dropout: float,
         init_lora_weights: bool,
         nonfinite_routing: str = "base_path",
+        expert_dropout: str = "per_expert",
         inference_mode: bool = False,
     ) -> None:
         self.mola_r[adapter_name] = r
+        self.mola_mask_per_expert[adapter_name] = expert_dropout == "per_expert"
         self.mola_nonfinite_routing[adapter_name] = nonfinite_routing
         self.mola_num_experts[adapter_name] = num_experts
         self.mola_top_k[adapter_name] = top_k
@@ -204,6 +208,7 @@ class MoLALinear(WeightDeltaMerge, nn.Module, MoLALayer):
                 self.mola_scaling[adapter_name],
                 self.mola_dropout[adapter_name],
                 gates=decision.gates,
+                mask_per_expert=decision.top_indices if self.mola_mask_per_expert.get(adapter_name, True) else None,
             )
             forward_record = recorded.get(adapter_name)
             if forward_record is not None and forward_record.deferred is not None:

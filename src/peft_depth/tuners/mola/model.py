@@ -93,6 +93,7 @@ class MoLAModel(DepthTuner):
             lora_dropout=config.lora_dropout,
             init_lora_weights=config.init_lora_weights,
             nonfinite_routing=config.nonfinite_routing,
+            expert_dropout=config.expert_dropout,
             inference_mode=config.inference_mode,
         )
         if isinstance(target, MoLALayer):
