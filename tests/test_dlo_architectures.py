@@ -16,6 +16,10 @@ from peft import get_peft_model
 from tiny_models import VOCAB, batch, tiny_decoder
 from torch import nn
 from transformers import (
+    BloomConfig,
+    BloomForCausalLM,
+    FalconConfig,
+    FalconForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -24,12 +28,16 @@ from transformers import (
     Glm4ForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
+    GPTJConfig,
+    GPTJForCausalLM,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
 )
 
 from peft_depth.core.layer_stack import find_layer_stack
@@ -132,3 +140,39 @@ def test_a_parallel_residual_layer_is_refused_for_mlp_skipping_naming_the_way_ou
         get_peft_model(base, DLOConfig(task_type="CAUSAL_LM", routed_layers="all"))
     model = get_peft_model(base, DLOConfig(task_type="CAUSAL_LM", routed_layers="all", skip_mode="block"))
     assert model(**batch(batch_size=1, seq_len=4, left_pad=0)).logits.isfinite().all()
+
+
+ZERO_OUT_FAMILIES = {
+    "gpt_neox": lambda: tiny_decoder(GPTNeoXForCausalLM, GPTNeoXConfig),  # attention.dense
+    "falcon": lambda: tiny_decoder(FalconForCausalLM, FalconConfig, new_decoder_architecture=False),  # .dense
+    "bloom": lambda: tiny_decoder(BloomForCausalLM, BloomConfig, n_layer=4, n_head=4),  # self_attention.dense
+    "phi": lambda: tiny_decoder(PhiForCausalLM, PhiConfig),  # self_attn.dense
+    "gptj": lambda: tiny_decoder(GPTJForCausalLM, GPTJConfig, n_embd=32, n_layer=4, n_head=4, rotary_dim=4),  # fc_out
+}
+
+
+@pytest.mark.parametrize("family", list(ZERO_OUT_FAMILIES))
+def test_zero_out_new_layers_start_as_an_identity_on_every_family(family):
+    """The default init='zero_out' zeroes each branch's output projection; these families name theirs `dense` or
+    `fc_out`, and only half of each new layer used to be zeroed (logits up to 0.23 off the base)."""
+    base = ZERO_OUT_FAMILIES[family]().eval()
+    inputs = batch(left_pad=0)
+    with torch.no_grad():
+        expected = base(**inputs).logits
+        model = get_peft_model(base, DLOConfig(task_type="CAUSAL_LM", expand_every=2, routed_layers="none")).eval()
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=1e-6)
+
+
+def test_default_zero_out_names_that_miss_a_branch_are_refused(monkeypatch):
+    from peft_depth.tuners.dlo import expansion
+
+    monkeypatch.setattr(expansion, "DEFAULT_ZERO_OUT_MODULES", ("o_proj",))  # a family whose MLP output is unknown
+    with pytest.raises(ValueError, match="zeroes no projection in mlp of LlamaDecoderLayer"):
+        get_peft_model(BUILDERS["llama"](), DLOConfig(task_type="CAUSAL_LM", expand_every=2, routed_layers="none"))
+    # naming the modules explicitly is the way out
+    get_peft_model(
+        BUILDERS["llama"](),
+        DLOConfig(
+            task_type="CAUSAL_LM", expand_every=2, routed_layers="none", zero_out_modules=["o_proj", "down_proj"]
+        ),
+    )

@@ -156,7 +156,9 @@ class DLOConfig(LoraFieldsConfig):
         default=None,
         metadata={
             "help": "Names (suffix match inside a layer) of the linears zeroed by init='zero_out'. Default: the "
-            "attention output and MLP down projections (o_proj/down_proj for Llama-style models, c_proj for GPT-2)."
+            "attention output and MLP down projections (o_proj/down_proj for Llama-style models, c_proj for GPT-2, dense/"
+            "dense_4h_to_h for GPT-NeoX, Falcon and BLOOM, out_proj/fc_out for GPT-J); a layer branch holding linears "
+            "but none of these names is refused, since its copy would not start as an identity."
         },
     )
     new_layer_training: str = field(

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ...core.layer_stack import text_config
 from ...core.quantization import floating_parameter
@@ -34,8 +35,10 @@ __all__ = [
     "merge_new_layer_lora",
 ]
 
-#: Output projections zeroed by init='zero_out' when `zero_out_modules` is not set (suffix match inside a layer).
-DEFAULT_ZERO_OUT_MODULES = ("o_proj", "down_proj", "c_proj", "out_proj", "fc2", "dense_4h_to_h", "w2")
+#: Output projections zeroed by init='zero_out' when `zero_out_modules` is not set (suffix match inside a layer):
+#: attention outputs (o_proj, c_proj, out_proj, dense: GPT-NeoX, Falcon, BLOOM, Phi) and MLP outputs (down_proj,
+#: c_proj, fc2, dense_4h_to_h, w2, fc_out: GPT-J, CodeGen).
+DEFAULT_ZERO_OUT_MODULES = ("o_proj", "down_proj", "c_proj", "out_proj", "dense", "fc2", "dense_4h_to_h", "w2", "fc_out")
 
 
 def expanded_layout(plan: list[tuple[int, int]], num_layers: int) -> list[tuple[str, int]]:
@@ -112,6 +115,8 @@ def checked_layout(config: DLOConfig, originals: Sequence[nn.Module], model: nn.
                 f"`zero_out_modules` ({list(names)}) matches no module of {name}; name its attention-output and "
                 "MLP-down projections."
             )
+        if config.zero_out_modules is None:
+            _check_default_zero_out_covers_every_branch(modules, name)
     if config.new_layer_training == "lora":
         targets = config.new_layer_target_modules
         linears = [path for path, module in modules.items() if path and isinstance(module, nn.Linear)]
@@ -121,6 +126,24 @@ def checked_layout(config: DLOConfig, originals: Sequence[nn.Module], model: nn.
                 f"their linear layers (e.g. {', '.join(linears[:4]) or 'q_proj, v_proj'})."
             )
     return layout
+
+
+def _check_default_zero_out_covers_every_branch(modules: dict[str, nn.Module], name: str) -> None:
+    """A new layer is an identity only if every branch writing into the residual stream ends in a zeroed projection:
+    each child of the layer that holds a linear layer (attention, MLP) must contain one of the default names."""
+    branches: dict[str, bool] = {}
+    for path, module in modules.items():
+        if not path or not isinstance(module, (nn.Linear, Conv1D)):
+            continue
+        child = path.split(".", 1)[0]
+        branches[child] = branches.get(child, False) or matches_module_name(path, DEFAULT_ZERO_OUT_MODULES)
+    missed = sorted(child for child, zeroed in branches.items() if not zeroed)
+    if missed:
+        raise ValueError(
+            f"init='zero_out' with the default `zero_out_modules` zeroes no projection in {', '.join(missed)} of "
+            f"{name}, so the new layers would not start as an identity. Set `zero_out_modules` to the output "
+            "projection of each of its branches (attention output and MLP down projection), or use init='copy'."
+        )
 
 
 def _plain_modules(layer: nn.Module) -> dict[str, nn.Module]:
