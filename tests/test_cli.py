@@ -484,15 +484,43 @@ def test_load_texts_from_each_source(tmp_path):
     assert len(passages) == 3 and all(len(p.split()) > 20 for p in passages)
 
 
-def test_gpt2_final_lens_equals_model_loss():
+def _gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=32))
+
+
+def _granite():
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    config = GraniteConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        logits_scaling=8.0,
+    )  # fmt: skip
+    return GraniteForCausalLM(config)
+
+
+def _opt_with_projection():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(
+        vocab_size=64, hidden_size=32, word_embed_proj_dim=16, num_hidden_layers=3, num_attention_heads=4,
+        ffn_dim=64, max_position_embeddings=32,
+    )  # fmt: skip
+    return OPTForCausalLM(config)
+
+
+# GPT-2; Granite divides its logits by `logits_scaling`; OPT-350m's layout projects the final state before the head
+@pytest.mark.parametrize("build", [_gpt2, _granite, _opt_with_projection], ids=["gpt2", "granite", "opt_project_out"])
+def test_final_lens_equals_model_loss(build):
     from peft_depth.analysis import analyze_layers
     from peft_depth.analysis.data import TextBatch
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=32)).eval()
-    ids = torch.randint(0, 64, (2, 9))
+    model = build().eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(4.0)  # peaked logits: a missed scaling changes the loss clearly
+    ids = torch.randint(1, 64, (2, 9))
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
     analysis = analyze_layers(model, [TextBatch(ids, mask)])

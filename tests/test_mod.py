@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
-from tiny_models import batch, clone_model, tiny_llama, tiny_qwen3
+from tiny_models import batch, clone_model, tiny_decoder, tiny_llama, tiny_qwen3
 from training_checks import assert_same_loss_and_gradients, backward_once, train_steps
+from transformers import CohereConfig, CohereForCausalLM, GraniteConfig, GraniteForCausalLM
 
 import peft_depth
 from peft_depth.core.lora_layer import DepthLoraLinear
@@ -251,9 +252,9 @@ def _plain_copy(peft_model):
 # ---------------------------------------------------------------- distillation
 
 
-def naive_distillation(students, teacher, weight, temperature, softcap=None):
+def naive_distillation(students, teacher, weight, temperature, softcap=None, multiplier=1.0):
     def head(x):
-        z = x @ weight.T
+        z = (x @ weight.T) * multiplier
         return z if softcap is None else softcap * torch.tanh(z / softcap)
 
     p = torch.softmax(head(teacher).detach() / temperature, -1)
@@ -262,15 +263,17 @@ def naive_distillation(students, teacher, weight, temperature, softcap=None):
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 1000])
-@pytest.mark.parametrize("softcap", [None, 3.0])
-def test_chunked_distillation_matches_autograd(chunk_size, softcap):
+@pytest.mark.parametrize("softcap, multiplier", [(None, 1.0), (3.0, 1.0), (None, 0.25), (3.0, 4.0)])
+def test_chunked_distillation_matches_autograd(chunk_size, softcap, multiplier):
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(50, 8, generator=generator)
     teacher = torch.randn(9, 8, generator=generator)
     students = torch.randn(3, 9, 8, generator=generator, requires_grad=True)
     reference_students = students.detach().clone().requires_grad_(True)
-    got = chunked_distillation_kl(students, teacher, weight, temperature=2.0, softcap=softcap, chunk_size=chunk_size)
-    expected = naive_distillation(reference_students, teacher, weight, 2.0, softcap)
+    got = chunked_distillation_kl(
+        students, teacher, weight, temperature=2.0, multiplier=multiplier, softcap=softcap, chunk_size=chunk_size
+    )
+    expected = naive_distillation(reference_students, teacher, weight, 2.0, softcap, multiplier)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     upstream = torch.tensor([1.0, -0.5, 2.0])
     (got * upstream).sum().backward()
@@ -707,3 +710,60 @@ def test_gemma2_soft_cap_applies_after_mixing():
     model.train()
     model(**inputs)
     assert torch.isfinite(peft_depth.aux_losses(model)["distill"])
+
+
+LOGIT_SCALED_FAMILIES = {
+    # family: (builder, the factor its causal-LM forward applies to the head's output)
+    "cohere": (lambda: tiny_decoder(CohereForCausalLM, CohereConfig, logit_scale=0.25), 0.25),
+    "granite": (lambda: tiny_decoder(GraniteForCausalLM, GraniteConfig, logits_scaling=4.0), 0.25),
+}
+
+
+@pytest.mark.parametrize("family", list(LOGIT_SCALED_FAMILIES))
+def test_distillation_uses_the_familys_own_logit_scaling(family):
+    """Cohere multiplies its head's output by `logit_scale` and Granite divides it by `logits_scaling`: the teacher
+    and students are the distributions the model itself would give, so the KL uses the same scaling (it was computed
+    from the unscaled head, about 13x too large at these scales)."""
+    build, multiplier = LOGIT_SCALED_FAMILIES[family]
+    base = build()
+    with torch.no_grad():
+        base.lm_head.weight.mul_(8.0)  # peaked distributions: unscaled and scaled KLs differ clearly
+    inputs = batch(batch_size=2, seq_len=7, left_pad=0)
+    with torch.no_grad():
+        plain = base(**inputs)
+    model = nontrivial(mod(clone_model(base), num_late_layers=3))
+    ensemble = model.base_model.mod_ensemble["default"]
+    model.eval()
+    model(**inputs, labels=inputs["input_ids"])
+    value = peft_depth.core.raw_aux_losses(model)["distill"].value
+    captured, final_state, _ = reference_pieces(clone_model(base), inputs, [1, 2, 3])
+    with torch.no_grad():
+        # the family's own last-layer logits are the head's output times its factor
+        torch.testing.assert_close(
+            final_state @ base.lm_head.weight.T * multiplier, plain.logits, rtol=1e-5, atol=1e-5
+        )
+        positions = torch.zeros(2, 7, dtype=torch.bool)
+        positions[:, :-1] = True
+        students = torch.stack([ensemble.norms[f"layer{i}"](captured[i])[positions] for i in (1, 2)])
+        expected = naive_distillation(students, final_state[positions], base.lm_head.weight, 1.0, None, multiplier)
+        unscaled = naive_distillation(students, final_state[positions], base.lm_head.weight, 1.0)
+    torch.testing.assert_close(value, expected.sum(), rtol=3e-4, atol=1e-8)
+    assert not torch.allclose(value, unscaled.sum(), rtol=0.1)
+
+
+def test_an_unknown_logit_scaling_is_refused_before_injection():
+    base = tiny_llama()
+    base.config.logits_scaling = 2.0  # a family MoD does not know scales its logits
+    with pytest.raises(ValueError, match="sets logits_scaling, a scaling of its output logits"):
+        mod(base)
+
+
+def test_a_head_that_reads_a_projection_of_the_final_norm_is_refused():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(
+        vocab_size=128, hidden_size=32, word_embed_proj_dim=16, num_hidden_layers=4, num_attention_heads=4, ffn_dim=64
+    )
+    with pytest.raises(ValueError, match=r"final norm's width \(32\), but the output head reads 16 features"):
+        mod(OPTForCausalLM(config))

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.layer_stack import LayerStack, find_final_norm, find_layer_stack
+from ..core.output_head import final_logit_multiplier, final_logit_softcap
 from .errors import AnalysisError
 
 __all__ = ["LayerAnalysis", "LayerStatsCollector", "analyze_layers", "lens_positions"]
@@ -99,9 +100,16 @@ class LayerStatsCollector:
         self.stack: LayerStack = stack
         self.head = head
         self.final_norm = norm[0] if norm is not None else nn.Identity()
-        config = getattr(model, "config", None)
-        self._softcap = getattr(config, "final_logit_softcapping", None)
-        self._logit_scale = getattr(config, "logit_scale", None)
+        # a projection between the final state and the head (OPT's `project_out` when word_embed_proj_dim differs)
+        parent_path = stack.path.rpartition(".")[0]
+        owner = model.get_submodule(parent_path) if parent_path else model
+        projection = getattr(owner, "project_out", None)
+        self.projection = projection if isinstance(projection, nn.Module) else nn.Identity()
+        try:
+            self._multiplier = final_logit_multiplier(model)
+        except ValueError as error:
+            raise AnalysisError(f"The logit lens cannot match this model's own logits: {error}") from None
+        self._softcap = final_logit_softcap(model)
         self.redundancy_threshold = float(redundancy_threshold)
         num_layers = stack.num_layers
         # float64 sums: thousands of batches of float32 per-token values
@@ -167,9 +175,9 @@ class LayerStatsCollector:
 
     def lens_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The logit lens: the model's final norm and LM head (with its logit scaling) applied to ``hidden``."""
-        logits = self.head(self.final_norm(hidden)).float()
-        if self._logit_scale is not None:
-            logits = logits * self._logit_scale
+        logits = self.head(self.projection(self.final_norm(hidden))).float()
+        if self._multiplier != 1.0:
+            logits = logits * self._multiplier
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits

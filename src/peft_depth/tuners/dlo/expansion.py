@@ -38,7 +38,17 @@ __all__ = [
 #: Output projections zeroed by init='zero_out' when `zero_out_modules` is not set (suffix match inside a layer):
 #: attention outputs (o_proj, c_proj, out_proj, dense: GPT-NeoX, Falcon, BLOOM, Phi) and MLP outputs (down_proj,
 #: c_proj, fc2, dense_4h_to_h, w2, fc_out: GPT-J, CodeGen).
-DEFAULT_ZERO_OUT_MODULES = ("o_proj", "down_proj", "c_proj", "out_proj", "dense", "fc2", "dense_4h_to_h", "w2", "fc_out")
+DEFAULT_ZERO_OUT_MODULES = (
+    "o_proj",
+    "down_proj",
+    "c_proj",
+    "out_proj",
+    "dense",
+    "fc2",
+    "dense_4h_to_h",
+    "w2",
+    "fc_out",
+)
 
 
 def expanded_layout(plan: list[tuple[int, int]], num_layers: int) -> list[tuple[str, int]]:

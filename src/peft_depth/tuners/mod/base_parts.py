@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ...core.layer_stack import LayerStack, find_final_norm, find_layer_stack, text_config
+from ...core.layer_stack import LayerStack, find_final_norm, find_layer_stack
+from ...core.output_head import final_logit_multiplier, final_logit_softcap
 
-__all__ = ["MoDBaseParts", "find_base_parts", "final_logit_softcap"]
+__all__ = ["MoDBaseParts", "find_base_parts", "final_logit_multiplier", "final_logit_softcap"]
 
 
 @dataclass
@@ -56,8 +57,3 @@ def find_base_parts(model: nn.Module) -> MoDBaseParts:
             f"this model has {type(head).__name__}. Use an *ForCausalLM model."
         )
     return MoDBaseParts(stack=stack, final_norm=found[0], head=head, head_name=head_name)
-
-
-def final_logit_softcap(model: nn.Module) -> float | None:
-    """The model's final-logit soft-capping constant (Gemma 2/3), or None."""
-    return getattr(text_config(model), "final_logit_softcapping", None)

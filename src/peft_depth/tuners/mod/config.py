@@ -11,13 +11,14 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
 from ...core.config import MAX_LOSS_COEF, LoraFieldsConfig, check_choice, check_positive_int, check_probability
 from ...core.peft_registration import add_peft_type
 from ...core.quantization import is_quantized_linear
-from .base_parts import final_logit_softcap, find_base_parts
+from .base_parts import final_logit_multiplier, final_logit_softcap, find_base_parts
 
 __all__ = ["MoDConfig", "ROUTER_GRANULARITIES", "MIX_SPACES"]
 
@@ -226,8 +227,25 @@ class MoDConfig(LoraFieldsConfig):
                 f"needs the head in floating point: keep it out of quantization, e.g. "
                 f"BitsAndBytesConfig(..., llm_int8_skip_modules=[..., '{name.rsplit('.', 1)[-1]}'])."
             )
+        final_logit_multiplier(model)  # refuses a logit scaling of unknown meaning
+        norm_width = _norm_width(parts.final_norm)
+        if norm_width is not None and norm_width != parts.head.in_features:
+            raise ValueError(
+                f"MoD mixes the late layers' states at the final norm's width ({norm_width}), but the output head reads "
+                f"{parts.head.in_features} features (a projection sits between them, e.g. OPT's "
+                "`word_embed_proj_dim`): MoD needs the head to read the final norm's output directly."
+            )
         if self.mix_space == "log_probs" and final_logit_softcap(model) is not None:
             raise ValueError(
                 "`mix_space`='log_probs' is not supported on models with final-logit soft-capping (the cap would act "
                 "on mixed log-probabilities); use `mix_space`='logits', where the cap applies after mixing."
             )
+
+
+def _norm_width(norm: nn.Module) -> int | None:
+    """The feature width a final norm acts on (its weight's or ``normalized_shape``'s last size), or None."""
+    weight = getattr(norm, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() >= 1:
+        return int(weight.shape[-1])
+    shape = getattr(norm, "normalized_shape", None)
+    return int(shape[-1]) if shape else None

@@ -26,6 +26,7 @@ class _ChunkedDistillation(torch.autograd.Function):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         temperature: float,
+        multiplier: float,
         softcap: float | None,
         chunk_size: int,
         need_grad: bool,
@@ -38,6 +39,8 @@ class _ChunkedDistillation(torch.autograd.Function):
             stop = min(start + chunk_size, num_positions)
             size = stop - start
             teacher_logits = F.linear(teacher[start:stop].to(head_dtype), weight, bias).float()
+            if multiplier != 1.0:
+                teacher_logits.mul_(multiplier)
             if softcap is not None:
                 teacher_logits = softcap * torch.tanh(teacher_logits / softcap)
             teacher_logits.div_(temperature)
@@ -45,6 +48,8 @@ class _ChunkedDistillation(torch.autograd.Function):
             p = torch.exp(teacher_logits - teacher_lse)
             chunk = students[:, start:stop].reshape(num_layers * size, hidden).to(head_dtype)
             logits = F.linear(chunk, weight, bias).float().view(num_layers, size, -1)
+            if multiplier != 1.0:
+                logits.mul_(multiplier)
             tanh = None
             if softcap is not None:
                 tanh = torch.tanh(logits / softcap)
@@ -57,10 +62,13 @@ class _ChunkedDistillation(torch.autograd.Function):
             del teacher_logits
             kl_sums -= (log_ratio * p).sum(dim=(-1, -2))
             if grad is not None:
-                # d KL / d z_l = (q - p) / T = p (exp(log q - log p) - 1) / T; through the cap × (1 - tanh²).
+                # d KL / d z_l = (q - p) / T = p (exp(log q - log p) - 1) / T; through the cap × (1 - tanh²), and
+                # through the family's scaling × its multiplier.
                 dz = log_ratio.expm1_().mul_(p).div_(temperature)
                 if tanh is not None:
                     dz.mul_(1 - tanh * tanh)
+                if multiplier != 1.0:
+                    dz.mul_(multiplier)
                 grad[:, start:stop] = (dz.view(num_layers * size, -1).to(head_dtype) @ weight).view(
                     num_layers, size, hidden
                 )
@@ -77,7 +85,7 @@ class _ChunkedDistillation(torch.autograd.Function):
             raise RuntimeError("MoD distillation: backward through a forward that was run without gradient.")
         (grad,) = ctx.saved_tensors
         scale = (grad_output.float() / max(ctx.num_positions, 1)).to(grad.dtype).view(-1, 1, 1)
-        return grad * scale, None, None, None, None, None, None, None
+        return grad * scale, None, None, None, None, None, None, None, None
 
 
 def chunked_distillation_kl(
@@ -87,6 +95,7 @@ def chunked_distillation_kl(
     bias: torch.Tensor | None = None,
     *,
     temperature: float = 1.0,
+    multiplier: float = 1.0,
     softcap: float | None = None,
     chunk_size: int = 128,
 ) -> torch.Tensor:
@@ -97,6 +106,8 @@ def chunked_distillation_kl(
         teacher: ``[P, hidden]`` normalised final state at the same positions (treated as constant).
         weight, bias: the frozen LM head (``[vocab, hidden]``, ``[vocab]`` or None); they get no gradient.
         temperature: T of both softmaxes.
+        multiplier: the family's scaling of the head's output (Cohere's ``logit_scale``, Granite's ``1/logits_scaling``),
+            applied to both logits before any cap.
         softcap: final-logit soft-capping ``c · tanh(z / c)`` applied to both logits (Gemma 2/3), or None.
         chunk_size: positions per chunk.
 
@@ -110,6 +121,7 @@ def chunked_distillation_kl(
         weight.detach(),
         None if bias is None else bias.detach(),
         float(temperature),
+        float(multiplier),
         None if softcap is None else float(softcap),
         int(chunk_size),
         need_grad,

@@ -114,7 +114,7 @@ def make_record(
     mask: torch.Tensor | None,
     distill_positions_mask: torch.Tensor | None,
     head: nn.Linear,
-    softcap: float | None,
+    logit_transform: tuple[float, float | None],
     distill_coef: float,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> MoDRecord:
@@ -148,7 +148,8 @@ def make_record(
         head.weight,
         head.bias,
         temperature=config.distill_temperature,
-        softcap=softcap,
+        multiplier=logit_transform[0],
+        softcap=logit_transform[1],
         chunk_size=config.distill_chunk_size,
     )
     if reduce is not None:

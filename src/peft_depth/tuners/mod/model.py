@@ -46,7 +46,7 @@ from ...core.layer_call import output_cache
 from ...core.lora_layer import DepthLoraLayer
 from ...core.targets import ALL_PROJECTIONS_TARGET_MODULES_MAPPING
 from ...core.tuner import DepthTuner
-from .base_parts import final_logit_softcap, find_base_parts
+from .base_parts import final_logit_multiplier, final_logit_softcap, find_base_parts
 from .config import MoDConfig
 from .ensemble_head import PendingLogProbMix, distill_mask, log_prob_mix, make_record, mix_delta, route
 from .forward_state import CallInfo, MoDForwardState, MoDRecord, begin_forward_state, forward_state
@@ -288,7 +288,8 @@ class MoDModel(DepthTuner):
             )
             state.pending_sequence_state = pending_state
         distilled = distill_mask(info, mask, batch, seq, self.model.training, base.device)
-        head, softcap = self._frozen_head(), final_logit_softcap(self.model)
+        head = self._frozen_head()
+        logit_transform = (final_logit_multiplier(self.model), final_logit_softcap(self.model))
         records: dict[str, MoDRecord] = {}
         reduce = self.routing_context.reduce_sum if self.routing_context.syncing else None
         pending = []
@@ -315,7 +316,7 @@ class MoDModel(DepthTuner):
                 mask,
                 distilled,
                 head,
-                softcap,
+                logit_transform,
                 distill_coef,
                 reduce,
             )
