@@ -80,3 +80,15 @@ def test_loading_without_the_plugin_fails_and_works_after_import(tmp_path):
 def test_public_names():
     for name in ("MoLAConfig", "aux_losses", "routing_stats"):
         assert hasattr(peft_depth, name)
+
+
+def test_the_trainer_module_is_reachable_from_a_plain_import():
+    """The README calls `peft_depth.trainer.set_training_step(...)` after `import peft_depth`; the trainer (and TRL)
+    load only then, in a fresh interpreter where nothing imported them before."""
+    code = (
+        "import sys, peft_depth; assert 'trl' not in sys.modules; "
+        "print(callable(peft_depth.trainer.set_training_step), 'trl' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "True"]

@@ -41,6 +41,10 @@ _LAZY = {"DepthSFTConfig": "trainer", "DepthSFTTrainer": "trainer"}
 
 
 def __getattr__(name: str) -> Any:
+    if name == "trainer":  # `peft_depth.trainer.set_training_step(...)` after a plain `import peft_depth`
+        import importlib
+
+        return importlib.import_module(".trainer", __name__)
     if name in _LAZY:
         import importlib
 

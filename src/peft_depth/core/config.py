@@ -210,6 +210,13 @@ class DepthPeftConfig(PeftConfig):
     def check_against_base(self, model: Any) -> None:
         """Check the fields that depend on the base model, before anything is built on it (ValueError naming the
         field). Methods extend this for their own fields (e.g. layer indices against the depth)."""
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise ValueError(
+                f"{type(self).__name__}: {type(model).__name__} is an encoder-decoder model (T5, BART, ...). "
+                "peft-depth's methods route over one stack of layers, with padding masks and position terms of that "
+                "stack, and do not yet handle a decoder's own mask or cross-attention; use them on decoder-only or "
+                "encoder-only models (plain LoRA adapts encoder-decoders)."
+            )
         names = [name for name, _ in model.named_modules()] if hasattr(model, "named_modules") else []
 
         def missing(wanted: list[str]) -> list[str]:

@@ -119,3 +119,12 @@ def text_config(model: nn.Module) -> Any:
     if config is not None and hasattr(config, "get_text_config"):
         return config.get_text_config()
     return config
+
+
+def attends_causally(layers: nn.ModuleList) -> bool:
+    """Whether the blocks attend causally (a decoder), read from their attention modules' ``is_causal`` flags.
+
+    Encoders (BERT) say False; so do decoders that bias attention with ALiBi instead of masking through transformers'
+    mask functions (BLOOM, MPT), which the methods that rebuild layer calls do not support.
+    """
+    return any(getattr(module, "is_causal", False) is True for module in layers[0].modules())

@@ -16,7 +16,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ...core.layer_stack import text_config
+from ...core.layer_stack import attends_causally, text_config
 from ...core.quantization import floating_parameter
 from ...core.rewiring import plain_layer_copy, plain_state_dict
 from .config import DLOConfig, expansion_plan
@@ -103,6 +103,12 @@ def checked_layout(config: DLOConfig, originals: Sequence[nn.Module], model: nn.
     Runs before anything is built or hooked, so that a config that does not fit the model (indices or a stack range
     beyond its depth, more new layers than it has, module names it lacks) fails at once with the field named.
     """
+    if not attends_causally(originals):
+        raise ValueError(
+            f"DLO needs a decoder whose attention declares `is_causal`; {type(originals[0]).__name__} does not (an "
+            "encoder such as BERT, whose layers attend both ways, or an ALiBi decoder such as BLOOM or MPT, whose "
+            "position bias DLO's layer calls do not carry). Use it on Llama, Qwen, Mistral, Gemma, GPT-2, ..."
+        )
     plan = expansion_plan(config.expansion, len(originals), config.expand_every, config.stack_range)
     layout = expanded_layout(plan, len(originals))
     edge, depth = config.unrouted_edge_layers, len(originals)

@@ -12,7 +12,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from ...core.layer_call import bind_block_call
-from ...core.layer_stack import text_config
+from ...core.layer_stack import attends_causally, text_config
 from ...core.lora_layer import DepthLoraLayer
 from ...core.quantization import floating_parameter
 from ...core.tuner import DepthTuner
@@ -37,11 +37,6 @@ class _AdapterPlan:
     candidate_masks: dict[int, torch.Tensor]  # MoLEx layer -> [L] bool
     alpha: float
     causal: bool
-
-
-def _is_causal(stack_layers: nn.ModuleList) -> bool:
-    """Whether the blocks attend causally (decoder), read from the attention modules' ``is_causal`` flags."""
-    return any(getattr(module, "is_causal", False) is True for module in stack_layers[0].modules())
 
 
 class _BlockForward:
@@ -108,7 +103,14 @@ class MoLExModel(MoLExMixing, MoLExStatistics, DepthTuner):
 
     def _build_plan(self, config: MoLExConfig, layers: nn.ModuleList) -> _AdapterPlan:
         num_layers = len(layers)
-        causal = _is_causal(layers)
+        causal = attends_causally(layers)
+        if not causal and _generates(self.model):
+            raise ValueError(
+                f"MoLEx: {type(self.model).__name__} generates text, but its layers do not declare causal attention "
+                "(an ALiBi decoder such as BLOOM or MPT passes its position bias per call): MoLEx would treat it as an "
+                "encoder and run expert layers without that bias. Supported: decoders whose attention declares "
+                "`is_causal` (Llama, Qwen, Mistral, Gemma, GPT-2, ...) and encoders (BERT, RoBERTa)."
+            )
         molex_layers, expert_layers = config.resolve_layers(num_layers, causal=causal)
         layer_types = getattr(text_config(self.model), "layer_types", None)
         if layer_types is not None and len(layer_types) != num_layers:
@@ -277,3 +279,9 @@ def _placed(module: nn.Module, reference: torch.Tensor, training: bool) -> nn.Mo
     if not any(p.device.type == "meta" for p in module.parameters()):
         module.to(device=reference.device)
     return module.train(training)
+
+
+def _generates(model: nn.Module) -> bool:
+    """Whether ``model`` is a generative head (``GenerationMixin``), as a causal LM is."""
+    can_generate = getattr(model, "can_generate", None)
+    return bool(can_generate()) if callable(can_generate) else False
