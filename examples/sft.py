@@ -37,6 +37,7 @@ Embedded defaults and why (each can be overridden on the command line):
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -49,7 +50,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 from accelerate import PartialState  # noqa: E402
-from peft import LoraConfig, PeftModel  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import ModelConfig, TrlParser  # noqa: E402
 
@@ -89,15 +90,18 @@ class ScriptArguments:
     lora_baseline: bool = field(
         default=True,
         metadata={
-            "help": "Also train plain peft LoRA (same targets, rank, steps and learning rate) and print base, method "
-            "and LoRA held-out accuracy with paired-bootstrap intervals. --lora_baseline false skips it."
+            "help": "Also train plain peft LoRA (--lora_r and --lora_alpha, on the method's LoRA targets, or every "
+            "linear layer for a method without LoRA; same steps and learning rate) and print base, method and LoRA "
+            "held-out accuracy with paired-bootstrap intervals. --lora_baseline false skips it."
         },
     )
 
 
 @dataclass
 class MethodArguments:
-    """Which adapter, and its options. Unset options keep the method's config defaults."""
+    """Which adapter, and its options. Unset options keep the method's config defaults: MoLA and MoLEx take the LoRA
+    fields of ModelConfig (--lora_r, ...); MoD and DLO, whose LoRA is optional and off by default, take them only from
+    --adapter_kwargs (e.g. '{"r": 8}')."""
 
     peft_method: str = field(default="mola", metadata={"help": "mola, molex, mod, dlo or lora."})
     # MoLA
@@ -135,14 +139,41 @@ class MethodArguments:
 _INT_LISTS = {"expert_pattern": False, "num_experts": True, "top_k": True, "molex_layers": False}
 
 
-def _parse_int_list(name: str, text: str, scalar_if_single: bool) -> int | list[int]:
+def _parse_int_list(name: str, text: Any, scalar_if_single: bool) -> int | list[int]:
+    """A comma list from the command line, or an int / a list of ints from a --config YAML."""
+    parts = text if isinstance(text, (list, tuple)) else str(text).replace(" ", "").split(",")
     try:
-        values = [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
+        values = [_strict_int(part) for part in parts if part != ""]
+    except (TypeError, ValueError):
         raise ValueError(f"`--{name}` takes integers separated by commas, e.g. 2,4,6,8; got {text!r}.") from None
     if not values:
         raise ValueError(f"`--{name}` is empty.")
     return values[0] if scalar_if_single and len(values) == 1 else values
+
+
+def _strict_int(value: Any) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(value)
+    return int(value)
+
+
+def _adapter_kwargs(value: Any) -> dict[str, Any]:
+    """``--adapter_kwargs``: a JSON object on the command line, or a mapping in a --config YAML."""
+    if isinstance(value, dict):
+        return dict(value)
+    try:
+        extra = json.loads(value)
+    except (TypeError, json.JSONDecodeError) as error:
+        raise ValueError(f"`--adapter_kwargs` must be a JSON object, e.g. '{{\"capacity\": 0.8}}': {error}.") from None
+    if not isinstance(extra, dict):
+        raise ValueError(f"`--adapter_kwargs` must be a JSON object, e.g. '{{\"capacity\": 0.8}}'; got {value!r}.")
+    return extra
+
+
+#: Methods whose LoRA is an option (none by default): the script's LoRA defaults (r=8, alpha 16) are not theirs, so
+#: they take LoRA fields only from --adapter_kwargs (e.g. '{"r": 8}'), and otherwise keep their own defaults.
+_LORA_IS_OPTIONAL = ("mod", "dlo")
+_DEFAULT_EXPERT_PATTERN = "2,4,6,8"
 
 
 def _method_config_class(method: str):
@@ -165,25 +196,35 @@ def build_peft_config(method_args: MethodArguments, model_args: ModelConfig):
     """The adapter config from the command line: ModelConfig's LoRA fields plus the method's own options."""
     method = method_args.peft_method
     if method == "lora":
-        return LoraConfig(
-            task_type="CAUSAL_LM",
-            r=model_args.lora_r,
-            lora_alpha=model_args.lora_alpha,
-            lora_dropout=model_args.lora_dropout,
-            # the seven projections, the same targets MoLA's default uses
-            target_modules=model_args.lora_target_modules or "all-linear",
-        )
+        ignored = sorted(_given_method_options(method_args))
+        if ignored:
+            raise ValueError(
+                f"`--peft_method lora` takes ModelConfig's LoRA fields (--lora_r, --lora_alpha, --lora_dropout, "
+                f"--lora_target_modules), not the depth methods' options {ignored}."
+            )
+        # the seven projections, the same targets MoLA's default uses
+        return lora_baseline_config(model_args)
     cls = _method_config_class(method)
     allowed = {f.name for f in fields(cls)}
     kwargs: dict[str, Any] = {"task_type": "CAUSAL_LM"}
-    for name, value in (("r", model_args.lora_r), ("lora_alpha", model_args.lora_alpha)):
-        if name in allowed:
-            kwargs[name] = value
-    if "lora_dropout" in allowed:
-        kwargs["lora_dropout"] = model_args.lora_dropout
+    if method not in _LORA_IS_OPTIONAL:
+        for name, value in (("r", model_args.lora_r), ("lora_alpha", model_args.lora_alpha)):
+            if name in allowed:
+                kwargs[name] = value
+        if "lora_dropout" in allowed:
+            kwargs["lora_dropout"] = model_args.lora_dropout
     if model_args.lora_target_modules:
         kwargs["target_modules"] = model_args.lora_target_modules
+    kwargs.update(_given_method_options(method_args))
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no option(s) {unknown}; its options: {sorted(allowed)}.")
+    return cls(**kwargs)
 
+
+def _given_method_options(method_args: MethodArguments) -> dict[str, Any]:
+    """The method options set on the command line (or in --config), parsed; MoLA's embedded pattern only for MoLA."""
+    method = method_args.peft_method
     given: dict[str, Any] = {}
     for f in fields(MethodArguments):
         if f.name in ("peft_method", "adapter_kwargs"):
@@ -191,7 +232,7 @@ def build_peft_config(method_args: MethodArguments, model_args: ModelConfig):
         value = getattr(method_args, f.name)
         if value is None or value == "":
             continue
-        if f.name == "expert_pattern" and method != "mola":
+        if f.name == "expert_pattern" and method != "mola" and str(value).replace(" ", "") == _DEFAULT_EXPERT_PATTERN:
             continue  # the embedded default belongs to MoLA
         if f.name in _INT_LISTS:
             value = _parse_int_list(f.name, value, _INT_LISTS[f.name])
@@ -199,17 +240,23 @@ def build_peft_config(method_args: MethodArguments, model_args: ModelConfig):
             value = _parse_int_list(f.name, value, False)
         given[f.name] = value
     if method_args.adapter_kwargs:
-        extra = json.loads(method_args.adapter_kwargs)
-        if not isinstance(extra, dict):
-            raise ValueError("`--adapter_kwargs` must be a JSON object.")
-        given.update(extra)
-    if method == "mola" and ("num_experts" in given) and method_args.expert_pattern == "2,4,6,8":
+        given.update(_adapter_kwargs(method_args.adapter_kwargs))
+    if method == "mola" and ("num_experts" in given) and method_args.expert_pattern == _DEFAULT_EXPERT_PATTERN:
         given.pop("expert_pattern", None)  # an explicit --num_experts replaces the embedded pattern
-    unknown = sorted(set(given) - allowed)
-    if unknown:
-        raise ValueError(f"{cls.__name__} has no option(s) {unknown}; its options: {sorted(allowed)}.")
-    kwargs.update(given)
-    return cls(**kwargs)
+    return given
+
+
+def lora_baseline_config(model_args: ModelConfig, method_targets: Any = None) -> LoraConfig:
+    """Plain peft LoRA at the script's rank and alpha, on the method's LoRA targets when it has LoRA (so the two
+    adapt the same linears), else on ``--lora_target_modules`` or every linear layer."""
+    targets = sorted(method_targets) if isinstance(method_targets, (set, list, tuple)) else method_targets
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=targets or model_args.lora_target_modules or "all-linear",
+    )
 
 
 EMBEDDED_DEFAULTS = dict(
@@ -263,6 +310,8 @@ def main() -> None:
         state.wait_for_everyone()
         model_args.model_name_or_path = peft_depth.assets.smollm2_path()
     peft_config = build_peft_config(method_args, model_args)
+    if script_args.lora_baseline and method_args.peft_method != "lora":
+        lora_baseline_config(model_args)  # a baseline that cannot be built fails now, not after the method's run
 
     examples = load_task(script_args.task)
     train_examples, test_examples = train_test_split(
@@ -285,6 +334,8 @@ def main() -> None:
         return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype)
 
     results: dict[str, Any] = {"method": method_args.peft_method, "task": script_args.task}
+    # the adapter's checks against the real model (layer indices, target names, ...) before minutes of base scoring
+    get_peft_model(load_base(), copy.deepcopy(peft_config))
     if not script_args.skip_accuracy and state.is_main_process:
         start = time.perf_counter()
         base_correct = correctness(load_base(), tokenizer, test_examples, script_args)
@@ -310,6 +361,12 @@ def main() -> None:
         )
         if state.is_main_process:
             trainer.model.print_trainable_parameters()
+        adapter_config = trainer.model.peft_config["default"]
+        run["lora_targets"] = (
+            sorted(adapter_config.target_modules)
+            if getattr(adapter_config, "r", 0) and isinstance(adapter_config.target_modules, (set, list, tuple))
+            else None
+        )
         start = time.perf_counter()
         train_output = trainer.train()
         run["train_seconds"] = time.perf_counter() - start
@@ -345,7 +402,8 @@ def main() -> None:
     results.update(train_and_score(peft_config, training_args.output_dir, method_args.peft_method))
     output_dir = training_args.output_dir
     if script_args.lora_baseline and method_args.peft_method != "lora":
-        lora_config = build_peft_config(MethodArguments(peft_method="lora"), model_args)
+        # the same linears as the method's LoRA (MoLEx: q/v by default); a method without LoRA gets every linear
+        lora_config = lora_baseline_config(model_args, results["lora_targets"])
         results["lora_baseline"] = train_and_score(lora_config, output_dir.rstrip("/") + "-lora-baseline", "LoRA")
         training_args.output_dir = output_dir
     if state.is_main_process:
@@ -366,6 +424,14 @@ def print_comparison(results: dict[str, Any], method: str) -> None:
         rows["LoRA"] = results["lora_baseline"]["correct_after"]
     correct = {name: [c == "1" for c in text] for name, text in rows.items()}
     print(f"\n=== {results['task']}: held-out accuracy ({len(correct['base model'])} examples) ===", flush=True)
+    if "lora_baseline" in results:
+        targets = results["lora_baseline"]["lora_targets"]
+        same = results["lora_targets"] == targets
+        print(
+            f"LoRA baseline on {', '.join(targets or ['every linear'])}"
+            + (" (the method's LoRA targets)" if same else f" ({method} has no LoRA on these: not a matched budget)"),
+            flush=True,
+        )
     for name, values in correct.items():
         print(f"{name:>12}: {_accuracy(values):.4f}", flush=True)
     pairs = [(method, "base model")] + ([("LoRA", "base model"), (method, "LoRA")] if "LoRA" in correct else [])

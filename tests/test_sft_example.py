@@ -58,6 +58,39 @@ def test_bad_options_are_refused_clearly(sft):
         parse(sft, "--peft_method", "molex", "--num_late_layers", "2")
     with pytest.raises(ValueError, match="peft_method"):
         parse(sft, "--peft_method", "prefix")
+    with pytest.raises(ValueError, match="`--adapter_kwargs` must be a JSON object"):
+        parse(sft, "--peft_method", "dlo", "--adapter_kwargs", "{capacity: 0.8}")
+    # options of another method are refused, not dropped
+    with pytest.raises(ValueError, match=r"DLOConfig has no option\(s\) \['expert_pattern'\]"):
+        parse(sft, "--peft_method", "dlo", "--expert_pattern", "8,6,4,2")
+    with pytest.raises(ValueError, match=r"not the depth methods' options \['adapter_kwargs_bogus', 'top_k'\]"):
+        parse(sft, "--peft_method", "lora", "--top_k", "2", "--adapter_kwargs", '{"adapter_kwargs_bogus": 1}')
+
+
+def test_mod_and_dlo_keep_their_own_lora_default(sft):
+    """The script's r=8 is MoLA's and MoLEx's: DLO kept LoRA on all 30 original layers (27M trainable, every layer
+    routed) where its own default trains only the new layers, and MoD alone has no LoRA. LoRA comes from
+    --adapter_kwargs for them."""
+    _, dlo, _, _ = parse(sft, "--peft_method", "dlo")
+    assert dlo.r == 0 and dlo.routed_layers == "new"
+    _, mod, _, _ = parse(sft, "--peft_method", "mod")
+    assert mod.target_modules is None and not mod.uses_lora
+    _, dlo, _, _ = parse(sft, "--peft_method", "dlo", "--adapter_kwargs", '{"r": 4}')
+    assert dlo.r == 4
+
+
+def test_a_config_yaml_with_plain_yaml_types(sft, tmp_path):
+    (tmp_path / "run.yaml").write_text(
+        "peft_method: mola\nexpert_pattern: [8, 6, 4, 2]\ntop_k: 1\nadapter_kwargs: {balance_loss_coef: 0.01}\n"
+    )
+    _, config, _, _ = parse(sft, "--config", str(tmp_path / "run.yaml"))
+    assert config.expert_pattern == [8, 6, 4, 2] and config.top_k == 1 and config.balance_loss_coef == 0.01
+
+
+def test_the_lora_baseline_adapts_the_methods_lora_targets(sft):
+    _, _, model, _ = parse(sft)
+    assert sft.lora_baseline_config(model, {"v_proj", "q_proj"}).target_modules == {"q_proj", "v_proj"}
+    assert sft.lora_baseline_config(model, None).target_modules == "all-linear"  # a method without LoRA
 
 
 def test_the_main_job_runs_end_to_end_and_compares_with_lora(sft, tmp_path, monkeypatch, capsys):
