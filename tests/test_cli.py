@@ -313,6 +313,19 @@ def test_errors_are_one_line_without_traceback(workspace, capsys, tmp_path):
         (["analyze", workspace["model"], "--dataset", long_texts, "--max-length", "100", *out], 1, "64 positions"),
         (["analyze", small_vocab, *data, *out], 1, "embeddings have 8 rows"),
     ]
+    one_word = tmp_path / "one-word.txt"
+    one_word.write_text("hello\nthere\n")
+    listed, untyped = tmp_path / "listed", tmp_path / "untyped"
+    for folder, config in ((listed, []), (untyped, {"peft_type": "NOT_A_METHOD", "base_model_name_or_path": "x"})):
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+    cases += [
+        (["analyze", workspace["model"], "--dataset", one_word, *out], 1, "the logit lens measured nothing"),
+        (["analyze", workspace["model"], "--seed", "99999999999999999999999"], 2, "--seed"),
+        (["analyze", workspace["model"], *data, "--device", "meta", *out], 1, "--device 'meta': use a compute device"),
+        (["inspect", listed, *out], 1, "holds a JSON list, not the object"),
+        (["inspect", untyped, "--base", workspace["model"], *out], 1, "`peft_type` 'NOT_A_METHOD'; expected"),
+    ]
     for argv, expected_code, needle in cases:
         code, _, stderr = _run_cli(argv, capsys)
         assert code == expected_code, (argv, stderr)
@@ -625,3 +638,13 @@ def test_inspect_never_runs_or_asks_about_code_from_a_downloaded_folder(
         assert code == 0, stderr
     assert not prompts, f"inspect asked at a prompt whether to run the folder's code: {prompts}"
     assert not marker.exists()
+
+
+def test_mod_is_not_suggested_without_a_basis():
+    """One layer (MoDConfig needs 2), or a final lens accuracy of 0 or NaN (no lens positions): every layer passed
+    the 90%-of-final threshold, so the suggestion was the whole depth (or 2 with a NaN reason)."""
+    one = suggest_mod(_synthetic([0.9], [0.4], [3.0]))
+    assert one["config"] is None and "this model has 1" in one["reason"]
+    for final in (0.0, math.nan):
+        none = suggest_mod(_synthetic([0.9] * 4, [0.3, 0.2, 0.1, final], [3.0] * 4))
+        assert none["config"] is None and "no basis for `num_late_layers`" in none["reason"]

@@ -34,3 +34,35 @@ def test_it_is_reproducible_and_refuses_mismatched_rows():
         paired_bootstrap([True], [True, False])
     with pytest.raises(ValueError, match="confidence"):
         paired_bootstrap(a, b, confidence=1.5)
+
+
+def test_few_differing_rows_are_not_called_significant():
+    """4 of 300 rows going one way: the percentile bootstrap's interval excludes 0, but an exact test on those 4 rows
+    gives p = 2 · (1/2)^4 = 0.125. The verdict follows the exact test."""
+    a = [True] * 4 + [True] * 150 + [False] * 146
+    b = [False] * 4 + [True] * 150 + [False] * 146
+    result = paired_bootstrap(a, b)
+    assert result.low > 0  # the bootstrap alone would call it
+    assert result.num_discordant == 4 and result.mcnemar_p == pytest.approx(0.125)
+    assert not result.excludes_zero and "only 4 rows differ, exact McNemar p = 0.125" in str(result)
+    # with 12 rows one way the exact test agrees: p = 2 / 4096
+    a, b = [True] * 12 + [False] * 288, [False] * 300
+    assert paired_bootstrap(a, b).mcnemar_p == pytest.approx(2 / 4096) and paired_bootstrap(a, b).excludes_zero
+
+
+def test_the_exact_mcnemar_p_matches_a_binomial_test():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    from peft_depth.analysis.paired import exact_mcnemar_p
+
+    for only_a, only_b in [(0, 0), (3, 0), (7, 2), (40, 25), (600, 540)]:
+        expected = 1.0 if only_a + only_b == 0 else scipy_stats.binomtest(only_a, only_a + only_b).pvalue
+        assert exact_mcnemar_p(only_a, only_b) == pytest.approx(expected, rel=1e-9)
+
+
+def test_one_row_and_non_boolean_rows_are_refused():
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        paired_bootstrap([True], [False])
+    with pytest.raises(ValueError, match="booleans or 0/1"):
+        paired_bootstrap([0.5, 1.0], [1.0, 0.0])
+    with pytest.raises(ValueError, match="resamples"):
+        paired_bootstrap([True, False], [False, False], resamples=0)

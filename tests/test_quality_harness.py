@@ -659,6 +659,8 @@ def test_shipped_metric_modules_load_by_path_offline_and_compute_known_values():
     accuracy = evaluate.load(metric_path("accuracy"))
     assert accuracy.compute(predictions=[0, 1, 1, 0], references=[0, 1, 0, 0]) == {"accuracy": 0.75}
     assert accuracy.compute(predictions=[0, 1, 1, 0], references=[0, 1, 0, 0], normalize=False) == {"accuracy": 3.0}
+    with pytest.raises(ValueError, match="undefined for sample weights that sum to zero"):  # as sklearn refuses
+        accuracy.compute(predictions=[0, 1], references=[0, 1], sample_weight=[0.0, 0.0])
     pytest.importorskip("sklearn", reason="the F1 module needs scikit-learn (the [eval] extra)")
     f1 = load_metric("f1")
     # positives: predicted {1, 2}, true {1, 3}: precision 1/2, recall 1/2 -> F1 0.5

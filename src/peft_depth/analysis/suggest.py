@@ -140,6 +140,15 @@ def suggest_mod(analysis: LayerAnalysis, *, accuracy_ratio: float = 0.9) -> dict
     accuracy = analysis.lens_accuracy
     num_layers = analysis.num_layers
     final = accuracy[-1]
+    if num_layers < 2:
+        return {"config": None, "reason": f"MoD ensembles at least 2 layers; this model has {num_layers}."}
+    if not (math.isfinite(final) and final > 0):
+        return {
+            "config": None,
+            "reason": f"The final layer's logit-lens accuracy is {final:.3f}: with nothing it predicts right, no "
+            "layer can be said to predict nearly as well, so there is no basis for `num_late_layers` (analyse more "
+            "or longer texts, or a trained model).",
+        }
     threshold = accuracy_ratio * final
     good = 0
     for value in reversed(accuracy):

@@ -36,4 +36,8 @@ class Accuracy(evaluate.Metric):
         correct = np.asarray(predictions) == np.asarray(references)
         weights = np.ones(len(correct)) if sample_weight is None else np.asarray(sample_weight, dtype=float)
         total = float(np.sum(weights * correct))
+        if normalize and float(np.sum(weights)) == 0:
+            # sklearn refuses these too: an accuracy of nothing is undefined
+            what = "no predictions" if len(correct) == 0 else "sample weights that sum to zero"
+            raise ValueError(f"accuracy is undefined for {what}.")
         return {"accuracy": total / float(np.sum(weights)) if normalize else total}
