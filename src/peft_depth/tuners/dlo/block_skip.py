@@ -19,7 +19,35 @@ from torch import nn
 from ...core.layer_call import bind_block_call, checkpointing_active
 from ...core.output_capture import output_recording_paused
 
-__all__ = ["forward_block_skip"]
+__all__ = ["as_layer_output", "forward_block_skip"]
+
+#: How many outputs a layer returns besides its hidden states (Falcon returns ``(hidden, attn_weights)``), learned at
+#: its first call: the block's output must have the layer's own structure, since the stack reads ``outputs[0]``.
+_EXTRA_OUTPUTS = "_depth_extra_outputs"
+
+
+def _run(layer: nn.Module, hidden_states: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """``layer``'s hidden-state output (the first element where it returns a tuple)."""
+    if kwargs.get("alibi") is not None:
+        raise ValueError(
+            f"DLO skip_mode='block' cannot run {type(layer).__name__} with ALiBi position biases: each routed layer "
+            "attends over a packed subset of the tokens, and the bias is not packed with them. Use skip_mode='mlp'."
+        )
+    output = layer(hidden_states, **kwargs)
+    layer.__dict__[_EXTRA_OUTPUTS] = len(output) - 1 if isinstance(output, tuple) else 0
+    return output[0] if isinstance(output, tuple) else output
+
+
+def as_layer_output(layer: nn.Module, output: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """``output`` in the structure ``layer`` returns (a tuple for Falcon-style layers, extras None: block skip has
+    no per-layer attention map and keeps no cache). A layer that has not run yet runs once, without gradient, to
+    tell."""
+    extra = layer.__dict__.get(_EXTRA_OUTPUTS)
+    if extra is None:
+        with torch.no_grad():
+            _run(layer, output, bind_block_call(layer, layer.forward, (output, *args), kwargs).arguments)
+        extra = layer.__dict__[_EXTRA_OUTPUTS]
+    return (output, *([None] * extra)) if extra else output
 
 
 def _recorded_once(forward: Callable[..., tuple[torch.Tensor, Any]]) -> Callable[..., tuple[torch.Tensor, Any]]:
@@ -93,7 +121,7 @@ def forward_block_skip(
     cos = None
     if want_cos:
         with torch.no_grad():
-            full = layer(hidden_states, **kwargs)
+            full = _run(layer, hidden_states, kwargs)
             before = hidden_states.reshape(-1, dim).float()
             cos = F.cosine_similarity(before, full.reshape(-1, dim).float(), dim=-1)
     if num_base == 0:
@@ -102,7 +130,7 @@ def forward_block_skip(
                 hidden_states = hidden_states + _zero_tie(layer, scale).to(hidden_states.dtype)
             return hidden_states, cos
         if fewest == seq:  # every token chosen: one plain call
-            output = layer(hidden_states, **kwargs)
+            output = _run(layer, hidden_states, kwargs)
             return hidden_states + scale.view(batch, seq, 1).to(output.dtype) * (output - hidden_states), cos
         return hidden_states + _packed_delta(layer, hidden_states, kwargs, chosen_rows, counts, width, scale), cos
     delta = (
@@ -110,7 +138,7 @@ def forward_block_skip(
         if width
         else torch.zeros_like(hidden_states)
     )
-    base_output = layer(hidden_states, **kwargs)
+    base_output = _run(layer, hidden_states, kwargs)
     delta = torch.where(base_path.view(batch, seq, 1), base_output - hidden_states, delta)
     return hidden_states + delta, cos
 
@@ -161,7 +189,7 @@ def _packed_delta(
     allowed = allowed | torch.eye(width, dtype=torch.bool, device=hidden_states.device)
     bias = torch.zeros(allowed.shape, dtype=hidden_states.dtype, device=hidden_states.device)
     kwargs["attention_mask"] = bias.masked_fill(~allowed, torch.finfo(hidden_states.dtype).min)
-    out_packed = layer(packed, **kwargs)
+    out_packed = _run(layer, packed, kwargs)
     packed_scale = scale.view(batch, seq).gather(1, order).to(out_packed.dtype)
     update = (out_packed - packed) * (packed_scale * slot_valid.to(out_packed.dtype)).unsqueeze(-1)
     return torch.zeros_like(hidden_states).scatter(1, order.unsqueeze(-1).expand(-1, -1, dim), update)

@@ -57,6 +57,8 @@ class RoutingPlan:
     want_cos: bool
     residual: torch.Tensor | None = None  # h' entering the MLP (set by ResidualTap)
     cos: torch.Tensor | None = None  # [N] cosine(h', h' + MLP(h')) (set by SkipMLP / the block)
+    # what the layer multiplies its branch by when adding it to the residual (Granite's residual_multiplier)
+    residual_multiplier: float = 1.0
 
 
 @dataclass

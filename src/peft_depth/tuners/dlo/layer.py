@@ -22,7 +22,7 @@ from ...core.distributed import sharded_across_processes, sharded_by_fsdp
 from ...core.layer_call import bind_block_call
 from ...core.low_rank import init_low_rank, low_rank_delta
 from ...core.nonfinite import check_routing_scores
-from .block_skip import forward_block_skip
+from .block_skip import as_layer_output, forward_block_skip
 from .delegating import Delegating
 from .forward_state import (
     DLORecord,
@@ -268,6 +268,7 @@ class DLOBlock(Delegating):
                 want_cos,
                 every_process_differentiates=self._context.syncing and torch.is_grad_enabled(),
             )
+            output = as_layer_output(self.inner, output, args, kwargs)
         # Publish at the end only: checkpoint recomputation may stop part-way through a forward.
         write_forward_state(self._context.forward, self._installation).records[self.position] = DLORecord(
             logits=logits,
@@ -326,6 +327,7 @@ class DLOBlock(Delegating):
             base_index=base_index,
             scale=scale,
             want_cos=want_cos,
+            residual_multiplier=float(getattr(self.inner, "residual_multiplier", 1.0)),
         )
         with running_plan(self, plan):  # read by this layer's MLP and norm shadows during the call
             output = self.inner(hidden_states, *args, **kwargs)

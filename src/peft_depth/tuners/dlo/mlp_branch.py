@@ -107,7 +107,8 @@ def gate_branch_output(plan: RoutingPlan, out: torch.Tensor) -> torch.Tensor:
     if plan.training and plan.want_cos and plan.residual is not None:
         with torch.no_grad():
             residual = plan.residual.reshape(-1, shape[-1]).float()
-            plan.cos = F.cosine_similarity(residual, residual + out.reshape(residual.shape).float(), dim=-1)
+            branch = out.reshape(residual.shape).float() * plan.residual_multiplier
+            plan.cos = F.cosine_similarity(residual, residual + branch, dim=-1)
     gate = plan.scale.to(out.dtype)
     if plan.training:
         gate = gate * plan.selected.to(out.dtype)
