@@ -98,3 +98,32 @@ def test_zero_coefficients_leave_nothing_to_drop(tmp_path):
         warnings.simplefilter("always")
         trainer.train()
     assert _depth_warnings(caught) == []
+
+
+def test_the_readme_recipe_for_a_classifier_trains_with_the_aux_losses_and_stays_quiet(tmp_path):
+    """README, 'Other task types': transformers' Trainer with compute_loss adding the auxiliary losses."""
+    from datasets import Dataset
+    from tiny_models import tiny_bert
+    from transformers import Trainer, TrainingArguments
+
+    import peft_depth.trainer
+
+    class DepthTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+            self.aux = sum(peft_depth.aux_losses(model).values())
+            loss = loss + self.aux
+            peft_depth.trainer.set_training_step(model, self.state.global_step)
+            return (loss, outputs) if return_outputs else loss
+
+    generator = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(1, 90, (6,), generator=generator).tolist(), "labels": i % 2} for i in range(8)]
+    model = get_peft_model(tiny_bert(), peft_depth.MoLAConfig(task_type="SEQ_CLS", num_experts=4, top_k=2))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to="none", use_cpu=True
+    )
+    trainer = DepthTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="peft-depth: this training loop drops")
+        trainer.train()
+    assert float(trainer.aux) > 0  # MoLA's balance loss reached the loss

@@ -53,9 +53,10 @@ class AuxReadWatch:
             warnings.warn(
                 "peft-depth: this training loop drops what the depth adapter trains with besides the LM loss: "
                 + "; ".join(dropped)
-                + ". A stock transformers Trainer / trl.SFTTrainer does that. Train with peft_depth.DepthSFTTrainer "
-                "(a drop-in SFTTrainer), or add sum(peft_depth.aux_losses(model).values()) to the loss and call "
-                "peft_depth.trainer.set_training_step(model, step) every step.",
+                + ". A stock transformers Trainer / trl.SFTTrainer does that. For a causal LM train with "
+                "peft_depth.DepthSFTTrainer (a drop-in SFTTrainer); otherwise (a classifier, a custom loop) add "
+                "sum(peft_depth.aux_losses(model).values()) to the loss and call "
+                "peft_depth.trainer.set_training_step(model, step) every step (README, 'Other task types').",
                 UserWarning,
                 stacklevel=2,
             )
