@@ -1,7 +1,8 @@
 """MoLA vs plain peft LoRA, side by side on a SmolLM2-135M-shaped model.
 
 Training step (forward + LM loss + balance loss + backward + AdamW step) for LoRA r=8 and MoLA (8 experts, top-2,
-r=8), all seven projections, same dropout; an A/A line (LoRA against a second LoRA); peak memory per variant in
+r=8), all seven projections, same dropout; MoLA with its default dropout mask per expert and with one mask shared by
+a token's experts (`expert_dropout="shared"`); an A/A line (LoRA against a second LoRA); peak memory per variant in
 fresh processes; batch-1 greedy decode latency of MoLA against LoRA merged into the base (MoLA cannot merge).
 
     python benchmarks/bench_mola.py [--repeats 12] [--batch-size 4] [--seq-len 128]
@@ -35,9 +36,15 @@ def build(variant: str, base: torch.nn.Module, copy_base: bool = True):
     model = copy.deepcopy(base) if copy_base else base
     if variant.startswith("lora"):
         config = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=ALL_PROJECTIONS)
-    elif variant == "mola_e8_k2":
+    elif variant in ("mola_e8_k2", "mola_e8_k2_shared"):
         config = MoLAConfig(
-            r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=ALL_PROJECTIONS, num_experts=8, top_k=2
+            r=R,
+            lora_alpha=ALPHA,
+            lora_dropout=DROPOUT,
+            target_modules=ALL_PROJECTIONS,
+            num_experts=8,
+            top_k=2,
+            expert_dropout="shared" if variant.endswith("shared") else "per_expert",
         )
     elif variant == "mola_2468_k2":
         config = MoLAConfig(
@@ -96,7 +103,7 @@ def main() -> None:
 
     base = smollm2_shaped_model(args.num_layers)
     batch = token_batch(args.batch_size, args.seq_len)
-    variants = ["lora_r8", "lora_r8_AA", "mola_e8_k2", "mola_2468_k2"]
+    variants = ["lora_r8", "lora_r8_AA", "mola_e8_k2", "mola_e8_k2_shared", "mola_2468_k2"]
     models = {name: build(name, base) for name in variants}
     for name, model in models.items():
         trainable, total = model.get_nb_trainable_parameters()
@@ -107,7 +114,8 @@ def main() -> None:
 
     print("\npeak RSS during 3 training steps in a fresh process (model included), and growth over the model")
     peaks = {
-        name: peak_rss_mb_in_subprocess("bench_mola", name, _child_args(args)) for name in ("lora_r8", "mola_e8_k2")
+        name: peak_rss_mb_in_subprocess("bench_mola", name, _child_args(args))
+        for name in ("lora_r8", "mola_e8_k2", "mola_e8_k2_shared")
     }
     ref = peaks["lora_r8"]
     for name, peak in peaks.items():

@@ -44,7 +44,7 @@ def as_layer_output(layer: nn.Module, output: torch.Tensor, args: tuple, kwargs:
     tell."""
     extra = layer.__dict__.get(_EXTRA_OUTPUTS)
     if extra is None:
-        with torch.no_grad():
+        with torch.no_grad(), output_recording_paused():  # a probe, no layer of this forward
             _run(layer, output, bind_block_call(layer, layer.forward, (output, *args), kwargs).arguments)
         extra = layer.__dict__[_EXTRA_OUTPUTS]
     return (output, *([None] * extra)) if extra else output
