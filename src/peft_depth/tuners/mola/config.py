@@ -84,7 +84,8 @@ class MoLAConfig(LoraFieldsConfig):
         default=0.001,
         metadata={
             "help": "Weight of the Switch-style load-balancing loss E_l·Σ f·P, per layer over all its target modules "
-            "and summed over layers (the paper's 0.001). 0 turns it off. Read through `peft_depth.aux_losses`."
+            "and summed over layers (the paper's 0.001; the released training script leaves the loss off unless asked, "
+            "`obalance=False`). 0 turns it off. Read through `peft_depth.aux_losses`."
         },
     )
 
