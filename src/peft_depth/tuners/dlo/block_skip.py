@@ -21,9 +21,10 @@ from ...core.output_capture import output_recording_paused
 
 __all__ = ["as_layer_output", "forward_block_skip"]
 
-#: How many outputs a layer returns besides its hidden states (Falcon returns ``(hidden, attn_weights)``), learned at
-#: its first call: the block's output must have the layer's own structure, since the stack reads ``outputs[0]``.
-_EXTRA_OUTPUTS = "_depth_extra_outputs"
+#: How many outputs a layer class returns besides its hidden states (Falcon's returns ``(hidden, attn_weights)``),
+#: learned at a first call: the block's output must have the layer's own structure, since the stack reads
+#: ``outputs[0]``. Kept here, by class, so that nothing is written on the user's layers.
+_EXTRA_OUTPUTS: dict[type, int] = {}
 
 
 def _run(layer: nn.Module, hidden_states: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -34,7 +35,7 @@ def _run(layer: nn.Module, hidden_states: torch.Tensor, kwargs: dict[str, Any]) 
             "attends over a packed subset of the tokens, and the bias is not packed with them. Use skip_mode='mlp'."
         )
     output = layer(hidden_states, **kwargs)
-    layer.__dict__[_EXTRA_OUTPUTS] = len(output) - 1 if isinstance(output, tuple) else 0
+    _EXTRA_OUTPUTS[type(layer)] = len(output) - 1 if isinstance(output, tuple) else 0
     return output[0] if isinstance(output, tuple) else output
 
 
@@ -42,11 +43,11 @@ def as_layer_output(layer: nn.Module, output: torch.Tensor, args: tuple, kwargs:
     """``output`` in the structure ``layer`` returns (a tuple for Falcon-style layers, extras None: block skip has
     no per-layer attention map and keeps no cache). A layer that has not run yet runs once, without gradient, to
     tell."""
-    extra = layer.__dict__.get(_EXTRA_OUTPUTS)
+    extra = _EXTRA_OUTPUTS.get(type(layer))
     if extra is None:
         with torch.no_grad(), output_recording_paused():  # a probe, no layer of this forward
             _run(layer, output, bind_block_call(layer, layer.forward, (output, *args), kwargs).arguments)
-        extra = layer.__dict__[_EXTRA_OUTPUTS]
+        extra = _EXTRA_OUTPUTS[type(layer)]
     return (output, *([None] * extra)) if extra else output
 
 
