@@ -20,7 +20,7 @@ from .config import MoLExConfig
 from .layer import SHARED_GATE_KEY, MoLExAlpha, build_gate, layer_key
 from .mixing import MoLExMixing
 from .routing import LayerRecord
-from .statistics import MoLExStatistics
+from .statistics import MoLExStatistics, generates
 
 __all__ = ["MoLExModel"]
 
@@ -104,7 +104,7 @@ class MoLExModel(MoLExMixing, MoLExStatistics, DepthTuner):
     def _build_plan(self, config: MoLExConfig, layers: nn.ModuleList) -> _AdapterPlan:
         num_layers = len(layers)
         causal = attends_causally(layers)
-        if not causal and _generates(self.model):
+        if not causal and generates(self.model):
             raise ValueError(
                 f"MoLEx: {type(self.model).__name__} generates text, but its layers do not declare causal attention "
                 "(an ALiBi decoder such as BLOOM or MPT passes its position bias per call): MoLEx would treat it as an "
@@ -279,9 +279,3 @@ def _placed(module: nn.Module, reference: torch.Tensor, training: bool) -> nn.Mo
     if not any(p.device.type == "meta" for p in module.parameters()):
         module.to(device=reference.device)
     return module.train(training)
-
-
-def _generates(model: nn.Module) -> bool:
-    """Whether ``model`` is a generative head (``GenerationMixin``), as a causal LM is."""
-    can_generate = getattr(model, "can_generate", None)
-    return bool(can_generate()) if callable(can_generate) else False

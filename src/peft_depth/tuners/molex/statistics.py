@@ -12,7 +12,13 @@ from ...core.routing import usage_entropy
 from .config import MoLExConfig
 from .routing import LayerRecord
 
-__all__ = ["MoLExStatistics"]
+__all__ = ["MoLExStatistics", "generates"]
+
+
+def generates(model: nn.Module) -> bool:
+    """Whether ``model`` is a generative head (``GenerationMixin``), as a causal LM is."""
+    can_generate = getattr(model, "can_generate", None)
+    return bool(can_generate()) if callable(can_generate) else False
 
 
 class MoLExStatistics:
@@ -103,8 +109,7 @@ class MoLExStatistics:
         """
         groups = []
         adapters = [name for name in self.peft_config if name in self._plans]
-        can_generate = getattr(self.model, "can_generate", None)
-        generative = bool(can_generate()) if callable(can_generate) else False
+        generative = generates(self.model)
         for adapter_name in adapters:
             config: MoLExConfig = self.peft_config[adapter_name]
             lr, decay = config.gate_group_settings(base_lr, weight_decay, generative=generative)
