@@ -105,8 +105,11 @@ class MethodArguments:
 
     peft_method: str = field(default="mola", metadata={"help": "mola, molex, mod, dlo or lora."})
     # MoLA
+    # Unset by default, so that MoLAConfig's own default (the paper's ▽, 2,4,6,8) applies and an explicit
+    # --num_experts is never mistaken for a clash with an embedded pattern.
     expert_pattern: str | None = field(
-        default="2,4,6,8", metadata={"help": "MoLA experts per group of layers, e.g. 2,4,6,8 (set '' to not use)."}
+        default=None,
+        metadata={"help": "MoLA experts per group of layers, e.g. 8,6,4,2 (default: MoLAConfig's ▽ 2,4,6,8)."},
     )
     num_experts: str | None = field(
         default=None, metadata={"help": "MoLA experts: one int or a comma list per layer."}
@@ -173,7 +176,6 @@ def _adapter_kwargs(value: Any) -> dict[str, Any]:
 #: Methods whose LoRA is an option (none by default): the script's LoRA defaults (r=8, alpha 16) are not theirs, so
 #: they take LoRA fields only from --adapter_kwargs (e.g. '{"r": 8}'), and otherwise keep their own defaults.
 _LORA_IS_OPTIONAL = ("mod", "dlo")
-_DEFAULT_EXPERT_PATTERN = "2,4,6,8"
 
 
 def _method_config_class(method: str):
@@ -223,7 +225,7 @@ def build_peft_config(method_args: MethodArguments, model_args: ModelConfig):
 
 
 def _given_method_options(method_args: MethodArguments) -> dict[str, Any]:
-    """The method options set on the command line (or in --config), parsed; MoLA's embedded pattern only for MoLA."""
+    """The method options set on the command line (or in --config), parsed."""
     method = method_args.peft_method
     given: dict[str, Any] = {}
     for f in fields(MethodArguments):
@@ -232,8 +234,6 @@ def _given_method_options(method_args: MethodArguments) -> dict[str, Any]:
         value = getattr(method_args, f.name)
         if value is None or value == "":
             continue
-        if f.name == "expert_pattern" and method != "mola" and str(value).replace(" ", "") == _DEFAULT_EXPERT_PATTERN:
-            continue  # the embedded default belongs to MoLA
         if f.name in _INT_LISTS:
             value = _parse_int_list(f.name, value, _INT_LISTS[f.name])
         elif f.name == "expansion" and value not in ("interleave", "stack"):
@@ -241,8 +241,6 @@ def _given_method_options(method_args: MethodArguments) -> dict[str, Any]:
         given[f.name] = value
     if method_args.adapter_kwargs:
         given.update(_adapter_kwargs(method_args.adapter_kwargs))
-    if method == "mola" and ("num_experts" in given) and method_args.expert_pattern == _DEFAULT_EXPERT_PATTERN:
-        given.pop("expert_pattern", None)  # an explicit --num_experts replaces the embedded pattern
     return given
 
 

@@ -63,6 +63,12 @@ def test_bad_options_are_refused_clearly(sft):
     # options of another method are refused, not dropped
     with pytest.raises(ValueError, match=r"DLOConfig has no option\(s\) \['expert_pattern'\]"):
         parse(sft, "--peft_method", "dlo", "--expert_pattern", "8,6,4,2")
+    # ... the ▽ pattern too: it is MoLAConfig's default, not a value the script fills in for every method
+    with pytest.raises(ValueError, match=r"DLOConfig has no option\(s\) \['expert_pattern'\]"):
+        parse(sft, "--peft_method", "dlo", "--expert_pattern", "2,4,6,8")
+    # an explicit pattern next to --num_experts is a clash, not a pattern to drop silently
+    with pytest.raises(ValueError, match="either `num_experts` or `expert_pattern`, not both"):
+        parse(sft, "--num_experts", "8", "--expert_pattern", "2,4,6,8")
     with pytest.raises(ValueError, match=r"not the depth methods' options \['adapter_kwargs_bogus', 'top_k'\]"):
         parse(sft, "--peft_method", "lora", "--top_k", "2", "--adapter_kwargs", '{"adapter_kwargs_bogus": 1}')
 
