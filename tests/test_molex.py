@@ -590,6 +590,38 @@ def test_task_presets_are_the_official_scripts_settings():
         MoLExConfig.for_task("squad")
 
 
+# (gate_type, gate_proj_dim, shared_gate, balance_loss_coef, learn_alpha, alpha, gate_lr, gate_weight_decay), read off
+# examples/NLU/roberta_base_<task>.sh of the official code, with its run_glue.py / training_args.py defaults where a
+# script sets nothing (linear gate, shared, g_balance 0.01, fixed α 0.5, gate lr 5e-5, gate weight decay 0.0) and a
+# balance coefficient of 0 where it omits --use_load_balance.
+OFFICIAL_GLUE_SCRIPTS = {
+    "cola": ("linear", None, True, 0.01, False, 0.95, 5e-5, 0.0),
+    "mnli": ("cosine", 416, True, 0.005, True, None, 5e-5, 0.0),
+    "mrpc": ("linear", None, True, 0.0, True, None, 0.1, 0.1),
+    "qnli": ("cosine", 96, True, 0.0, True, None, 0.1, 0.1),
+    "qqp": ("cosine", 384, True, 0.001, True, None, 0.1, 0.1),
+    "rte": ("linear", None, False, 0.001, False, None, 0.1, 0.1),
+    "sst2": ("cosine", 128, True, 0.01, False, None, 0.1, 0.1),
+    "stsb": ("linear", None, False, 0.001, False, None, 0.1, 0.1),
+}
+
+
+@pytest.mark.parametrize("task", sorted(OFFICIAL_GLUE_SCRIPTS))
+def test_every_task_preset_is_its_official_script(task):
+    config = MoLExConfig.for_task(task)
+    gate_type, proj_dim, shared, balance, learn, alpha, gate_lr, gate_decay = OFFICIAL_GLUE_SCRIPTS[task]
+    assert (config.gate_type, config.shared_gate, config.balance_loss_coef, config.learn_alpha) == (
+        gate_type,
+        shared,
+        balance,
+        learn,
+    )
+    if proj_dim is not None:
+        assert config.gate_proj_dim == proj_dim
+    assert config.alpha == alpha  # None: the encoder default, 0.5 (the scripts' weight_main_init default)
+    assert (config.gate_lr, config.gate_weight_decay) == (gate_lr, gate_decay)
+
+
 @pytest.mark.parametrize("routing", ["token", "sequence", "batch_vote"])
 def test_attention_maps_are_one_per_layer_from_its_own_pass(routing):
     """An expert pass runs another layer's attention on this layer's input: it is no layer of the forward, so

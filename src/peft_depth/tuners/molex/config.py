@@ -24,10 +24,13 @@ ROUTING_MODES = ("batch_vote", "sequence", "token")
 GATE_TYPES = ("linear", "cosine")
 LEARNED_ALPHA_STARTS = ("official", "alpha")
 
-#: Per-task settings of the official GLUE scripts (methods.md: gate type and projection size, shared or per-layer gate,
-#: balance coefficient - 0 where a script omits `--use_load_balance` -, learned or fixed α), with the scripts' gate
-#: optimizer group (lr 0.1, weight decay 0.1). Tasks not listed use the defaults.
+#: Per-task settings of the official GLUE scripts (examples/NLU/roberta_base_<task>.sh of the official code): gate type
+#: and projection size, shared or per-layer gate (`--use_indv_gate`), balance coefficient (0 where a script omits
+#: `--use_load_balance`, the trainer's 0.01 where it sets no `--g_balance`), learned or fixed α (`--use_learn_weight`,
+#: `--weight_main_init`), and the gate optimizer group: lr 0.1 / weight decay 0.1 where a script sets them, else the
+#: official trainer's defaults, 5e-5 / 0.0 (CoLA, MNLI). Tasks not listed use the defaults.
 _GLUE_GATE_GROUP = dict(gate_lr=0.1, gate_weight_decay=0.1)
+_TRAINER_GATE_GROUP = dict(gate_lr=5e-5, gate_weight_decay=0.0)
 #: The official code's gate optimizer settings, the defaults of `gate_lr` / `gate_weight_decay` (config layout >= 2):
 #: 0.1 / 0.1 in the GLUE scripts (RoBERTa), 0.01 as the GPT-2 NLG code's default gate lr (no gate weight decay set).
 OFFICIAL_GATE_LR_ENCODER = 0.1
@@ -38,10 +41,12 @@ TASK_PRESETS: dict[str, dict] = {
     "mrpc": dict(shared_gate=True, balance_loss_coef=0.0, learn_alpha=True, **_GLUE_GATE_GROUP),
     "rte": dict(shared_gate=False, balance_loss_coef=0.001, **_GLUE_GATE_GROUP),
     "stsb": dict(shared_gate=False, balance_loss_coef=0.001, **_GLUE_GATE_GROUP),
-    "qnli": dict(gate_type="cosine", gate_proj_dim=96, balance_loss_coef=0.0, **_GLUE_GATE_GROUP),
-    "mnli": dict(gate_type="cosine", gate_proj_dim=416, balance_loss_coef=0.005, **_GLUE_GATE_GROUP),
-    "qqp": dict(gate_type="cosine", gate_proj_dim=384, balance_loss_coef=0.01, **_GLUE_GATE_GROUP),
-    "cola": dict(alpha=0.95, balance_loss_coef=0.01, **_GLUE_GATE_GROUP),
+    "qnli": dict(gate_type="cosine", gate_proj_dim=96, balance_loss_coef=0.0, learn_alpha=True, **_GLUE_GATE_GROUP),
+    "mnli": dict(
+        gate_type="cosine", gate_proj_dim=416, balance_loss_coef=0.005, learn_alpha=True, **_TRAINER_GATE_GROUP
+    ),
+    "qqp": dict(gate_type="cosine", gate_proj_dim=384, balance_loss_coef=0.001, learn_alpha=True, **_GLUE_GATE_GROUP),
+    "cola": dict(alpha=0.95, balance_loss_coef=0.01, **_TRAINER_GATE_GROUP),
 }
 #: The paper's fixed mixing weights: 0.5 on GLUE (encoders), 0.95 for GPT-2 on E2E (a pretrained decoder mixed at
 #: 0.5 in every layer starts far from the base model).
