@@ -146,7 +146,7 @@ class _LearningRates(TrainerCallback):
 
     def __init__(self, trainer):
         self.trainer = trainer
-        self.multipliers, self.rates, self.scheduled = [], [], []
+        self.multipliers, self.rates, self.scheduled, self.router_groups = [], [], [], []
 
     def on_step_begin(self, args, state, control, **kwargs):
         (tuner,) = depth_tuners(self.trainer.model)
@@ -158,6 +158,10 @@ class _LearningRates(TrainerCallback):
         named = [(i, g["name"]) for i, g in enumerate(groups) if str(g.get("name", "")).startswith("dlo_layer_")]
         self.rates.append({name: groups[i]["lr"] for i, name in named})
         self.scheduled.append({name: scheduled[i] for i, name in named})
+        (tuner,) = depth_tuners(self.trainer.model)
+        routers = {id(p) for p in tuner.dlo_routers["default"].parameters()}
+        holding = [i for i, g in enumerate(groups) if routers & {id(p) for p in g["params"]}]
+        self.router_groups.append([(groups[i].get("name"), groups[i]["lr"], scheduled[i]) for i in holding])
 
 
 def test_layer_learning_rates_follow_the_capacities_every_step_under_the_lr_schedule(tmp_path):
@@ -168,6 +172,8 @@ def test_layer_learning_rates_follow_the_capacities_every_step_under_the_lr_sche
         capacity_annealing_steps=0,
         capacity_lr_scaling=True,
         min_capacity=0.01,
+        r=2,
+        target_modules=["q_proj"],
     )
     trainer = make_trainer(
         config,
@@ -184,12 +190,18 @@ def test_layer_learning_rates_follow_the_capacities_every_step_under_the_lr_sche
     trainer.add_callback(probe)
     trainer.train()
     (tuner,) = depth_tuners(trainer.model)
+    # every routed layer holds weights that train (a new layer's own, LoRA on an original one); the new layers' norm
+    # weights sit in no-decay groups that ride the same multiplier
+    new = [int(k[1:]) for k, kind in _layer_kinds(tuner) if kind == "new"]
     names = {f"dlo_layer_{int(k[1:])}" for k in tuner.dlo_routers["default"]}
-    # the new layers' norm weights sit in no-decay groups that ride the same multiplier
-    names |= {f"dlo_layer_{int(k[1:])}_no_decay" for k, kind in _layer_kinds(tuner) if kind == "new"}
+    names |= {f"dlo_layer_{p}_no_decay" for p in new}
     assert len(probe.rates) == 5 and all(set(r) == names for r in probe.rates)
+    # the routers train at the scheduled rate, in the trainer's own groups (the official trainer's static groups)
+    for router_groups in probe.router_groups:
+        assert router_groups and all(not str(name).startswith("dlo_layer_") for name, _, _ in router_groups)
+        assert all(lr == scheduled for _, lr, scheduled in router_groups)
     # the scheduler is active (warmup, then linear decay): each layer's rate is the scheduled rate x its multiplier
-    assert len({round(s["dlo_layer_0"], 12) for s in probe.scheduled}) == 5
+    assert len({round(s[f"dlo_layer_{new[0]}"], 12) for s in probe.scheduled}) == 5
     for multipliers, rates, scheduled in zip(probe.multipliers, probe.rates, probe.scheduled):
         for name in names:
             assert rates[name] == pytest.approx(scheduled[name] * multipliers[name], rel=1e-12)
@@ -403,7 +415,8 @@ def test_capacity_lr_groups_hold_what_trains_on_a_routed_original_layer():
     groups = {g["name"]: g for g in model.base_model.depth_optimizer_groups(1e-3, 0.0)}
     names = {id(p): n for n, p in model.named_parameters()}
     in_layer_1 = {names[id(p)] for p in groups["dlo_layer_1"]["params"]}
-    assert "base_model.dlo_routers.default.l1.weight" in in_layer_1
+    # not the router: the official trainer leaves `model.routers.{i}` at the scheduled rate
+    assert not any("dlo_routers" in n for g in groups.values() for n in (names[id(p)] for p in g["params"]))
     assert {n for n in in_layer_1 if ".layers.1." in n} == {
         n for n, p in model.named_parameters() if p.requires_grad and ".layers.1." in n
     }

@@ -265,8 +265,9 @@ class DLOConfig(LoraFieldsConfig):
     capacity_lr_scaling: bool = field(
         default=False,
         metadata={
-            "help": "The official 'dynamic LR': the trainable weights of each routed layer (its router, a new "
-            "layer's weights, the LoRA and trained copies on an original layer) train at the scheduled learning "
+            "help": "The official 'dynamic LR': the trainable weights of each routed layer (a new layer's weights, "
+            "the LoRA and trained copies on an original layer; not its router, as in the official trainer) train at "
+            "the scheduled learning "
             "rate × (capacity_l + 1 − mean capacity), recomputed every optimizer step from the capacities the layer "
             "runs at (they change with annealing and with cos_global). Needs DepthSFTTrainer, which puts each layer "
             "in an optimizer group of its own and applies the multiplier on top of its LR scheduler before every "

@@ -54,16 +54,18 @@ class CapacityLearningRates:
         return adapter_name if config.capacity_lr_scaling and config.routed_layers != "none" else None
 
     def dlo_layer_parameters(self, adapter_name: str, position: int) -> list[nn.Parameter]:
-        """The trainable weights of the layer at ``position``: its router and, for a new layer, its weights (or
-        their LoRA); for an original layer, what trains on it (LoRA, ``trained_original_modules`` copies)."""
-        params = list(self.dlo_routers[adapter_name][f"l{position}"].parameters())
+        """The trainable weights of the layer at ``position``: for a new layer, its weights (or their LoRA); for an
+        original layer, what trains on it (LoRA, ``trained_original_modules`` copies).
+
+        Not its router: the official trainer scales the groups of parameters named ``layers.{i}.``, and the routers
+        (``model.routers.{i}``) sit in its static groups, at the scheduled rate."""
         kind, source = self._dlo["layouts"][adapter_name][position]
         layer = (
             self.dlo_new_layers[adapter_name][f"new{position}"]
             if kind == "new"
             else self._dlo["rewiring"].original_blocks[source]
         )
-        return params + [p for p in layer.parameters() if p.requires_grad]
+        return [p for p in layer.parameters() if p.requires_grad]
 
     def depth_optimizer_groups(self, base_lr: float, weight_decay: float) -> list[dict[str, Any]]:
         """With ``capacity_lr_scaling``: per routed layer (``dlo_layer_parameters``) a group of its weights at
