@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 from tiny_models import batch, tiny_llama
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -282,6 +283,14 @@ def test_merging_into_a_quantized_base_is_refused_and_changes_nothing(bases, tmp
         with pytest.raises(ValueError, match="quantized by bitsandbytes") as error:
             merge()
         assert "bf16 or fp32" in str(error.value)
+    # ... and so is a tuner layer's own `merge()` (peft's per-layer API): it wrote into bitsandbytes storage, which
+    # dropped the update on 8-bit while counting the layer as merged
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and hasattr(m, "get_delta_weight")]
+    assert layers
+    for layer in layers:
+        with pytest.raises(ValueError, match="quantized by bitsandbytes"):
+            layer.merge()
+        assert not layer.merged
     assert quantized_linears(model) == quantized
     assert torch.equal(logits(model, inputs), before)
     # the way out the error names: the same adapter on the full-precision base merges exactly

@@ -14,6 +14,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .low_rank import init_low_rank, linear_features, low_rank_delta
+from .quantization import check_merge_into_quantized
 
 __all__ = ["DepthLoraLayer", "DepthLoraLinear", "WeightDeltaMerge", "storage_layout"]
 
@@ -27,6 +28,10 @@ class WeightDeltaMerge:
     """``merge`` / ``unmerge`` for a tuner layer whose adapter is a fixed weight delta (``get_delta_weight``)."""
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        # The model-level merges refuse quantized bases; a layer's own merge must too: adding a float delta to
+        # bitsandbytes storage truncates it to 0 on 8-bit (the layer would count as merged and stop adapting) and
+        # does not fit the packed 4-bit layout.
+        check_merge_into_quantized(self, f"The adapter of this {type(self).__name__}")
         for adapter_name in check_adapters_to_merge(self, adapter_names):
             if adapter_name not in getattr(self, self.adapter_layer_names[0]):
                 continue
