@@ -534,6 +534,11 @@ def test_lora_new_layers_and_lora_on_originals(tmp_path):
     assert all(("lora_" in k) or ("dlo_routers" in k) for k in saved)
     loaded = PeftModel.from_pretrained(clone_model(base), tmp_path)
     torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
+    # also where peft builds the adapter on the meta device and assigns the loaded tensors (the new layers' LoRA
+    # weights could not be moved off meta)
+    loaded = PeftModel.from_pretrained(clone_model(base), tmp_path, low_cpu_mem_usage=True)
+    torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
+    assert not any(p.is_meta for p in loaded.parameters())
     only_new = dlo(clone_model(base), r=4, new_layer_training="lora", lora_on_original_layers=False)
     assert not any(".layers." in n and "lora_" in n for n, _ in only_new.named_parameters())
 

@@ -221,7 +221,10 @@ def _wrap_new_layer_lora(layer: nn.Module, config: DLOConfig) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = layer.get_submodule(parent_name) if parent_name else layer
         wrapped = NewLayerLoraLinear(module, config.r, config.lora_alpha, config.lora_dropout)
-        wrapped.to(module.weight.device)
+        # Under peft's `low_cpu_mem_usage` load the new LoRA weights are created on the meta device and the loaded
+        # tensors are assigned to them afterwards; there is nothing to move (and meta tensors cannot be copied).
+        if not any(param.is_meta for param in wrapped.parameters()):
+            wrapped.to(module.weight.device)
         setattr(parent, child, wrapped)
 
 
