@@ -640,3 +640,64 @@ def test_attention_maps_are_one_per_layer_from_its_own_pass(routing):
     for own, base_map in zip(mine.attentions, theirs.attentions, strict=True):
         torch.testing.assert_close(own, base_map, rtol=0, atol=0)
     assert not torch.equal(mine.logits, theirs.logits)  # the last layer did mix with another layer
+
+
+def _alpha_gradients(shared_alpha: bool):
+    torch.manual_seed(0)
+    model = molex(
+        tiny_llama(),
+        molex_layers=[0, 1, 2],
+        learn_alpha=True,
+        shared_alpha=shared_alpha,
+        routing="token",
+        lora_dropout=0.0,
+        init_lora_weights=False,
+    )
+    inputs = batch()
+    out = model(**inputs, labels=inputs["input_ids"])
+    out.loss.backward()
+    weights = model.base_model.molex_alpha["default"].weights
+    return out.loss.detach(), {key: param.grad.clone() for key, param in weights.items()}
+
+
+def test_a_shared_gate_learns_one_alpha_for_all_layers_as_the_official_encoder():
+    """The official encoder holds one weight_main/weight_other pair when the gate is shared: its gradient is the sum
+    of what per-layer pairs, starting at the same value, would get."""
+    assert MoLExConfig(learn_alpha=True).shared_alpha is True
+    assert MoLExConfig(learn_alpha=True, shared_gate=False).shared_alpha is False
+    shared_loss, shared = _alpha_gradients(shared_alpha=True)
+    per_layer_loss, per_layer = _alpha_gradients(shared_alpha=False)
+    assert list(shared) == ["shared"] and sorted(per_layer) == ["layer0", "layer1", "layer2"]
+    assert torch.equal(shared_loss, per_layer_loss)  # the same α everywhere at the start
+    total = sum(per_layer.values())
+    assert total.abs().max() > 0
+    torch.testing.assert_close(shared["shared"], total, rtol=1e-5, atol=1e-7)
+
+
+def test_shared_alpha_follows_a_gate_changed_after_the_config_was_built():
+    config = MoLExConfig(task_type="CAUSAL_LM", learn_alpha=True, molex_layers=[0, 1])
+    config.shared_gate = False
+    model = get_peft_model(tiny_llama(), config)
+    assert sorted(model.base_model.molex_alpha["default"].weights) == ["layer0", "layer1"]
+    assert model.peft_config["default"].shared_alpha is False
+
+
+def test_an_adapter_saved_before_shared_alpha_keeps_one_alpha_per_layer(tmp_path):
+    import json
+
+    base = tiny_llama()
+    model = molex(clone_model(base), molex_layers=[0, 1], learn_alpha=True, shared_alpha=False)
+    with torch.no_grad():
+        for i, param in enumerate(model.base_model.molex_alpha["default"].weights.values()):
+            param.add_(0.3 * (i + 1))
+    inputs = batch()
+    expected = logits(model.eval(), inputs)
+    model.save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    del saved["shared_alpha"]  # as layout 4 wrote it
+    saved["peft_depth_version"] = 4
+    config_file.write_text(json.dumps(saved))
+    loaded = PeftModel.from_pretrained(clone_model(base), tmp_path)
+    assert loaded.peft_config["default"].shared_alpha is False
+    torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)

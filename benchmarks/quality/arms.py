@@ -92,6 +92,12 @@ def _molex_arm(lr_grid: tuple[float, ...]) -> Arm:
 MOLA_SWEEP_DROPOUT = "shared"
 
 
+#: MoLEx's learned α in the sweep: one per layer, what the ledger's MoLEx runs trained with (the package's only
+#: behaviour before `peft_depth_version` 5, which shares one α when the gate is shared, as the official encoder does).
+#: It matters for the arms that learn α (MiniLM MRPC, through the official preset); kept so the runs pair up.
+MOLEX_SWEEP_SHARED_ALPHA = False
+
+
 def _causal_arms() -> list[Arm]:
     method_grid = (3e-4, 1e-3)
     return [
@@ -259,6 +265,8 @@ def build_config(arm: Arm, spec: ModelSpec, task: str | None = None, steps: int 
         common = {k: v for k, v in common.items() if k in ("task_type",)}  # MoD alone: no LoRA at all
     if arm.method == "molex" and not causal:
         options = {**_molex_task_preset(task), **options}
+    if arm.method == "molex":
+        options.setdefault("shared_alpha", MOLEX_SWEEP_SHARED_ALPHA)
     if CAPACITY_ANNEALING_FRACTION in options:
         options["capacity_annealing_steps"] = max(1, round(options.pop(CAPACITY_ANNEALING_FRACTION) * steps))
     return builders[arm.method](**common, **options)

@@ -127,8 +127,17 @@ class MoLExConfig(LoraFieldsConfig):
     learn_alpha: bool = field(
         default=False,
         metadata={
-            "help": "Learn α per MoLEx layer as softmax(w_own, w_other), initialised to give `alpha` (the official "
-            "`use_learn_weight`)."
+            "help": "Learn α as softmax(w_own, w_other), initialised to give `alpha` (the official "
+            "`use_learn_weight`); one pair of weights for all MoLEx layers or one per layer (`shared_alpha`)."
+        },
+    )
+    shared_alpha: bool | None = field(
+        default=None,
+        metadata={
+            "help": "With `learn_alpha`: one learned α for all MoLEx layers (True) or one per layer (False). None "
+            "(default): as the gate, `shared_gate` - the official encoder holds one `weight_main`/`weight_other` pair "
+            "when the gate is shared and one per layer with `--use_indv_gate`. Configs saved with "
+            "`peft_depth_version` <= 4 learned one α per layer and keep it."
         },
     )
     learned_alpha_start: str = field(
@@ -215,7 +224,11 @@ class MoLExConfig(LoraFieldsConfig):
         check_loss_coef("balance_loss_coef", self.balance_loss_coef)
         if self.alpha is not None:
             check_probability("alpha", self.alpha, allow_zero=False, allow_one=False)
-        for name in ("learn_alpha", "shared_gate", "straight_through_gate"):
+        self._shared_alpha_defaulted = self.shared_alpha is None or getattr(self, "_shared_alpha_defaulted", False)
+        if self.shared_alpha is None:
+            # Made explicit, so that the saved config says what was trained whatever a later default is.
+            self.shared_alpha = self.shared_gate if self.peft_depth_version >= 5 else False
+        for name in ("learn_alpha", "shared_gate", "shared_alpha", "straight_through_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         if self.gate_lr is not None:
@@ -224,6 +237,11 @@ class MoLExConfig(LoraFieldsConfig):
             check_non_negative_number("gate_weight_decay", self.gate_weight_decay)
         self.molex_layers = _check_layer_list("molex_layers", self.molex_layers)
         self.expert_layers = _check_layer_list("expert_layers", self.expert_layers)
+
+    def _refresh_defaults(self) -> None:
+        # a defaulted `shared_alpha` follows the current `shared_gate` when the config is checked again
+        if getattr(self, "_shared_alpha_defaulted", False):
+            self.shared_alpha = None
 
     def resolve_layers(self, num_layers: int, *, causal: bool) -> tuple[list[int], list[int]]:
         """``(molex_layers, expert_layers)`` for a stack of ``num_layers`` blocks; ValueError if out of range."""

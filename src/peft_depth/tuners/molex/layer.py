@@ -64,17 +64,21 @@ def build_gate(gate_type: str, hidden_size: int, num_layers: int, proj_dim: int)
 
 
 class MoLExAlpha(nn.Module):
-    """Learned α per MoLEx layer: ``α_i = softmax(w_i)[0]`` over ``w_i = (w_own, w_other)``.
+    """Learned α: ``α = softmax(w)[0]`` over ``w = (w_own, w_other)``, one pair per MoLEx layer or one shared by all.
 
     Initialised to ``(log α0, log(1 − α0))`` so that training starts at the fixed default α0 (the official code starts
-    both weights at 0.5, i.e. α0 = 0.5).
+    both weights at 0.5, i.e. α0 = 0.5). ``shared``: one pair under ``SHARED_GATE_KEY``, as the official encoder holds
+    one ``weight_main``/``weight_other`` pair for all layers when the gate is shared.
     """
 
-    def __init__(self, layer_indices: list[int], alpha: float) -> None:
+    def __init__(self, layer_indices: list[int], alpha: float, *, shared: bool = False) -> None:
         super().__init__()
         init = torch.tensor([math.log(alpha), math.log(1.0 - alpha)])
-        self.weights = nn.ParameterDict({layer_key(i): nn.Parameter(init.clone()) for i in layer_indices})
+        keys = [SHARED_GATE_KEY] if shared else [layer_key(i) for i in layer_indices]
+        self.weights = nn.ParameterDict({key: nn.Parameter(init.clone()) for key in keys})
+        self.shared = shared
 
     def forward(self, index: int) -> torch.Tensor:
         """α of block ``index`` as a float32 scalar tensor (differentiable)."""
-        return torch.softmax(self.weights[layer_key(index)].float(), dim=-1)[0]
+        key = SHARED_GATE_KEY if self.shared else layer_key(index)
+        return torch.softmax(self.weights[key].float(), dim=-1)[0]

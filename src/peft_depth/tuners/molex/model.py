@@ -154,7 +154,7 @@ class MoLExModel(MoLExMixing, MoLExStatistics, DepthTuner):
         )
         self.ensure_tuner_module_dict("molex_gate")[adapter_name] = _placed(gates, reference, self.model.training)
         if config.learn_alpha:
-            alpha = MoLExAlpha(plan.molex_layers, plan.alpha)
+            alpha = MoLExAlpha(plan.molex_layers, plan.alpha, shared=config.shared_alpha)
             self.ensure_tuner_module_dict("molex_alpha")[adapter_name] = _placed(alpha, reference, self.model.training)
         # an added adapter trains only once it is activated
         trainable = adapter_name in self.active_adapters and not config.inference_mode
