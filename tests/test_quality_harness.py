@@ -338,24 +338,48 @@ def test_a_group_claimed_by_a_live_process_is_left_to_it_and_taken_over_once_it_
     spec = resolve_model(str(tiny_causal))
     suite = lora_suite(tiny_causal, choice_task)
     claims = claims_folder(ledger_path("tiny", tmp_path))
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    with claim_group(claims, choice_task, BASELINE) as claimed:
+        assert claimed  # free: this process claims it
+        (claims_file,) = [p for p in claims.iterdir() if not p.name.startswith(".")]
+        assert claims_file.read_text() == str(os.getpid())
+    assert not any(p for p in claims.iterdir() if not p.name.startswith("."))  # released after the block
+    # another live sweep process holds the LoRA group (it claims it the way a sweep does, then waits)
+    holder = (
+        f"import sys, time; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); from pathlib import Path; "
+        "from quality.claims import claim_group\n"
+        f"with claim_group(Path({str(claims)!r}), {choice_task!r}, {BASELINE!r}) as claimed:\n"
+        "    print(claimed, flush=True); time.sleep(120)"
+    )
+    other = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
     try:
-        with claim_group(claims, choice_task, BASELINE) as claimed:
-            assert claimed  # free: this process claims it
-            (claims_file,) = [p for p in claims.iterdir() if not p.name.startswith(".")]
-            assert claims_file.read_text() == str(os.getpid())
-        assert not any(p for p in claims.iterdir() if not p.name.startswith("."))  # released after the block
-        claims_file.write_text(str(other.pid))  # another live sweep process holds the LoRA group
+        assert other.stdout.readline().strip() == "True"
         assert list(run_suite(suite, spec, tmp_path, None, only=ONLY_LORA, progress=False)) == []
         with claim_group(claims, choice_task, BASELINE) as claimed:
             assert not claimed
     finally:
         other.kill()
         other.wait()
-    # its process is gone (killed mid-group): the group is taken over and finished
+    # its process is gone (killed mid-group, its claim file left behind): the group is taken over and finished
+    assert claims_file.exists()
     records = list(run_suite(suite, spec, tmp_path, None, only=ONLY_LORA, progress=False))
     assert len(records) == 4 and {r["arm"] for r in records} == {BASELINE}
     assert not claims_file.exists()
+
+
+def test_a_claim_left_by_a_killed_process_is_taken_over_even_when_its_pid_is_in_use_again(tmp_path):
+    """A claim file naming a live process that does not hold it (the id was reused after the claimer died)."""
+    claims = tmp_path / ".claims"
+    with claim_group(claims, "t", "a") as claimed:
+        assert claimed
+    unrelated = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (claims / "t--a").write_text(str(unrelated.pid))
+        with claim_group(claims, "t", "a") as claimed:
+            assert claimed
+            assert (claims / "t--a").read_text() == str(os.getpid())
+    finally:
+        unrelated.kill()
+        unrelated.wait()
 
 
 def test_rerun_skips_finished_runs_and_adds_only_new_seeds(tiny_causal, choice_task, tmp_path):
@@ -575,6 +599,22 @@ def test_report_interval_and_detectable_effect_match_a_hand_computation(tmp_path
     assert "| 9.3 |" in markdown
     path = write_report(records, "synthetic", tmp_path)
     assert path.read_text().startswith("# Quality comparison") and (tmp_path / "synthetic.png").stat().st_size > 1000
+
+
+def test_a_report_pairs_only_the_runs_its_suite_asks_for_now(tmp_path):
+    """A smoke run (other steps) written to the suite's ledger after the real runs must not stand in for one."""
+    records = synthetic_records({"lora": [0.70, 0.72, 0.71], "mola": [0.72, 0.77, 0.79]})
+    for record in records:
+        record["run_key"] = f"{record['arm']}-{record['seed']}"
+    current = {r["run_key"] for r in records}
+    smoke = {**records[3], "run_key": "smoke", "steps": 8, "accuracy": 0.99}  # mola, seed 0, later in the ledger
+    text = write_report([*records, smoke], "synthetic", tmp_path, run_keys=current).read_text()
+    mola_line = next(line for line in text.splitlines() if line.startswith("| mola"))
+    assert "0.7600 ± 0.0361" in mola_line and "(+2.0, +5.0, +8.0)" in mola_line
+    assert "1 test record(s) of runs this suite no longer asks for" in text and "8 steps" not in text
+    # without the suite's run keys the smoke run replaces seed 0 (what every report did before)
+    unfiltered = write_report([*records, smoke], "synthetic", tmp_path).read_text()
+    assert "(+29.0, +5.0, +8.0)" in unfiltered
 
 
 def test_only_seeds_trained_and_scored_on_the_same_kind_of_device_are_paired():
@@ -871,9 +911,15 @@ def test_an_indicative_suite_borrows_the_rate_best_on_average_over_every_task_of
         for task, accuracies in (("boolq", (0.70, 0.68, 0.50)), ("piqa", (0.50, 0.68, 0.70)))
         for lr, accuracy in zip(arm.lr_grid, accuracies, strict=True)
     ]
-    assert borrowed_lr(suite, arm, records) == mid
+    keys = {r["run_key"] for r in records}
+    assert borrowed_lr(suite, arm, records, keys) == mid
     # a dev record of another recipe (fp32, the suite is bf16-mixed) never counts
-    assert borrowed_lr(suite, arm, [*records, _borrowed_dev_record(arm, "piqa", low, 1.0, "fp32")]) == mid
+    fp32 = _borrowed_dev_record(arm, "piqa", low, 1.0, "fp32")
+    assert borrowed_lr(suite, arm, [*records, fp32], keys | {fp32["run_key"]}) == mid
+    # nor one of a run the source suite does not ask for (a 2-step smoke run written to its ledger)
+    smoke = {**_borrowed_dev_record(arm, "boolq", high, 1.0), "run_key": "smoke"}
+    assert borrowed_lr(suite, arm, [*records, smoke], keys) == mid
+    assert borrowed_lr(suite, arm, [*records, smoke], keys | {"smoke"}) == high  # (it would have counted)
 
 
 def test_an_indicative_suite_refuses_a_source_whose_dev_phase_is_unfinished():
@@ -886,10 +932,10 @@ def test_an_indicative_suite_refuses_a_source_whose_dev_phase_is_unfinished():
     with pytest.raises(
         ValueError, match=r"boolq lr \[0\.0003, 0\.001, 0\.003\]; run `quality.py run --suite smollm2-main`"
     ):
-        borrowed_lr(suite, arm, piqa_only)
+        borrowed_lr(suite, arm, piqa_only, {r["run_key"] for r in piqa_only})
     one_missing = piqa_only + [_borrowed_dev_record(arm, "boolq", lr, 0.6) for lr in arm.lr_grid[:2]]
     with pytest.raises(ValueError, match=r"no bf16-mixed dev result at boolq lr \[0\.003\];"):
-        borrowed_lr(suite, arm, one_missing)
+        borrowed_lr(suite, arm, one_missing, {r["run_key"] for r in one_missing})
 
 
 def test_an_indicative_sweep_with_an_unfinished_source_stops_before_any_run(tiny_causal, choice_task, tmp_path):

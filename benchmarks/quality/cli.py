@@ -259,6 +259,16 @@ def _inference_flops(args) -> int:
     return 0
 
 
+def suite_run_keys(suite, records: list[dict], results_dir: Path) -> set[str]:
+    """``sweep.current_run_keys`` of ``suite`` (an indicative suite's rates come from its source suite's ledger)."""
+    from .ledger import read_records
+    from .models import resolve_model
+    from .sweep import current_run_keys, ledger_path
+
+    lr_from = read_records(ledger_path(suite.lr_from, results_dir)) if suite.indicative else None
+    return current_run_keys(suite, resolve_model(suite.model), records, lr_from)
+
+
 def _report(args) -> int:
     from .ledger import read_records
     from .report import write_report
@@ -266,7 +276,10 @@ def _report(args) -> int:
 
     scorer = args.scorer or (SUITES[args.suite].test_scorer if args.suite in SUITES else None)
     records = read_records(ledger_path(args.suite, Path(args.results_dir)))
-    path = write_report(records, args.suite, args.results_dir, scorer)
+    run_keys = None
+    if args.suite in SUITES:
+        run_keys = suite_run_keys(SUITES[args.suite], records, Path(args.results_dir))
+    path = write_report(records, args.suite, args.results_dir, scorer, run_keys)
     print(f"wrote {path}")
     return 0
 
@@ -275,7 +288,8 @@ def _verdicts(args) -> int:
     from .sweep import SUITES
     from .verdicts import write_verdicts
 
-    path = write_verdicts(args.results_dir, SUITES)
+    results_dir = Path(args.results_dir)
+    path = write_verdicts(results_dir, SUITES, lambda suite, records: suite_run_keys(suite, records, results_dir))
     print(f"wrote {path}")
     return 0
 

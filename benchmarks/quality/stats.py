@@ -11,8 +11,9 @@ time when there is no effect at all (2 in 8 by construction; simulations of pure
 detected from one run).
 
 Smallest detectable effect (two-sided α = 0.05, power 0.80): (t_{0.975, n−1} + t_{0.80, n−1}) · SE, the t-test's
-counterpart of the normal (z_{0.975} + z_{0.80}) · SE (= 2.80 · SE, which it approaches with many seeds: 6.0 · SE
-with 3 seeds). The interval covers seed-to-seed variation only; the test set is fixed, so its sampling noise (about
+counterpart of the normal (z_{0.975} + z_{0.80}) · SE (= 2.80 · SE, which it approaches with many seeds: 5.36 · SE
+with 3 seeds, 3.72 · SE with 5). It is the usual approximation: the exact noncentral t gives power 0.77 (3 seeds)
+and 0.79 (5) at that effect. The interval covers seed-to-seed variation only; the test set is fixed, so its sampling noise (about
 √(p(1−p)/n_test) per accuracy, less for a paired difference) is not in it.
 """
 

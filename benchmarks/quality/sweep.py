@@ -26,7 +26,7 @@ from typing import Any
 
 from .arms import Arm
 from .budget import task_arms
-from .claims import claim_group, claims_folder
+from .claims import claim_group, claim_holder, claims_folder
 from .data import TaskSplits, load_splits
 from .isolation import CodeSnapshot, execute_in_child
 from .ledger import finished_keys, read_records
@@ -36,11 +36,13 @@ from .runner import LM_EVAL, OURS, RunRequest, execute
 from .train_causal import RunSettings
 
 __all__ = [
+    "current_run_keys",
     "Suite",
     "SUITES",
     "ledger_path",
     "choose_lr",
     "borrowed_lr",
+    "source_dev_keys",
     "dev_requests",
     "test_requests",
     "run_suite",
@@ -179,15 +181,26 @@ def _lr_for(
     if not suite.indicative:
         keys = {request.run_key for request in dev_requests(suite, spec, task, splits, [arm])}
         return choose_lr(arm, _dev_scores(records, task, keys).get((task, arm.name), {}))
-    return borrowed_lr(suite, arm, lr_from)
+    return borrowed_lr(suite, arm, lr_from, source_dev_keys(suite, spec, arm))
 
 
-def borrowed_lr(suite: Suite, arm: Arm, lr_from: list[dict[str, Any]]) -> float:
+def source_dev_keys(suite: Suite, spec: ModelSpec, arm: Arm, splits_of=load_splits) -> set[str]:
+    """Run keys of the dev runs of ``arm`` that the suite named in ``suite.lr_from`` asks for now, on every task."""
+    source = SUITES[suite.lr_from]
+    keys: set[str] = set()
+    for task in source.tasks:
+        source_arms = [a for a in task_arms(spec, task, (arm.name,))[0] if a.name == arm.name]
+        keys |= {r.run_key for r in dev_requests(source, spec, task, splits_of(task), source_arms)}
+    return keys
+
+
+def borrowed_lr(suite: Suite, arm: Arm, lr_from: list[dict[str, Any]], source_keys: set[str]) -> float:
     """An indicative suite's learning rate for ``arm``: the grid value with the best dev accuracy averaged over every
-    task of the suite named in ``suite.lr_from`` (``lr_from``: that suite's records)."""
+    task of the suite named in ``suite.lr_from`` (``lr_from``: that suite's records; ``source_keys``: the run keys of
+    its current dev runs, ``source_dev_keys``, so a smoke run or an older recipe in its ledger never counts)."""
     source = SUITES[suite.lr_from]
     same_recipe = [r for r in lr_from if r.get("precision", "fp32") == suite.settings.precision]
-    scores = _dev_scores(same_recipe)
+    scores = _dev_scores(same_recipe, run_keys=source_keys)
     # Every task of the source suite at every grid value: averaging over the tasks that happen to be done would give
     # a rate that changes once the source suite finishes, with nothing in the record to say so.
     missing = {
@@ -247,6 +260,34 @@ def shard_of_arms(arms: list[Arm], count: int, runs_of: Callable[[Arm], int]) ->
     return shard_by_name
 
 
+def current_run_keys(
+    suite: Suite,
+    spec: ModelSpec,
+    records: list[dict[str, Any]],
+    lr_from: list[dict[str, Any]] | None = None,
+    splits_of=load_splits,
+) -> set[str]:
+    """Run keys of every training run ``suite`` asks for now (diagnostic arms included): its dev runs, and the test
+    runs of every arm whose dev phase has chosen a learning rate. A report or a verdict pairs only these records, so
+    a record of another recipe (a smoke run with other steps or another model, or an older config default left in
+    the ledger while a resumed sweep redoes the arms one by one) is never paired with one of the current recipe."""
+    from .arms import arms_for
+
+    every_arm = tuple(arm.name for arm in arms_for(spec))
+    keys: set[str] = set()
+    for task in suite.tasks:
+        arms, _ = task_arms(spec, task, every_arm)
+        splits = splits_of(task)
+        for arm in arms:
+            keys |= {request.run_key for request in dev_requests(suite, spec, task, splits, [arm])}
+            try:
+                tests = test_requests(suite, spec, task, splits, [arm], records, lr_from)
+            except ValueError:  # its dev phase is unfinished: it has no test run yet
+                continue
+            keys |= {request.run_key for request in tests}
+    return keys
+
+
 def run_suite(
     suite: Suite,
     spec: ModelSpec,
@@ -283,7 +324,8 @@ def run_suite(
     if suite.indicative:
         for arms, _ in plans.values():
             for arm in arms:
-                borrowed_lr(suite, arm, lr_from)  # an unfinished source suite stops the sweep before any work
+                # an unfinished source suite stops the sweep before any work
+                borrowed_lr(suite, arm, lr_from, source_dev_keys(suite, spec, arm, splits_of))
     total = sum(runs_of(arm) for arms, _ in plans.values() for arm in arms)
     bar = tqdm(total=total, desc=suite.name, unit="run", disable=not progress)
     claims = claims_folder(ledger)
@@ -298,6 +340,8 @@ def run_suite(
             with claim_group(claims, task, arm.name) as claimed:
                 if not claimed:
                     bar.update(runs_of(arm))  # another process runs it
+                    holder = claim_holder(claims, task, arm.name)
+                    tqdm.write(f"{task} / {arm.name}: left to the sweep process holding its claim (pid {holder})")
                     continue
                 splits = splits or splits_of(task)
                 for phase in ("dev", "test"):

@@ -19,6 +19,7 @@ below chance by the class imbalance (MiniLM on RTE). A row with fewer seeds than
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from .data import majority_rate
 from .inference_cost import inference_ledger_path, with_inference_flops
 from .ledger import read_records
 from .models import resolve_model
-from .report import latest_test_results, summarise
+from .report import latest_test_results, runs_of_the_current_recipe, summarise
 from .stats import PairedSummary, clears_majority
 
 __all__ = [
@@ -217,8 +218,11 @@ def render_verdicts(verdicts: list[Verdict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_verdicts(results_dir: str | Path, suites: dict[str, Any]) -> Path:
-    """Verdicts of every non-indicative suite in ``suites`` (name -> Suite) whose ledger exists, as markdown."""
+def write_verdicts(
+    results_dir: str | Path, suites: dict[str, Any], run_keys_of: Callable[[Any, list], set[str]] | None = None
+) -> Path:
+    """Verdicts of every non-indicative suite in ``suites`` (name -> Suite) whose ledger exists, as markdown.
+    ``run_keys_of(suite, records)``: the training runs the suite asks for now; only their records are judged."""
     from .sweep import ledger_path
 
     verdicts: list[Verdict] = []
@@ -226,9 +230,10 @@ def write_verdicts(results_dir: str | Path, suites: dict[str, Any]) -> Path:
         path = ledger_path(name, Path(results_dir))
         if suite.indicative or not path.is_file():
             continue
-        records = with_inference_flops(
-            read_records(path), read_records(inference_ledger_path(name, Path(results_dir)))
-        )
+        records = read_records(path)
+        if run_keys_of is not None:
+            records, _ = runs_of_the_current_recipe(records, run_keys_of(suite, records))
+        records = with_inference_flops(records, read_records(inference_ledger_path(name, Path(results_dir))))
         majority = {task: majority_rate(task) for task in {r["task"] for r in records}}
         verdicts += suite_verdicts(name, records, len(suite.seeds), majority=majority, scorer=suite.test_scorer)
     output = Path(results_dir) / "verdicts.md"
