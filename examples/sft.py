@@ -226,7 +226,6 @@ def build_peft_config(method_args: MethodArguments, model_args: ModelConfig):
 
 def _given_method_options(method_args: MethodArguments) -> dict[str, Any]:
     """The method options set on the command line (or in --config), parsed."""
-    method = method_args.peft_method
     given: dict[str, Any] = {}
     for f in fields(MethodArguments):
         if f.name in ("peft_method", "adapter_kwargs"):
