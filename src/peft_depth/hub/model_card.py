@@ -18,6 +18,8 @@ from typing import Any
 
 import jinja2
 from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
 from ..core.config import DepthPeftConfig
@@ -44,7 +46,31 @@ PLOTS_FOLDER = "plots"
 TEMPLATES_ENV = "PEFT_DEPTH_MODEL_CARDS"
 _DEFAULT_LICENSE = "other"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: peft's tag naming the base model (``base_model:adapter:<name_or_path>``); the Hub reads it as ``base_model`` does.
+_ADAPTER_TAG = "base_model:adapter:"
+#: The description transformers' ``push_to_hub`` puts into the card of a repo that has none.
+_TRANSFORMERS_DESCRIPTION = (
+    "This is the model card of a 🤗 transformers model that has been pushed on the Hub. This model card has been "
+    "automatically generated."
+)
+#: What huggingface_hub's card template shows in a section nobody filled in.
+_PLACEHOLDER = "[More Information Needed]"
+#: What peft's ``create_or_update_model_card`` adds to every card: its version, and a quantized base's config.
+_PEFT_ADDITIONS = re.compile(
+    r"^### Framework versions$|^- PEFT .*$|^## Training procedure$"
+    r"|^The following `bitsandbytes` quantization config was used during training:$(\n- .*$)*",
+    re.M,
+)
+_HTML_COMMENT = re.compile(r"<!--.*?-->", re.S)
+#: task_type -> (peft's AutoPeftModel class, the transformers auto class it loads the base model with)
+_AUTO_CLASSES = {
+    "CAUSAL_LM": ("AutoPeftModelForCausalLM", "AutoModelForCausalLM"),
+    "SEQ_CLS": ("AutoPeftModelForSequenceClassification", "AutoModelForSequenceClassification"),
+    "SEQ_2_SEQ_LM": ("AutoPeftModelForSeq2SeqLM", "AutoModelForSeq2SeqLM"),
+    "TOKEN_CLS": ("AutoPeftModelForTokenClassification", "AutoModelForTokenClassification"),
+    "QUESTION_ANS": ("AutoPeftModelForQuestionAnswering", "AutoModelForQuestionAnswering"),
+    "FEATURE_EXTRACTION": ("AutoPeftModelForFeatureExtraction", "AutoModel"),
+}
 
 
 def model_cards_dir() -> Path | None:
@@ -128,6 +154,8 @@ def _cell(value: Any) -> str:
     """A value as a markdown table cell: compact, pipes escaped, no newlines."""
     if isinstance(value, (set, frozenset)):
         value = sorted(value)
+    elif isinstance(value, Mapping):  # as adapter_config.json lists them (sort_keys)
+        value = dict(sorted(value.items()))
     if isinstance(value, float):
         text = f"{value:g}"
     else:
@@ -143,6 +171,16 @@ def _json_config(config: DepthPeftConfig) -> dict[str, Any]:
             out[key] = sorted(value)
         elif hasattr(value, "value") and isinstance(value.value, str):  # enums (peft_type, task_type)
             out[key] = value.value
+    return out
+
+
+def _saved_config(config: DepthPeftConfig, facts: Mapping[str, Any]) -> dict[str, Any]:
+    """The config as the save writes it into adapter_config.json: peft's ``save_pretrained`` sets ``inference_mode``
+    for the file, and the save hook records the base model's facts when the config has none."""
+    out = _json_config(config)
+    out["inference_mode"] = True
+    if out.get("base_model_facts") is None and facts:
+        out["base_model_facts"] = dict(facts)
     return out
 
 
@@ -170,7 +208,7 @@ def _adapter_context(model: nn.Module, adapter_name: str) -> dict[str, Any]:
         "name": adapter_name,
         "peft_type": peft_type,
         "method": info,
-        "config": _json_config(config),
+        "config": _saved_config(config, facts),
         "derived": derived,
         "facts": facts,
         "num_parameters": _adapter_parameter_count(model, adapter_name),
@@ -190,15 +228,18 @@ def _plot_files(plots: Mapping[str, str]) -> dict[str, str]:
     return files
 
 
-def _auto_class(task_type: str | None) -> str:
-    return {
-        "CAUSAL_LM": "AutoPeftModelForCausalLM",
-        "SEQ_CLS": "AutoPeftModelForSequenceClassification",
-        "SEQ_2_SEQ_LM": "AutoPeftModelForSeq2SeqLM",
-        "TOKEN_CLS": "AutoPeftModelForTokenClassification",
-        "QUESTION_ANS": "AutoPeftModelForQuestionAnswering",
-        "FEATURE_EXTRACTION": "AutoPeftModelForFeatureExtraction",
-    }.get(task_type or "", "AutoPeftModel")
+def _auto_classes(task_type: str | None, architecture: str | None) -> tuple[str, str]:
+    """The AutoPeftModel class that loads the adapter, and the transformers class that loads its base model.
+
+    The base must be of the recorded architecture (the load refuses another), which a task type's auto class builds;
+    without a task type, the architecture's own class (when transformers has it) is the one that does.
+    """
+    import transformers
+
+    if task_type in _AUTO_CLASSES:
+        return _AUTO_CLASSES[task_type]
+    known = isinstance(architecture, str) and hasattr(transformers, architecture)
+    return "AutoPeftModel", architecture if known else "AutoModel"
 
 
 @functools.lru_cache(maxsize=4)
@@ -218,10 +259,12 @@ def render_model_card(
     *,
     adapter_names: Sequence[str] | None = None,
     repo_id: str | None = None,
+    revision: str | None = None,
     existing: ModelCard | None = None,
 ) -> ModelCard:
     """The card of the peft-depth adapters of ``model`` (the first one leads; others are listed).
 
+    ``revision``: the branch of ``repo_id`` the card goes to (its usage snippets load from it).
     ``existing``: a card whose metadata (tags, pipeline tag, ...) is kept and extended, e.g. the one peft wrote.
     """
     names = [
@@ -240,30 +283,8 @@ def render_model_card(
     info = get_card_info(model)
 
     base_model = model.peft_config[names[0]].base_model_name_or_path
-    data = existing.data.to_dict() if existing is not None else {}
-    tags = list(data.get("tags") or [])
-    for tag in ["peft", "peft-depth", *(a["peft_type"].lower() for a in adapters), *info.get("tags", [])]:
-        if tag not in tags:
-            tags.append(tag)
-    hub_base = (
-        base_model
-        if isinstance(base_model, str) and _REPO_ID.match(base_model) and not os.path.exists(base_model)
-        else None
-    )
-    if hub_base:
-        adapter_tag = f"base_model:adapter:{hub_base}"
-        if adapter_tag not in tags:
-            tags.append(adapter_tag)
-    data.update(library_name="peft", tags=tags, license=info.get("license") or data.get("license") or _DEFAULT_LICENSE)
-    if hub_base:
-        data["base_model"] = hub_base
-    else:
-        data.pop("base_model", None)
-    if info.get("datasets"):
-        data["datasets"] = info["datasets"]
-    if lead["task_type"] == "CAUSAL_LM":
-        data.setdefault("pipeline_tag", "text-generation")
-    card_data = ModelCardData(**data)
+    hub_base = _hub_id(base_model)
+    card_data = ModelCardData(**_card_metadata(existing, adapters, info, hub_base))
 
     import peft
 
@@ -278,6 +299,7 @@ def render_model_card(
         raise FileNotFoundError(
             f"No model-card templates found (set ${TEMPLATES_ENV} to the folder holding peft-depth's model_cards/)."
         )
+    auto_class, base_class = _auto_classes(lead["task_type"], lead["facts"].get("architecture"))
     template_name = f"{lead['peft_type'].lower()}.md"
     if not (templates / template_name).is_file():
         template_name = "_generic.md"
@@ -294,7 +316,9 @@ def render_model_card(
             repo_id=repo_id,
             load_path=repo_id or "path/to/this/adapter",
             load_subfolder=lead["subfolder"],
-            auto_class=_auto_class(lead["task_type"]),
+            load_revision=revision if revision != "main" else None,
+            auto_class=auto_class,
+            base_class=base_class,
             metrics=info.get("metrics") or {},
             plots=plots,
             description=info.get("description"),
@@ -305,29 +329,98 @@ def render_model_card(
     return ModelCard(text)
 
 
+def _hub_id(name: Any) -> str | None:
+    """``name`` if it is a Hub repo id (``org/name``, or one without a namespace such as ``gpt2``, as huggingface_hub
+    validates them) and no local path; None otherwise: the Hub refuses a path as ``base_model``."""
+    if not isinstance(name, str) or os.path.exists(name):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def _names_hub_models(value: Any) -> bool:
+    """Whether a card's ``base_model`` (one id or a list of them) names Hub models only."""
+    values = value if isinstance(value, list) else [value]
+    return bool(values) and all(_hub_id(v) for v in values)
+
+
+@functools.lru_cache(maxsize=1)
+def _method_tags() -> frozenset[str]:
+    """The tag of every registered peft-depth method (its peft type, lower case)."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    return frozenset(
+        str(getattr(peft_type, "value", peft_type)).lower()
+        for peft_type, config_cls in PEFT_TYPE_TO_CONFIG_MAPPING.items()
+        if isinstance(config_cls, type) and issubclass(config_cls, DepthPeftConfig)
+    )
+
+
+def _generated_tag(tag: str) -> bool:
+    """Whether a render (or peft's save) adds ``tag``: the library's, a method's or a base model's. Tags passed to
+    ``set_card_info`` cannot be told from tags added by hand, so both stay."""
+    return tag in ("peft", "peft-depth") or tag in _method_tags() or tag.startswith(_ADAPTER_TAG)
+
+
+def _card_metadata(
+    existing: ModelCard | None, adapters: Sequence[Mapping[str, Any]], info: Mapping[str, Any], hub_base: str | None
+) -> dict[str, Any]:
+    """``existing``'s metadata with the library, methods, license and base model of ``adapters``.
+
+    A user's card keeps what it says, its ``base_model`` too where that names a Hub model. From the package's own
+    card and from the placeholders peft and transformers write, what an earlier render generated goes first: a
+    re-push to a repo names the adapters pushed now, not also the ones it held before.
+    """
+    data = existing.data.to_dict() if existing is not None else {}
+    if existing is None or not _is_user_card(existing):
+        data["tags"] = [tag for tag in data.get("tags") or [] if not _generated_tag(tag)]
+        data.pop("pipeline_tag", None)
+        data.pop("base_model", None)
+    if hub_base:
+        data["base_model"] = hub_base
+    elif not _names_hub_models(data.get("base_model")):
+        data.pop("base_model", None)  # a local path (peft copies the one it loaded the base from): the Hub refuses it
+    # peft tags every card with that path too; a tag naming no Hub model would contradict the metadata
+    tags = [
+        tag for tag in data.get("tags") or [] if not tag.startswith(_ADAPTER_TAG) or _hub_id(tag[len(_ADAPTER_TAG) :])
+    ]
+    new_tags = ["peft", "peft-depth", *(a["peft_type"].lower() for a in adapters), *info.get("tags", [])]
+    for tag in [*new_tags, *([f"{_ADAPTER_TAG}{hub_base}"] if hub_base else [])]:
+        if tag not in tags:
+            tags.append(tag)
+    data.update(library_name="peft", tags=tags, license=info.get("license") or data.get("license") or _DEFAULT_LICENSE)
+    if info.get("datasets"):
+        data["datasets"] = info["datasets"]
+    if adapters[0]["task_type"] == "CAUSAL_LM":
+        data.setdefault("pipeline_tag", "text-generation")
+    return data
+
+
 def write_model_card(
     model: nn.Module,
     save_directory: str | os.PathLike,
     *,
     adapter_names: Sequence[str] | None = None,
     repo_id: str | None = None,
+    revision: str | None = None,
     replace_text: bool = False,
 ) -> ModelCard:
     """Render the card into ``save_directory/README.md`` and copy the plots into ``save_directory/plots/``.
 
-    A README that peft-depth did not write (no marker) is kept; it only gains the library, method and base-model
-    metadata, like peft treats an existing card. ``replace_text=True`` replaces its text and keeps only its metadata
-    (``DepthSFTTrainer`` does this with the card TRL writes before a push).
+    A README someone wrote (not peft-depth's card, nor the placeholder peft or transformers write when there is
+    none) is kept; it only gains the library, method and base-model metadata, like peft treats an existing card.
+    ``replace_text=True`` replaces its text and keeps only its metadata (``DepthSFTTrainer`` does this with the card
+    TRL writes before a push). ``repo_id`` / ``revision``: where the card is pushed, for its usage snippets.
     """
     path = Path(save_directory) / "README.md"
     existing = ModelCard.load(path) if path.is_file() else None
-    foreign = existing is not None and CARD_MARKER not in existing.text and not _is_generated_default(existing)
-    if foreign and not replace_text:
-        rendered = render_model_card(model, adapter_names=adapter_names, repo_id=repo_id, existing=existing)
-        existing.data = rendered.data
+    card = render_model_card(model, adapter_names=adapter_names, repo_id=repo_id, revision=revision, existing=existing)
+    if existing is not None and _is_user_card(existing) and not replace_text:
+        existing.data = card.data
         card = existing
-    else:
-        card = render_model_card(model, adapter_names=adapter_names, repo_id=repo_id, existing=existing)
     plots = get_card_info(model).get("plots", {})
     if plots:
         folder = Path(save_directory) / PLOTS_FOLDER
@@ -339,12 +432,30 @@ def write_model_card(
     return card
 
 
+def _is_user_card(card: ModelCard) -> bool:
+    """A card someone wrote: neither the package's own (with the marker) nor a placeholder of peft or transformers."""
+    return CARD_MARKER not in card.text and not _is_generated_default(card)
+
+
+def _content_lines(text: str) -> list[str]:
+    return [line.strip() for line in _HTML_COMMENT.sub("", text).splitlines() if line.strip()]
+
+
+@functools.lru_cache(maxsize=1)
+def _unfilled_template_lines() -> frozenset[str]:
+    """The lines of huggingface_hub's card template with nothing filled in: peft's card for a folder without one,
+    and, with transformers' one-line description, transformers' card for a repo without one."""
+    unfilled = ModelCard.from_template(ModelCardData(), model_description=_TRANSFORMERS_DESCRIPTION)
+    return frozenset(_content_lines(unfilled.text))
+
+
 def _is_generated_default(card: ModelCard) -> bool:
-    """peft's and transformers' placeholder cards, which a real card replaces."""
-    text = card.text
-    return (
-        "This is the model card of a 🤗 transformers model that has been pushed on the Hub" in text
-        or "<!-- Provide a quick summary of what the model is/does. -->" in text
-        or not text.strip()
-        or text.strip().startswith("### Framework versions")
-    )
+    """A placeholder card peft or transformers wrote when the user gave none, which a real card replaces.
+
+    That is the template's own lines and unfilled sections (plus what peft appends to every card), or no text at
+    all. The template's comments stay when users fill it in (``ModelCard.from_template(data, model_description=...)``),
+    so one line of their own - a filled section, a title, text - makes the card theirs.
+    """
+    template = _unfilled_template_lines()
+    lines = _content_lines(_PEFT_ADDITIONS.sub("", card.text))
+    return all(line in template or _PLACEHOLDER in line for line in lines)

@@ -11,8 +11,8 @@ For peft-depth adapters:
 
 - ``save_pretrained``: refuses ``safe_serialization=False``; records the base model's facts in the config (checked
   on load by ``DepthTuner``); renders the method's model card into README.md.
-- ``_upload_modified_files`` (the last step of ``push_to_hub``): renders the card again, with the repo id, over the
-  generic card transformers put there.
+- ``_upload_modified_files`` (the last step of ``push_to_hub``): renders the card again, with the repo id and
+  revision, over the generic card transformers put there.
 - ``load_peft_weights`` (module function used by ``load_adapter``): reads ``adapter_model.safetensors`` only, after
   validating its header against the file size; ``adapter_model.bin`` is refused.
 - ``load_adapter``: missing or unexpected adapter keys raise ``ValueError`` instead of a warning (a partial load
@@ -134,7 +134,13 @@ def _wrap_upload_modified_files(original: Any) -> Any:
     def _upload_modified_files(self: Any, working_dir: str, repo_id: str, *args: Any, **kwargs: Any) -> Any:
         if isinstance(self, PeftModel) and _depth_adapter_names(self):
             # transformers' push_to_hub saved a generic (or the remote) card over ours; render ours with the repo id.
-            _write_card_or_warn(self, working_dir, adapter_names=_depth_adapter_names(self), repo_id=repo_id)
+            _write_card_or_warn(
+                self,
+                working_dir,
+                adapter_names=_depth_adapter_names(self),
+                repo_id=repo_id,
+                revision=kwargs.get("revision"),  # the branch pushed to: the card's snippets load from it
+            )
         return original(self, working_dir, repo_id, *args, **kwargs)
 
     return _mark(_upload_modified_files)
