@@ -153,7 +153,9 @@ class MoLExConfig(LoraFieldsConfig):
         metadata={
             "help": "'linear': Linear(hidden, L) with bias (official default). 'cosine': project to `gate_proj_dim`, "
             "cosine similarity with L learned expert embeddings times a learnable scale exp(t), t0 = log 2, scale "
-            "clamped at 100 (the official CosineTopKGate)."
+            "clamped at 100 (the official CosineTopKGate, with one difference: each token's projection is "
+            "L2-normalised over its own features; the official code normalises dim=1 of a [batch, seq, proj] tensor, "
+            "i.e. over the sequence, so a token's gate logits depended on the sequence's length and later tokens)."
         },
     )
     gate_proj_dim: int = field(

@@ -38,6 +38,10 @@ class CosineGate(nn.Module):
     """The official ``CosineTopKGate``: cosine similarity between a projection of the token and L expert embeddings.
 
     ``logits = cos(W x + b, e_l) · exp(min(t, log 100))`` with e ~ N(0, 0.01) and t0 = log 2 (learned temperature).
+
+    The projection is normalised per token (``dim=-1``). The official gate receives ``[batch, seq, proj]`` and
+    normalises ``dim=1``, over the sequence: a token's logits then change with the sequence's length and with tokens
+    after it (padding included, and the future in a decoder), which a per-token cosine is not meant to do.
     """
 
     def __init__(self, hidden_size: int, num_layers: int, proj_dim: int) -> None:
