@@ -701,3 +701,52 @@ def test_an_adapter_saved_before_shared_alpha_keeps_one_alpha_per_layer(tmp_path
     loaded = PeftModel.from_pretrained(clone_model(base), tmp_path)
     assert loaded.peft_config["default"].shared_alpha is False
     torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
+
+
+def _layer0_outputs(second_pass: bool, calls: int, train: bool = True):
+    """Layer 0's output over ``calls`` forwards of one input, its gate made to pick layer 0 itself."""
+    torch.manual_seed(0)
+    model = molex(
+        tiny_llama(),
+        molex_layers=[0],
+        alpha=0.5,
+        learn_alpha=True,
+        routing="token",
+        lora_dropout=0.5,
+        init_lora_weights=False,
+        self_choice_second_pass=second_pass,
+    )
+    force_expert(model, 0)
+    model.train(train)
+    inputs = batch()
+    outputs = []
+    for call in range(calls):
+        torch.manual_seed(100 + call)
+        out = model(**inputs, output_hidden_states=True, use_cache=False)
+        outputs.append(out.hidden_states[1])
+    return model, torch.stack(outputs)
+
+
+def test_a_layer_that_chose_itself_runs_twice_in_training_as_the_official_code():
+    """The official code runs the chosen layer as a call of its own: where it is the layer itself, two independent
+    dropout draws are mixed (at α = 0.5 the dropout variance halves) and α gets a gradient."""
+    _, once = _layer0_outputs(second_pass=False, calls=60)
+    model, twice = _layer0_outputs(second_pass=True, calls=60)
+    ratio = float(twice.var(dim=0).mean() / once.var(dim=0).mean())
+    assert 0.4 < ratio < 0.6  # α² + (1 − α)² = 0.5 of one pass's variance
+    assert torch.allclose(twice.mean(dim=0), once.mean(dim=0), atol=3 * float(once.std(dim=0).max()) / 60**0.5)
+    twice[-1].sum().backward()
+    alpha_weights = next(iter(model.base_model.molex_alpha["default"].weights.values()))
+    assert alpha_weights.grad is not None and alpha_weights.grad.abs().max() > 0
+    model, once = _layer0_outputs(second_pass=False, calls=1)
+    once[-1].sum().backward()
+    grad = next(iter(model.base_model.molex_alpha["default"].weights.values())).grad
+    assert grad is None or not grad.any()  # one pass: α·u + (1 − α)·u = u does not depend on α
+
+
+def test_a_second_pass_changes_nothing_in_eval():
+    _, once = _layer0_outputs(second_pass=False, calls=1, train=False)
+    _, twice = _layer0_outputs(second_pass=True, calls=1, train=False)
+    assert torch.equal(once, twice)
+    assert MoLExConfig().self_choice_second_pass is True
+    assert MoLExConfig(peft_depth_version=4).self_choice_second_pass is False

@@ -1019,18 +1019,19 @@ def test_mola_arms_keep_the_ledgers_shared_dropout_and_their_run_keys(tiny_causa
 
 
 def test_molex_arms_keep_the_ledgers_per_layer_alpha_and_their_run_keys(tiny_causal, tiny_encoder, choice_task):
-    """MoLEx's default became one learned α for all layers with a shared gate (the official encoder) after the sweep's
-    MoLEx runs; its arms keep one α per layer, and the field stays out of the key at that value. MRPC's official
-    preset learns α with a shared gate: the one arm where the new default would change the run."""
+    """After the sweep's MoLEx runs, MoLEx's defaults became one learned α for all layers with a shared gate and a
+    second pass of a layer that chose itself (both as the official code); its arms keep what they ran with, and the
+    fields stay out of the key at those values (MRPC's preset learns α with a shared gate)."""
     for model, task in ((tiny_causal, choice_task), (tiny_encoder, "mrpc")):
         spec = resolve_model(str(model))
         splits = load_splits(choice_task)
         for arm in (a for a in arms_for(spec) if a.method == "molex"):
             request = RunRequest("s", spec, task, splits, arm, 1e-3, 0, SETTINGS, "dev")
             config = request.config().to_dict()
-            assert config["shared_alpha"] is False
+            assert config["shared_alpha"] is False and config["self_choice_second_pass"] is False
+            added = ("shared_alpha", "self_choice_second_pass")
             before_the_field = {
-                k: v for k, v in config.items() if k not in runner_module._METADATA_FIELDS and k != "shared_alpha"
+                k: v for k, v in config.items() if k not in runner_module._METADATA_FIELDS and k not in added
             }
             legacy = ledger_module.run_key(
                 {
@@ -1045,8 +1046,9 @@ def test_molex_arms_keep_the_ledgers_per_layer_alpha_and_their_run_keys(tiny_cau
                 }
             )
             assert request.run_key == legacy
-            shared = replace(arm, options={**arm.options, "shared_alpha": True})
-            assert replace(request, arm=shared).run_key != request.run_key
+            for field_name in added:
+                changed = replace(arm, options={**arm.options, field_name: True})
+                assert replace(request, arm=changed).run_key != request.run_key
     from peft_depth import MoLExConfig
 
     assert MoLExConfig.for_task("mrpc").shared_alpha is True  # what the package itself now gives

@@ -96,6 +96,9 @@ MOLA_SWEEP_DROPOUT = "shared"
 #: behaviour before `peft_depth_version` 5, which shares one α when the gate is shared, as the official encoder does).
 #: It matters for the arms that learn α (MiniLM MRPC, through the official preset); kept so the runs pair up.
 MOLEX_SWEEP_SHARED_ALPHA = False
+#: Likewise a layer whose gate picks itself runs once in training (the only behaviour before layout 5, which runs it
+#: a second time with its own dropout draws, as the official code does).
+MOLEX_SWEEP_SECOND_PASS = False
 
 
 def _causal_arms() -> list[Arm]:
@@ -267,6 +270,7 @@ def build_config(arm: Arm, spec: ModelSpec, task: str | None = None, steps: int 
         options = {**_molex_task_preset(task), **options}
     if arm.method == "molex":
         options.setdefault("shared_alpha", MOLEX_SWEEP_SHARED_ALPHA)
+        options.setdefault("self_choice_second_pass", MOLEX_SWEEP_SECOND_PASS)
     if CAPACITY_ANNEALING_FRACTION in options:
         options["capacity_annealing_steps"] = max(1, round(options.pop(CAPACITY_ANNEALING_FRACTION) * steps))
     return builders[arm.method](**common, **options)

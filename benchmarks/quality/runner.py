@@ -56,7 +56,7 @@ _METADATA_FIELDS = (
 
 #: Config fields added after the ledger's first runs, with the value those runs had before the field existed: left out
 #: of the run key at that value, so the runs already done keep their keys (and nothing is trained twice).
-_FIELDS_ADDED_LATER = {"expert_dropout": "shared", "shared_alpha": False}
+_FIELDS_ADDED_LATER = {"expert_dropout": "shared", "shared_alpha": False, "self_choice_second_pass": False}
 
 
 def _key_config(config: dict[str, Any]) -> dict[str, Any]:

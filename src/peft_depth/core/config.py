@@ -27,7 +27,8 @@ __all__ = [
 #: 2: a MoLA config with neither `num_experts` nor `expert_pattern` means the paper's ▽ pattern (8 everywhere in 1).
 #: 3: a DLO config without `routed_layers` routes only the new layers unless its original layers train ('all' in 2).
 #: 4: a MoLA config without `expert_dropout` draws a dropout mask per selected expert ('shared' before).
-#: 5: a MoLEx config without `shared_alpha` learns one α for all layers when its gate is shared (one per layer before).
+#: 5: a MoLEx config without `shared_alpha` learns one α for all layers when its gate is shared (one per layer before),
+#:    and without `self_choice_second_pass` runs a layer that chose itself twice in training (once before).
 CONFIG_FORMAT_VERSION = 5
 #: Allowed values of ``nonfinite_routing`` (see ``core.nonfinite``).
 NONFINITE_ROUTING_CHOICES = ("base_path", "raise")

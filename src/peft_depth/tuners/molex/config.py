@@ -177,6 +177,16 @@ class MoLExConfig(LoraFieldsConfig):
             "official gate receives no gradient at all. Read through `peft_depth.aux_losses`."
         },
     )
+    self_choice_second_pass: bool | None = field(
+        default=None,
+        metadata={
+            "help": "In training, where the gate picks the MoLEx layer itself (j = i): run the layer a second time, "
+            "with dropout masks of its own, and mix the two passes α·u_i + (1−α)·u_i', as the official code does (it "
+            "always runs the chosen layer as a call of its own); a learned α then also gets a gradient there. False: "
+            "the layer's one output (the mixture of two identical passes). Inference is the same either way. None "
+            "(default): True; configs saved with `peft_depth_version` <= 4 keep False."
+        },
+    )
     straight_through_gate: bool = field(
         default=False,
         metadata={
@@ -230,7 +240,9 @@ class MoLExConfig(LoraFieldsConfig):
         if self.shared_alpha is None:
             # Made explicit, so that the saved config says what was trained whatever a later default is.
             self.shared_alpha = self.shared_gate if self.peft_depth_version >= 5 else False
-        for name in ("learn_alpha", "shared_gate", "shared_alpha", "straight_through_gate"):
+        if self.self_choice_second_pass is None:
+            self.self_choice_second_pass = self.peft_depth_version >= 5
+        for name in ("learn_alpha", "shared_gate", "shared_alpha", "self_choice_second_pass", "straight_through_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         if self.gate_lr is not None:

@@ -39,11 +39,16 @@ class MoLExMixing:
         # Sharded blocks: every process also runs the layers only other processes chose (their shards are gathered
         # collectively), and mixes as one process holding all rows would.
         experts = calls_on_every_process(self.layer_stack.layers, decision.experts, call.hidden.device)
+        # The official code runs the chosen layer as a call of its own even when it is this one: in training its
+        # dropout draws differ from the own pass's (no side cache: caches are for generation, in eval).
+        second_pass = (
+            config.self_choice_second_pass and self.layer_stack.layers[index].training and expert_state is None
+        )
         with output_recording_paused():  # expert passes are no layer of this forward: one record per layer
-            other = self._expert_outputs(index, call, decision, experts, own_hidden, expert_state)
+            other = self._expert_outputs(index, call, decision, experts, own_hidden, expert_state, second_pass)
         if expert_state is not None:
             expert_state.append(call.hidden, call.arguments)
-        mixed, alpha = self._combine(adapter, index, own_hidden, other, decision, experts)
+        mixed, alpha = self._combine(adapter, index, own_hidden, other, decision, experts, second_pass)
         self._record(adapter, index, decision, alpha)
         return (mixed, *own[1:]) if isinstance(own, tuple) else mixed
 
@@ -74,8 +79,11 @@ class MoLExMixing:
             self.routing_context,
         )
 
-    def _expert_outputs(self, index, call: BlockCall, decision: MoLExDecision, experts, own_hidden, expert_state):
-        """``u_j`` per token: the output of the expert layer it chose (its own output where it chose block ``index``).
+    def _expert_outputs(
+        self, index, call: BlockCall, decision: MoLExDecision, experts, own_hidden, expert_state, second_pass: bool
+    ):
+        """``u_j`` per token: the output of the expert layer it chose (where it chose block ``index``: a second pass
+        of it with ``second_pass``, else its own output).
 
         One pass per layer of ``experts`` (the distinct chosen layers; with sharded blocks, those of every process);
         with per-sequence choices, a layer only runs on the rows that chose it.
@@ -84,7 +92,7 @@ class MoLExMixing:
         other = own_hidden
         layers = self.layer_stack.layers
         for j in experts:
-            if j == index:
+            if j == index and not second_pass:
                 continue
             # block j's own forward, past its hooks (it is no layer of this forward), but with its FSDP shards gathered
             expert_forward = fsdp_gathered(layers[j], self._original_forward(j))
@@ -101,7 +109,16 @@ class MoLExMixing:
             other = torch.where(selected, out_j.to(other.dtype), other)
         return other
 
-    def _combine(self, adapter: str, index: int, own_hidden, other, decision: MoLExDecision, experts: list[int]):
+    def _combine(
+        self,
+        adapter: str,
+        index: int,
+        own_hidden,
+        other,
+        decision: MoLExDecision,
+        experts: list[int],
+        second_pass: bool,
+    ):
         """``(α·u_i + (1−α)·u_j, α)``; tokens on the base path keep ``u_i`` exactly."""
         config: MoLExConfig = self.peft_config[adapter]
         batch, seq = own_hidden.shape[0], own_hidden.shape[1]
@@ -109,7 +126,7 @@ class MoLExMixing:
             alpha = self.molex_alpha[adapter](index)
         else:
             alpha = torch.tensor(self._plans[adapter].alpha, device=own_hidden.device)
-        mixes = any(j != index for j in experts)
+        mixes = second_pass or any(j != index for j in experts)
         if config.straight_through_gate:
             # forward value unchanged (ratio 1), gradient of the chosen probability reaches the gate
             chosen_prob = decision.probs.gather(1, decision.chosen[:, None])
