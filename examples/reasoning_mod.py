@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import peft_depth  # noqa: E402
 from peft_depth import MoDConfig  # noqa: E402
+from peft_depth.argument_types import positive_int, positive_number, random_seed  # noqa: E402
 from peft_depth.assets import smollm2_path  # noqa: E402
 from peft_depth.tasks import (  # noqa: E402
     collate_answer_batch as collate,
@@ -61,7 +62,9 @@ def build(method: str, seed: int):
     else:
         raise ValueError(method)
     config.task_type = "CAUSAL_LM"
-    torch.manual_seed(seed + 1000)  # same LoRA init for LoRA and MoD+LoRA at a given seed
+    # The same seed for every method; the LoRA weights still differ between LoRA and MoD + LoRA (peft's layers draw
+    # their nn.Linear init before A, ours draw A only), so the pair shares data order and schedule, not a start.
+    torch.manual_seed(seed + 1000)
     return get_peft_model(model, config)
 
 
@@ -118,16 +121,16 @@ def run(method: str, seed: int, train, test, tokenizer, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="arc_easy")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--eval-batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--mod-lr", type=float, default=5e-3)
-    parser.add_argument("--num-test", type=int, default=200)
-    parser.add_argument("--max-train", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=random_seed, default=[0])
+    parser.add_argument("--epochs", type=positive_int, default=2)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--eval-batch-size", type=positive_int, default=16)
+    parser.add_argument("--lr", type=positive_number, default=1e-3)
+    parser.add_argument("--mod-lr", type=positive_number, default=5e-3)
+    parser.add_argument("--num-test", type=positive_int, default=200)
+    parser.add_argument("--max-train", type=positive_int, default=None)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--json", default=None, help="also write every run's result to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -11,6 +11,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .argument_types import non_negative_int, positive_int, random_seed
+
 __all__ = ["build_parser", "main"]
 
 PROG = "peft-depth"
@@ -29,38 +31,8 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(self.prog, message)
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
 def _max_length(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value < 2:
         raise argparse.ArgumentTypeError(f"must be >= 2 (the logit lens needs a next token), got {text!r}")
     return value
@@ -100,7 +72,7 @@ def _add_data_options(parser: argparse.ArgumentParser, num_samples: int, output_
     )
     data.add_argument(
         "--num-samples",
-        type=_positive_int,
+        type=positive_int,
         default=num_samples,
         metavar="N",
         help=f"How many texts to draw at random (fixed --seed) from the dataset (default: {num_samples}).",
@@ -113,7 +85,7 @@ def _add_data_options(parser: argparse.ArgumentParser, num_samples: int, output_
         help="Truncate each text to this many tokens (default: 64).",
     )
     data.add_argument(
-        "--batch-size", type=_positive_int, default=8, metavar="N", help="Texts per forward pass (default: 8)."
+        "--batch-size", type=positive_int, default=8, metavar="N", help="Texts per forward pass (default: 8)."
     )
     data.add_argument(
         "--tokenizer",
@@ -121,7 +93,9 @@ def _add_data_options(parser: argparse.ArgumentParser, num_samples: int, output_
         default=None,
         help="Tokenizer folder, for a model folder that has none (default: the model's own tokenizer).",
     )
-    data.add_argument("--seed", type=_seed, default=0, help="Seed of the text sample and lens positions (default: 0).")
+    data.add_argument(
+        "--seed", type=random_seed, default=0, help="Seed of the text sample and lens positions (default: 0)."
+    )
     run = parser.add_argument_group("run")
     run.add_argument(
         "--output-dir",
@@ -167,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     lens = analyze.add_argument_group("statistics")
     lens.add_argument(
         "--lens-positions",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=8,
         metavar="N",
         help="Logit-lens positions scored per text, drawn at random among those whose next token is real; 0 scores "
