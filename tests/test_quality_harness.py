@@ -988,6 +988,23 @@ def test_scoring_precision_is_bf16_autocast_on_the_cpu_and_off_in_float32():
         assert not torch.is_autocast_enabled("cpu")
 
 
+def _key_before_fields(request: RunRequest, added: tuple[str, ...]) -> str:
+    """The run key ``request`` had before the config fields ``added`` existed (a dev run at lr 1e-3, seed 0)."""
+    config = {k: v for k, v in request.config().to_dict().items() if k not in runner_module._METADATA_FIELDS + added}
+    return ledger_module.run_key(
+        {
+            "model": request.model.name,
+            "task": request.task,
+            "data": request.splits.fingerprint,
+            "arm": request.arm.name,
+            "config": config,
+            "lr": 1e-3,
+            "seed": 0,
+            "settings": SETTINGS.key_fields(),
+        }
+    )
+
+
 def test_mola_arms_keep_the_ledgers_shared_dropout_and_their_run_keys(tiny_causal, choice_task):
     """MoLA's default dropout became one mask per expert after the sweep's MoLA runs; its arms keep the shared mask
     they ran with, and the field (added later) stays out of the key at that value, so those runs are found."""
@@ -996,24 +1013,8 @@ def test_mola_arms_keep_the_ledgers_shared_dropout_and_their_run_keys(tiny_causa
     for name in ("mola_increasing", "mola_uniform"):
         arm = arm_by_name(arms_for(spec), name)
         request = RunRequest("s", spec, choice_task, splits, arm, 1e-3, 0, SETTINGS, "dev")
-        config = request.config().to_dict()
-        assert config["expert_dropout"] == "shared"
-        before_the_field = {
-            k: v for k, v in config.items() if k not in runner_module._METADATA_FIELDS and k != "expert_dropout"
-        }
-        legacy = ledger_module.run_key(
-            {
-                "model": spec.name,
-                "task": choice_task,
-                "data": splits.fingerprint,
-                "arm": arm.name,
-                "config": before_the_field,
-                "lr": 1e-3,
-                "seed": 0,
-                "settings": SETTINGS.key_fields(),
-            }
-        )
-        assert request.run_key == legacy
+        assert request.config().to_dict()["expert_dropout"] == "shared"
+        assert request.run_key == _key_before_fields(request, ("expert_dropout",))
         per_expert = replace(arm, options={**arm.options, "expert_dropout": "per_expert"})
         assert replace(request, arm=per_expert).run_key != request.run_key
 
@@ -1030,22 +1031,7 @@ def test_molex_arms_keep_the_ledgers_per_layer_alpha_and_their_run_keys(tiny_cau
             config = request.config().to_dict()
             assert config["shared_alpha"] is False and config["self_choice_second_pass"] is False
             added = ("shared_alpha", "self_choice_second_pass")
-            before_the_field = {
-                k: v for k, v in config.items() if k not in runner_module._METADATA_FIELDS and k not in added
-            }
-            legacy = ledger_module.run_key(
-                {
-                    "model": spec.name,
-                    "task": task,
-                    "data": splits.fingerprint,
-                    "arm": arm.name,
-                    "config": before_the_field,
-                    "lr": 1e-3,
-                    "seed": 0,
-                    "settings": SETTINGS.key_fields(),
-                }
-            )
-            assert request.run_key == legacy
+            assert request.run_key == _key_before_fields(request, added)
             for field_name in added:
                 changed = replace(arm, options={**arm.options, field_name: True})
                 assert replace(request, arm=changed).run_key != request.run_key

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-__all__ = ["non_negative_int", "positive_int", "positive_number", "probability", "random_seed"]
+__all__ = ["non_negative_int", "number_in", "positive_int", "positive_number", "probability", "random_seed"]
 
 
 def _integer(text: str, allowed: str) -> int:
@@ -47,19 +47,26 @@ def random_seed(text: str) -> int:
     return value
 
 
-def probability(*, allow_zero: bool = False, allow_one: bool = True) -> Callable[[str], float]:
-    """A number in (0, 1], or with its ends included or excluded as asked."""
-    interval = f"{'[' if allow_zero else '('}0, 1{']' if allow_one else ')'}"
+def number_in(
+    low: float, high: float, *, low_included: bool = False, high_included: bool = True
+) -> Callable[[str], float]:
+    """A number in the interval from ``low`` to ``high`` (each end included or not, as asked)."""
+    interval = f"{'[' if low_included else '('}{low:g}, {high:g}{']' if high_included else ')'}"
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text!r}") from None
-        low_ok = value >= 0 if allow_zero else value > 0
-        high_ok = value <= 1 if allow_one else value < 1
+        low_ok = value >= low if low_included else value > low
+        high_ok = value <= high if high_included else value < high
         if not (low_ok and high_ok):
             raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text!r}")
         return value
 
     return parse
+
+
+def probability(*, allow_zero: bool = False, allow_one: bool = True) -> Callable[[str], float]:
+    """A number in (0, 1], or with its ends included or excluded as asked."""
+    return number_in(0.0, 1.0, low_included=allow_zero, high_included=allow_one)

@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .argument_types import non_negative_int, positive_int, random_seed
+from .argument_types import non_negative_int, number_in, positive_int, random_seed
 
 __all__ = ["build_parser", "main"]
 
@@ -38,14 +38,8 @@ def _max_length(text: str) -> int:
     return value
 
 
-def _cosine(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (-1, 1], got {text!r}") from None
-    if not -1.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (-1, 1], got {text!r}")
-    return value
+#: A cosine similarity threshold: (-1, 1].
+_cosine = number_in(-1.0, 1.0)
 
 
 def _add_data_options(parser: argparse.ArgumentParser, num_samples: int, output_dir: str) -> None:
