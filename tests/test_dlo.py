@@ -647,6 +647,69 @@ def test_block_skip_mode():
     assert tuner(model).dlo_routers["default"]["l0"].weight.grad is not None
 
 
+def _capture_layer_call(model, position):
+    """The input, keyword arguments and output of the DLO layer at ``position`` in one forward of ``model``."""
+    layer = stack(model)[position]
+    seen = {}
+
+    def before(module, args, kwargs):
+        seen["h"], seen["kwargs"] = (args[0] if args else kwargs["hidden_states"]), dict(kwargs)
+
+    def after(module, args, kwargs, output):
+        seen["out"] = output[0] if isinstance(output, tuple) else output
+
+    hooks = [layer.register_forward_pre_hook(before, with_kwargs=True)]
+    hooks.append(layer.register_forward_hook(after, with_kwargs=True))
+    return layer, seen, hooks
+
+
+def _official_non_exattn(layer, h, kwargs):
+    """modeling_llama_dlo.py's routed layer for tokens that run: h + attn + ŝ·mlp, ŝ = 1 + 0.05·(s − 0.5)."""
+    inner = layer.inner
+    s_hat = (1.0 + 0.05 * (torch.sigmoid(layer.router(h).float()) - 0.5)).to(h.dtype)
+    attn = inner.self_attn(
+        hidden_states=inner.input_layernorm(h),
+        attention_mask=kwargs.get("attention_mask"),
+        position_embeddings=kwargs["position_embeddings"],
+    )[0]
+    after_attention = h + attn
+    return after_attention + s_hat * inner.mlp(inner.post_attention_layernorm(after_attention))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_block_skip_scales_the_mlp_branch_only_as_the_official_layer(training, monkeypatch):
+    """The official non-ExAttn layer scales the MLP output of the tokens that run; attention joins unscaled. Checked
+    with every token running (one plain call) and with a packed prefix (its causal attention is the full one)."""
+    model = dlo(tiny_llama(num_layers=4), skip_mode="block", routed_layers="all", capacity=1.0, init="copy")
+    randomise_routers(model, scale=2.0)
+    model.train(training)
+    inputs = batch(batch_size=1, seq_len=10, left_pad=0)
+    if not training:  # the router chooses the first 6 tokens: a packed call over a prefix
+        prefix = torch.zeros(10, dtype=torch.bool)
+        prefix[:6] = True
+        monkeypatch.setattr(type(stack(model)[1]), "_select", lambda self, scores, *rest: prefix.clone())
+    layer, seen, hooks = _capture_layer_call(model, 1)
+    with torch.no_grad():
+        model(**inputs, use_cache=False)
+        for hook in hooks:
+            hook.remove()
+        official = _official_non_exattn(layer, seen["h"], seen["kwargs"])
+    run = slice(None) if training else slice(0, 6)
+    torch.testing.assert_close(seen["out"][:, run], official[:, run], rtol=0, atol=2e-6)
+    if not training:
+        assert torch.equal(seen["out"][:, 6:], seen["h"][:, 6:])  # the others pass through
+    # the attention term differs from the scaled one by (ŝ − 1)·attn: far above the tolerance
+    with torch.no_grad():
+        inner, h = layer.inner, seen["h"]
+        s_hat = 1.0 + 0.05 * (torch.sigmoid(layer.router(h)) - 0.5)
+        attn = inner.self_attn(
+            hidden_states=inner.input_layernorm(h),
+            attention_mask=seen["kwargs"].get("attention_mask"),
+            position_embeddings=seen["kwargs"]["position_embeddings"],
+        )[0]
+    assert ((s_hat - 1) * attn)[:, run].abs().max() > 1e-4
+
+
 def test_routing_stats_and_optimizer_groups():
     model = dlo(tiny_llama(num_layers=8), routed_layers="new", capacity_lr_scaling=True)
     logits(model, batch())

@@ -96,9 +96,13 @@ def forward_block_skip(
     scale: torch.Tensor,
     want_cos: bool,
     every_process_differentiates: bool = False,
+    branch_scaling: Callable[[torch.Tensor], contextlib.AbstractContextManager] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(output, cos)`` of ``layer`` run on the ``[N]`` ``chosen`` tokens, scaled by ``scale``.
+    """``(output, cos)`` of ``layer`` run on the ``[N]`` ``chosen`` tokens, with ``scale`` on their MLP branch.
 
+    ``branch_scaling(s)``: a context in which the layer's MLP branch output is multiplied by ``s`` (one entry per
+    token of the call), so the chosen tokens get ``h + attn + ŝ·mlp``, the official non-ExAttn layer. None (a layer
+    whose MLP DLO cannot find): their whole update is scaled, ``h + ŝ·(attn + mlp)``.
     ``base_path`` tokens (non-finite router scores) run the layer as the base model does (full attention over their
     row, unscaled), in a call of their own, so the chosen tokens' call is the one a batch without them makes. ``cos``
     (``want_cos``): per token, cosine similarity of the residual stream before and after the whole layer.
@@ -131,11 +135,15 @@ def forward_block_skip(
                 hidden_states = hidden_states + _zero_tie(layer, scale).to(hidden_states.dtype)
             return hidden_states, cos
         if fewest == seq:  # every token chosen: one plain call
+            if branch_scaling is not None:
+                with branch_scaling(scale):
+                    return _run(layer, hidden_states, kwargs), cos
             output = _run(layer, hidden_states, kwargs)
             return hidden_states + scale.view(batch, seq, 1).to(output.dtype) * (output - hidden_states), cos
-        return hidden_states + _packed_delta(layer, hidden_states, kwargs, chosen_rows, counts, width, scale), cos
+        delta = _packed_delta(layer, hidden_states, kwargs, chosen_rows, counts, width, scale, branch_scaling)
+        return hidden_states + delta, cos
     delta = (
-        _packed_delta(layer, hidden_states, kwargs, chosen_rows, counts, width, scale)
+        _packed_delta(layer, hidden_states, kwargs, chosen_rows, counts, width, scale, branch_scaling)
         if width
         else torch.zeros_like(hidden_states)
     )
@@ -166,8 +174,10 @@ def _packed_delta(
     counts: torch.Tensor,
     width: int,
     scale: torch.Tensor,
+    branch_scaling: Callable[[torch.Tensor], contextlib.AbstractContextManager] | None,
 ) -> torch.Tensor:
-    """The scaled update ``layer`` makes to each row's chosen tokens (zero elsewhere), run on the packed tokens."""
+    """The update ``layer`` makes to each row's chosen tokens (zero elsewhere), run on the packed tokens, with the
+    scale on their MLP branch (``branch_scaling``) or on the whole update."""
     batch, seq, dim = hidden_states.shape
     positions = torch.arange(seq, device=hidden_states.device)
     # chosen positions first, in their original order, then the rest
@@ -190,9 +200,15 @@ def _packed_delta(
     allowed = allowed | torch.eye(width, dtype=torch.bool, device=hidden_states.device)
     bias = torch.zeros(allowed.shape, dtype=hidden_states.dtype, device=hidden_states.device)
     kwargs["attention_mask"] = bias.masked_fill(~allowed, torch.finfo(hidden_states.dtype).min)
-    out_packed = _run(layer, packed, kwargs)
-    packed_scale = scale.view(batch, seq).gather(1, order).to(out_packed.dtype)
-    update = (out_packed - packed) * (packed_scale * slot_valid.to(out_packed.dtype)).unsqueeze(-1)
+    packed_scale = scale.view(batch, seq).gather(1, order)
+    if branch_scaling is not None:
+        with branch_scaling(packed_scale.reshape(-1)):
+            out_packed = _run(layer, packed, kwargs)
+        update = (out_packed - packed) * slot_valid.to(out_packed.dtype).unsqueeze(-1)
+    else:
+        out_packed = _run(layer, packed, kwargs)
+        weight = packed_scale.to(out_packed.dtype) * slot_valid.to(out_packed.dtype)
+        update = (out_packed - packed) * weight.unsqueeze(-1)
     return torch.zeros_like(hidden_states).scatter(1, order.unsqueeze(-1).expand(-1, -1, dim), update)
 
 

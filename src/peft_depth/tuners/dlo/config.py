@@ -202,7 +202,9 @@ class DLOConfig(LoraFieldsConfig):
         metadata={
             "help": "'mlp' (default, the official ExAttn variant): attention runs for every token and only the MLP is "
             "skipped, so the KV cache stays whole. 'block': the whole block runs on the selected tokens only "
-            "(attention among them); needs use_cache=False, as in the official code."
+            "(attention among them) and, as in the official non-ExAttn layer, only their MLP branch is scaled "
+            "(h + attn + ŝ·mlp; the whole update where the layer has no `mlp`/`feed_forward` module); needs "
+            "use_cache=False, as in the official code."
         },
     )
     scale_gap: float = field(

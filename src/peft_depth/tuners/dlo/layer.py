@@ -12,6 +12,7 @@ forwards never see each other's plans.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from .forward_state import (
     stop_carrying_plans,
     write_forward_state,
 )
-from .mlp_branch import BranchOutputGate, MLPBranch, ResidualTap, SkipMLP, find_mlp_branch
+from .mlp_branch import BranchOutputGate, MLPBranch, ResidualTap, SkipMLP, find_branch_output, find_mlp_branch
 from .selection import select_top_fraction
 
 __all__ = [
@@ -189,6 +190,18 @@ class DLOBlock(Delegating):
                 self._shadows[branch.pre_norm] = ResidualTap(layer._modules[branch.pre_norm], self)
             if branch.post_norm is not None:
                 self._shadows[branch.post_norm] = BranchOutputGate(layer._modules[branch.post_norm], self)
+        elif router is not None:
+            # skip_mode='block': the selected tokens run the whole layer, and its MLP branch is scaled by ŝ there, as
+            # the official non-ExAttn layer computes h + attn + ŝ·mlp (forward_block_skip's `branch_scaling`)
+            found = find_branch_output(layer)
+            if found is not None:
+                name, is_post_norm = found
+                module = layer._modules[name]
+                self._shadows[name] = (
+                    BranchOutputGate(module, self)
+                    if is_post_norm
+                    else SkipMLP(module, self, gates_output=True, taps_residual=False)
+                )
 
     # ----------------------------------------------------------------- this thread's current forward
 
@@ -267,6 +280,7 @@ class DLOBlock(Delegating):
                 scale,
                 want_cos,
                 every_process_differentiates=self._context.syncing and torch.is_grad_enabled(),
+                branch_scaling=self._scaled_branch if self._shadows else None,
             )
             output = as_layer_output(self.inner, output, args, kwargs)
         # Publish at the end only: checkpoint recomputation may stop part-way through a forward.
@@ -315,6 +329,19 @@ class DLOBlock(Delegating):
         if self.skip_mode == "block" and valid is not None:
             selected = selected & valid
         return selected
+
+    def _scaled_branch(self, scale: torch.Tensor) -> contextlib.AbstractContextManager:
+        """A context in which this layer's MLP branch output is multiplied by ``scale`` (one entry per token of the
+        call made inside it), through the shadows of ``skip_mode='block'``; every token of that call runs."""
+        plan = RoutingPlan(
+            training=True,  # every token runs and is gated: the shadows' training path
+            selected=torch.ones_like(scale, dtype=torch.bool),
+            index=None,
+            base_index=None,
+            scale=scale,
+            want_cos=False,
+        )
+        return running_plan(self, plan)
 
     def _forward_mlp_skip(self, hidden_states, args, kwargs, training, chosen, base_path, scale, want_cos):
         index = base_index = None

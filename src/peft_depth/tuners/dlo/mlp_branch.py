@@ -99,6 +99,17 @@ def find_mlp_branch(layer: nn.Module) -> MLPBranch:
     return MLPBranch(mlp=mlp, pre_norm=pre_norm, post_norm=post_norm)
 
 
+def find_branch_output(layer: nn.Module) -> tuple[str, bool] | None:
+    """``(name, is_post_norm)`` of the module whose output is the layer's MLP branch as it joins the residual stream:
+    the post-MLP norm where there is one, else the MLP itself (also in a parallel-residual layer); None without an
+    MLP. ``skip_mode='block'`` scales that output, as the official code scales the MLP's."""
+    post_norm = _module_named(layer, POST_MLP_NORM_NAMES)
+    if post_norm is not None:
+        return post_norm, True
+    mlp = _module_named(layer, MLP_NAMES)
+    return None if mlp is None else (mlp, False)
+
+
 def gate_branch_output(plan: RoutingPlan, out: torch.Tensor) -> torch.Tensor:
     """The MLP branch's output as DLO adds it to the residual: times ŝ, and zero for the tokens the router skipped
     (in training, where every token ran; in eval the skipped tokens' output is zero already). Records the cosine
