@@ -750,3 +750,46 @@ def test_a_second_pass_changes_nothing_in_eval():
     assert torch.equal(once, twice)
     assert MoLExConfig().self_choice_second_pass is True
     assert MoLExConfig(peft_depth_version=4).self_choice_second_pass is False
+
+
+@pytest.mark.parametrize("routing", ["token", "sequence", "batch_vote"])
+def test_the_second_pass_also_runs_when_the_training_forward_makes_a_kv_cache(routing):
+    """A causal LM makes a cache in training too unless told not to (a plain loop, the stock Trainer): the second
+    pass must not depend on it."""
+
+    def loss_and_alpha_grad(second_pass: bool, **call):
+        torch.manual_seed(0)
+        model = molex(
+            tiny_llama(),
+            molex_layers=[0],
+            learn_alpha=True,
+            routing=routing,
+            lora_dropout=0.5,
+            init_lora_weights=False,
+            self_choice_second_pass=second_pass,
+        )
+        force_expert(model, 0)
+        model.train()
+        inputs = batch()
+        torch.manual_seed(7)
+        loss = model(**inputs, labels=inputs["input_ids"], **call).loss
+        loss.backward()
+        grad = next(iter(model.base_model.molex_alpha["default"].weights.values())).grad
+        return loss.detach(), grad
+
+    cached_loss, cached_grad = loss_and_alpha_grad(True)
+    uncached_loss, uncached_grad = loss_and_alpha_grad(True, use_cache=False)
+    one_pass_loss, _ = loss_and_alpha_grad(False, use_cache=False)
+    assert torch.equal(cached_loss, uncached_loss) and torch.equal(cached_grad, uncached_grad)
+    assert cached_grad.abs().max() > 0 and not torch.equal(cached_loss, one_pass_loss)
+
+
+def test_a_shared_alpha_set_by_hand_is_kept_at_injection():
+    """A field set after construction is checked as in the constructor, not replaced by the default it had."""
+    for gate_shared, chosen in ((True, False), (False, True)):
+        config = MoLExConfig(task_type="CAUSAL_LM", learn_alpha=True, molex_layers=[0, 1], shared_gate=gate_shared)
+        config.shared_alpha = chosen
+        model = get_peft_model(tiny_llama(), config)
+        keys = sorted(model.base_model.molex_alpha["default"].weights)
+        assert keys == (["shared"] if chosen else ["layer0", "layer1"])
+        assert model.peft_config["default"].shared_alpha is chosen

@@ -195,6 +195,11 @@ class DepthPeftConfig(PeftConfig):
             checked = type(self)(**values)
         for name in values:
             setattr(self, name, getattr(checked, name))
+        self._keep_fill_in_records(checked)
+
+    def _keep_fill_in_records(self, checked: DepthPeftConfig) -> None:
+        """Take over what ``checked``'s constructor recorded about the defaults it filled in (methods that keep such
+        records override this)."""
 
     def _refresh_defaults(self) -> None:
         """Undo the constructor's filling-in of defaults that follow other fields, so that ``revalidate`` derives

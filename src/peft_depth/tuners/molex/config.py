@@ -183,7 +183,8 @@ class MoLExConfig(LoraFieldsConfig):
             "help": "In training, where the gate picks the MoLEx layer itself (j = i): run the layer a second time, "
             "with dropout masks of its own, and mix the two passes α·u_i + (1−α)·u_i', as the official code does (it "
             "always runs the chosen layer as a call of its own); a learned α then also gets a gradient there. False: "
-            "the layer's one output (the mixture of two identical passes). Inference is the same either way. None "
+            "the layer's one output (the mixture of two identical passes). Inference is the same either way, and so is "
+            "a training forward that continues from a KV cache (the second pass keeps no cache). None "
             "(default): True; configs saved with `peft_depth_version` <= 4 keep False."
         },
     )
@@ -236,10 +237,11 @@ class MoLExConfig(LoraFieldsConfig):
         check_loss_coef("balance_loss_coef", self.balance_loss_coef)
         if self.alpha is not None:
             check_probability("alpha", self.alpha, allow_zero=False, allow_one=False)
-        self._shared_alpha_defaulted = self.shared_alpha is None or getattr(self, "_shared_alpha_defaulted", False)
         if self.shared_alpha is None:
-            # Made explicit, so that the saved config says what was trained whatever a later default is.
+            # Made explicit, so that the saved config says what was trained whatever a later default is; the value
+            # filled in is kept, so that a later check can tell it from one set by hand (`_refresh_defaults`).
             self.shared_alpha = self.shared_gate if self.peft_depth_version >= 5 else False
+            self._shared_alpha_filled_in = self.shared_alpha
         if self.self_choice_second_pass is None:
             self.self_choice_second_pass = self.peft_depth_version >= 5
         for name in ("learn_alpha", "shared_gate", "shared_alpha", "self_choice_second_pass", "straight_through_gate"):
@@ -252,9 +254,17 @@ class MoLExConfig(LoraFieldsConfig):
         self.molex_layers = _check_layer_list("molex_layers", self.molex_layers)
         self.expert_layers = _check_layer_list("expert_layers", self.expert_layers)
 
+    def _keep_fill_in_records(self, checked: MoLExConfig) -> None:
+        if hasattr(checked, "_shared_alpha_filled_in"):
+            self._shared_alpha_filled_in = checked._shared_alpha_filled_in
+        else:
+            self.__dict__.pop("_shared_alpha_filled_in", None)
+
     def _refresh_defaults(self) -> None:
-        # a defaulted `shared_alpha` follows the current `shared_gate` when the config is checked again
-        if getattr(self, "_shared_alpha_defaulted", False):
+        # a `shared_alpha` the constructor filled in follows the current `shared_gate` when the config is checked
+        # again; one set by hand since (another value than the one filled in) stays
+        filled_in = getattr(self, "_shared_alpha_filled_in", None)
+        if filled_in is not None and self.shared_alpha == filled_in:
             self.shared_alpha = None
 
     def resolve_layers(self, num_layers: int, *, causal: bool) -> tuple[list[int], list[int]]:

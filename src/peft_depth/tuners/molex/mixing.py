@@ -34,16 +34,20 @@ class MoLExMixing:
         if config.routing == "token" and call.cache is not None:
             key = (id(self), adapter, index)
             expert_state = expert_cache_state(call.cache, key, text_config(self.model), call.past_length(index))
+        # The official code runs the chosen layer as a call of its own even when it is this one: in training its
+        # dropout draws differ from the own pass's. It runs without a cache (the own pass fills the model's), so not
+        # when a forward continues from cached positions, which it would not see (read before the own pass adds
+        # this call's).
+        second_pass = (
+            config.self_choice_second_pass
+            and self.layer_stack.layers[index].training
+            and (call.cache is None or call.past_length(index) == 0)
+        )
         own = original(call.hidden, **call.arguments)
         own_hidden = _first(own)
         # Sharded blocks: every process also runs the layers only other processes chose (their shards are gathered
         # collectively), and mixes as one process holding all rows would.
         experts = calls_on_every_process(self.layer_stack.layers, decision.experts, call.hidden.device)
-        # The official code runs the chosen layer as a call of its own even when it is this one: in training its
-        # dropout draws differ from the own pass's (no side cache: caches are for generation, in eval).
-        second_pass = (
-            config.self_choice_second_pass and self.layer_stack.layers[index].training and expert_state is None
-        )
         with output_recording_paused():  # expert passes are no layer of this forward: one record per layer
             other = self._expert_outputs(index, call, decision, experts, own_hidden, expert_state, second_pass)
         if expert_state is not None:
@@ -97,7 +101,7 @@ class MoLExMixing:
             # block j's own forward, past its hooks (it is no layer of this forward), but with its FSDP shards gathered
             expert_forward = fsdp_gathered(layers[j], self._original_forward(j))
             rows = None if decision.row_choice is None else decision.row_choice == j
-            if expert_state is not None:
+            if expert_state is not None and j != index:
                 out_j = self._run_expert_with_cache(expert_forward, j, call, expert_state)
             elif rows is not None and 0 < int(rows.sum()) < batch:
                 out_j = _run_on_rows(expert_forward, call.hidden, call.without_cache(), rows)
