@@ -710,6 +710,65 @@ def test_block_skip_scales_the_mlp_branch_only_as_the_official_layer(training, m
     assert ((s_hat - 1) * attn)[:, run].abs().max() > 1e-4
 
 
+def _moe_families():
+    import transformers as T
+
+    return {
+        "mixtral": (T.MixtralForCausalLM, T.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2)),
+        "qwen3_moe": (
+            T.Qwen3MoeForCausalLM,
+            T.Qwen3MoeConfig,
+            dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8),
+        ),
+        "olmoe": (T.OlmoeForCausalLM, T.OlmoeConfig, dict(num_experts=4, num_experts_per_tok=2)),
+    }
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("skip_mode", ["mlp", "block"])
+def test_zero_out_new_layers_are_an_identity_on_mixture_of_experts_decoders(family, skip_mode):
+    """transformers keeps a mixture of experts' down projections as parameters of one `experts` module, not as
+    linears: zero_out must zero them (and their biases), or a fresh adapter moves the logits (0.004-0.015 here)."""
+    model_class, config_class, options = _moe_families()[family]
+    base = tiny_decoder(model_class, config_class, **options)
+    inputs = batch()
+    model = dlo(tiny_decoder(model_class, config_class, **options), skip_mode=skip_mode, routed_layers="all")
+    torch.testing.assert_close(logits(model, inputs), logits(base, inputs), rtol=0, atol=1e-6)
+    for layer in tuner(model).dlo_new_layers["default"].values():
+        experts = [p for n, p in layer.named_parameters() if n.endswith(("experts.down_proj", "down_proj_bias"))]
+        assert experts and all(not p.any() for p in experts)
+
+
+def test_block_skip_runs_a_mixture_of_experts_mlp_and_mlp_skip_refuses_it_by_name():
+    """GPT-OSS's MLP returns (hidden, router scores): block mode scales the hidden part and keeps the scores; MLP
+    skipping, which would run the experts on the chosen tokens only, is refused, naming block mode."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    def gpt_oss():
+        return tiny_decoder(
+            GptOssForCausalLM,
+            GptOssConfig,
+            head_dim=8,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            layer_types=["full_attention"] * 4,
+        )
+
+    base = gpt_oss()
+    inputs = batch()
+    model = dlo(gpt_oss(), skip_mode="block", routed_layers="all")
+    torch.testing.assert_close(logits(model, inputs), logits(base, inputs), rtol=0, atol=1e-6)  # zero_out start
+    randomise_routers(model)
+    perturb_new_layers(model)
+    assert torch.isfinite(logits(model, inputs)).all()
+    model.train()
+    model(**inputs, labels=inputs["input_ids"], use_cache=False).loss.backward()
+    assert tuner(model).dlo_routers["default"]["l1"].weight.grad.abs().max() > 0
+    refused = dlo(gpt_oss(), skip_mode="mlp", routed_layers="all")
+    with pytest.raises(ValueError, match=r"skip_mode='mlp' cannot skip GptOssMLP.*Use skip_mode='block'"):
+        logits(refused, inputs)
+
+
 def test_routing_stats_and_optimizer_groups():
     model = dlo(tiny_llama(num_layers=8), routed_layers="new", capacity_lr_scaling=True)
     logits(model, batch())

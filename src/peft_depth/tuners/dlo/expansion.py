@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ...core.layer_stack import attends_causally, text_config
 from ...core.quantization import floating_parameter
@@ -74,6 +73,18 @@ def matches_module_name(module_path: str, names: Sequence[str]) -> bool:
     return any(module_path == name or module_path.endswith("." + name) for name in names)
 
 
+def zeroed_by(key: str, names: Sequence[str]) -> bool:
+    """Whether ``init='zero_out'`` zeroes the tensor ``key`` (a plain state-dict key of a layer): a tensor of a module
+    in ``names`` (a linear's weight and bias), or a projection held as a parameter of its own, with its bias
+    (mixture-of-experts layers keep their experts' ``down_proj`` / ``down_proj_bias`` as parameters of one module)."""
+    module_path = key.rpartition(".")[0]
+    return (
+        matches_module_name(module_path, names)
+        or matches_module_name(key, names)
+        or matches_module_name(key, [f"{name}_bias" for name in names])
+    )
+
+
 def hidden_size(model: nn.Module) -> int:
     """The model's hidden size, read from its (text) config."""
     config = text_config(model)
@@ -91,9 +102,7 @@ def initial_state(config: DLOConfig, originals: Sequence[nn.Module], source: int
         return {k: (v + previous[k]) / 2 if torch.is_floating_point(v) else v.clone() for k, v in state.items()}
     if config.init == "zero_out":
         names = config.zero_out_modules or DEFAULT_ZERO_OUT_MODULES
-        return {
-            k: torch.zeros_like(v) if matches_module_name(k.rpartition(".")[0], names) else v for k, v in state.items()
-        }
+        return {k: torch.zeros_like(v) if zeroed_by(k, names) else v for k, v in state.items()}
     return state
 
 
@@ -126,13 +135,14 @@ def checked_layout(config: DLOConfig, originals: Sequence[nn.Module], model: nn.
     name = type(originals[source]).__name__
     if config.init == "zero_out":
         names = config.zero_out_modules or DEFAULT_ZERO_OUT_MODULES
-        if not any(matches_module_name(path, names) for path in modules if path):
+        state = plain_state_dict(originals[source])
+        if not any(zeroed_by(key, names) for key in state):
             raise ValueError(
                 f"`zero_out_modules` ({list(names)}) matches no module of {name}; name its attention-output and "
                 "MLP-down projections."
             )
         if config.zero_out_modules is None:
-            _check_default_zero_out_covers_every_branch(modules, name)
+            _check_default_zero_out_covers_every_branch(state, name)
     if config.new_layer_training == "lora":
         targets = config.new_layer_target_modules
         linears = [path for path, module in modules.items() if path and isinstance(module, nn.Linear)]
@@ -144,15 +154,16 @@ def checked_layout(config: DLOConfig, originals: Sequence[nn.Module], model: nn.
     return layout
 
 
-def _check_default_zero_out_covers_every_branch(modules: dict[str, nn.Module], name: str) -> None:
+def _check_default_zero_out_covers_every_branch(state: dict[str, torch.Tensor], name: str) -> None:
     """A new layer is an identity only if every branch writing into the residual stream ends in a zeroed projection:
-    each child of the layer that holds a linear layer (attention, MLP) must contain one of the default names."""
+    each child of the layer that holds a projection (a tensor of two or more dimensions: a linear's weight, a router,
+    experts held as parameters) must have one zeroed by the default names."""
     branches: dict[str, bool] = {}
-    for path, module in modules.items():
-        if not path or not isinstance(module, (nn.Linear, Conv1D)):
+    for key, tensor in state.items():
+        if "." not in key or tensor.dim() < 2:
             continue
-        child = path.split(".", 1)[0]
-        branches[child] = branches.get(child, False) or matches_module_name(path, DEFAULT_ZERO_OUT_MODULES)
+        child = key.split(".", 1)[0]
+        branches[child] = branches.get(child, False) or zeroed_by(key, DEFAULT_ZERO_OUT_MODULES)
     missed = sorted(child for child, zeroed in branches.items() if not zeroed)
     if missed:
         raise ValueError(

@@ -200,7 +200,7 @@ class DLOBlock(Delegating):
                 self._shadows[name] = (
                     BranchOutputGate(module, self)
                     if is_post_norm
-                    else SkipMLP(module, self, gates_output=True, taps_residual=False)
+                    else SkipMLP(module, self, gates_output=True, taps_residual=False, runs_whole=True)
                 )
 
     # ----------------------------------------------------------------- this thread's current forward

@@ -126,6 +126,12 @@ def gate_branch_output(plan: RoutingPlan, out: torch.Tensor) -> torch.Tensor:
     return out * gate.view(*shape[:-1], 1)
 
 
+_EXTRA_OUTPUTS_MESSAGE = (
+    "DLO skip_mode='mlp' cannot skip {kind}: it returns extra outputs besides its hidden states (a mixture of experts' "
+    "router scores), which would cover only the tokens that run. Use skip_mode='block'."
+)
+
+
 class SkipMLP(Delegating):
     """Runs the wrapped MLP on the plan's selected tokens only (eval) or on all and masks (training).
 
@@ -135,12 +141,17 @@ class SkipMLP(Delegating):
     norm), so its input is the residual for the labels.
     """
 
-    def __init__(self, mlp: nn.Module, block: DLOBlock, *, gates_output: bool, taps_residual: bool) -> None:
+    def __init__(
+        self, mlp: nn.Module, block: DLOBlock, *, gates_output: bool, taps_residual: bool, runs_whole: bool = False
+    ) -> None:
         super().__init__()
         self.inner = mlp
         self._block = (block,)  # a plain tuple, not a child: the block wraps the layer this shadow sits in
         self._gates_output = gates_output
         self._taps_residual = taps_residual
+        # skip_mode='block': the MLP always runs on every token of the call (the chosen ones, packed), and only its
+        # output is scaled; an MLP that also returns extras (a mixture of experts' router scores) keeps them
+        self._runs_whole = runs_whole
 
     @property
     def plan(self) -> RoutingPlan | None:
@@ -154,6 +165,10 @@ class SkipMLP(Delegating):
             plan.residual = x.detach()
         if plan.training or plan.index is None:
             out = self.inner(x)
+            if isinstance(out, tuple):
+                if not self._runs_whole:
+                    raise ValueError(_EXTRA_OUTPUTS_MESSAGE.format(kind=type(self.inner).__name__))
+                return (gate_branch_output(plan, out[0]) if self._gates_output else out[0], *out[1:])
             return gate_branch_output(plan, out) if self._gates_output else out
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
@@ -163,7 +178,10 @@ class SkipMLP(Delegating):
         # as in a batch without them.
         for index in (plan.index, plan.base_index):
             if index.numel():
-                chosen = self.inner(flat.index_select(0, index).unsqueeze(0)).squeeze(0)
+                chosen = self.inner(flat.index_select(0, index).unsqueeze(0))
+                if isinstance(chosen, tuple):
+                    raise ValueError(_EXTRA_OUTPUTS_MESSAGE.format(kind=type(self.inner).__name__))
+                chosen = chosen.squeeze(0)
                 if self._gates_output:
                     chosen = chosen * plan.scale.index_select(0, index).to(chosen.dtype).unsqueeze(-1)
                 result = result.index_copy(0, index, chosen.to(result.dtype))
