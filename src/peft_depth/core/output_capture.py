@@ -20,10 +20,14 @@ __all__ = [
     "install_output_capture",
     "output_capture_unavailable",
     "output_recording_paused",
+    "records_outputs_inside_layers",
     "refuse_unrecorded_outputs",
 ]
 
 _CAPTURE_MODULE = "transformers.utils.output_capturing"
+#: What transformers collects once per layer (its output, its attention map), as opposed to outputs of modules inside
+#: a layer such as a mixture of experts' router logits.
+_PER_LAYER_KEYS = frozenset({"hidden_states", "attentions", "_hidden_states_layers"})
 _FLAG = "_depth_output_capture"
 _UNAVAILABLE = "_depth_output_capture_unavailable"
 
@@ -53,6 +57,17 @@ def output_recording_paused() -> Iterator[dict[str, Any] | None]:
         yield collected
     finally:
         _active_collector.reset(token)
+
+
+def records_outputs_inside_layers() -> bool:
+    """Whether the forward in progress collects outputs of modules inside the layers (a mixture of experts' router
+    logits for its load-balancing loss): such a module run on part of the tokens would record part of them."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and any(key not in _PER_LAYER_KEYS for key in collected)
 
 
 def drop_output_capture(layer: nn.Module) -> None:

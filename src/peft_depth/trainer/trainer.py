@@ -261,6 +261,8 @@ class DepthSFTTrainer(SFTTrainer):
             loss = per_token.sum() / torch.as_tensor(num_tokens, device=per_token.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        if not custom:
+            loss = loss + self._router_aux_term(outputs, num_items_in_batch, mode)
         with torch.no_grad():
             # SFTTrainer's metrics, from these logits: entropy and top-1 accuracy over the labelled positions
             valid = self.accelerator.gather_for_metrics(mask.sum()).sum()
@@ -273,6 +275,17 @@ class DepthSFTTrainer(SFTTrainer):
         self._metrics[mode]["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
         self._count_tokens(mode, inputs)
         return loss
+
+    def _router_aux_term(self, outputs: Any, num_items_in_batch, mode: str) -> torch.Tensor | float:
+        """A mixture-of-experts model's load-balancing loss, weighted and logged as SFTTrainer's own NLL path adds it
+        (``router_aux_loss_coef``; over the accumulation steps when the loss is scaled by ``num_items_in_batch``).
+        Its custom-loss paths add none, and neither does this one for them."""
+        aux = getattr(outputs, "aux_loss", None)
+        if not getattr(self, "aux_loss_enabled", False) or aux is None:
+            return 0.0
+        self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux.detach()).mean().item())
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        return self.router_aux_loss_coef * aux / steps
 
     def _count_tokens(self, mode: str, inputs: dict[str, Any]) -> None:
         """SFTTrainer's ``num_tokens`` metric (tokens trained on so far), which its own loss path keeps."""

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...core.output_capture import records_outputs_inside_layers
 from .delegating import Delegating
 from .forward_state import RoutingPlan
 
@@ -163,13 +164,20 @@ class SkipMLP(Delegating):
             return self.inner(x)
         if self._taps_residual and plan.want_cos:
             plan.residual = x.detach()
-        if plan.training or plan.index is None:
+        # A forward that records what modules inside the MLP output (a mixture of experts' router logits, for its
+        # load-balancing loss) needs them for every token: the MLP then runs on all of them, and the skipped ones'
+        # branch is zeroed after, as in training (the compute saving is given up for that forward).
+        if plan.training or plan.index is None or records_outputs_inside_layers():
             out = self.inner(x)
             if isinstance(out, tuple):
                 if not self._runs_whole:
                     raise ValueError(_EXTRA_OUTPUTS_MESSAGE.format(kind=type(self.inner).__name__))
                 return (gate_branch_output(plan, out[0]) if self._gates_output else out[0], *out[1:])
-            return gate_branch_output(plan, out) if self._gates_output else out
+            if not self._gates_output:
+                return out  # the post-MLP norm's shadow masks and scales
+            if not plan.training and plan.index is not None:
+                return out * (plan.scale * plan.selected).to(out.dtype).view(*out.shape[:-1], 1)
+            return gate_branch_output(plan, out)
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         result = flat.new_zeros(flat.shape)

@@ -1,0 +1,70 @@
+"""Mixture-of-experts decoders (transformers 5 keeps the experts as fused parameters and can add a router
+load-balancing loss): the model's own aux loss survives every path of the trainer, and DLO's MLP skipping keeps the
+router logits the model records whole."""
+
+import pytest
+import torch
+import transformers as T
+from peft import get_peft_model
+from tiny_models import batch, tiny_decoder
+from trainer_fixtures import make_trainer
+
+import peft_depth
+
+
+def mixtral():
+    return tiny_decoder(T.MixtralForCausalLM, T.MixtralConfig, num_local_experts=4, num_experts_per_tok=2)
+
+
+def qwen3_moe():
+    return tiny_decoder(
+        T.Qwen3MoeForCausalLM,
+        T.Qwen3MoeConfig,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        head_dim=8,
+    )
+
+
+def test_the_full_logits_path_keeps_the_models_router_aux_loss(tmp_path):
+    """MoD's log-probability mixing trains through the trainer's full-logits path, which left out the model's
+    load-balancing loss that TRL's own path adds: the same first step must log the same loss either way."""
+    logged = {}
+    for mix_space in ("logits", "log_probs"):
+        config = peft_depth.MoDConfig(task_type="CAUSAL_LM", mix_space=mix_space)
+        trainer = make_trainer(
+            config,
+            str(tmp_path / mix_space),
+            model=mixtral(),
+            max_steps=1,
+            learning_rate=0.0,
+            router_aux_loss_coef=100.0,  # the aux term (about 2 x 100) dominates the logged loss
+        )
+        trainer.train()
+        logged[mix_space] = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    assert logged["log_probs"]["aux_loss"] == pytest.approx(logged["logits"]["aux_loss"], rel=1e-5)
+    assert logged["logits"]["loss"] > 100
+    assert logged["log_probs"]["loss"] == pytest.approx(logged["logits"]["loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("build", [mixtral, qwen3_moe])
+def test_dlo_mlp_skipping_records_router_logits_for_every_token_in_eval(build):
+    """In eval the MoE block ran on the chosen tokens only, so transformers recorded router logits for part of the
+    tokens and its load-balancing loss failed on the ragged shapes once the routers skipped tokens."""
+    model = get_peft_model(build(), peft_depth.DLOConfig(task_type="CAUSAL_LM", expand_every=2, routed_layers="all"))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # trained routers skip tokens; zero-initialised ones run every token
+        for name, param in model.named_parameters():
+            if "dlo_routers" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+    model.eval()
+    inputs = batch()
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        assert peft_depth.routing_stats(model)["dlo"]["default"]["executed_fraction"] < 1
+        out = model(**inputs, labels=inputs["input_ids"], output_router_logits=True)
+    tokens = inputs["input_ids"].numel()
+    assert [logits.shape[0] for logits in out.router_logits] == [tokens] * len(out.router_logits)
+    assert torch.isfinite(out.aux_loss)
+    torch.testing.assert_close(out.logits, plain, rtol=0, atol=1e-5)
