@@ -4,7 +4,8 @@ Training step (forward + LM loss + MoLEx balance loss + backward + AdamW step) f
 default targets, the paper's setting) and MoLEx with the same LoRA:
 
 - ``molex_all_vote``: every layer mixes, ``batch_vote`` routing (the official algorithm), α = 0.95; the gates are
-  biased so that each layer votes for another layer (every layer pays for two blocks, the worst case);
+  biased so that each layer votes for another layer (every layer pays for two blocks, the worst case; a layer that
+  votes for itself pays as much in training, where it runs a second time as in the official code);
 - ``molex_half_vote``: the first half of the layers mix (the default for decoders, the paper's GPT-2 setting);
 - ``molex_half_token``: the first half mix with per-token routing (each distinct chosen layer costs a full pass).
 
@@ -68,14 +69,16 @@ def force_mixing(model, num_layers: int) -> None:
 
 
 def expert_passes(model) -> float:
-    """Mean number of extra block passes per MoLEx layer in the last forward (distinct chosen layers ≠ itself)."""
+    """Mean number of extra block passes per MoLEx layer in the last (training) forward: the distinct chosen layers,
+    the layer itself included where it runs a second time (``self_choice_second_pass``, as the official code)."""
     rows = peft_depth.routing_stats(model).get("molex", {}).get("default", [])
     if not rows:
         return 0.0
+    second_pass = model.peft_config["default"].self_choice_second_pass
     extra = []
     for row in rows:
         chosen = row["chosen"] if isinstance(row["chosen"], list) else [row["chosen"]]
-        extra.append(len({j for j in chosen if j != row["layer"]}))
+        extra.append(len({j for j in chosen if second_pass or j != row["layer"]}))
     return statistics.mean(extra)
 
 
