@@ -68,3 +68,27 @@ def test_dlo_mlp_skipping_records_router_logits_for_every_token_in_eval(build):
     assert [logits.shape[0] for logits in out.router_logits] == [tokens] * len(out.router_logits)
     assert torch.isfinite(out.aux_loss)
     torch.testing.assert_close(out.logits, plain, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("make_config", "named"),
+    [
+        (lambda: peft_depth.MoLAConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "down_proj"]), "down_proj"),
+        (lambda: peft_depth.MoLExConfig(task_type="CAUSAL_LM", target_modules=r".*\.(v_proj|gate_up_proj)"), "gate_up"),
+        (lambda: peft_depth.MoLAConfig(task_type="CAUSAL_LM", target_modules=["gate_up_proj", "down_proj"]), "gate_up"),
+    ],
+)
+def test_a_target_naming_fused_expert_weights_is_refused_by_name(make_config, named):
+    """The experts' projections are parameters of one module, which peft's name matching never reaches: next to a
+    linear name the entry was dropped silently (the experts the user asked for stayed frozen), alone it gave peft's
+    bare "not found"."""
+    with pytest.raises(ValueError, match=rf"weight tensors, not layers: `{named}.*Qwen3MoeExperts.*target_parameters"):
+        get_peft_model(qwen3_moe(), make_config())
+
+
+def test_linear_targets_of_a_moe_model_and_a_second_adapter_are_accepted():
+    """The refusal looks only at weights outside linear layers and outside adapters already injected."""
+    config = peft_depth.MoLAConfig(task_type="CAUSAL_LM", target_modules=r".*\.(q_proj|v_proj)")
+    model = get_peft_model(qwen3_moe(), config)
+    model.add_adapter("second", peft_depth.MoLAConfig(task_type="CAUSAL_LM", target_modules=r".*q_proj.*"))
+    assert {name for name, _ in model.named_parameters() if "mola_A.second" in name}

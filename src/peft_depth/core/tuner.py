@@ -26,6 +26,7 @@ from .quantization import check_merge_into_quantized
 from .safety import AllocationBudget, adapter_allocation_limit, base_model_facts, check_base_model_facts
 from .snapshot import ModelSnapshot
 from .state_marker import install_state_marker, remove_state_marker
+from .targets import check_targets_are_layers
 
 __all__ = ["DepthTuner"]
 
@@ -66,6 +67,7 @@ def _guard_injection(inject: Callable[..., Any]) -> Callable[..., Any]:
         if config is not None:
             config.revalidate()  # fields set after the config was built get the constructor's checks
             config.check_against_base(model)
+            check_targets_are_layers(model, config)
         budget = AllocationBudget(
             adapter_allocation_limit(model), what=f"{type(self).__name__} adapter {adapter_name!r}"
         )
