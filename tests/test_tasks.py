@@ -7,6 +7,7 @@ import random
 
 import torch
 from tiny_models import tiny_llama, word_tokenizer
+from tokenizers import processors
 
 from peft_depth.tasks import (
     ChoiceExample,
@@ -14,6 +15,7 @@ from peft_depth.tasks import (
     fit_examples,
     multiple_choice_accuracy,
     multiple_choice_predictions,
+    special_prefix_length,
 )
 
 
@@ -81,3 +83,20 @@ def test_rows_whose_answer_would_be_truncated_away_are_left_out():
     for example in kept:  # what TRL keeps of each row still ends with the answer
         row = encode_answer_only([example], tokenizer)[0]
         assert row["input_ids"][:8][-1] == tokenizer(example.answer, add_special_tokens=False)["input_ids"][-1]
+
+
+def test_a_bos_the_tokenizer_adds_counts_against_max_length():
+    """TRL tokenizes prompt + completion with the tokenizer's special tokens: a BOS in front took the place of the
+    answer's last token in a row that fitted max_length exactly without it."""
+    tokenizer = word_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)]
+    )
+    assert special_prefix_length(tokenizer) == 1 and special_prefix_length(word_tokenizer()) == 0
+    examples = [ChoiceExample(" ".join(f"w{4 + i}" for i in range(words)), (" w100", " w101"), 0) for words in (6, 7)]
+    kept, lengths = fit_examples(examples, tokenizer, max_length=8)
+    assert [len(ex.prompt.split()) for ex in kept] == [6] and lengths == [7]
+    for example in kept:  # as TRL tokenizes and truncates the row
+        assert tokenizer(example.prompt + example.answer)["input_ids"][:8][-1] == tokenizer.convert_tokens_to_ids(
+            "w100"
+        )

@@ -112,14 +112,30 @@ def fit_examples(examples: list[ChoiceExample], tokenizer, max_length: int) -> t
     """The examples whose prompt + answer fit ``max_length`` tokens, and those examples' token counts.
 
     TRL truncates a longer row from the end, which cuts off the answer (the only tokens with a loss): the row would
-    train on nothing. Dropping it is the honest alternative; callers report how many they dropped.
+    train on nothing. Dropping it is the honest alternative; callers report how many they dropped. TRL tokenizes
+    with the tokenizer's special tokens, so the tokens it puts in front (a BOS) count against ``max_length``; the
+    EOS it appends may be cut without touching the answer.
     """
+    room = max_length - special_prefix_length(tokenizer)
     kept, lengths = [], []
     for example, row in zip(examples, encode_answer_only(examples, tokenizer)):
-        if len(row["input_ids"]) <= max_length:
+        if len(row["input_ids"]) <= room:
             kept.append(example)
             lengths.append(len(row["input_ids"]))
     return kept, lengths
+
+
+def special_prefix_length(tokenizer) -> int:
+    """How many special tokens (a BOS) the tokenizer puts in front of a text when asked for its special tokens."""
+    plain = tokenizer("Answer", add_special_tokens=False)["input_ids"]
+    full = tokenizer("Answer")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return start
+    raise ValueError(
+        f"The tokenizer's output with special tokens ({full}) does not contain its output without them ({plain}); "
+        "the number of tokens it adds in front cannot be read off."
+    )
 
 
 def encode_answer_only(examples: list[ChoiceExample], tokenizer) -> list[dict[str, list[int]]]:
