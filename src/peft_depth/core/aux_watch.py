@@ -7,6 +7,10 @@ training forward (train mode, gradients on) starts while the previous one's auxi
 (``peft_depth.aux_losses`` / ``raw_aux_losses``), or while the training step never advanced a schedule. It then warns
 once per tuner, naming what is dropped and ``DepthSFTTrainer``. Reading the losses each step (``DepthSFTTrainer``, or a
 custom loop adding them) or setting the coefficients to 0 keeps it quiet.
+
+Any other forward that starts before the losses were read (a reference pass under ``disable_adapter()``, an evaluation)
+replaces the records they come from, so a read after it finds none: that warns too. A forward nested inside one of
+the model's own forwards does not (the outer forward's records stay its own, ``core.forward_context``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .forward_context import calls_in_progress
 
 __all__ = ["AuxReadWatch", "install_aux_watch", "note_aux_read", "note_schedule_advanced"]
 
@@ -43,26 +49,42 @@ class AuxReadWatch:
             schedules += [f"{type(config).__name__} {item}" for item in adapter_schedules]
         return losses, schedules
 
+    @torch.compiler.disable  # reads the call stack (calls_in_progress), which dynamo does not trace
     def _before_forward(self, module: nn.Module, args: Any) -> None:
-        if not (module.training and torch.is_grad_enabled()) or self.warned:
+        if self.warned:
+            return
+        training = module.training and torch.is_grad_enabled()
+        if not (training or self.aux_unread) or calls_in_progress(module) > 1:
             return
         losses, schedules = self._needs()
+        if not training:
+            # this forward replaces the records of a training forward whose auxiliary losses were never read
+            if losses:
+                self._warn(
+                    "a forward of the model (a reference pass, an evaluation) started after a training forward and "
+                    "before that forward's auxiliary losses were read, and replaces the records they come from: "
+                    + "; ".join(losses)
+                    + ". Read peft_depth.aux_losses(model) right after the training forward, as "
+                    "peft_depth.DepthSFTTrainer does (a stock transformers Trainer / trl.SFTTrainer never reads them)."
+                )
+            return
         dropped = (losses if self.aux_unread else []) + (schedules if self.schedule_stalled else [])
         if dropped:
-            self.warned = True
-            warnings.warn(
-                "peft-depth: this training loop drops what the depth adapter trains with besides the LM loss: "
+            self._warn(
+                "this training loop drops what the depth adapter trains with besides the LM loss: "
                 + "; ".join(dropped)
                 + ". A stock transformers Trainer / trl.SFTTrainer does that. For a causal LM train with "
                 "peft_depth.DepthSFTTrainer (a drop-in SFTTrainer); otherwise (a classifier, a custom loop) add "
                 "sum(peft_depth.aux_losses(model).values()) to the loss and call "
-                "peft_depth.trainer.set_training_step(model, step) every step (README, 'Other task types').",
-                UserWarning,
-                stacklevel=2,
+                "peft_depth.trainer.set_training_step(model, step) every step (README, 'Other task types')."
             )
             return
         self.aux_unread = bool(losses)
         self.schedule_stalled = bool(schedules)
+
+    def _warn(self, message: str) -> None:
+        self.warned = True
+        warnings.warn(f"peft-depth: {message}", UserWarning, stacklevel=3)
 
     def remove(self) -> None:
         self._handle.remove()

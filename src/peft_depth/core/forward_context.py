@@ -7,7 +7,9 @@ in a ``contextvars.ContextVar``, so each thread (and each asyncio task) sees the
 
 A context is made by a forward pre-hook on the top-level model and is kept after the forward returns, until that
 thread's next forward of the same model: activation-checkpoint recomputation runs during backward, after the forward
-returned, and must see the same mask. Methods keep their own per-forward values in ``ForwardContext.state`` under a
+returned, and must see the same mask. A forward of the model started inside one of its own forwards (a reference pass
+from a layer hook) gets a context of its own, and the outer forward's is current again when it returns: the outer
+forward's remaining layers read the outer call's mask and cache and record into the outer call's state. Methods keep their own per-forward values in ``ForwardContext.state`` under a
 key of their own rather than as attributes of their modules.
 
 A context holds what its forward saw (the cache, the layers whose records it keeps), so it must not outlive its
@@ -22,6 +24,7 @@ import contextlib
 import copy
 import inspect
 import itertools
+import sys
 import weakref
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -34,7 +37,14 @@ from transformers.cache_utils import Cache
 
 from .layer_call import call_cache
 
-__all__ = ["ForwardContext", "ForwardContextTracker", "labels_outside_the_call", "outside_labels", "padding_mask"]
+__all__ = [
+    "ForwardContext",
+    "ForwardContextTracker",
+    "calls_in_progress",
+    "labels_outside_the_call",
+    "outside_labels",
+    "padding_mask",
+]
 
 # One dict per thread/task: tracker key -> the context of that tracker's model's latest forward. Replaced, never
 # mutated in place, so a context copied into another thread or task keeps its own view.
@@ -69,6 +79,32 @@ def _forget(key: int) -> None:
     contexts = _CONTEXTS.get({})
     if key in contexts:
         _CONTEXTS.set({k: v for k, v in contexts.items() if k != key})
+
+
+_MODULE_CALL_CODE = nn.Module._call_impl.__code__
+
+
+def _module_call_frame() -> Any:
+    """The frame of torch's ``Module._call_impl`` that runs the pre-hook, on the stack exactly while the forward runs;
+    None where there is none (a compiled call, whose frames dynamo replaced): nested calls are then not told apart."""
+    frame = sys._getframe(1)
+    for _ in range(8):  # the pre-hook, torch's inner(), _call_impl: a few frames up
+        if frame is None:
+            return None
+        if frame.f_code is _MODULE_CALL_CODE:
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def calls_in_progress(module: nn.Module) -> int:
+    """How many calls of ``module`` are running in this thread (2 or more: a call nested in one of its own)."""
+    count, frame = 0, sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _MODULE_CALL_CODE and frame.f_locals.get("self") is module:
+            count += 1
+        frame = frame.f_back
+    return count
 
 
 def _call_arguments(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -124,6 +160,22 @@ class ForwardContext:
     cache: Cache | None = None
     past_length: int = 0
     state: dict[Any, Any] = field(default_factory=dict)
+    #: The frame of the model call while its forward runs (None once it returned): a forward that raised a
+    #: BaseException (KeyboardInterrupt) skips the post-hook, so whether the call still runs is read off the stack.
+    call_frame: Any = field(default=None, repr=False, compare=False)
+    #: The context of the forward this one runs inside (a nested call of the same model), current again at its end.
+    outer: ForwardContext | None = field(default=None, repr=False, compare=False)
+
+    def running(self) -> bool:
+        """Whether this context's forward is still running in this thread (its call frame is on the stack)."""
+        frame, target = sys._getframe(), self.call_frame
+        if target is None:
+            return False
+        while frame is not None:
+            if frame is target:
+                return True
+            frame = frame.f_back
+        return False
 
 
 class ForwardContextTracker:
@@ -133,6 +185,7 @@ class ForwardContextTracker:
         self.key = next(_KEYS)
         self._where = f"{type(model).__name__}.forward"
         self._handle = model.register_forward_pre_hook(self._begin, with_kwargs=True)
+        self._end_handle = model.register_forward_hook(self._end, always_call=True)
         self._finalizer = weakref.finalize(model, _forget, self.key)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ForwardContextTracker:
@@ -162,9 +215,18 @@ class ForwardContextTracker:
         if not self.__dict__.get("_finalizer"):
             self._finalizer = weakref.finalize(module, _forget, self.key)
 
+    @torch.compiler.disable
+    def _end_last(self, module: nn.Module) -> None:
+        """Keep ``_end`` the model's last forward hook: the post-hooks methods add later (DLO's router loss) read the
+        ending call's context, which ``_end`` would hand back to an outer call before them (hooks run in order)."""
+        hooks = module._forward_hooks
+        if hooks and next(reversed(hooks)) != self._end_handle.id and self._end_handle.id in hooks:
+            hooks.move_to_end(self._end_handle.id)
+
     def _begin(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if not self.__dict__.get("_finalizer"):
             self._track(module)
+        self._end_last(module)
         arguments = _call_arguments(module, args, kwargs)
         _, cache = call_cache(arguments, self._where)
         past_length = int(cache.get_seq_length()) if cache is not None else 0
@@ -173,8 +235,26 @@ class ForwardContextTracker:
                 attention_mask=padding_mask(arguments.get("attention_mask"), past_length),
                 cache=cache,
                 past_length=past_length,
+                call_frame=_module_call_frame(),
+                outer=self.running_context(),
             )
         )
+
+    @torch.compiler.disable
+    def _end(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """At the end of a forward (also one that raised): a nested forward hands the outer one its context back."""
+        context = self.current
+        if context is None or context.call_frame is None:
+            return
+        context.call_frame = None  # the frame's locals (the call's inputs) are not kept past the call
+        outer, context.outer = context.outer, None
+        if outer is not None and outer.running():
+            self.begin_context(outer)
+
+    def running_context(self) -> ForwardContext | None:
+        """The context of a forward of the model that is running in this thread now (None outside any)."""
+        context = self.current
+        return context if context is not None and context.running() else None
 
     def begin_context(self, context: ForwardContext) -> ForwardContext:
         """Make ``context`` this thread's current one for the model (replacing its previous forward's)."""
@@ -190,6 +270,7 @@ class ForwardContextTracker:
 
     def remove(self) -> None:
         self._handle.remove()
+        self._end_handle.remove()
         contexts = dict(_CONTEXTS.get({}))
         if contexts.pop(self.key, None) is not None:
             _CONTEXTS.set(contexts)

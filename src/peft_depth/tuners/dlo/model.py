@@ -247,12 +247,25 @@ class DLOModel(CapacitySchedule, CapacityLearningRates, StackInstallation, Adapt
     # ------------------------------------------------------------------ peft operations that walk the model
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        self._refuse_restacking_inside_a_forward("enable_adapter_layers / disable_adapter")
         super()._enable_adapter_layers(enabled)
         self._reinstall()
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        self._refuse_restacking_inside_a_forward("set_adapter")
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         self._reinstall()
+
+    def _refuse_restacking_inside_a_forward(self, what: str) -> None:
+        # A forward of the model running in this thread (a reference pass from a layer hook) still iterates the
+        # installed blocks: swapping the stack under it ran its remaining MLPs unrouted and lost its router loss.
+        context = self.__dict__.get("routing_context")
+        if context is not None and context.tracker.running_context() is not None:
+            raise RuntimeError(
+                f"DLO cannot {what} while a forward of this model is running (this is a call from inside that "
+                "forward, e.g. from a layer hook): it runs the installed layer stack, which this would swap. Switch "
+                "adapters before or after the forward."
+            )
 
     def delete_adapter(self, adapter_name: str) -> None:
         with self._rewiring_suspended():
