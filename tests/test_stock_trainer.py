@@ -127,3 +127,15 @@ def test_the_readme_recipe_for_a_classifier_trains_with_the_aux_losses_and_stays
         warnings.filterwarnings("error", message="peft-depth: this training loop drops")
         trainer.train()
     assert float(trainer.aux) > 0  # MoLA's balance loss reached the loss
+
+
+def test_dense_expansion_has_nothing_to_drop(tmp_path):
+    """DLO with no router (routed_layers='none', LLaMA-Pro's dense expansion) trains on the LM loss alone: no router
+    loss and no capacity to anneal, so a stock trainer drops nothing (it warned about both)."""
+    config = peft_depth.DLOConfig(task_type="CAUSAL_LM", expand_every=2, routed_layers="none")
+    assert config.training_needs() == ([], [])
+    trainer = _stock_trainer(config, str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert _depth_warnings(caught) == []

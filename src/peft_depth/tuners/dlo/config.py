@@ -324,6 +324,9 @@ class DLOConfig(LoraFieldsConfig):
 
     def training_needs(self) -> tuple[list[str], list[str]]:
         losses, schedules = super().training_needs()
+        if (self.routed_layers or self._default_routed_layers()) == "none":
+            # dense expansion: no router, so no router loss and no capacity to anneal (LoRA-like training)
+            return [], []
         if self.capacity_annealing_fraction is not None:
             schedules.append(f"capacity annealing (capacity_annealing_fraction={self.capacity_annealing_fraction})")
         elif self.capacity_annealing_steps > 0:
