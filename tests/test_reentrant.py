@@ -43,6 +43,9 @@ LOSSES = {
 
 def _model(case: str, use_reentrant: bool | None) -> torch.nn.Module:
     model = adapted(case, "llama").train()
+    if case.startswith("dlo"):
+        # past the capacity annealing (which starts at 1.0): the routers choose which tokens the layers skip
+        peft_depth.trainer.set_training_step(model, 10**6)
     if use_reentrant is not None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
         model.enable_input_require_grads()
@@ -68,8 +71,10 @@ def _step(model: torch.nn.Module, loss_kind: str, backward=lambda loss: loss.bac
     model.zero_grad(set_to_none=True)
     lm, aux = _forward(model)
     assert aux and all(value.requires_grad for value in aux.values()), "an auxiliary loss carries no gradient"
+    stats = peft_depth.routing_stats(model)
     backward(LOSSES[loss_kind](lm, sum(aux.values())))
-    return {"lm": lm.detach(), "aux": {name: value.detach() for name, value in aux.items()}, "grads": _grads(model)}
+    aux = {name: value.detach() for name, value in aux.items()}
+    return {"lm": lm.detach(), "aux": aux, "grads": _grads(model), "stats": stats}
 
 
 def _assert_same(got: dict[str, object], expected: dict[str, object]) -> None:
@@ -104,6 +109,9 @@ def test_checkpointing_changes_no_loss_and_no_gradient(case, checkpointing, loss
     expected = _without_checkpointing(case, loss_kind)
     got = _step(_model(case, CHECKPOINTING[checkpointing]), loss_kind)
     _assert_same(got, expected)
+    if case.startswith("dlo"):  # the layers skipped tokens, in both runs alike
+        assert got["stats"]["dlo"]["default"]["executed_fraction"] < 1
+        assert got["stats"]["dlo"] == expected["stats"]["dlo"]
 
 
 def test_mola_reentrant_gradient_reaches_the_routers_when_backward_runs_on_another_thread():
