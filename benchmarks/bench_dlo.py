@@ -9,7 +9,7 @@ projections, unmerged). An A/A line (the base against a second copy) shows the t
 Training step (forward + LM loss + router loss + backward + AdamW): DLO (new layers trained fully + routers, capacity
 0.9, cos_global) against dense expansion (same new layers, no routing), plain peft LoRA r=8 and an A/A LoRA.
 
-    python benchmarks/bench_dlo.py [--repeats 12] [--batch-size 4] [--seq-len 256] [--train-repeats 8]
+    python benchmarks/bench_dlo.py [--repeats 12] [--batch-size 4] [--seq-len 128] [--train-repeats 8]
 """
 
 from __future__ import annotations

@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--num-layers", type=int, default=30)
     parser.add_argument("--decode-repeats", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode measurement")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -130,7 +131,7 @@ def main() -> None:
     mola = models["mola_e8_k2"].eval()
     unmerged_lora = models["lora_r8"].eval()
     prompt = {k: v[:1, :16] for k, v in token_batch(1, 16).items() if k != "labels"}
-    new_tokens = 32
+    new_tokens = args.new_tokens
     decode = {
         "lora_merged": decode_fn(merged, prompt, new_tokens),
         "lora_unmerged": decode_fn(unmerged_lora, prompt, new_tokens),
