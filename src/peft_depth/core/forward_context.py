@@ -9,8 +9,9 @@ A context is made by a forward pre-hook on the top-level model and is kept after
 thread's next forward of the same model: activation-checkpoint recomputation runs during backward, after the forward
 returned, and must see the same mask. A forward of the model started inside one of its own forwards (a reference pass
 from a layer hook) gets a context of its own, and the outer forward's is current again when it returns: the outer
-forward's remaining layers read the outer call's mask and cache and record into the outer call's state. Methods keep their own per-forward values in ``ForwardContext.state`` under a
-key of their own rather than as attributes of their modules.
+forward's remaining layers read the outer call's mask and cache and record into the outer call's state. Methods keep
+their own per-forward values in ``ForwardContext.state`` under a key of their own rather than as attributes of their
+modules.
 
 A context holds what its forward saw (the cache, the layers whose records it keeps), so it must not outlive its
 model: when a tracked model is garbage-collected, its context is dropped from the thread that collects it at once,
