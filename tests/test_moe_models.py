@@ -74,8 +74,14 @@ def test_dlo_mlp_skipping_records_router_logits_for_every_token_in_eval(build):
     ("make_config", "named"),
     [
         (lambda: peft_depth.MoLAConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "down_proj"]), "down_proj"),
-        (lambda: peft_depth.MoLExConfig(task_type="CAUSAL_LM", target_modules=r".*\.(v_proj|gate_up_proj)"), "gate_up"),
-        (lambda: peft_depth.MoLAConfig(task_type="CAUSAL_LM", target_modules=["gate_up_proj", "down_proj"]), "gate_up"),
+        (
+            lambda: peft_depth.MoLExConfig(task_type="CAUSAL_LM", target_modules=r".*\.(v_proj|gate_up_proj)"),
+            "gate_up",
+        ),
+        (
+            lambda: peft_depth.MoLAConfig(task_type="CAUSAL_LM", target_modules=["gate_up_proj", "down_proj"]),
+            "gate_up",
+        ),
     ],
 )
 def test_a_target_naming_fused_expert_weights_is_refused_by_name(make_config, named):
@@ -92,3 +98,12 @@ def test_linear_targets_of_a_moe_model_and_a_second_adapter_are_accepted():
     model = get_peft_model(qwen3_moe(), config)
     model.add_adapter("second", peft_depth.MoLAConfig(task_type="CAUSAL_LM", target_modules=r".*q_proj.*"))
     assert {name for name, _ in model.named_parameters() if "mola_A.second" in name}
+
+
+def test_the_default_targets_of_a_moe_decoder_are_its_attention_projections():
+    """MoLA's default is every projection of a block; a MoE decoder's experts are fused weights, so its attention
+    projections are what there is (Mixtral had peft's q/v, Qwen3-MoE had no default at all)."""
+    for build in (mixtral, qwen3_moe):
+        model = get_peft_model(build(), peft_depth.MoLAConfig(task_type="CAUSAL_LM"))
+        adapted = {name.split(".")[-1] for name, module in model.named_modules() if hasattr(module, "mola_A")}
+        assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj"}, adapted

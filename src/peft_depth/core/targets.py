@@ -22,6 +22,9 @@ ALL_PROJECTIONS_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
         name: _LLAMA_STYLE
         for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2")
     },
+    # mixture-of-experts decoders: their experts are fused weights, not linears (check_targets_are_layers), so every
+    # projection a low-rank adapter can take is the attention's (peft's own default for Mixtral is q/v only)
+    **{name: ["q_proj", "k_proj", "v_proj", "o_proj"] for name in ("mixtral", "qwen3_moe", "olmoe", "gpt_oss")},
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
