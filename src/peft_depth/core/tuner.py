@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -163,17 +164,35 @@ class DepthTuner(BaseTuner, DepthAuxSource):
             self.add_module(name, nn.ModuleDict())
         return self._modules[name]
 
+    def _adapter_frozen(self, adapter_name: str) -> bool:
+        """Whether ``adapter_name`` was asked to stay frozen: by its config's ``inference_mode`` (a load without
+        ``is_trainable``) until ``set_adapter`` or ``set_requires_grad`` say otherwise, as they do for peft's layers."""
+        frozen = self.__dict__.get("_depth_frozen_adapters", {})
+        if adapter_name in frozen:
+            return frozen[adapter_name]
+        config = self.peft_config.get(adapter_name)
+        return config is not None and bool(config.inference_mode)
+
+    def _record_frozen(self, adapter_names: str | Sequence[str], frozen: bool) -> None:
+        if self.__dict__.get("_depth_injecting"):
+            # peft's inject_adapter re-applies the active adapters with the *new* adapter's inference_mode; that is
+            # no request about the active ones (peft restores their parameters' flags right after)
+            return
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.__dict__.setdefault("_depth_frozen_adapters", {}).update(dict.fromkeys(names, frozen))
+
     def _sync_tuner_module_trainability(self) -> None:
         active = set(self.active_adapters)
         for _, container in self.tuner_modules():
             for adapter_name, module in container.items():
-                config = self.peft_config.get(adapter_name)
                 trainable = (
-                    adapter_name in active
-                    and self.depth_adapters_enabled
-                    and not (config is not None and config.inference_mode)
+                    adapter_name in active and self.depth_adapters_enabled and not self._adapter_frozen(adapter_name)
                 )
                 module.requires_grad_(trainable)
+        self._freeze_untrained_parts()
+
+    def _freeze_untrained_parts(self) -> None:
+        """Refreeze what a method keeps frozen inside its tuner-level modules (DLO's copied weights under LoRA)."""
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
@@ -181,10 +200,10 @@ class DepthTuner(BaseTuner, DepthAuxSource):
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
+        # as peft's layers do: the adapters named become trainable unless inference_mode (an adapter loaded without
+        # is_trainable and then activated trains whole, its gates, ensembles, new layers and routers included)
+        self._record_frozen(adapter_name, inference_mode)
         self._sync_tuner_module_trainability()
-        if inference_mode:
-            for _, container in self.tuner_modules():
-                container.requires_grad_(False)
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)
@@ -193,10 +212,12 @@ class DepthTuner(BaseTuner, DepthAuxSource):
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        self._record_frozen(adapter_names, not requires_grad)
         names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
         for _, container in self.tuner_modules():
             for name in names & set(container.keys()):
                 container[name].requires_grad_(requires_grad)
+        self._freeze_untrained_parts()
 
     def delete_adapter(self, adapter_name: str) -> None:
         was_active = adapter_name in self.active_adapters
@@ -206,6 +227,7 @@ class DepthTuner(BaseTuner, DepthAuxSource):
         for _, container in self.tuner_modules():
             if adapter_name in container:
                 del container[adapter_name]
+        self.__dict__.get("_depth_frozen_adapters", {}).pop(adapter_name, None)
         self._restore_active_adapters(adapter_name, was_active, survivors, trainable)
         self._sync_tuner_module_trainability()
 
@@ -233,7 +255,9 @@ class DepthTuner(BaseTuner, DepthAuxSource):
                 )
         if not survivors or (self.active_adapters == survivors and not self._wrappers_lost(survivors)):
             return
+        frozen = dict(self.__dict__.get("_depth_frozen_adapters", {}))
         self.set_adapter(survivors[0] if len(survivors) == 1 else survivors)
+        self.__dict__["_depth_frozen_adapters"] = frozen  # a restoration, not a request to train the survivors
         if not was_active:
             # deleting an inactive adapter changes no adapter's trainability (peft's set_adapter would)
             for name, param in self.model.named_parameters():
@@ -317,8 +341,24 @@ class DepthTuner(BaseTuner, DepthAuxSource):
         check_merge_into_quantized(self.model, f"A {type(self).__name__} adapter")
         super()._check_merge_allowed()
 
+    def merging_adapters(self) -> list[str]:
+        """The adapters a merge in progress folds in (its ``adapter_names``), else the active ones: what a merge
+        refusal must look at, not every adapter the model holds."""
+        return list(self.__dict__.get("_depth_merging") or self.active_adapters)
+
+    @contextlib.contextmanager
+    def _merging(self, adapter_names: Sequence[str] | None) -> Iterator[None]:
+        self.__dict__["_depth_merging"] = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+        try:
+            yield
+        finally:
+            self.__dict__.pop("_depth_merging", None)
+
     def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any) -> nn.Module:
-        model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
+        # peft's signature: (merge, progressbar, safe_merge, adapter_names)
+        adapter_names = kwargs.get("adapter_names", args[2] if len(args) > 2 else None)
+        with self._merging(adapter_names):
+            model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
         remove_state_marker(self, model)
         remove_aux_watch(self)
         context = self.__dict__.get("routing_context")  # only if made; reading the property would make one
@@ -327,5 +367,6 @@ class DepthTuner(BaseTuner, DepthAuxSource):
         return model
 
     def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
-        self._check_merge_allowed()
-        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        with self._merging(adapter_names):
+            self._check_merge_allowed()
+            super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)

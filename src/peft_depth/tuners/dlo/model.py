@@ -206,8 +206,7 @@ class DLOModel(CapacitySchedule, CapacityLearningRates, StackInstallation, Adapt
 
     # ------------------------------------------------------------------ trainability and dtype
 
-    def _sync_tuner_module_trainability(self) -> None:
-        super()._sync_tuner_module_trainability()
+    def _freeze_untrained_parts(self) -> None:
         new_layers = getattr(self, "dlo_new_layers", None)
         if new_layers is None:
             return
