@@ -12,6 +12,7 @@ from training_checks import assert_same_loss_and_gradients, backward_once, train
 
 import peft_depth
 from peft_depth import MoLAConfig
+from peft_depth.core.aux import raw_aux_losses
 from peft_depth.core.config import CONFIG_FORMAT_VERSION
 from peft_depth.core.routing import route_top_k
 from peft_depth.tuners.mola import MoLALinear
@@ -302,6 +303,12 @@ def test_multiple_adapters_set_delete_and_combine():
     model.base_model.set_adapter(["default", "other"])
     model(**inputs)
     assert set(peft_depth.aux_losses(model)) == {"routing.default", "routing.other"}
+    # an override of "routing" covers both, as in DepthSFTTrainer (it was ignored by aux_losses)
+    assert peft_depth.aux_losses(model, {"routing": 0.0}) == {}
+    raw = raw_aux_losses(model)
+    doubled = peft_depth.aux_losses(model, {"routing": 2.0})
+    for name in ("routing.default", "routing.other"):
+        torch.testing.assert_close(doubled[name], 2.0 * raw[name].value)
     model.set_adapter("default")
     model.delete_adapter("other")
     assert "other" not in model.peft_config
@@ -456,8 +463,28 @@ def test_one_expert_mola_merges_exactly(arch):
 
 def test_merge_names_the_layers_with_several_experts():
     model = get_peft_model(tiny_llama(), MoLAConfig(num_experts=[1, 1, 2, 1], top_k=1, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match=r"layers \[2\] have more than one expert"):
+    with pytest.raises(ValueError, match=r"more than one expert in 'default': layers \[2\]"):
         model.merge_and_unload()
+
+
+def test_a_one_expert_adapter_merges_while_a_routed_one_is_loaded_beside_it():
+    """The refusal looked at every adapter the model held: an inactive routed adapter blocked merging the active
+    one-expert adapter, with a message that read as if the active one were routed."""
+    inputs = batch()
+    model = get_peft_model(tiny_llama(), MoLAConfig(num_experts=1, top_k=1, target_modules=["q_proj"]))
+    with torch.no_grad():  # B starts at zero: a merge that dropped the adapter would pass unnoticed
+        for name, param in model.named_parameters():
+            if "mola_B" in name:
+                param.normal_(0.0, 0.5)
+    model.add_adapter("routed", MoLAConfig(num_experts=3, top_k=1, target_modules=["q_proj"]))
+    model.eval()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    with pytest.raises(ValueError, match=r"more than one expert in 'routed'"):
+        model.base_model.merge_adapter(["routed"])
+    merged = model.merge_and_unload(adapter_names=["default"])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- default allocation (issue 14)

@@ -16,7 +16,14 @@ from torch import nn
 
 from .aux_watch import note_aux_read
 
-__all__ = ["AuxLossTerm", "DepthAuxSource", "aux_losses", "raw_aux_losses", "routing_stats"]
+__all__ = [
+    "AuxLossTerm",
+    "DepthAuxSource",
+    "aux_losses",
+    "coefficient_override",
+    "raw_aux_losses",
+    "routing_stats",
+]
 
 
 @dataclass
@@ -62,16 +69,26 @@ def aux_losses(model: nn.Module, coefficients: Mapping[str, float] | None = None
     """Weighted auxiliary losses of the last forward of ``model``, as a dict of scalar tensors.
 
     Each value is ``coefficient * loss`` where the coefficient is the adapter config's (e.g. MoLA's
-    ``balance_loss_coef``) unless ``coefficients`` overrides it by name. Losses with coefficient 0 are left out. The
+    ``balance_loss_coef``) unless ``coefficients`` overrides it by name (``"routing"`` also covers the
+    ``"routing.<adapter>"`` losses of several active adapters). Losses with coefficient 0 are left out. The
     tensors carry gradient, so ``loss = lm_loss + sum(aux_losses(model).values())`` trains the routers.
     """
     coefficients = dict(coefficients or {})
     weighted = {}
     for name, term in raw_aux_losses(model).items():
-        coefficient = coefficients.get(name, term.coefficient)
+        override = coefficient_override(name, coefficients)
+        coefficient = term.coefficient if override is None else override
         if coefficient != 0:
             weighted[name] = coefficient * term.value
     return weighted
+
+
+def coefficient_override(name: str, overrides: Mapping[str, float]) -> float | None:
+    """The override of loss ``name``: its own, or its method's (``routing.<adapter>``, the name a loss takes when
+    several adapters of one method are active, follows an override of ``routing``); None when there is none."""
+    if name in overrides:
+        return overrides[name]
+    return overrides.get(name.split(".", 1)[0])
 
 
 def routing_stats(model: nn.Module) -> dict[str, Any]:

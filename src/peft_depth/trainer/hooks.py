@@ -61,7 +61,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.aux import raw_aux_losses
+from ..core.aux import coefficient_override, raw_aux_losses
 from ..core.fsdp_root import check_fsdp_root
 from ..core.tuner import DepthTuner
 
@@ -183,20 +183,12 @@ class WeightedAuxTerm:
     weighted: torch.Tensor
 
 
-def _override_for(name: str, overrides: Mapping[str, float]) -> float | None:
-    # "routing.<adapter>" (several adapters of one method) follows the override of "routing"
-    if name in overrides:
-        return overrides[name]
-    base = name.split(".", 1)[0]
-    return overrides.get(base)
-
-
 def weighted_aux_terms(model: nn.Module, overrides: Mapping[str, float] | None = None) -> dict[str, WeightedAuxTerm]:
     """Auxiliary losses of the last forward of ``model``, weighted; terms whose coefficient is 0 are left out."""
     overrides = overrides or {}
     terms = {}
     for name, term in raw_aux_losses(model).items():
-        override = _override_for(name, overrides)
+        override = coefficient_override(name, overrides)
         coefficient = float(term.coefficient if override is None else override)
         if coefficient == 0:
             continue

@@ -31,21 +31,25 @@ class MoLAModel(DepthTuner):
 
     @property
     def merge_refusal_reason(self) -> str | None:  # type: ignore[override]
-        """None when every MoLA layer has one expert (always weight 1: plain LoRA, merged exactly)."""
-        routed = sorted(
-            {
-                module.mola_layer_index if module.mola_layer_index is not None else name
-                for name, module in self.model.named_modules()
-                if isinstance(module, MoLALayer) and any(n != 1 for n in module.mola_num_experts.values())
-            },
-            key=str,
-        )
+        """None when every MoLA layer of the adapters being merged has one expert (always weight 1: plain LoRA,
+        merged exactly). Other adapters the model holds do not count."""
+        merging = set(self.merging_adapters())
+        routed: dict[str, set] = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, MoLALayer):
+                for adapter, experts in module.mola_num_experts.items():
+                    if adapter in merging and experts != 1:
+                        where = module.mola_layer_index if module.mola_layer_index is not None else name
+                        routed.setdefault(adapter, set()).add(where)
         if not routed:
             return None
+        listed = "; ".join(
+            f"{adapter!r}: layers {sorted(layers, key=str)}" for adapter, layers in sorted(routed.items())
+        )
         return (
-            f"the experts applied to each token are chosen by a router from that token's input (layers {routed} have "
-            "more than one expert), so the adapter is not a fixed weight delta. Keep it unmerged (inference runs the "
-            "same routing as training); only one-expert MoLA adapters merge."
+            "the experts applied to each token are chosen by a router from that token's input (more than one expert "
+            f"in {listed}), so the adapter is not a fixed weight delta. Keep it unmerged (inference runs the same "
+            "routing as training); only one-expert MoLA adapters merge."
         )
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
