@@ -23,6 +23,7 @@ from .context import RoutingContext
 from .distributed import refuse_deepspeed_zero3
 from .layer_stack import LayerStack, find_layer_stack
 from .lora_layer import DepthLoraLayer, DepthLoraLinear
+from .offload import refuse_offloaded_base
 from .quantization import check_merge_into_quantized
 from .safety import AllocationBudget, adapter_allocation_limit, base_model_facts, check_base_model_facts
 from .snapshot import ModelSnapshot
@@ -55,6 +56,7 @@ def _guard_injection(inject: Callable[..., Any]) -> Callable[..., Any]:
         if self.__dict__.get("_depth_injecting"):  # a subclass override calling super(): guarded once, outermost
             return inject(self, model, adapter_name, *args, **kwargs)
         refuse_deepspeed_zero3(f"{type(self).__name__} adapter {adapter_name!r}")
+        refuse_offloaded_base(model, f"{type(self).__name__} adapter {adapter_name!r}")
         facts = self.__dict__.get("_depth_base_model_facts")
         # The first injection (get_peft_model, PeftModel.from_pretrained) edits the caller's base model in place: if
         # it fails, the caller keeps the model exactly as it was (hooks, swapped layers, configs), whatever failed.
