@@ -5,6 +5,7 @@ training forward and the read of its auxiliary losses replaces their records, an
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import pytest
@@ -122,3 +123,60 @@ def test_a_forward_between_the_training_forward_and_the_aux_read_warns(method):
     with pytest.warns(UserWarning, match="started after a training forward and before that forward's auxiliary"):
         with torch.no_grad(), model.disable_adapter():
             model(**inputs)
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_a_nested_pass_inside_a_checkpointed_layer_leaves_the_replay_unchanged(method, use_reentrant):
+    """A hook inside a checkpointed layer runs again in the layer's replay during backward, after the outer forward
+    returned: the nested pass must hand the replay its context back (MoLA's router gradients were 9% off)."""
+
+    def checkpointed():
+        model = _trained_looking(method)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        model.enable_input_require_grads()
+        return model
+
+    outer, inner = batch(seed=1), batch(batch_size=3, seq_len=5, seed=9, left_pad=1)
+    expected = _step(checkpointed(), outer)
+    model = checkpointed()
+    running = []
+
+    def reference_pass(module, args, output):
+        if running:  # the nested pass runs this attention too
+            return
+        running.append(True)
+        try:
+            with torch.no_grad():
+                model(**inner)
+        finally:
+            running.pop()
+
+    model.get_base_model().model.layers[1].self_attn.register_forward_hook(reference_pass)
+    logits, aux, grads = _step(model, outer)
+    torch.testing.assert_close(logits, expected[0], rtol=0, atol=0)
+    assert aux == pytest.approx(expected[1], rel=1e-6)
+    assert grads.keys() == expected[2].keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[2][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_forward_in_another_thread_does_not_count_as_replacing_the_records():
+    """Records are per thread: an inference request served by another thread between this thread's training forward
+    and its read replaces nothing, and must not use up the one warning a loop that drops the losses gets."""
+    model, inputs = _trained_looking("mola"), batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(**inputs)
+
+        def serve() -> None:
+            with torch.no_grad():
+                model(**batch(batch_size=3, seq_len=5, seed=9))
+
+        worker = threading.Thread(target=serve)
+        worker.start()
+        worker.join()
+        assert peft_depth.aux_losses(model)
+    with pytest.warns(UserWarning, match="this training loop drops"):
+        for _ in range(2):
+            model(**inputs)  # never read

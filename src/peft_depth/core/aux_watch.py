@@ -15,6 +15,7 @@ the model's own forwards does not (the outer forward's records stay its own, ``c
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Any
 
@@ -34,6 +35,7 @@ class AuxReadWatch:
     def __init__(self, tuner: Any) -> None:
         self.tuner = tuner
         self.aux_unread = False
+        self.unread_thread: int | None = None  # the thread whose training forward's losses are unread
         self.schedule_stalled = False
         self.warned = False
         self._handle = tuner.model.register_forward_pre_hook(self._before_forward)
@@ -54,7 +56,9 @@ class AuxReadWatch:
         if self.warned:
             return
         training = module.training and torch.is_grad_enabled()
-        if not (training or self.aux_unread) or calls_in_progress(module) > 1:
+        # records are per thread: a forward in another thread replaces nothing of the unread training forward's
+        same_thread = threading.get_ident() == self.unread_thread
+        if not (training or (self.aux_unread and same_thread)) or calls_in_progress(module) > 1:
             return
         losses, schedules = self._needs()
         if not training:
@@ -80,6 +84,7 @@ class AuxReadWatch:
             )
             return
         self.aux_unread = bool(losses)
+        self.unread_thread = threading.get_ident()
         self.schedule_stalled = bool(schedules)
 
     def _warn(self, message: str) -> None:
@@ -105,8 +110,8 @@ def remove_aux_watch(tuner: Any) -> None:
 def note_aux_read(source: Any) -> None:
     """The auxiliary losses of ``source``'s last forward were read."""
     watch = getattr(source, "__dict__", {}).get(_ATTRIBUTE)
-    if watch is not None:
-        watch.aux_unread = False
+    if watch is not None and watch.unread_thread in (None, threading.get_ident()):
+        watch.aux_unread = False  # a read in another thread reads that thread's records, not the unread ones
 
 
 def note_schedule_advanced(tuner: Any) -> None:

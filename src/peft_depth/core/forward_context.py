@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
+from .checkpointing import checkpoint_pass
 from .layer_call import call_cache
 
 __all__ = [
@@ -163,6 +164,9 @@ class ForwardContext:
     state: dict[Any, Any] = field(default_factory=dict)
     #: The frame of the model call while its forward runs (None once it returned): a forward that raised a
     #: BaseException (KeyboardInterrupt) skips the post-hook, so whether the call still runs is read off the stack.
+    #: After such an interrupt the frame (and its callers' locals) stays referenced until the model's next forward
+    #: in this thread, as the interrupted forward's records do; an id would not do, since the next call's frame can
+    #: reuse the address.
     call_frame: Any = field(default=None, repr=False, compare=False)
     #: The context of the forward this one runs inside (a nested call of the same model), current again at its end.
     outer: ForwardContext | None = field(default=None, repr=False, compare=False)
@@ -237,9 +241,17 @@ class ForwardContextTracker:
                 cache=cache,
                 past_length=past_length,
                 call_frame=_module_call_frame(),
-                outer=self.running_context(),
+                outer=self._enclosing_context(),
             )
         )
+
+    def _enclosing_context(self) -> ForwardContext | None:
+        """The context a forward starting now runs inside: a running forward of the model, or, in a reentrant
+        checkpoint's replay during backward (the recording forward has returned), the context the replay reads."""
+        running = self.running_context()
+        if running is None and checkpoint_pass() is not None:
+            return self.current
+        return running
 
     @torch.compiler.disable
     def _end(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -249,7 +261,7 @@ class ForwardContextTracker:
             return
         context.call_frame = None  # the frame's locals (the call's inputs) are not kept past the call
         outer, context.outer = context.outer, None
-        if outer is not None and outer.running():
+        if outer is not None:
             self.begin_context(outer)
 
     def running_context(self) -> ForwardContext | None:
