@@ -2,10 +2,12 @@
 load-balancing loss): the model's own aux loss survives every path of the trainer, and DLO's MLP skipping keeps the
 router logits the model records whole."""
 
+import json
+
 import pytest
 import torch
 import transformers as T
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from tiny_models import batch, tiny_decoder
 from trainer_fixtures import make_trainer
 
@@ -75,10 +77,6 @@ def test_dlo_mlp_skipping_records_router_logits_for_every_token_in_eval(build):
     [
         (lambda: peft_depth.MoLAConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "down_proj"]), "down_proj"),
         (
-            lambda: peft_depth.MoLExConfig(task_type="CAUSAL_LM", target_modules=r".*\.(v_proj|gate_up_proj)"),
-            "gate_up",
-        ),
-        (
             lambda: peft_depth.MoLAConfig(task_type="CAUSAL_LM", target_modules=["gate_up_proj", "down_proj"]),
             "gate_up",
         ),
@@ -90,6 +88,50 @@ def test_a_target_naming_fused_expert_weights_is_refused_by_name(make_config, na
     bare "not found"."""
     with pytest.raises(ValueError, match=rf"weight tensors, not layers: `{named}.*Qwen3MoeExperts.*target_parameters"):
         get_peft_model(qwen3_moe(), make_config())
+
+
+def qwen2_moe():
+    return tiny_decoder(
+        T.Qwen2MoeForCausalLM,
+        T.Qwen2MoeConfig,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+    )
+
+
+@pytest.mark.parametrize(
+    ("build", "target_modules", "adapted"),
+    [
+        # Qwen2-MoE's shared expert is a linear layer: the name adapts it and leaves the routed experts out
+        (qwen2_moe, ["q_proj", "down_proj"], {"q_proj", "down_proj"}),
+        # a regex names layers too; which of its parts matched only fused weights cannot be told apart
+        (qwen3_moe, r".*\.(v_proj|gate_up_proj)", {"v_proj"}),
+    ],
+)
+def test_a_target_that_also_names_layers_adapts_them_and_warns_about_the_fused_weights(build, target_modules, adapted):
+    config = peft_depth.MoLAConfig(task_type="CAUSAL_LM", target_modules=target_modules)
+    with pytest.warns(UserWarning, match="also matches weight tensors, which are left out"):
+        model = get_peft_model(build(), config)
+    assert {name.split(".")[-1] for name, module in model.named_modules() if hasattr(module, "mola_A")} == adapted
+
+
+def test_an_adapter_saved_with_a_fused_weight_name_still_loads(tmp_path):
+    """Adapters saved before the refusal trained what their names matched (the linear ones): they load, warning."""
+    model = get_peft_model(qwen3_moe(), peft_depth.MoLAConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    saved = json.loads(config_path.read_text())
+    saved["target_modules"] = ["q_proj", "down_proj"]  # what such an adapter's config says
+    config_path.write_text(json.dumps(saved))
+    inputs = batch()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    with pytest.warns(UserWarning, match="also matches weight tensors"):
+        loaded = PeftModel.from_pretrained(qwen3_moe(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, expected, rtol=0, atol=0)
 
 
 def test_linear_targets_of_a_moe_model_and_a_second_adapter_are_accepted():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
@@ -32,12 +33,15 @@ ALL_PROJECTIONS_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
 
 
 def check_targets_are_layers(model: nn.Module, config: Any) -> None:
-    """Refuse ``target_modules`` entries that name a weight tensor instead of a layer.
+    """Refuse ``target_modules`` entries that name only weight tensors, not layers; warn about fused weights that an
+    entry also naming layers leaves out.
 
     Mixture-of-experts decoders of transformers 5 (Mixtral, Qwen3-MoE, OLMoE, ...) keep their experts' projections as
     fused parameters of one experts module (``mlp.experts.gate_up_proj``). peft matches ``target_modules`` against
     module names only, so such an entry matches nothing: alone it gives peft's bare "not found", and next to a linear
     name (``["q_proj", "down_proj"]``) it is dropped without a word, and the experts the user asked for stay untouched.
+    An entry that also names linear layers (Qwen2-MoE's ``shared_expert.down_proj``) adapts those, with a warning
+    that the fused weights are left out; so does a saved adapter's config (it trained what it matched).
     """
     targets = getattr(config, "target_modules", None)
     if targets is None:
@@ -46,21 +50,49 @@ def check_targets_are_layers(model: nn.Module, config: Any) -> None:
     adapter_owned = {
         id(m) for module in model.modules() if isinstance(module, BaseTunerLayer) for m in module.modules()
     }
-    named: dict[str, tuple[str, list[str]]] = {}  # leaf name -> (module kind, full keys)
+    fused: dict[str, tuple[str, list[str]]] = {}  # leaf name -> (module kind, full keys)
+    layers: list[str] = []
     for module_name, module in model.named_modules():
-        if isinstance(module, _ADAPTABLE_LAYERS) or id(module) in adapter_owned:
+        if id(module) in adapter_owned:
+            continue
+        if isinstance(module, _ADAPTABLE_LAYERS):
+            layers.append(module_name)
             continue
         for param_name, param in module.named_parameters(recurse=False):
             key = f"{module_name}.{param_name}" if module_name else param_name
             if param.dim() >= 2 and bool(check_target_module_exists(config, key)):
-                named.setdefault(param_name, (type(module).__name__, []))[1].append(key)
-    if named:
-        shown = "; ".join(
-            f"`{leaf}` is a weight of {kind} (`{keys[0]}`, {len(keys)} in all)" for leaf, (kind, keys) in named.items()
-        )
+                fused.setdefault(param_name, (type(module).__name__, []))[1].append(key)
+    if not fused:
+        return
+    entries = [targets] if isinstance(targets, str) else list(targets)
+
+    def names_a_layer(leaf: str) -> bool:  # does an entry naming this fused weight also match a layer?
+        for entry in entries:
+            if isinstance(targets, str):
+                if any(check_target_module_exists(config, name) for name in layers):
+                    return True
+            elif leaf == entry or leaf.endswith("." + entry) or entry.endswith(leaf):
+                if any(name == entry or name.endswith("." + entry) for name in layers):
+                    return True
+        return False
+
+    only_fused = {leaf: found for leaf, found in fused.items() if not names_a_layer(leaf)}
+    shown = "; ".join(
+        f"`{leaf}` is a weight of {kind} (`{keys[0]}`, {len(keys)} in all)" for leaf, (kind, keys) in fused.items()
+    )
+    why = (
+        f"Such fused weights (mixture-of-experts models keep every expert's projection in one tensor) are not layers "
+        f"that {type(config).__name__} can adapt: it adapts linear layers"
+    )
+    if only_fused and getattr(config, "base_model_facts", None) is None:  # a new adapter, not a saved one
         raise ValueError(
-            f"`target_modules` names weight tensors, not layers: {shown}. Such fused weights (mixture-of-experts models "
-            f"keep every expert's projection in one tensor) are not layers that {type(config).__name__} can adapt: it "
-            "adapts linear layers. Remove those names from `target_modules` (the attention projections are "
-            "linear layers), or adapt fused expert weights with plain peft LoRA's `target_parameters`."
+            f"`target_modules` names weight tensors, not layers: {shown}. {why}. Remove those names from "
+            "`target_modules` (the attention projections are linear layers), or adapt fused expert weights with "
+            "plain peft LoRA's `target_parameters`."
         )
+    warnings.warn(
+        f"`target_modules` also matches weight tensors, which are left out: {shown}. {why}; the linear layers it "
+        "names are adapted. To adapt fused expert weights use plain peft LoRA's `target_parameters`.",
+        UserWarning,
+        stacklevel=3,
+    )
