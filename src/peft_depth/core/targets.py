@@ -64,17 +64,18 @@ def check_targets_are_layers(model: nn.Module, config: Any) -> None:
                 fused.setdefault(param_name, (type(module).__name__, []))[1].append(key)
     if not fused:
         return
-    entries = [targets] if isinstance(targets, str) else list(targets)
+    if isinstance(targets, str):  # a regex: which part of it matched a fused weight cannot be told apart
+        regex_names_a_layer = any(check_target_module_exists(config, name) for name in layers)
 
-    def names_a_layer(leaf: str) -> bool:  # does an entry naming this fused weight also match a layer?
-        for entry in entries:
-            if isinstance(targets, str):
-                if any(check_target_module_exists(config, name) for name in layers):
-                    return True
-            elif leaf == entry or leaf.endswith("." + entry) or entry.endswith(leaf):
-                if any(name == entry or name.endswith("." + entry) for name in layers):
-                    return True
-        return False
+    def names_a_layer(leaf: str) -> bool:
+        """Whether a ``target_modules`` entry naming the fused weight ``leaf`` also names a layer."""
+        if isinstance(targets, str):
+            return regex_names_a_layer
+        return any(
+            (entry == leaf or entry.endswith("." + leaf))
+            and any(name == entry or name.endswith("." + entry) for name in layers)
+            for entry in targets
+        )
 
     only_fused = {leaf: found for leaf, found in fused.items() if not names_a_layer(leaf)}
     shown = "; ".join(
