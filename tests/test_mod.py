@@ -313,6 +313,30 @@ def test_distillation_fraction_subsamples_positions():
     assert peft_depth.routing_stats(model)["mod"]["default"]["distill_positions"] == round(0.25 * 17)
 
 
+def test_an_eval_forward_distils_every_position_and_repeats_exactly():
+    # distill_fraction subsamples training forwards only: an evaluation with labels is exact, repeatable and draws
+    # nothing from the global RNG (it drew a fresh subset each call, so eval_loss moved between identical evaluations)
+    model = mod(tiny_llama(), distill_fraction=0.25)
+    full = mod(tiny_llama(), distill_fraction=1.0)
+    full.load_state_dict(model.state_dict())
+    inputs = batch(batch_size=2, seq_len=9, left_pad=1)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    model.eval()
+    full.eval()
+    losses = []
+    with torch.no_grad():
+        for _ in range(2):
+            rng = torch.get_rng_state()
+            model(**inputs, labels=labels)
+            assert torch.equal(torch.get_rng_state(), rng)
+            losses.append(peft_depth.aux_losses(model)["distill"])
+        full(**inputs, labels=labels)
+    assert torch.equal(losses[0], losses[1])
+    assert torch.equal(losses[0], peft_depth.aux_losses(full)["distill"])
+    stats = peft_depth.routing_stats(model)["mod"]["default"]
+    assert stats["distill_positions"] == peft_depth.routing_stats(full)["mod"]["default"]["distill_positions"] == 16
+
+
 def test_distillation_runs_in_training_or_with_labels_only():
     model = mod(tiny_llama())
     inputs = batch()

@@ -142,7 +142,9 @@ class MoDConfig(LoraFieldsConfig):
         default=1.0,
         metadata={
             "help": "Fraction of the label-carrying positions the distillation loss uses, drawn at random each "
-            "forward (at least one position); in (0, 1]. 1.0 distils on all of them."
+            "training forward (at least one position); in (0, 1]. 1.0 distils on all of them. An eval-mode forward "
+            "with labels distils every position (the same expectation, without the sampling noise), so eval_loss "
+            "repeats exactly."
         },
     )
     distill_chunk_size: int = field(

@@ -117,9 +117,11 @@ def make_record(
     logit_transform: tuple[float, float | None],
     distill_coef: float,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    subsample: bool = True,
 ) -> MoDRecord:
     """The routing statistics of one adapter over real tokens with finite scores and, when distillation runs, its
-    loss over the distilled positions among them."""
+    loss over the distilled positions among them (a random ``distill_fraction`` of them when ``subsample``: in
+    training only, so that an evaluation with labels is exact, repeatable and leaves the global RNG alone)."""
     with torch.no_grad():
         counted = ~nonfinite if mask is None else mask.bool() & ~nonfinite
         num_tokens = counted.sum()
@@ -138,7 +140,7 @@ def make_record(
         return record
     distilled = distill_positions_mask.to(states.device) & ~nonfinite.to(states.device)
     positions = distilled.reshape(-1).nonzero().squeeze(1)
-    if config.distill_fraction < 1.0 and positions.numel() > 0:
+    if subsample and config.distill_fraction < 1.0 and positions.numel() > 0:
         keep = max(1, round(config.distill_fraction * positions.numel()))
         positions = positions[torch.randperm(positions.numel(), device=positions.device)[:keep]]
     num_layers, hidden = states.shape[0], states.shape[-1]

@@ -319,6 +319,7 @@ class MoDModel(DepthTuner):
                 logit_transform,
                 distill_coef,
                 reduce,
+                subsample=self.model.training,
             )
         state.pending_log_probs = pending or None
         state.records = records
