@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .core.adapter_copy import copy_adapter
 from .core.aux import aux_losses, routing_stats
 from .core.nonfinite import NonFiniteRoutingError
 from .hub import install as _install_hub_hooks
@@ -32,6 +33,7 @@ __all__ = [
     "MoLExModel",
     "NonFiniteRoutingError",
     "aux_losses",
+    "copy_adapter",
     "routing_stats",
     "__version__",
 ]

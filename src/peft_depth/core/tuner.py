@@ -16,6 +16,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from .adapter_copy import TRL_SOURCE_ADAPTER, copies_trl_reference_adapter, copy_adapter
 from .adapter_keys import adapter_key_prefixes, select_adapter_entries
 from .aux import DepthAuxSource
 from .aux_watch import install_aux_watch, remove_aux_watch
@@ -79,6 +80,10 @@ def _guard_injection(inject: Callable[..., Any]) -> Callable[..., Any]:
             with budget:
                 result = inject(self, model, adapter_name, *args, **kwargs)
             install_aux_watch(self)
+            if copies_trl_reference_adapter(self.peft_config, adapter_name):
+                # TRL then copies only names containing ".default.", which misses the ParameterDict weights; its
+                # modules_to_save copies do not exist yet here, and TRL's own test does match those
+                copy_adapter(self, TRL_SOURCE_ADAPTER, adapter_name, include_modules_to_save=False)
             return result
         except BaseException:
             if snapshot is not None:

@@ -38,7 +38,8 @@ class DepthSFTConfig(SFTConfig):
     dense model).
 
     Note that ``SFTConfig`` itself defaults to ``bf16=True`` and ``gradient_checkpointing=True``; both work with every
-    depth method, but on CPU pass ``bf16=False`` (fp32 is faster there and numerically exact).
+    depth method, but without a GPU pass ``bf16=False`` (required: transformers refuses bf16 there unless
+    ``use_cpu=True``; and fp32 is faster on a CPU without native bf16).
     """
 
     routing_loss_coef: float | None = field(
