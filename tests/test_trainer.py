@@ -183,6 +183,20 @@ def test_evaluation_reports_the_same_components(tmp_path):
     assert metrics["eval_loss"] == pytest.approx(metrics["eval_loss/lm"] + metrics["eval_loss/routing"], rel=1e-5)
 
 
+def test_predict_leaves_the_next_evaluation_alone(tmp_path):
+    # predict() never calls log(), where SFTTrainer empties its metric buffer: the prediction batches' loss parts and
+    # routing statistics were averaged into the next evaluate(), whose eval_loss/lm + eval_loss/routing then no longer
+    # added up to its eval_loss
+    trainer = make_trainer(METHODS["mola"](), str(tmp_path), max_steps=1, per_device_eval_batch_size=4)
+    held_out = counting_dataset(8, seed=5)
+    first = trainer.evaluate(eval_dataset=held_out)
+    trainer.predict(counting_dataset(8, seed=9, min_len=20, max_len=30))
+    second = trainer.evaluate(eval_dataset=held_out)
+    parts = [key for key in first if key.startswith(("eval_loss", "eval_routing"))]
+    assert "eval_loss/lm" in parts and "eval_routing/mola/usage_entropy" in parts
+    assert {key: second[key] for key in parts} == {key: first[key] for key in parts}
+
+
 def test_zero_override_turns_the_aux_loss_off(tmp_path):
     trainer = make_trainer(METHODS["mola"](), str(tmp_path), max_steps=1, routing_loss_coef=0.0)
     trainer.train()

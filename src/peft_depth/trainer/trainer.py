@@ -287,6 +287,14 @@ class DepthSFTTrainer(SFTTrainer):
         steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
         return self.router_aux_loss_coef * aux / steps
 
+    def predict(self, *args: Any, **kwargs: Any):
+        # predict() never calls log(), which is where SFTTrainer empties its metric buffer: without this, the
+        # prediction batches' loss parts and routing statistics were averaged into the next evaluate()'s metrics
+        try:
+            return super().predict(*args, **kwargs)
+        finally:
+            self._metrics["eval"].clear()
+
     def _count_tokens(self, mode: str, inputs: dict[str, Any]) -> None:
         """SFTTrainer's ``num_tokens`` metric (tokens trained on so far), which its own loss path keeps."""
         if not hasattr(self, "_total_train_tokens"):
