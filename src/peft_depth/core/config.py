@@ -271,17 +271,27 @@ class LoraFieldsConfig(DepthPeftConfig):
         default=16, metadata={"help": "Scaling numerator: the update is scaled by lora_alpha / r."}
     )
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter input, in [0, 1)."})
-    bias: str = field(default="none", metadata={"help": "Which biases train: 'none', 'all' or '<method>_only'."})
+    bias: str = field(
+        default="none",
+        metadata={
+            "help": "Which biases train: 'none', 'all' or '<method>_only' (the adapted layers' biases; MoLEx, which "
+            "adapts whole layers, takes 'none' or 'all')."
+        },
+    )
     init_lora_weights: bool = field(
         default=True,
         metadata={
-            "help": "True: B starts at zero so a fresh adapter equals the base model. False: B starts random "
-            "(for tests that need a non-trivial adapter)."
+            "help": "True: B starts at zero, so the low-rank update starts at zero (the whole adapter starts at "
+            "the base model for MoLA, MoD at gate_init=0 and DLO at init='zero_out'; MoLEx mixes in another layer "
+            "from the first step). False: B starts random (for tests that need a non-trivial adapter)."
         },
     )
     fan_in_fan_out: bool = field(
         default=False,
-        metadata={"help": "Set automatically for GPT-2 style Conv1D layers, which store weights as (in, out)."},
+        metadata={
+            "help": "Kept for peft compatibility and not read: the layers detect GPT-2 style Conv1D weights, stored "
+            "as (in, out), by themselves."
+        },
     )
 
     def __post_init__(self) -> None:

@@ -15,8 +15,9 @@ Things to know:
 - ``routing="batch_vote"`` (the paper's) makes one sequence's output depend on the rest of the batch, at training and
   at inference; it and ``"sequence"`` are not causal, so ``generate`` runs without KV cache for them (forced, with a
   warning). ``"token"`` routing is causal and generates with a KV cache (one side cache per expert pass).
-- Each MoLEx layer runs two blocks (its own and the chosen one) unless the gate picks the layer itself; ``"token"``
-  routing runs one extra full-sequence pass per distinct chosen layer.
+- Each MoLEx layer runs two blocks (its own and the chosen one); when the gate picks the layer itself, it runs its own
+  block twice in training (``self_choice_second_pass``, fresh dropout masks) and once in eval. ``"token"`` routing
+  runs one extra full-sequence pass per distinct chosen layer.
 - Merging is refused: the mixture depends on the input. ``unload()`` gives back the base model.
 - ``output_attentions`` reports each layer's own attention map once, and ``output_hidden_states`` each layer's mixed
   output once: expert passes are not recorded, so both stay aligned with the base model's layers.
