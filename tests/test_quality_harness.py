@@ -746,7 +746,10 @@ def test_shipped_lm_eval_task_configs_render_the_package_prompts(tmp_path):
     for task in ("boolq", "piqa", "arc_easy", "arc_challenge", "sciq", "sst2"):
         rows = validation_rows(task)  # every row: the rendering is exact, not just on a sample
         config = task_config(task, export_rows(task, rows, tmp_path))
-        (harness_task,) = manager.load_task_or_group([config]).values()
+        if hasattr(manager, "load"):  # lm-eval >= 0.5 (load_task_or_group is deprecated there)
+            (harness_task,) = manager.load([config])["tasks"].values()
+        else:
+            (harness_task,) = manager.load_task_or_group([config]).values()
         docs = list(harness_task.test_docs())
         examples = choice_examples(task, rows)
         assert len(docs) == len(examples) == len(rows), task
