@@ -76,3 +76,24 @@ def test_an_inference_load_trains_once_asked_and_stays_trainable_across_a_disabl
     assert _trainable_names(model, "default") == {name.format("default") for name in expected}
     model.base_model.set_adapter("default", inference_mode=True)
     assert _trainable_names(model, "default") == set()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_half_precision_bases_freeze_and_train_the_same_parameters(saved_pairs, method, dtype):
+    # peft upcasts half-precision adapter weights to float32 by re-assigning ParameterDict entries, which made them
+    # new Parameters with requires_grad=True: the low-rank factors of a frozen adapter trained, its routers did not
+    folder, expected = saved_pairs[method]
+    loaded = PeftModel.from_pretrained(tiny_llama().to(dtype), folder)  # inference mode
+    assert [name for name, param in loaded.named_parameters() if param.requires_grad] == []
+    loaded.load_adapter(folder / "other", adapter_name="other")
+    assert _trainable_names(loaded, "other") == set()
+    trainable = PeftModel.from_pretrained(tiny_llama().to(dtype), folder, is_trainable=True)
+    assert _trainable_names(trainable, "default") == {name.format("default") for name in expected}
+    trainable.add_adapter("third", CONFIGS[method]())  # added inactive: frozen until set_adapter
+    assert _trainable_names(trainable, "third") == set()
+    assert _trainable_names(trainable, "default") == {name.format("default") for name in expected}
+    trainable.set_adapter("third")
+    assert _trainable_names(trainable, "third") == {name.format("third") for name in expected}
+    # and what trains was upcast, as peft does for its own adapter weights
+    assert {param.dtype for name, param in trainable.named_parameters() if param.requires_grad} == {torch.float32}

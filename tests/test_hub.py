@@ -241,15 +241,34 @@ def test_transformers_add_and_load_adapter_are_refused_before_touching_the_model
     from transformers.integrations.peft import MIN_PEFT_VERSION
 
     ours = Version(peft.__version__) >= Version(MIN_PEFT_VERSION)
-    if method != "mola":  # MoLA keeps every weight in its layers: adding it empty is allowed
-        with pytest.raises(ValueError, match=r"get_peft_model" if ours else r"PEFT you are using is not compatible"):
-            pristine.add_adapter(method_configs()[method])
-        # the path add_adapter takes once peft is new enough, reached directly: our refusal, whatever the versions
-        with pytest.raises(ValueError, match=r"keeps adapter weights on the tuner.*get_peft_model"):
-            peft.inject_adapter_in_model(method_configs()[method], pristine)
+    # MoLA keeps every weight in its layers, but its balance loss is collected through the tuner, which this path
+    # never builds (aux_losses would be {}): refused while the loss is on
+    refusal = r"auxiliary loss \(balance_loss_coef=0.001\).*get_peft_model" if method == "mola" else None
+    with pytest.raises(ValueError, match=r"get_peft_model" if ours else r"PEFT you are using is not compatible"):
+        pristine.add_adapter(method_configs()[method])
+    # the path add_adapter takes once peft is new enough, reached directly: our refusal, whatever the versions
+    with pytest.raises(ValueError, match=refusal or r"keeps adapter weights on the tuner.*get_peft_model"):
+        peft.inject_adapter_in_model(method_configs()[method], pristine)
     assert not any(isinstance(m, BaseTunerLayer) for m in pristine.modules())  # refused before any injection
     assert pristine.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in pristine.state_dict().items())
+
+
+def test_mola_without_its_balance_loss_injects_with_the_same_outputs():
+    def config():
+        return peft_depth.MoLAConfig(
+            task_type="CAUSAL_LM", num_experts=2, top_k=1, balance_loss_coef=0.0, init_lora_weights=False
+        )
+
+    torch.manual_seed(0)
+    injected = peft.inject_adapter_in_model(config(), tiny_base())
+    torch.manual_seed(0)
+    wrapped = get_peft_model(tiny_base(), config())
+    batch = inputs()
+    with torch.no_grad():
+        assert torch.equal(injected(**batch).logits, wrapped(**batch).logits)
+        assert not torch.allclose(injected(**batch).logits, tiny_base()(**batch).logits)
+    assert peft_depth.aux_losses(injected) == {} == peft_depth.aux_losses(wrapped)
 
 
 def test_an_adapter_file_cannot_write_base_weights_through_transformers_load_adapter(tmp_path):

@@ -279,8 +279,23 @@ class DepthTuner(BaseTuner, DepthAuxSource):
                     return True
         return False
 
+    @contextlib.contextmanager
+    def _keeping_trainability(self) -> Iterator[None]:
+        """Every parameter keeps its ``requires_grad`` through the block, replaced Parameters included.
+
+        Why: peft upcasts a ParameterDict entry by assigning ``dict[name] = p.float()``, which wraps it in a new
+        Parameter with ``requires_grad=True``. On a half-precision base, the low-rank factors of an adapter loaded in
+        inference mode (or added inactive) came back trainable while its routers and gates stayed frozen.
+        """
+        trainable = {name: param.requires_grad for name, param in self.named_parameters()}
+        yield
+        for name, param in self.named_parameters():
+            if trainable.get(name, param.requires_grad) != param.requires_grad:
+                param.requires_grad_(trainable[name])
+
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        with self._keeping_trainability():
+            super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         if not autocast_adapter_dtype:
             return
         # as peft does for layer adapters: keep half-precision adapter weights in float32 for stable training

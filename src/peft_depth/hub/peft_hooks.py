@@ -472,6 +472,17 @@ def _wrap_inject_adapter_in_model(original: Any) -> Any:
                     "`model.load_adapter()` - drops. Use `peft.get_peft_model(model, config)` to add it and "
                     "`PeftModel.from_pretrained(model, path)` to load it."
                 )
+            losses, _ = peft_config.training_needs()
+            if losses:
+                # the losses and routing statistics are collected through the tuner (core.aux), which this path
+                # never builds: aux_losses(model) would be {} and a loop adding it would train without the loss
+                raise ValueError(
+                    f"{type(peft_config).__name__} trains with an auxiliary loss ({', '.join(losses)}) that its "
+                    "tuner collects, and `inject_adapter_in_model` - and so transformers' `model.add_adapter()` - "
+                    "builds no tuner: `peft_depth.aux_losses(model)` would return {} and training would drop the "
+                    "loss silently. Use `peft.get_peft_model(model, config)`, or set the coefficient to 0 to inject "
+                    "the layers without that loss."
+                )
         return original(peft_config, model, *args, **kwargs)
 
     return _mark(inject_adapter_in_model)

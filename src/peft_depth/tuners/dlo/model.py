@@ -222,7 +222,8 @@ class DLOModel(CapacitySchedule, CapacityLearningRates, StackInstallation, Adapt
         # new_layer_training='full', their LoRA with 'lora') and the routers are upcast like adapter weights; frozen
         # copies keep the base dtype, like the frozen base. A float32 new layer runs in float32 behind a
         # PrecisionBridge (installed by _reinstall), its output handed back in the stack's dtype.
-        BaseTuner._cast_adapter_dtype(self, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        with self._keeping_trainability():
+            BaseTuner._cast_adapter_dtype(self, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         if not autocast_adapter_dtype:
             return
         config: DLOConfig = self.peft_config[adapter_name]
