@@ -56,6 +56,8 @@ class DepthLoraLayer(BaseTunerLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
         self.in_features, self.out_features = linear_features(base_layer)
+        #: peft's switch for casting the input to the adapter's dtype (peft.helpers.disable_input_dtype_casting)
+        self.cast_input_dtype_enabled = True
         self.lora_A = nn.ParameterDict({})
         self.lora_B = nn.ParameterDict({})
         self.lora_dropout = nn.ModuleDict({})
@@ -113,7 +115,7 @@ class DepthLoraLinear(WeightDeltaMerge, nn.Module, DepthLoraLayer):
             if adapter_name not in self.lora_A:
                 continue
             lora_A = self.lora_A[adapter_name]
-            x_flat = x.reshape(-1, self.in_features).to(lora_A.dtype)
+            x_flat = self._cast_input_dtype(x.reshape(-1, self.in_features), lora_A.dtype)
             delta = low_rank_delta(
                 x_flat,
                 lora_A,

@@ -24,6 +24,7 @@ class TunerStateMarker(nn.Module, BaseTunerLayer):
         object.__setattr__(self, "_tuner", tuner)  # not a child: the tuner owns the model, not the reverse
         self.merged_adapters = []
         self._disable_adapters = False
+        self.cast_input_dtype_enabled = True  # read and set by peft.helpers.disable_input_dtype_casting
 
     @property
     def active_adapter(self) -> str | list[str]:

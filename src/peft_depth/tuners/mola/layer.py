@@ -39,6 +39,8 @@ class MoLALayer(BaseTunerLayer):
         self.in_features, self.out_features = linear_features(base_layer)
         #: index of the block this linear sits in (None outside the block stack); groups the balance loss
         self.mola_layer_index = layer_index
+        #: peft's switch for casting the input to the adapter's dtype (peft.helpers.disable_input_dtype_casting)
+        self.cast_input_dtype_enabled = True
         self.mola_A = nn.ParameterDict({})
         self.mola_B = nn.ParameterDict({})
         self.mola_router = nn.ModuleDict({})
@@ -191,7 +193,7 @@ class MoLALinear(WeightDeltaMerge, nn.Module, MoLALayer):
             if adapter_name not in self.mola_A:
                 continue
             lora_A = self.mola_A[adapter_name]
-            x_flat = x.reshape(-1, self.in_features).to(lora_A.dtype)
+            x_flat = self._cast_input_dtype(x.reshape(-1, self.in_features), lora_A.dtype)
             logits = self.mola_router[adapter_name](x_flat)
             nonfinite = check_routing_scores(
                 logits, self.mola_nonfinite_routing.get(adapter_name, "base_path"), self._where(adapter_name)
