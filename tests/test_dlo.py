@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -821,6 +822,31 @@ def test_generate_runs_uncached_where_dlo_keeps_no_cache_and_says_so(settings):
         step = {"input_ids": plain[:, 5:6], "attention_mask": torch.ones(1, 6, dtype=torch.long)}
         with pytest.raises(ValueError, match=r"inference_selection='capacity'.*use_cache=False"):
             model(**step, past_key_values=prefill.past_key_values)
+
+
+def test_training_mode_generation_below_full_capacity_runs_uncached():
+    """TRL's GRPO/RLOO generate in training mode. With a training capacity below 1, a cached decode step chose among
+    its new tokens alone: the tokens were sampled from another policy than the one the loss forward then scores."""
+    model = dlo(tiny_llama(num_layers=8), capacity=0.5, capacity_annealing_steps=0)
+    randomise_routers(model)
+    perturb_new_layers(model)
+    model.train()
+    prompt = batch(batch_size=2, seq_len=5, left_pad=0)
+    options = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match=r"training mode executes the top `capacity`.*use_cache=False"):
+            plain = model.generate(**prompt, **options)
+        assert torch.equal(plain, model.generate(**prompt, **options, use_cache=False))
+        prefill = model(**prompt, use_cache=True)
+        step = {"input_ids": plain[:, 5:6], "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+        with pytest.raises(ValueError, match=r"training-mode capacity of 0.5.*use_cache=False"):
+            model(**step, past_key_values=prefill.past_key_values)
+    full = dlo(tiny_llama(num_layers=8), capacity=0.5)  # annealing from 1: nothing to refuse at step 0
+    full.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            full.generate(**prompt, **options)
 
 
 @pytest.mark.parametrize("layout", ["sliding_window_padded", "packed_sequences"])

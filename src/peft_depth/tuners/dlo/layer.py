@@ -256,6 +256,8 @@ class DLOBlock(Delegating):
         capacity, want_cos, inference_capacity = settings
         if not training and inference_capacity is not None:
             self._refuse_decoding_on_a_cache(hidden_states, args, kwargs)
+        elif training and capacity is not None and capacity < 1.0:
+            self._refuse_decoding_on_a_cache(hidden_states, args, kwargs, training_capacity=capacity)
         chosen = self._select(scores, valid, ~nonfinite, training, capacity, inference_capacity)
         # The base path of a token with non-finite scores: the layer runs on it, unscaled, as in the base model. It
         # joins the selection only after the batch-wide choice above, which never saw it.
@@ -295,16 +297,22 @@ class DLOBlock(Delegating):
         )
         return output
 
-    def _refuse_decoding_on_a_cache(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> None:
-        """inference_selection='capacity' picks a fraction of all the tokens of a forward: a forward that adds tokens
-        to a cache would pick among the new tokens alone (every one of them, for one token per row)."""
+    def _refuse_decoding_on_a_cache(
+        self, hidden_states: torch.Tensor, args: tuple, kwargs: dict, training_capacity: float | None = None
+    ) -> None:
+        """A capacity budget (inference_selection='capacity' in eval, the training capacity below 1 in training)
+        picks a fraction of all the tokens of a forward: a forward that adds tokens to a cache would pick among the
+        new tokens alone (every one of them, for one token per row)."""
         call = bind_block_call(self.inner, self.inner.forward, (hidden_states, *args), kwargs)
         if call.past_length(self.position) > 0:
+            rule = "inference_selection='capacity'"
+            if training_capacity is not None:
+                rule = f"a training-mode capacity of {training_capacity:.3g}"
             raise ValueError(
-                f"{self._where}: inference_selection='capacity' executes the top `inference_capacity` fraction of "
-                "all the tokens of a forward, so a step that reads a KV cache would choose among its new tokens "
-                "alone (all of them, one token per row) and cached generation would differ from uncached. Generate "
-                "with use_cache=False (DLOModel.generate does so), or use inference_selection='threshold'."
+                f"{self._where}: {rule} executes a fixed fraction of all the tokens of a forward, so a step that "
+                "reads a KV cache would choose among its new tokens alone (all of them, one token per row) and "
+                "cached generation would differ from uncached. Generate with use_cache=False (DLOModel.generate does "
+                "so), or, in eval, use inference_selection='threshold'."
             )
 
     def _select(

@@ -319,6 +319,10 @@ class DLOModel(CapacitySchedule, CapacityLearningRates, StackInstallation, Adapt
             return "skip_mode='block' runs each routed layer's attention over its selected tokens only"
         if config.inference_selection == "capacity":
             return "inference_selection='capacity' executes a fraction of all the tokens of each forward"
+        if self.model.training and any(c < 1.0 for c in self.dlo_layer_capacities(adapter).values()):
+            # TRL's GRPO/RLOO generate in training mode: a cached step chose among its new tokens alone, so tokens
+            # were sampled from another policy than the loss forward scores (log-probs up to 0.2 apart)
+            return "in training mode executes the top `capacity` fraction (now below 1) of all the tokens of a forward"
         return None
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
