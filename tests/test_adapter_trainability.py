@@ -84,10 +84,11 @@ def test_half_precision_bases_freeze_and_train_the_same_parameters(saved_pairs, 
     # peft upcasts half-precision adapter weights to float32 by re-assigning ParameterDict entries, which made them
     # new Parameters with requires_grad=True: the low-rank factors of a frozen adapter trained, its routers did not
     folder, expected = saved_pairs[method]
-    loaded = PeftModel.from_pretrained(tiny_llama().to(dtype), folder)  # inference mode
-    assert [name for name, param in loaded.named_parameters() if param.requires_grad] == []
-    loaded.load_adapter(folder / "other", adapter_name="other")
-    assert _trainable_names(loaded, "other") == set()
+    for low_cpu_mem_usage in (False, True):  # the second path moves the loaded tensors with a re-assignment too
+        loaded = PeftModel.from_pretrained(tiny_llama().to(dtype), folder, low_cpu_mem_usage=low_cpu_mem_usage)
+        assert [name for name, param in loaded.named_parameters() if param.requires_grad] == []
+        loaded.load_adapter(folder / "other", adapter_name="other", low_cpu_mem_usage=low_cpu_mem_usage)
+        assert _trainable_names(loaded, "other") == set()
     trainable = PeftModel.from_pretrained(tiny_llama().to(dtype), folder, is_trainable=True)
     assert _trainable_names(trainable, "default") == {name.format("default") for name in expected}
     trainable.add_adapter("third", CONFIGS[method]())  # added inactive: frozen until set_adapter

@@ -269,6 +269,11 @@ def test_mola_without_its_balance_loss_injects_with_the_same_outputs():
         assert torch.equal(injected(**batch).logits, wrapped(**batch).logits)
         assert not torch.allclose(injected(**batch).logits, tiny_base()(**batch).logits)
     assert peft_depth.aux_losses(injected) == {} == peft_depth.aux_losses(wrapped)
+    # with the loss on, only an inference-mode injection is allowed (nothing trains, so nothing is dropped)
+    frozen = peft_depth.MoLAConfig(task_type="CAUSAL_LM", num_experts=2, top_k=1, inference_mode=True)
+    model = peft.inject_adapter_in_model(frozen, tiny_base())
+    assert any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    assert not any(param.requires_grad for param in model.parameters())
 
 
 def test_an_adapter_file_cannot_write_base_weights_through_transformers_load_adapter(tmp_path):

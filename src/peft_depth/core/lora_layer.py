@@ -15,6 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .low_rank import init_low_rank, linear_features, low_rank_delta
 from .quantization import check_merge_into_quantized
+from .trainability import requires_grad_kept
 
 __all__ = ["DepthLoraLayer", "DepthLoraLinear", "WeightDeltaMerge", "storage_layout"]
 
@@ -87,6 +88,11 @@ class DepthLoraLayer(BaseTunerLayer):
         self.lora_B[adapter_name] = nn.Parameter(lora_B)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Any = None) -> None:
+        # peft re-assigns the ParameterDict entries as new, trainable Parameters (core.trainability)
+        with requires_grad_kept(self):
+            super()._move_adapter_to_device_of_base_layer(adapter_name, device)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Weight update in the base layer's storage layout (``[out, in]``, or ``[in, out]`` for Conv1D)."""

@@ -30,6 +30,7 @@ from .safety import AllocationBudget, adapter_allocation_limit, base_model_facts
 from .snapshot import ModelSnapshot
 from .state_marker import install_state_marker, remove_state_marker
 from .targets import check_targets_are_layers
+from .trainability import requires_grad_kept
 
 __all__ = ["DepthTuner"]
 
@@ -81,9 +82,10 @@ def _guard_injection(inject: Callable[..., Any]) -> Callable[..., Any]:
                 result = inject(self, model, adapter_name, *args, **kwargs)
             install_aux_watch(self)
             if copies_trl_reference_adapter(self.peft_config, adapter_name):
-                # TRL then copies only names containing ".default.", which misses the ParameterDict weights; its
-                # modules_to_save copies do not exist yet here, and TRL's own test does match those
+                # TRL then copies only names containing ".default.", which misses the ParameterDict weights (its
+                # test does match the modules_to_save copies). Copied now and again after peft's dtype cast.
                 copy_adapter(self, TRL_SOURCE_ADAPTER, adapter_name, include_modules_to_save=False)
+                self.__dict__["_depth_pending_trl_copy"] = adapter_name
             return result
         except BaseException:
             if snapshot is not None:
@@ -279,31 +281,25 @@ class DepthTuner(BaseTuner, DepthAuxSource):
                     return True
         return False
 
-    @contextlib.contextmanager
-    def _keeping_trainability(self) -> Iterator[None]:
-        """Every parameter keeps its ``requires_grad`` through the block, replaced Parameters included.
-
-        Why: peft upcasts a ParameterDict entry by assigning ``dict[name] = p.float()``, which wraps it in a new
-        Parameter with ``requires_grad=True``. On a half-precision base, the low-rank factors of an adapter loaded in
-        inference mode (or added inactive) came back trainable while its routers and gates stayed frozen.
-        """
-        trainable = {name: param.requires_grad for name, param in self.named_parameters()}
-        yield
-        for name, param in self.named_parameters():
-            if trainable.get(name, param.requires_grad) != param.requires_grad:
-                param.requires_grad_(trainable[name])
-
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        with self._keeping_trainability():
+        with requires_grad_kept(self):
             super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-        if not autocast_adapter_dtype:
-            return
-        # as peft does for layer adapters: keep half-precision adapter weights in float32 for stable training
-        for _, container in self.tuner_modules():
-            if adapter_name in container:
-                for param in container[adapter_name].parameters():
-                    if param.dtype in (torch.float16, torch.bfloat16):
-                        param.data = param.data.float()
+        if autocast_adapter_dtype:
+            # as peft does for layer adapters: keep half-precision adapter weights in float32 for stable training
+            for _, container in self.tuner_modules():
+                if adapter_name in container:
+                    for param in container[adapter_name].parameters():
+                        if param.dtype in (torch.float16, torch.bfloat16):
+                            param.data = param.data.float()
+        self._finish_trl_reference_copy(adapter_name)
+
+    def _finish_trl_reference_copy(self, adapter_name: str) -> None:
+        """Copy TRL's reference adapter again once peft has upcast it (``add_adapter`` casts after injecting): the
+        copy made at injection went into half-precision tensors on a bf16/fp16 base, and the upcast kept the
+        rounded values (MoLA's DPO loss at step 0 read 0.689, not ln 2)."""
+        if self.__dict__.get("_depth_pending_trl_copy") == adapter_name:
+            del self.__dict__["_depth_pending_trl_copy"]
+            copy_adapter(self, TRL_SOURCE_ADAPTER, adapter_name, include_modules_to_save=False)
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):

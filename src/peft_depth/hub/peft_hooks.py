@@ -473,7 +473,7 @@ def _wrap_inject_adapter_in_model(original: Any) -> Any:
                     "`PeftModel.from_pretrained(model, path)` to load it."
                 )
             losses, _ = peft_config.training_needs()
-            if losses:
+            if losses and not peft_config.inference_mode:
                 # the losses and routing statistics are collected through the tuner (core.aux), which this path
                 # never builds: aux_losses(model) would be {} and a loop adding it would train without the loss
                 raise ValueError(

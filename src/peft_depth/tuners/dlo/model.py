@@ -42,6 +42,7 @@ from ...core.lora_layer import DepthLoraLayer
 from ...core.output_capture import refuse_unrecorded_outputs
 from ...core.rewiring import StackRewiring
 from ...core.targets import ALL_PROJECTIONS_TARGET_MODULES_MAPPING
+from ...core.trainability import requires_grad_kept
 from ...core.tuner import DepthTuner
 from .capacities import CapacitySchedule
 from .config import DLOConfig
@@ -222,10 +223,13 @@ class DLOModel(CapacitySchedule, CapacityLearningRates, StackInstallation, Adapt
         # new_layer_training='full', their LoRA with 'lora') and the routers are upcast like adapter weights; frozen
         # copies keep the base dtype, like the frozen base. A float32 new layer runs in float32 behind a
         # PrecisionBridge (installed by _reinstall), its output handed back in the stack's dtype.
-        with self._keeping_trainability():
+        with requires_grad_kept(self):
             BaseTuner._cast_adapter_dtype(self, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-        if not autocast_adapter_dtype:
-            return
+        if autocast_adapter_dtype:
+            self._upcast_trained_parts(adapter_name)
+        self._finish_trl_reference_copy(adapter_name)
+
+    def _upcast_trained_parts(self, adapter_name: str) -> None:
         config: DLOConfig = self.peft_config[adapter_name]
         tensors = []
         if adapter_name in getattr(self, "dlo_routers", {}):

@@ -16,6 +16,7 @@ from ...core.lora_layer import WeightDeltaMerge, storage_layout
 from ...core.low_rank import init_low_rank, linear_features, low_rank_delta
 from ...core.nonfinite import check_routing_scores
 from ...core.routing import RoutingDecision, RoutingStatistics, masked_routing_statistics, route_top_k
+from ...core.trainability import requires_grad_kept
 
 __all__ = ["MoLALayer", "MoLALinear"]
 
@@ -86,6 +87,11 @@ class MoLALayer(BaseTunerLayer):
         self.mola_router[adapter_name] = nn.Linear(self.in_features, num_experts, bias=False)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Any = None) -> None:
+        # peft re-assigns the ParameterDict entries as new, trainable Parameters (core.trainability)
+        with requires_grad_kept(self):
+            super()._move_adapter_to_device_of_base_layer(adapter_name, device)
 
     def _publish(self, records: dict[str, _Routed]) -> None:
         # Per forward and per thread (core.forward_context): concurrent forwards never see each other's decisions.
