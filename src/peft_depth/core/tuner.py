@@ -237,6 +237,8 @@ class DepthTuner(BaseTuner, DepthAuxSource):
             if adapter_name in container:
                 del container[adapter_name]
         self.__dict__.get("_depth_frozen_adapters", {}).pop(adapter_name, None)
+        if self.__dict__.get("_depth_pending_trl_copy") == adapter_name:
+            del self.__dict__["_depth_pending_trl_copy"]
         self._restore_active_adapters(adapter_name, was_active, survivors, trainable)
         self._sync_tuner_module_trainability()
 
@@ -297,8 +299,12 @@ class DepthTuner(BaseTuner, DepthAuxSource):
         """Copy TRL's reference adapter again once peft has upcast it (``add_adapter`` casts after injecting): the
         copy made at injection went into half-precision tensors on a bf16/fp16 base, and the upcast kept the
         rounded values (MoLA's DPO loss at step 0 read 0.689, not ln 2)."""
-        if self.__dict__.get("_depth_pending_trl_copy") == adapter_name:
-            del self.__dict__["_depth_pending_trl_copy"]
+        if self.__dict__.pop("_depth_pending_trl_copy", None) != adapter_name:
+            return
+        # still the adapter TRL added (a flag left by a failed add_adapter must not copy into a later one)
+        if adapter_name in self.peft_config and self.peft_config[adapter_name] is self.peft_config.get(
+            TRL_SOURCE_ADAPTER
+        ):
             copy_adapter(self, TRL_SOURCE_ADAPTER, adapter_name, include_modules_to_save=False)
 
     @classmethod
