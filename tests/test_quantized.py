@@ -479,3 +479,24 @@ def test_dlo_may_double_a_prepared_quantized_base_within_the_allocation_budget(
     monkeypatch.setenv(safety.MAX_ADAPTER_BYTES_ENV, str(safety.adapter_allocation_limit(bases.quantized(kind)) // 4))
     with pytest.raises(ValueError, match="absurd sizes"):
         get_peft_model(bases.quantized(kind), peft_depth.DLOConfig(task_type="CAUSAL_LM", expand_every=1))
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+@pytest.mark.parametrize("method", ["mola", "molex", "mod", "dlo"])
+def test_low_cpu_mem_usage_loads_exactly_or_is_refused_by_name(bases, tmp_path, method, kind):
+    # a meta-device build could not read packed 8-bit weights (every method: "Cannot copy out of meta tensor") nor,
+    # for DLO's layer copies, 4-bit ones; plain LoRA loads on both
+    get_peft_model(bases.quantized(kind), method_config(method)).save_pretrained(tmp_path)
+    refused = kind == "int8" or method == "dlo"
+    base = bases.quantized(kind)
+    if refused:
+        bits = "8bit" if kind == "int8" else "4bit"
+        with pytest.raises(ValueError, match=rf"low_cpu_mem_usage=True is not supported on a bitsandbytes {bits}"):
+            PeftModel.from_pretrained(base, tmp_path, low_cpu_mem_usage=True)
+        assert not any(isinstance(m, BaseTunerLayer) for m in base.modules())  # refused before injecting
+        return
+    light = PeftModel.from_pretrained(base, tmp_path, low_cpu_mem_usage=True)
+    plain = PeftModel.from_pretrained(bases.quantized(kind), tmp_path)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(light(input_ids=ids).logits, plain(input_ids=ids).logits)

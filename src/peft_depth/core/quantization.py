@@ -47,6 +47,21 @@ def is_quantized_linear(module: nn.Module) -> bool:
     return weight is not None and is_quantized_parameter(weight)
 
 
+def refuse_low_cpu_mem_usage_on(model: nn.Module, kinds: tuple[str, ...], what: str) -> None:
+    """ValueError when ``model`` has a bitsandbytes linear of one of ``kinds`` ("8bit": ``Linear8bitLt``, "4bit":
+    ``Linear4bit``). Why: a ``low_cpu_mem_usage`` load builds the adapter on the meta device, and what reads the
+    packed base weights there failed with bare errors ("Cannot copy out of meta tensor" on 8-bit bases for every
+    method; DLO's layer copies on 4-bit ones too), where plain LoRA loads."""
+    for name, module in model.named_modules():
+        if is_quantized_linear(module):
+            kind = "8bit" if type(module.weight).__name__ == "Int8Params" else "4bit"
+            if kind in kinds:
+                raise ValueError(
+                    f"{what}: low_cpu_mem_usage=True is not supported on a bitsandbytes {kind} base (e.g. {name!r}); "
+                    "load with low_cpu_mem_usage=False (the default)."
+                )
+
+
 def floating_parameter(module: nn.Module) -> torch.Tensor | None:
     """The first floating-point parameter of the base model in ``module`` (a norm weight in a quantized decoder
     layer), or None: its dtype is the dtype ``module`` computes in. Quantized data and peft adapter weights (kept in

@@ -25,7 +25,7 @@ from .distributed import refuse_deepspeed_zero3
 from .layer_stack import LayerStack, find_layer_stack
 from .lora_layer import DepthLoraLayer, DepthLoraLinear
 from .offload import refuse_offloaded_base
-from .quantization import check_merge_into_quantized
+from .quantization import check_merge_into_quantized, refuse_low_cpu_mem_usage_on
 from .safety import AllocationBudget, adapter_allocation_limit, base_model_facts, check_base_model_facts
 from .snapshot import ModelSnapshot
 from .state_marker import install_state_marker, remove_state_marker
@@ -59,6 +59,11 @@ def _guard_injection(inject: Callable[..., Any]) -> Callable[..., Any]:
             return inject(self, model, adapter_name, *args, **kwargs)
         refuse_deepspeed_zero3(f"{type(self).__name__} adapter {adapter_name!r}")
         refuse_offloaded_base(model, f"{type(self).__name__} adapter {adapter_name!r}")
+        # low_cpu_mem_usage reaches inject_adapter as a flag (add_adapter, load_adapter) or, for the first adapter of
+        # PeftModel.from_pretrained, as accelerate's init_empty_weights around the tuner: new modules land on meta
+        on_meta = kwargs.get("low_cpu_mem_usage", args[1] if len(args) > 1 else False)
+        if on_meta or nn.Linear(1, 1, bias=False).weight.is_meta:
+            refuse_low_cpu_mem_usage_on(model, self.low_cpu_mem_usage_refused_for, f"{type(self).__name__} adapter")
         facts = self.__dict__.get("_depth_base_model_facts")
         # The first injection (get_peft_model, PeftModel.from_pretrained) edits the caller's base model in place: if
         # it fails, the caller keeps the model exactly as it was (hooks, swapped layers, configs), whatever failed.
@@ -115,6 +120,8 @@ class DepthTuner(BaseTuner, DepthAuxSource):
 
     #: Why this method cannot be merged into the base weights; ``None`` means merging is allowed.
     merge_refusal_reason: str | None = None
+    #: bitsandbytes weight kinds ("8bit", "4bit") on which a ``low_cpu_mem_usage=True`` load is refused.
+    low_cpu_mem_usage_refused_for: tuple[str, ...] = ("8bit",)
     #: Names of tuner-level ``nn.ModuleDict`` attributes keyed by adapter name (each must start with ``prefix``).
     tuner_module_names: tuple[str, ...] = ()
 

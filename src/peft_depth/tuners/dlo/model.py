@@ -90,6 +90,8 @@ class DLOModel(CapacitySchedule, CapacityLearningRates, StackInstallation, Adapt
     tuner_layer_cls = DepthLoraLayer
     target_module_mapping = ALL_PROJECTIONS_TARGET_MODULES_MAPPING
     tuner_module_names = ("dlo_new_layers", "dlo_routers")
+    # the new layers are copies of quantized layers, dequantized from packed storage a meta build cannot read
+    low_cpu_mem_usage_refused_for = ("8bit", "4bit")
 
     # ------------------------------------------------------------------ state
 
