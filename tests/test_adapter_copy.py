@@ -141,3 +141,19 @@ def test_dpo_reference_adapter_is_the_trained_adapter(method, dtype, tmp_path):
     model.train()
     loss = trainer.compute_loss(model, next(iter(trainer.get_train_dataloader())))
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_a_failed_trl_add_leaves_no_copy_pending_for_a_later_ref_adapter(monkeypatch):
+    model = trained(get_peft_model(tiny_llama(), CONFIGS["mola"]()))
+    # TRL's idiom, from a frame of a trl.trainer module
+    namespace = {"__name__": "trl.trainer.fake_trainer"}
+    exec("def add_reference(model):\n    model.add_adapter('ref', model.peft_config['default'])\n", namespace)
+    tuner = model.base_model
+    monkeypatch.setattr(type(tuner), "_cast_adapter_dtype", lambda *a, **k: (_ for _ in ()).throw(OSError("cast")))
+    with pytest.raises(OSError, match="cast"):  # peft's add_adapter does not roll back when the cast fails
+        namespace["add_reference"](model)
+    monkeypatch.undo()
+    model.delete_adapter("ref")
+    model.add_adapter("ref", CONFIGS["mola"]())  # a user's own adapter of that name: fresh, as with LoRA
+    source, fresh = adapter_state(model, "default"), adapter_state(model, "ref")
+    assert not any(torch.equal(source[key], fresh[key]) for key in source if "mola_B" in key)
