@@ -306,8 +306,9 @@ class DepthTuner(BaseTuner, DepthAuxSource):
         """Copy TRL's reference adapter again once peft has upcast it (``add_adapter`` casts after injecting): the
         copy made at injection went into half-precision tensors on a bf16/fp16 base, and the upcast kept the
         rounded values (MoLA's DPO loss at step 0 read 0.689, not ln 2)."""
-        if self.__dict__.pop("_depth_pending_trl_copy", None) != adapter_name:
+        if self.__dict__.get("_depth_pending_trl_copy") != adapter_name:
             return
+        del self.__dict__["_depth_pending_trl_copy"]
         # still the adapter TRL added (a flag left by a failed add_adapter must not copy into a later one)
         if adapter_name in self.peft_config and self.peft_config[adapter_name] is self.peft_config.get(
             TRL_SOURCE_ADAPTER
