@@ -47,15 +47,24 @@ def is_quantized_linear(module: nn.Module) -> bool:
     return weight is not None and is_quantized_parameter(weight)
 
 
-def refuse_low_cpu_mem_usage_on(model: nn.Module, kinds: tuple[str, ...], what: str) -> None:
-    """ValueError when ``model`` has a bitsandbytes linear of one of ``kinds`` ("8bit": ``Linear8bitLt``, "4bit":
-    ``Linear4bit``). Why: a ``low_cpu_mem_usage`` load builds the adapter on the meta device, and what reads the
-    packed base weights there failed with bare errors ("Cannot copy out of meta tensor" on 8-bit bases for every
-    method; DLO's layer copies on 4-bit ones too), where plain LoRA loads."""
+def _new_parameters_land_on_meta() -> bool:
+    """Whether a parameter registered now is moved to the meta device (accelerate's ``init_empty_weights``, which
+    peft puts around the tuner of ``PeftModel.from_pretrained(..., low_cpu_mem_usage=True)``). The probe holds no
+    element and runs no initialiser: it allocates nothing and draws nothing from the RNG."""
+    probe = nn.Module()
+    probe.register_parameter("probe", nn.Parameter(torch.empty(0)))
+    return probe.probe.is_meta
+
+
+def refuse_low_cpu_mem_usage_on(model: nn.Module, kinds: tuple[str, ...], what: str, low_cpu_mem_usage: bool) -> None:
+    """ValueError when a ``low_cpu_mem_usage`` build (the flag, or the meta-device context peft opens for it) meets a
+    bitsandbytes linear of one of ``kinds`` ("8bit": ``Linear8bitLt``, "4bit": ``Linear4bit``). Why: what reads the
+    packed base weights on the meta device failed with bare errors ("Cannot copy out of meta tensor" on 8-bit bases
+    for every method; DLO's layer copies on 4-bit ones too), where plain LoRA loads."""
     for name, module in model.named_modules():
         if is_quantized_linear(module):
             kind = "8bit" if type(module.weight).__name__ == "Int8Params" else "4bit"
-            if kind in kinds:
+            if kind in kinds and (low_cpu_mem_usage or _new_parameters_land_on_meta()):
                 raise ValueError(
                     f"{what}: low_cpu_mem_usage=True is not supported on a bitsandbytes {kind} base (e.g. {name!r}); "
                     "load with low_cpu_mem_usage=False (the default)."

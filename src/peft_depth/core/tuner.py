@@ -61,9 +61,10 @@ def _guard_injection(inject: Callable[..., Any]) -> Callable[..., Any]:
         refuse_offloaded_base(model, f"{type(self).__name__} adapter {adapter_name!r}")
         # low_cpu_mem_usage reaches inject_adapter as a flag (add_adapter, load_adapter) or, for the first adapter of
         # PeftModel.from_pretrained, as accelerate's init_empty_weights around the tuner: new modules land on meta
-        on_meta = kwargs.get("low_cpu_mem_usage", args[1] if len(args) > 1 else False)
-        if on_meta or nn.Linear(1, 1, bias=False).weight.is_meta:
-            refuse_low_cpu_mem_usage_on(model, self.low_cpu_mem_usage_refused_for, f"{type(self).__name__} adapter")
+        low_cpu_mem_usage = kwargs.get("low_cpu_mem_usage", args[1] if len(args) > 1 else False)
+        refuse_low_cpu_mem_usage_on(
+            model, self.low_cpu_mem_usage_refused_for, f"{type(self).__name__} adapter", low_cpu_mem_usage
+        )
         facts = self.__dict__.get("_depth_base_model_facts")
         # The first injection (get_peft_model, PeftModel.from_pretrained) edits the caller's base model in place: if
         # it fails, the caller keeps the model exactly as it was (hooks, swapped layers, configs), whatever failed.
