@@ -100,8 +100,18 @@ def test_a_user_adding_an_adapter_named_ref_gets_a_fresh_one_as_with_lora():
     # only TRL's idiom (called from trl.trainer, with the very config object of "default") copies
     model = trained(get_peft_model(tiny_llama(), CONFIGS["mola"]()))
     model.add_adapter("ref", model.peft_config["default"])
+    # fresh means initialised, not copied: every expert's B starts at zero, so "ref" computes the base model
+    fresh = adapter_state(model, "ref")
+    assert [key for key in fresh if "mola_B" in key] and all(
+        torch.count_nonzero(value) == 0 for key, value in fresh.items() if "mola_B" in key
+    )
     inputs = batch()
-    assert not torch.allclose(logits_with(model, "ref", inputs), logits_with(model, "default", inputs))
+    model.set_adapter("ref")
+    model.eval()
+    with model.disable_adapter(), torch.no_grad():
+        base = model(**inputs).logits
+    assert torch.equal(logits_with(model, "ref", inputs), base)
+    assert not torch.allclose(logits_with(model, "default", inputs), base)
 
 
 @pytest.mark.parametrize(
