@@ -896,8 +896,36 @@ def test_block_skipping_refuses_a_mask_it_cannot_take_at_the_chosen_tokens():
         _packed_mask({"full_attention": None}, order, seq=3)
     with pytest.raises(ValueError, match=r"cannot read \(shape \(1, 3\)"):
         _packed_mask(torch.ones(1, 3), order, seq=3)
-    bias = torch.tensor([[0.0, -1e9, -1e9], [0.0, 0.0, -1e9], [-1e9, 0.0, 0.0]])[None, None]  # token 2 cannot see 0
-    assert _packed_mask(bias, order, seq=3).tolist() == [[[[True, False], [False, True]]]]
+    blocked = torch.finfo(torch.float32).min
+    bias = torch.tensor([[0.0, blocked, blocked], [0.0, 0.0, blocked], [blocked, 0.0, 0.0]])[
+        None, None
+    ]  # 2 cannot see 0
+    allowed, packed_bias = _packed_mask(bias, order, seq=3)
+    assert allowed.tolist() == [[[[True, False], [False, True]]]]
+    assert packed_bias.tolist() == [[[[0.0, 0.0], [0.0, 0.0]]]]
+    assert _packed_mask(bias == 0, order, seq=3)[0].tolist() == allowed.tolist()
+
+
+def test_block_skipping_keeps_the_bias_an_additive_mask_carries_at_the_original_positions():
+    """transformers >= 5.25 adds Falcon's ALiBi bias to the attention mask. Reading "may attend" as ``mask == 0``
+    dropped every key with a bias (Falcon's block-skip logits were 0.33 off the base with identity new layers), and
+    the packed call must see each pair's bias at the tokens' original positions, not at their packed slots."""
+    from peft_depth.tuners.dlo.block_skip import _packed_mask
+
+    blocked = torch.finfo(torch.float32).min
+    slope = torch.tensor([0.5, 0.25])  # two heads
+    keys = torch.arange(5.0)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    mask = (slope[:, None, None] * keys).expand(2, 5, 5).masked_fill(~causal, blocked)[None]  # [1, 2, 5, 5]
+    order = torch.tensor([[1, 3, 4], [0, 2, 4]])
+    allowed, bias = _packed_mask(mask, order, seq=5)
+    assert allowed.shape == bias.shape == (2, 2, 3, 3)
+    for row in range(2):
+        for i, p in enumerate(order[row].tolist()):
+            for j, q in enumerate(order[row].tolist()):
+                assert bool(allowed[row, 0, i, j]) == (q <= p)
+                expected = [float(s * q) if q <= p else 0.0 for s in slope]
+                assert bias[row, :, i, j].tolist() == expected
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])

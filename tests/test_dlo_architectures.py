@@ -9,6 +9,8 @@ Gemma-2/3 and OLMo-2 labels compared the attention output instead of ``h'``, and
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,7 @@ from transformers import (
     PhiForCausalLM,
 )
 
+import peft_depth
 from peft_depth.core.layer_stack import find_layer_stack
 from peft_depth.tuners.dlo import DLOConfig, DLOModel
 from peft_depth.tuners.dlo.layer import DLOBlock
@@ -199,8 +202,34 @@ def test_block_skip_keeps_a_tuple_returning_layer_s_output_structure(new_decoder
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in new_layer.parameters())
 
 
-def test_block_skip_refuses_alibi_biases():
-    base = tiny_decoder(FalconForCausalLM, FalconConfig, alibi=True)
-    model = get_peft_model(base, DLOConfig(task_type="CAUSAL_LM", expand_every=2, skip_mode="block"))
-    with pytest.raises(ValueError, match="ALiBi position biases"):
-        model(**batch(left_pad=0))
+def _falcon_layers_take_alibi() -> bool:
+    """transformers < 5.25 passes Falcon's ALiBi bias to each layer (``alibi=``); 5.25 adds it to the attention mask."""
+    from transformers.models.falcon.modeling_falcon import FalconDecoderLayer
+
+    return "alibi" in inspect.signature(FalconDecoderLayer.forward).parameters
+
+
+@pytest.mark.parametrize("new_decoder_architecture", [False, True])
+def test_block_skip_runs_alibi_falcon_exactly_or_refuses_it(new_decoder_architecture):
+    """Where the bias comes as its own argument, block skip cannot pack it and refuses by name. Where transformers
+    adds it to the attention mask, the packed call must carry it: with identity new layers and every token chosen, the
+    logits are the base model's (they were 0.33 off when the packed mask kept only the keys with zero bias)."""
+    config = dict(alibi=True, new_decoder_architecture=new_decoder_architecture)
+    inputs = batch(left_pad=2)
+    base = tiny_decoder(FalconForCausalLM, FalconConfig, **config)
+    with torch.no_grad():
+        expected = base(**inputs).logits
+    model = get_peft_model(
+        tiny_decoder(FalconForCausalLM, FalconConfig, **config),
+        DLOConfig(task_type="CAUSAL_LM", expand_every=2, skip_mode="block", routed_layers="all"),
+    )
+    model.eval()
+    if _falcon_layers_take_alibi():
+        with pytest.raises(ValueError, match="ALiBi position biases"):
+            model(**inputs)
+        return
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert peft_depth.routing_stats(model)["dlo"]["default"]["executed_fraction"] == 1
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(logits[real], expected[real], rtol=0, atol=1e-5)

@@ -194,11 +194,16 @@ def _packed_delta(
     if position_ids is not None:
         kwargs["position_ids"] = position_ids.expand(batch, -1).gather(1, order)
     # Among the chosen tokens of each row, what the layer's own mask allows (causal, and its sliding window, padding
-    # and packed-sequence boundaries); empty slots see only themselves so that no row of the softmax is empty.
-    allowed = _packed_mask(kwargs.get("attention_mask"), order, seq)
+    # and packed-sequence boundaries) and the bias it adds there (Falcon's ALiBi, which transformers >= 5.25 folds
+    # into the mask); empty slots see only themselves so that no row of the softmax is empty.
+    allowed, bias = _packed_mask(kwargs.get("attention_mask"), order, seq)
     allowed = allowed & slot_valid[:, None, None, :] & slot_valid[:, None, :, None]
     allowed = allowed | torch.eye(width, dtype=torch.bool, device=hidden_states.device)
-    bias = torch.zeros(allowed.shape, dtype=hidden_states.dtype, device=hidden_states.device)
+    bias = (
+        torch.zeros(allowed.shape, dtype=hidden_states.dtype, device=hidden_states.device)
+        if bias is None
+        else bias.to(hidden_states.dtype).expand(allowed.shape).clone()
+    )
     kwargs["attention_mask"] = bias.masked_fill(~allowed, torch.finfo(hidden_states.dtype).min)
     packed_scale = scale.view(batch, seq).gather(1, order)
     if branch_scaling is not None:
@@ -212,17 +217,22 @@ def _packed_delta(
     return torch.zeros_like(hidden_states).scatter(1, order.unsqueeze(-1).expand(-1, -1, dim), update)
 
 
-def _packed_mask(mask: Any, order: torch.Tensor, seq: int) -> torch.Tensor:
-    """``[B, heads, K, K]`` booleans: may packed token i attend to packed token j, read from the layer's own mask.
+def _packed_mask(mask: Any, order: torch.Tensor, seq: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the layer's own mask says between packed tokens: ``[B, heads, K, K]`` booleans (may packed token i attend
+    to packed token j) and the additive bias it puts there (None for a boolean mask or plain causal attention).
 
-    The layer's mask is ``[B or 1, heads or 1, seq, seq]`` (booleans, or an additive bias with 0 = attend), or None
-    when transformers found plain causal attention enough (then it is). Anything else (a flex-attention block mask, a
-    dict) is refused: a causal mask in its place dropped the model's sliding window and packed-sequence boundaries.
+    The layer's mask is ``[B or 1, heads or 1, seq, seq]`` (booleans, or an additive bias with a large negative value
+    for "cannot attend"), or None when transformers found plain causal attention enough (then it is). An additive
+    mask's values where attention is allowed are kept, not only where it is allowed: a mask that carries a position
+    bias (transformers >= 5.25 adds Falcon's ALiBi to it) must give the packed tokens the bias of their original
+    positions, and reading "allowed" as ``mask == 0`` dropped every key with a bias. Anything else (a flex-attention
+    block mask, a dict) is refused: a causal mask in its place dropped the model's sliding window and packed-sequence
+    boundaries.
     """
     batch, width = order.shape
     if mask is None:
         causal = torch.ones(width, width, dtype=torch.bool, device=order.device).tril()
-        return causal.expand(batch, 1, width, width)
+        return causal.expand(batch, 1, width, width), None
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2:] != (seq, seq):
         description = f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(
@@ -231,8 +241,13 @@ def _packed_mask(mask: Any, order: torch.Tensor, seq: int) -> torch.Tensor:
             "tensor over the sequence, as the eager and sdpa attention implementations get). Load the model with "
             "attn_implementation='sdpa' or 'eager', or use skip_mode='mlp'."
         )
-    allowed = mask if mask.dtype == torch.bool else mask == 0
-    allowed = allowed.expand(batch, -1, -1, -1)
-    heads = allowed.shape[1]
-    rows = allowed.gather(2, order[:, None, :, None].expand(batch, heads, width, seq))
-    return rows.gather(3, order[:, None, None, :].expand(batch, heads, width, width))
+    mask = mask.expand(batch, -1, -1, -1)
+    heads = mask.shape[1]
+    packed = mask.gather(2, order[:, None, :, None].expand(batch, heads, width, seq))
+    packed = packed.gather(3, order[:, None, None, :].expand(batch, heads, width, width))
+    if packed.dtype == torch.bool:
+        return packed, None
+    # transformers masks with the dtype's minimum (some models with -inf, or a large negative constant such as -1e4,
+    # which stays in the bias and masks as before); half of the minimum separates it from any real bias
+    allowed = packed > torch.finfo(packed.dtype).min / 2
+    return allowed, packed.masked_fill(~allowed, 0)
