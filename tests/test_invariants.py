@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from peft import get_peft_model
 from tiny_models import VOCAB, tiny_gpt2, tiny_llama, tiny_qwen3
 
@@ -294,6 +296,57 @@ def test_molex_token_routing_with_assisted_decoding_on_sliding_window_layers():
     assert torch.equal(assisted, reference)
 
 
+@pytest.mark.parametrize("case", ["molex_token", "mod_sequence"])
+def test_assisted_decoding_continues_a_reused_cache(case):
+    """A cache that already carries an adapter's state (its class then follows the cache's edits) is asked by
+    transformers 5.25 to ``activate_past_recording(recurrent_states_to_keep=...)``: the override took no arguments,
+    so continuing a generation with prompt lookup raised TypeError (plain LoRA ran). Only that it runs is asserted:
+    transformers (5.24 and 5.25) feeds the whole prompt again on top of a reused cache in assisted decoding, so the
+    bare model's tokens there differ from uncached greedy ones too (7 of 8 random models)."""
+    from peft_depth.core.layer_call import output_cache
+
+    model = adapted(case, "llama")
+    generator = torch.Generator().manual_seed(3)
+    pattern = torch.randint(3, VOCAB, (4,), generator=generator)
+    ids = torch.cat([pattern, pattern, pattern[:2]])[None]  # repeats, so prompt lookup proposes drafts
+    options = dict(do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        first = model.generate(input_ids=ids, max_new_tokens=4, return_dict_in_generate=True, **options)
+        sequences, cache = first.sequences, output_cache(first)
+        assert cache is not None and peft_depth.core.cache_state.attached_states(cache)
+        keyword = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"  # renamed
+        continued = model.generate(
+            input_ids=sequences,
+            attention_mask=torch.ones_like(sequences),
+            **{keyword: cache},
+            prompt_lookup_num_tokens=3,
+            max_new_tokens=6,
+            **options,
+        )
+    assert continued.shape == (1, sequences.shape[1] + 6) and torch.equal(
+        continued[:, : sequences.shape[1]], sequences
+    )
+
+
+def test_the_cache_passes_whatever_its_own_activate_past_recording_takes():
+    from transformers import DynamicCache
+
+    from peft_depth.core.cache_state import attach_state
+
+    class _Recording(DynamicCache):
+        def activate_past_recording(self, recurrent_states_to_keep=None):  # noqa: D102 - transformers 5.25's signature
+            self.kept = recurrent_states_to_keep
+
+    class _State:
+        def activate_past_recording(self, *args, **kwargs):
+            self.called_with = (args, kwargs)
+
+    cache, state = _Recording(), _State()
+    attach_state(cache, "probe", state)
+    cache.activate_past_recording(recurrent_states_to_keep=3)
+    assert cache.kept == 3 and state.called_with == ((), {"recurrent_states_to_keep": 3})
+
+
 def test_molex_token_routing_refuses_a_static_cache_naming_the_way_out():
     model = adapted("molex_token", "llama")
     with pytest.raises(ValueError, match=r"static.*dynamic cache.*routing='batch_vote'"):
@@ -307,6 +360,11 @@ def test_the_padding_mask_read_from_4d_masks_of_every_kind():
     boolean = torch.ones(4, 4, dtype=torch.bool).tril() & real.bool()[:, None, None, :]  # [2, 1, 4, 4]
     additive = torch.zeros(boolean.shape).masked_fill(~boolean, torch.finfo(torch.float32).min)
     assert torch.equal(padding_mask(boolean, 0), real) and torch.equal(padding_mask(additive, 0), real)
+    # a mask that carries a position bias (transformers 5.25 adds Falcon's ALiBi, positive, to it) and the older
+    # -1e4 convention for "blocked": "0 = attend" read every biased real token as padding
+    biased = (torch.zeros(boolean.shape) + 0.25 * torch.arange(1.0, 5.0)).masked_fill(~boolean, torch.finfo().min)
+    legacy = torch.zeros(boolean.shape).masked_fill(~boolean, -1e4)
+    assert torch.equal(padding_mask(biased, 0), real) and torch.equal(padding_mask(legacy, 0), real)
     # a static cache's mask: 3 cached positions, 1 new token, keys up to a fixed width of 8
     step = torch.zeros(2, 1, 1, 8, dtype=torch.bool)
     step[0, 0, 0, 2:4] = True  # row 0: a padded row whose new token (key 3) sees itself

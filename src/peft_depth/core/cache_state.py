@@ -96,11 +96,13 @@ class _FollowingCache:
         for state in attached_states(self).values():
             state.repeat_rows(repeats)
 
-    def activate_past_recording(self) -> None:
-        super().activate_past_recording()
+    def activate_past_recording(self, *args: Any, **kwargs: Any) -> None:
+        # transformers 5.25 passes `recurrent_states_to_keep` (for linear-attention layers): whatever the cache's own
+        # method takes goes through, to it and to the states' side caches (of the same transformers)
+        super().activate_past_recording(*args, **kwargs)
         for state in attached_states(self).values():
             if hasattr(state, "activate_past_recording"):
-                state.activate_past_recording()
+                state.activate_past_recording(*args, **kwargs)
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)  # transformers takes a negative count (a positive one is refused there)

@@ -122,6 +122,17 @@ def _call_arguments(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> d
     return arguments
 
 
+#: An additive attention mask blocks a key with a large negative value: the dtype's minimum in transformers, -inf, or
+#: -1e4 and below in older code. Anything above is a bias on a key that may be attended (transformers >= 5.25 adds
+#: Falcon's ALiBi, positive and growing with the key's position, to its mask), so "0 = attend" misreads such masks.
+ADDITIVE_MASK_BLOCKED_AT = -1e4
+
+
+def additive_mask_allows(mask: torch.Tensor) -> torch.Tensor:
+    """Where an additive attention mask lets a query attend to a key (booleans, ``mask``'s shape)."""
+    return mask > ADDITIVE_MASK_BLOCKED_AT
+
+
 def padding_mask(mask: Any, past_length: int) -> torch.Tensor | None:
     """The padding mask of a forward's ``attention_mask``: ``[batch, past + seq]`` or ``[batch, seq]``, 1 = real.
 
@@ -141,7 +152,7 @@ def padding_mask(mask: Any, past_length: int) -> torch.Tensor | None:
         return None
     seq = mask.shape[-2]
     own_keys = torch.diagonal(mask[..., past_length : past_length + seq], dim1=-2, dim2=-1)  # [batch, heads, seq]
-    visible = own_keys if own_keys.dtype == torch.bool else own_keys == 0  # additive masks: 0 = attend
+    visible = own_keys if own_keys.dtype == torch.bool else additive_mask_allows(own_keys)
     return visible.any(dim=1).long()
 
 

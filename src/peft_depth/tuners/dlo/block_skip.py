@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...core.forward_context import additive_mask_allows
 from ...core.layer_call import bind_block_call, checkpointing_active
 from ...core.output_capture import output_recording_paused
 
@@ -225,7 +226,7 @@ def _packed_mask(mask: Any, order: torch.Tensor, seq: int) -> tuple[torch.Tensor
     for "cannot attend"), or None when transformers found plain causal attention enough (then it is). An additive
     mask's values where attention is allowed are kept, not only where it is allowed: a mask that carries a position
     bias (transformers >= 5.25 adds Falcon's ALiBi to it) must give the packed tokens the bias of their original
-    positions, and reading "allowed" as ``mask == 0`` dropped every key with a bias. Anything else (a flex-attention
+    positions, and reading "allowed" as ``mask == 0`` dropped every key with a bias (``additive_mask_allows``). Anything else (a flex-attention
     block mask, a dict) is refused: a causal mask in its place dropped the model's sliding window and packed-sequence
     boundaries.
     """
@@ -247,7 +248,5 @@ def _packed_mask(mask: Any, order: torch.Tensor, seq: int) -> tuple[torch.Tensor
     packed = packed.gather(3, order[:, None, None, :].expand(batch, heads, width, width))
     if packed.dtype == torch.bool:
         return packed, None
-    # transformers masks with the dtype's minimum (some models with -inf, or a large negative constant such as -1e4,
-    # which stays in the bias and masks as before); half of the minimum separates it from any real bias
-    allowed = packed > torch.finfo(packed.dtype).min / 2
+    allowed = additive_mask_allows(packed)
     return allowed, packed.masked_fill(~allowed, 0)

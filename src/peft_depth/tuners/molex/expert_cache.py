@@ -69,9 +69,10 @@ class ExpertCacheState(RowFollowingState):
 
     # ---- edits that follow the model's cache (core.cache_state.CacheFollower)
 
-    def activate_past_recording(self) -> None:
-        """Sliding-window layers keep the positions a later ``crop`` may take back (assisted decoding)."""
-        self.cache.activate_past_recording()
+    def activate_past_recording(self, *args: Any, **kwargs: Any) -> None:
+        """Sliding-window layers keep the positions a later ``crop`` may take back (assisted decoding); the model
+        cache's arguments, as transformers passed them."""
+        self.cache.activate_past_recording(*args, **kwargs)
 
     def map_rows(self, rows: Any) -> None:
         if self.inputs is None:
