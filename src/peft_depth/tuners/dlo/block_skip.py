@@ -226,9 +226,9 @@ def _packed_mask(mask: Any, order: torch.Tensor, seq: int) -> tuple[torch.Tensor
     for "cannot attend"), or None when transformers found plain causal attention enough (then it is). An additive
     mask's values where attention is allowed are kept, not only where it is allowed: a mask that carries a position
     bias (transformers >= 5.25 adds Falcon's ALiBi to it) must give the packed tokens the bias of their original
-    positions, and reading "allowed" as ``mask == 0`` dropped every key with a bias (``additive_mask_allows``). Anything else (a flex-attention
-    block mask, a dict) is refused: a causal mask in its place dropped the model's sliding window and packed-sequence
-    boundaries.
+    positions, and reading "allowed" as ``mask == 0`` dropped every key with a bias (``additive_mask_allows``).
+    Anything else (a flex-attention block mask, a dict) is refused: a causal mask in its place dropped the model's
+    sliding window and packed-sequence boundaries.
     """
     batch, width = order.shape
     if mask is None:
