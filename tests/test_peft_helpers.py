@@ -1,5 +1,6 @@
 """peft's helpers on depth adapters behave as on LoRA: ``disable_input_dtype_casting`` switches off the input cast
-of every adapter layer (it raised AttributeError: the depth layers lacked peft's ``cast_input_dtype_enabled``)."""
+of every adapter layer (it raised AttributeError: the depth layers lacked peft's ``cast_input_dtype_enabled``), and
+LoRA's ``add_weighted_adapter``, which no depth method can honour, is refused by name."""
 
 from __future__ import annotations
 
@@ -38,3 +39,16 @@ def test_disable_input_dtype_casting_switches_the_cast_off_and_back(method):
                 half(**inputs)
         else:
             half(**inputs)
+
+
+@pytest.mark.parametrize("method", sorted(method_configs()))
+def test_add_weighted_adapter_is_refused_by_name_and_adds_nothing(method):
+    # it fell through peft's attribute lookup to the base model: "'LlamaForCausalLM' object has no attribute ..."
+    model = get_peft_model(tiny_llama(), method_configs()[method]())
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(NotImplementedError, match=r"add_weighted_adapter is a LoRA operation.*set_adapter"):
+        model.add_weighted_adapter(["default"], [1.0], "merged")
+    assert list(model.peft_config) == ["default"]
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())

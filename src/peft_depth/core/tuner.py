@@ -403,3 +403,12 @@ class DepthTuner(BaseTuner, DepthAuxSource):
         with self._merging(adapter_names):
             self._check_merge_allowed()
             super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        # Without this, peft's attribute fall-through reached the base model and raised "'LlamaForCausalLM' object
+        # has no attribute 'add_weighted_adapter'", which reads as a broken install rather than a refusal.
+        raise NotImplementedError(
+            f"add_weighted_adapter is a LoRA operation (a new LoRA from a weighted sum of LoRA factors); "
+            f"{type(self).__name__} adapters hold routers, gates or layers that no weighted sum combines. "
+            "Switch between adapters with set_adapter, or train one adapter on the combined data."
+        )
