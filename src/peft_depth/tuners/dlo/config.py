@@ -244,7 +244,8 @@ class DLOConfig(LoraFieldsConfig):
         metadata={
             "help": "Router labels: 'cos_global' (paper default) ranks every (layer, token) pair together by cosine "
             "similarity of the residual stream before/after the MLP, marks the lowest capacity·total as 'execute' "
-            "and sets next step's per-layer capacities from it; 'cos' ranks per layer at that layer's capacity."
+            "and sets the per-layer capacities from it after every training forward (every micro-batch under "
+            "gradient accumulation), which the next forward runs at; 'cos' ranks per layer at that layer's capacity."
         },
     )
     router_loss_coef: float = field(
