@@ -195,3 +195,25 @@ def test_a_model_compiled_before_its_first_call_follows_disable_adapter(case):
     assert (with_adapter - base_eager).abs().max() > 1e-3  # the adapter changes the output
     torch.testing.assert_close(base_compiled, base_eager, atol=ATOL, rtol=0)
     torch.testing.assert_close(again, with_adapter, atol=ATOL, rtol=0)
+
+
+def test_dlo_training_does_not_recompile_as_capacity_anneals():
+    """The router labels depend on the optimizer step, a Python int (static to dynamo): a traced label hook
+    recompiled at every step until dynamo's recompile limit, then ran eager with a warning. After the first two steps
+    (the first compile, then the capacity becoming a dynamic value) stepping the schedule recompiles nothing."""
+    config = peft_depth.DLOConfig(expand_every=2, skip_mode="mlp", capacity=0.5, capacity_annealing_steps=20)
+    model = get_peft_model(tiny_llama(), config).train()
+    compiled = torch.compile(model, backend="aot_eager")
+    batch = _left_padded([7, 5], seed=1)
+
+    def step(number: int) -> None:
+        model.base_model.set_dlo_step(number)
+        out = compiled(**batch, labels=batch["input_ids"])
+        (out.loss + sum(peft_depth.aux_losses(model).values())).backward()
+
+    step(0)
+    step(1)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for number in range(2, 8):  # capacity 0.95 .. 0.825
+            step(number)
+    assert model.base_model.dlo_annealed_capacity("default") == pytest.approx(0.825)

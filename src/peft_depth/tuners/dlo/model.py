@@ -358,6 +358,9 @@ class DLOModel(CapacitySchedule, CapacityLearningRates, StackInstallation, Adapt
         forward = self._forward_state()
         return {} if forward is None else dict(forward.records)
 
+    # Eager under torch.compile: the labels depend on the optimizer step (a Python int, static to dynamo), so a
+    # traced hook recompiled at every annealing step until dynamo's recompile limit, then ran eager with a warning.
+    @torch.compiler.disable
     def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         installed = self._dlo["installed"]
         if installed is not None:
