@@ -344,6 +344,34 @@ def test_dlo_new_layers_are_dequantized_copies(bases, kind):
                 )
 
 
+@pytest.mark.parametrize("init", ["copy", "zero_out", "mean"])
+def test_dlo_dequantizes_each_copied_weight_once(bases, monkeypatch, init):
+    """Building a new layer dequantized its source's linears for the copy and again for the state it loads, and the
+    layout checks dequantized a layer only to read its tensor names: now each copy's weights are dequantized once (a
+    'mean' copy reads its source and the layer before it)."""
+    import peft_depth.core.quantization as quantization
+
+    calls = []
+    real = quantization.dequantize_module_weight
+    monkeypatch.setattr(quantization, "dequantize_module_weight", lambda module: calls.append(module) or real(module))
+    base = bases.quantized("nf4", prepared=False)
+    originals = list(base.model.layers)  # before DLO puts its new layers into the stack
+    config = peft_depth.DLOConfig(task_type="CAUSAL_LM", expand_every=2, routed_layers="none", init=init)
+    model = get_peft_model(base, config)
+    layers = new_layers(model)
+    per_layer = sum(isinstance(m, torch.nn.Linear) for m in next(iter(layers.values())).modules())
+    assert len(calls) == len(layers) * per_layer * (2 if init == "mean" else 1)
+    # the one dequantization is what each copy holds (zero_out zeroes the output projections, not q_proj)
+    for position, layer in layers.items():
+        source = originals[{"new2": 1, "new5": 3}[position]]
+        linear = layer.self_attn.q_proj
+        expected = dequantized_weight(source.self_attn.q_proj, floating_dtype(source))
+        if init == "mean":  # averaged in the dtype the block computes in
+            before = originals[{"new2": 0, "new5": 2}[position]].self_attn.q_proj
+            expected = (expected + dequantized_weight(before, floating_dtype(source))) / 2
+        assert torch.equal(linear.weight.detach(), expected.float())
+
+
 def test_a_4bit_layer_that_bitsandbytes_repacked_for_cpu_inference_is_copied_exactly(bases):
     fresh_base = bases.quantized("nf4", prepared=False)
     fresh = dense_copies(bases.quantized("nf4", prepared=False))

@@ -122,22 +122,27 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dequantized_linear(module: nn.Linear, dtype: torch.dtype) -> nn.Linear:
-    """A plain ``nn.Linear`` in ``dtype`` computing what the quantized ``module`` computes, on its device."""
-    weight = dequantized_weight(module, dtype)
-    # uninitialised (its values are overwritten below): nn.Linear's own init would draw from the global RNG, and the
-    # adapter weights initialised after a copy would then differ between a quantized base and its float twin
+def dequantized_linear(module: nn.Linear, dtype: torch.dtype, *, dequantize: bool = True) -> nn.Linear:
+    """A plain ``nn.Linear`` in ``dtype`` computing what the quantized ``module`` computes, on its device.
+
+    ``dequantize=False`` gives the same linear with uninitialised tensors, for a caller that loads them next.
+    """
+    weight = dequantized_weight(module, dtype) if dequantize else None
+    # uninitialised (its values are overwritten below, or by the caller): nn.Linear's own init would draw from the
+    # global RNG, and the adapter weights initialised after a copy would then differ between a quantized base and its
+    # float twin
     linear = torch.nn.utils.skip_init(
         nn.Linear,
         module.in_features,
         module.out_features,
         bias=module.bias is not None,
-        device=weight.device,
+        device=module.weight.device if weight is None else weight.device,
         dtype=dtype,
     )
-    linear.weight.copy_(weight)
-    if module.bias is not None:
-        linear.bias.copy_(module.bias.detach().to(dtype))
+    if weight is not None:
+        linear.weight.copy_(weight)
+        if module.bias is not None:
+            linear.bias.copy_(module.bias.detach().to(dtype))
     linear.requires_grad_(module.weight.requires_grad)
     linear.train(module.training)
     return linear

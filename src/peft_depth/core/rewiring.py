@@ -20,6 +20,7 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
@@ -68,18 +69,23 @@ def _unwrap_tuner_layers(module: nn.Module) -> None:
             _unwrap_tuner_layers(child)
 
 
-def plain_layer_copy(layer: nn.Module) -> nn.Module:
+def plain_layer_copy(layer: nn.Module, *, dequantize: bool = True) -> nn.Module:
     """A deep copy of ``layer`` with any PEFT adapter wrappers inside replaced by their base layers.
 
     Quantized linears (bitsandbytes 4-bit / 8-bit) are copied as plain ``nn.Linear``s holding their dequantized
     weights, in the dtype the layer computes in (its norms' dtype): a copy is trained or kept apart from the quantized
     base, and its weights are exactly what the quantized layer computes with. Merged adapters are not undone: copy
     before merging.
+
+    ``dequantize=False`` leaves those linears' tensors uninitialised, for a caller that loads every tensor next (a
+    state dict from ``plain_state_dict``), so that each quantized weight is dequantized once, not twice.
     """
     dtype = floating_dtype(layer)
     # each quantized linear is copied as its dequantized twin, without copying its quantized data first
     memo: dict[int, Any] = {
-        id(module): dequantized_linear(module, dtype) for module in layer.modules() if is_quantized_linear(module)
+        id(module): dequantized_linear(module, dtype, dequantize=dequantize)
+        for module in layer.modules()
+        if is_quantized_linear(module)
     }
     duplicate = copy.deepcopy(layer, memo)
     drop_output_capture(duplicate)  # the source's recording hooks would report the copy's outputs as its own
@@ -89,10 +95,14 @@ def plain_layer_copy(layer: nn.Module) -> nn.Module:
     return duplicate
 
 
-def plain_state_dict(layer: nn.Module) -> dict[str, Any]:
+def plain_state_dict(layer: nn.Module, *, dequantize: bool = True) -> dict[str, Any]:
     """State dict of ``layer`` as it would be without PEFT wrappers (base weights only, ``base_layer.`` removed, a
     ``modules_to_save`` wrapper's original module in its place), quantized linears dequantized as in
-    ``plain_layer_copy``."""
+    ``plain_layer_copy``.
+
+    ``dequantize=False`` gives a quantized linear's weight as a meta tensor of its plain shape and dtype: the keys and
+    shapes of the plain layer, for a check that reads no values, without dequantizing anything.
+    """
     adapter_prefixes = []
     originals = []  # "<path>.original_module." of each modules_to_save wrapper
     for name, module in layer.named_modules():
@@ -115,7 +125,10 @@ def plain_state_dict(layer: nn.Module) -> dict[str, Any]:
         prefix = f"{name}." if name else ""
         for key in [k for k in state if k.startswith(prefix)]:
             del state[key]
-        state[prefix + "weight"] = dequantized_weight(module, dtype)
+        if dequantize:
+            state[prefix + "weight"] = dequantized_weight(module, dtype)
+        else:
+            state[prefix + "weight"] = torch.empty(module.out_features, module.in_features, dtype=dtype, device="meta")
         if module.bias is not None:
             state[prefix + "bias"] = module.bias.detach().to(dtype)
     plain = {}

@@ -135,7 +135,7 @@ def checked_layout(config: DLOConfig, originals: Sequence[nn.Module], model: nn.
     name = type(originals[source]).__name__
     if config.init == "zero_out":
         names = config.zero_out_modules or DEFAULT_ZERO_OUT_MODULES
-        state = plain_state_dict(originals[source])
+        state = plain_state_dict(originals[source], dequantize=False)  # names and shapes only
         if not any(zeroed_by(key, names) for key in state):
             raise ValueError(
                 f"`zero_out_modules` ({list(names)}) matches no module of {name}; name its attention-output and "
@@ -176,7 +176,7 @@ def _check_default_zero_out_covers_every_branch(state: dict[str, torch.Tensor], 
 def _plain_modules(layer: nn.Module) -> dict[str, nn.Module]:
     """The modules of ``layer`` that hold tensors, by their name in a plain copy (adapter wrappers unwrapped)."""
     modules = {}
-    for key in plain_state_dict(layer):
+    for key in plain_state_dict(layer, dequantize=False):
         path = key.rpartition(".")[0]
         module = layer.get_submodule(path) if path else layer
         modules[path] = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
@@ -197,7 +197,9 @@ def build_new_layers(
     for position, (kind, source) in enumerate(layout):
         if kind != "new":
             continue
-        layer = plain_layer_copy(originals[source])
+        # `initial_state` overwrites every tensor of the copy, so its quantized linears are dequantized there only;
+        # a random initialiser might leave a tensor untouched, so that copy starts from the dequantized weights
+        layer = plain_layer_copy(originals[source], dequantize=config.init == "random")
         if config.init == "random":
             _random_init(layer, init_weights)
         else:
