@@ -13,9 +13,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .adapter_placement import DtypeKeepingPlacement
 from .low_rank import init_low_rank, linear_features, low_rank_delta
 from .quantization import check_merge_into_quantized
-from .trainability import requires_grad_kept
 
 __all__ = ["DepthLoraLayer", "DepthLoraLinear", "WeightDeltaMerge", "storage_layout"]
 
@@ -50,7 +50,7 @@ class WeightDeltaMerge:
             weight.data -= self.get_delta_weight(adapter_name).to(weight.dtype)
 
 
-class DepthLoraLayer(BaseTunerLayer):
+class DepthLoraLayer(DtypeKeepingPlacement, BaseTunerLayer):
     adapter_layer_names = ("lora_A", "lora_B")
     other_param_names = ("lora_r", "lora_scaling", "lora_dropout")
 
@@ -86,13 +86,8 @@ class DepthLoraLayer(BaseTunerLayer):
         init_low_rank(lora_A, lora_B, r, zero_B=init_lora_weights)
         self.lora_A[adapter_name] = nn.Parameter(lora_A)
         self.lora_B[adapter_name] = nn.Parameter(lora_B)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self._place_adapter(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
-
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Any = None) -> None:
-        # peft re-assigns the ParameterDict entries as new, trainable Parameters (core.trainability)
-        with requires_grad_kept(self):
-            super()._move_adapter_to_device_of_base_layer(adapter_name, device)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Weight update in the base layer's storage layout (``[out, in]``, or ``[in, out]`` for Conv1D)."""

@@ -18,6 +18,7 @@ from torch import nn
 
 from .adapter_copy import TRL_SOURCE_ADAPTER, copies_trl_reference_adapter, copy_adapter
 from .adapter_keys import adapter_key_prefixes, select_adapter_entries
+from .adapter_placement import saved_tensors_take_placeholder_dtypes
 from .aux import DepthAuxSource
 from .aux_watch import install_aux_watch, remove_aux_watch
 from .context import RoutingContext
@@ -125,6 +126,11 @@ class DepthTuner(BaseTuner, DepthAuxSource):
     low_cpu_mem_usage_refused_for: tuple[str, ...] = ("8bit",)
     #: Names of tuner-level ``nn.ModuleDict`` attributes keyed by adapter name (each must start with ``prefix``).
     tuner_module_names: tuple[str, ...] = ()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # a low_cpu_mem_usage load assigns the saved tensors: they take the dtype a plain load would copy them into
+        self.register_load_state_dict_pre_hook(saved_tensors_take_placeholder_dtypes)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -85,8 +85,11 @@ class NewLayerLoraLinear(nn.Module):
         lora_A = torch.empty(r, base_layer.in_features, device=weight.device)
         lora_B = torch.empty(base_layer.out_features, r, device=weight.device)
         init_low_rank(lora_A, lora_B, r, zero_B=True)
-        self.lora_A = nn.Parameter(lora_A)
-        self.lora_B = nn.Parameter(lora_B)
+        # in the copied linear's dtype, as peft builds a LoRA: the tuner's _cast_adapter_dtype upcasts it to float32
+        # under autocast_adapter_dtype, and without it the LoRA stays in the base's half precision
+        dtype = weight.dtype if weight.dtype.is_floating_point else None
+        self.lora_A = nn.Parameter(lora_A.to(dtype))
+        self.lora_B = nn.Parameter(lora_B.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)

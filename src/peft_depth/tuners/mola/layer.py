@@ -10,18 +10,18 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ...core.adapter_placement import DtypeKeepingPlacement
 from ...core.checkpointing import NO_GRAD_FORWARD, REPLAY, DeferredGradient, checkpoint_pass
 from ...core.context import RoutingContext
 from ...core.lora_layer import WeightDeltaMerge, storage_layout
 from ...core.low_rank import init_low_rank, linear_features, low_rank_delta
 from ...core.nonfinite import check_routing_scores
 from ...core.routing import RoutingDecision, RoutingStatistics, masked_routing_statistics, route_top_k
-from ...core.trainability import requires_grad_kept
 
 __all__ = ["MoLALayer", "MoLALinear"]
 
 
-class MoLALayer(BaseTunerLayer):
+class MoLALayer(DtypeKeepingPlacement, BaseTunerLayer):
     """State of the MoLA adapters on one linear layer (one entry per adapter name in each dict)."""
 
     adapter_layer_names = ("mola_A", "mola_B", "mola_router")
@@ -85,13 +85,8 @@ class MoLALayer(BaseTunerLayer):
         self.mola_B[adapter_name] = nn.Parameter(lora_B)
         # nn.Linear's default init is the official router init (kaiming-uniform, a=sqrt(5)).
         self.mola_router[adapter_name] = nn.Linear(self.in_features, num_experts, bias=False)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self._place_adapter(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
-
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Any = None) -> None:
-        # peft re-assigns the ParameterDict entries as new, trainable Parameters (core.trainability)
-        with requires_grad_kept(self):
-            super()._move_adapter_to_device_of_base_layer(adapter_name, device)
 
     def _publish(self, records: dict[str, _Routed]) -> None:
         # Per forward and per thread (core.forward_context): concurrent forwards never see each other's decisions.
