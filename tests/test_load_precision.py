@@ -7,6 +7,8 @@ LoRA still does). Our layers keep the loaded dtype there (core.adapter_placement
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -49,6 +51,14 @@ def test_a_saved_adapter_loads_bit_exact_with_low_cpu_mem_usage(tmp_path, method
         for name, tensor in saved.items():
             assert params[name].dtype == torch.float32, (low_cpu_mem_usage, name)
             assert torch.equal(params[name], tensor), (low_cpu_mem_usage, name)
+    # a second adapter, loaded beside a real one (its placeholders are meta while the first adapter's are not)
+    model = PeftModel.from_pretrained(tiny_llama().to(dtype), tmp_path)
+    model.load_adapter(tmp_path, adapter_name="second", low_cpu_mem_usage=True)
+    params = dict(model.named_parameters())
+    for name, tensor in saved.items():
+        second = re.sub(r"\.default(?=\.|$)", ".second", name)
+        assert params[second].dtype == torch.float32, second
+        assert torch.equal(params[second], tensor), second
 
 
 @pytest.mark.parametrize("method", sorted(CONFIGS))
