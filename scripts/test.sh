@@ -33,7 +33,8 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 # bitsandbytes in both sets and runs on the newest set only, keeping the whole command within the CI budget.
 FLOOR_FILES=(tests/test_invariants.py tests/test_call_convention.py tests/test_cross_version.py tests/test_hub.py
   tests/test_load_trust.py tests/test_trainer.py tests/test_registration.py tests/test_autoload.py
-  tests/test_stock_trainer.py tests/test_pipeline.py tests/test_concurrency.py tests/test_core.py)
+  tests/test_stock_trainer.py tests/test_pipeline.py tests/test_concurrency.py tests/test_core.py
+  tests/test_load_precision.py)
 declare -A results
 overall=0
 for set in $SETS; do
