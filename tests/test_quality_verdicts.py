@@ -98,8 +98,11 @@ def test_the_table_is_built_from_the_ledger_records_alone():
         records.append({**record("t", "d", seed, 0.705, "lora", inference=1e8), "claim_reference": "r"})
     records.append(record("u", "lora", 0, 0.5, "lora"))
     records.append(record("u", "m", 0, 0.6, "lora"))  # one seed on task u: pending
+    # task v: d has run, its reference r has not: the pending row names r by its label, not its key
+    records += [{**record("v", "d", seed, 0.6, "lora"), "claim_reference": "r"} for seed in range(3)]
     verdicts = {(v.task, v.arm): v for v in suite_verdicts("s", records, planned_seeds=3, arms=arms)}
-    assert set(verdicts) == {("t", "m"), ("t", "d"), ("u", "m")}
+    assert set(verdicts) == {("t", "m"), ("t", "d"), ("u", "m"), ("v", "d")}
+    assert verdicts[("v", "d")].verdict == PENDING and verdicts[("v", "d")].compared_with == "R"
     assert verdicts[("t", "m")].verdict == REPRODUCED and not verdicts[("t", "m")].provisional
     assert verdicts[("t", "m")].summary.mean == pytest.approx(0.03)
     assert verdicts[("t", "d")].verdict == REPRODUCED and verdicts[("t", "d")].flops_ratio == pytest.approx(0.5)

@@ -106,6 +106,13 @@ def _arms_by_name(model: str) -> dict[str, Arm]:
     return {arm.name: arm for arm in arms_for(resolve_model(model))}
 
 
+def _label_of(arm_name: str | None, by_arm: dict[str, dict], arms: dict[str, Arm]) -> str | None:
+    """The display label of the compared arm, also before it has test runs (a pending row names it, not its key)."""
+    if arm_name in by_arm:
+        return by_arm[arm_name]["label"]
+    return arms[arm_name].label if arm_name in arms else arm_name
+
+
 def suite_verdicts(
     suite: str,
     records: list[dict[str, Any]],
@@ -153,7 +160,7 @@ def suite_verdicts(
                         arm=row["arm"],
                         label=row["label"] + (" †" if row["batch_dependent"] else ""),
                         claim=arm.claim,
-                        compared_with=by_arm[other]["label"] if other in by_arm else other,
+                        compared_with=_label_of(other, by_arm, arms),
                         kind=claim.kind,
                         summary=summary,
                         seeds=0 if summary is None else len(summary.differences),
