@@ -1034,3 +1034,14 @@ def test_molex_arms_keep_the_ledgers_per_layer_alpha_and_their_run_keys(tiny_cau
     from peft_depth import MoLExConfig
 
     assert MoLExConfig.for_task("mrpc").shared_alpha is True  # what the package itself now gives
+
+
+def test_an_indicative_report_says_where_its_learning_rates_come_from(tmp_path):
+    """An indicative suite has no dev phase; its report must not claim the rates were chosen on its dev split."""
+    records = synthetic_records({"lora": [0.70], "mola": [0.72]})
+    own = render_markdown(records, "synthetic")
+    assert "chosen on the dev split" in own and "taken from" not in own
+    text = write_report(records, "synthetic", tmp_path, lr_from="smollm2-main").read_text()
+    recipe = next(line for line in text.splitlines() if line.startswith("- **Recipe**"))
+    assert "taken from `smollm2-main`'s dev phase" in recipe and "chosen on the dev split" not in recipe
+    assert "one seed, indicative" in recipe

@@ -276,10 +276,11 @@ def _report(args) -> int:
 
     scorer = args.scorer or (SUITES[args.suite].test_scorer if args.suite in SUITES else None)
     records = read_records(ledger_path(args.suite, Path(args.results_dir)))
-    run_keys = None
+    run_keys = lr_from = None
     if args.suite in SUITES:
         run_keys = suite_run_keys(SUITES[args.suite], records, Path(args.results_dir))
-    path = write_report(records, args.suite, args.results_dir, scorer, run_keys)
+        lr_from = SUITES[args.suite].lr_from
+    path = write_report(records, args.suite, args.results_dir, scorer, run_keys, lr_from)
     print(f"wrote {path}")
     return 0
 

@@ -167,7 +167,20 @@ def _versus_base(row: dict[str, Any], base: float | None) -> str:
     return f"{_pct(summary.mean)} [{_pct(summary.low)}, {_pct(summary.high)}]"
 
 
-def _header(records: list[dict[str, Any]], suite: str, scorer: str | None) -> list[str]:
+def _learning_rate_note(lr_from: str | None) -> str:
+    if lr_from:
+        # An indicative suite has no dev phase of its own (sweep.borrowed_lr).
+        return (
+            f"learning rate per arm taken from `{lr_from}`'s dev phase (the grid value with the best dev accuracy "
+            "averaged over its tasks, seed 0); one seed, indicative."
+        )
+    return (
+        "learning rate per arm chosen on the dev split from its grid (3 values for LoRA, 2 per method; seed 0), "
+        "then every seed at that rate."
+    )
+
+
+def _header(records: list[dict[str, Any]], suite: str, scorer: str | None, lr_from: str | None) -> list[str]:
     models = sorted({r["model"] for r in records})
     commits = sorted(
         {(r.get("git_commit") or "?")[:10] + ("+edits" if r.get("git_src_dirty") else "") for r in records}
@@ -193,9 +206,7 @@ def _header(records: list[dict[str, Any]], suite: str, scorer: str | None) -> li
     lines += [
         "- **Recipe**: "
         + "; ".join(f"{s} steps of {b} examples, max length {m}" for s, b, m in recipe)
-        + f"; {_precision_note(records)}; linear schedule with 10% warm-up; learning rate per arm chosen on the dev "
-        "split from its grid "
-        "(3 values for LoRA, 2 per method; seed 0), then every seed at that rate.",
+        + f"; {_precision_note(records)}; linear schedule with 10% warm-up; {_learning_rate_note(lr_from)}",
         f"- **Scorer** (test): {scorer or 'any'}; accuracy = the choice with the highest summed log-likelihood "
         "(decoders) or the classifier's argmax (encoders).",
         f"- **Hardware**: {'; '.join(hardware)}. **Code**: {', '.join(commits)}. **Versions**: "
@@ -216,14 +227,16 @@ def render_markdown(
     scorer: str | None = None,
     majority: dict[str, float] | None = None,
     base: dict[str, float] | None = None,
+    lr_from: str | None = None,
 ) -> str:
     """The suite's report; ``majority``: task -> accuracy of always giving the test split's most frequent label;
-    ``base``: task -> the untrained base model's accuracy on the same rows, scorer and precision."""
+    ``base``: task -> the untrained base model's accuracy on the same rows, scorer and precision; ``lr_from``: the
+    suite an indicative suite takes its learning rates from (``Suite.lr_from``), None for a suite with a dev phase."""
     base = base or {}
     tests = [r for r in records if r["split"] == "test" and (scorer is None or r.get("scorer") == scorer)]
     if not tests:
         return f"# Quality comparison: `{suite}`\n\nNo finished test runs yet.\n"
-    lines = _header(tests, suite, scorer)
+    lines = _header(tests, suite, scorer, lr_from)
     sizes = {r["task"]: (r["split_sizes"], r["split_fingerprint"]) for r in tests}
     for task, rows in summarise(latest_test_results(tests, scorer)).items():
         split, fingerprint = sizes[task]
@@ -386,9 +399,11 @@ def write_report(
     folder: str | Path,
     scorer: str | None = None,
     run_keys: set[str] | None = None,
+    lr_from: str | None = None,
 ) -> Path:
     """Write ``<suite>.md`` and ``<suite>.png`` into ``folder``; returns the markdown path. ``run_keys``: the
-    training runs the suite asks for now (``sweep.current_run_keys``); records of other runs are left out."""
+    training runs the suite asks for now (``sweep.current_run_keys``); records of other runs are left out.
+    ``lr_from``: as in ``render_markdown``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     markdown = folder / f"{suite}.md"
@@ -398,7 +413,7 @@ def write_report(
     majority = _majority_rates(records)
     tests = [r for r in records if r["split"] == "test" and (scorer is None or r.get("scorer") == scorer)]
     base = base_accuracies(read_records(base_ledger_path(suite, folder)), tests)
-    text = render_markdown(records, suite, scorer, majority, base)
+    text = render_markdown(records, suite, scorer, majority, base, lr_from)
     if left_out:
         text += (
             f"\n{left_out} test record(s) of runs this suite no longer asks for (another recipe, model or config "
