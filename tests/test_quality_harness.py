@@ -35,7 +35,7 @@ from quality.data import TaskSplits, boolq_train_pool, choice_examples, load_spl
 from quality.isolation import CodeSnapshot, retry_when_killed  # noqa: E402
 from quality.ledger import REQUIRED_FIELDS, append_record, read_records  # noqa: E402
 from quality.models import load_model, load_tokenizer, resolve_model  # noqa: E402
-from quality.report import latest_test_results, render_markdown, summarise, write_report  # noqa: E402
+from quality.report import accuracy_figure, latest_test_results, render_markdown, summarise, write_report  # noqa: E402
 from quality.runner import OURS, RunRequest  # noqa: E402
 from quality.stats import detectable_factor, paired_summary  # noqa: E402
 from quality.sweep import Suite, choose_lr, ledger_path, run_suite, shard_of_arms  # noqa: E402
@@ -597,6 +597,25 @@ def test_report_interval_and_detectable_effect_match_a_hand_computation(tmp_path
     assert "| 9.3 |" in markdown
     path = write_report(records, "synthetic", tmp_path)
     assert path.read_text().startswith("# Quality comparison") and (tmp_path / "synthetic.png").stat().st_size > 1000
+
+
+def test_the_report_figure_keeps_its_legend_off_every_panel():
+    """The floors' legend sat inside each accuracy panel and hid the arms scored near a floor: it must cover none."""
+    import matplotlib.pyplot as plt
+
+    # Arms spread down to the floors, where a panel's lower-right corner used to hold the legend.
+    records = synthetic_records({"lora": [0.70, 0.72, 0.71], "mola": [0.52, 0.50, 0.51]})
+    figure = accuracy_figure(records, majority={"t": 0.50}, base={"t": 0.52})
+    try:
+        figure.canvas.draw()
+        assert [axis.get_legend() for axis in figure.axes] == [None] * len(figure.axes)
+        (legend,) = figure.legends
+        assert [text.get_text() for text in legend.get_texts()] == ["majority class", "base model (untrained)"]
+        box = legend.get_window_extent()
+        assert not any(box.overlaps(axis.get_window_extent()) for axis in figure.axes)
+    finally:
+        plt.close(figure)
+    assert accuracy_figure([]) is None
 
 
 def test_a_report_pairs_only_the_runs_its_suite_asks_for_now(tmp_path):
