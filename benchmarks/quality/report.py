@@ -12,13 +12,16 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base_scores import base_accuracies, base_ledger_path
 from .inference_cost import inference_ledger_path, with_inference_flops
 from .ledger import read_records
 from .models import MINILM, MINILM_NOTE, SMOLLM2, SMOLLM2_NOTE
 from .stats import PairedSummary, clears_majority, mean_std, paired_summary
+
+if TYPE_CHECKING:  # matplotlib is imported only when a figure is drawn
+    from matplotlib.figure import Figure
 
 __all__ = [
     "latest_test_results",
@@ -334,7 +337,7 @@ def accuracy_figure(
     scorer: str | None = None,
     majority: dict[str, float] | None = None,
     base: dict[str, float] | None = None,
-) -> Any:
+) -> Figure | None:
     """Accuracy per seed and mean (top, with the majority-class rate dashed and the untrained base dotted), paired
     difference to the budget-matched LoRA with its interval (bottom); a matplotlib Figure, None without test results."""
     base = base or {}
